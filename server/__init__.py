@@ -1,0 +1,1 @@
+"""Jobcast's HTTP edge: routes, authentication, limits, the event hub, the CLI."""

@@ -1,0 +1,70 @@
+"""The Starlette application: ``create_app()`` is the uvicorn factory (see the Procfile).
+
+The lifespan owns every resource (the Redis pool, the event hub) and exposes them as typed state
+(:class:`server.routes.State`); nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from worker.settings import Settings
+from worker.store import Store, redis_client
+from worker.types import load_registry
+
+from .auth import Authenticator
+from .hub import Hub
+from .problems import EXCEPTION_HANDLERS
+from .routes import State, routes
+from .tokens import TokenSigner
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+async def dashboard(request: object) -> Response:
+    return FileResponse(STATIC / "index.html")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings if settings is not None else Settings()
+    settings.check_production()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = load_registry(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        redis = redis_client(settings)
+        hub = Hub(redis)
+        await hub.start()
+        try:
+            yield State(
+                settings=settings,
+                redis=redis,
+                store=Store(redis, settings),
+                hub=hub,
+                registry=registry,
+                auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key)),
+            )
+        finally:
+            await hub.stop()
+            await redis.aclose()
+
+    return Starlette(
+        routes=[
+            *routes(),
+            Route("/", dashboard, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )

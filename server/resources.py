@@ -1,0 +1,37 @@
+"""The job resource of API.md, built from a stored record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.store import JobRecord
+
+
+def links(job_id: str) -> dict[str, str]:
+    base = f"/jobs/{job_id}"
+    return {"self": base, "events": base + "/events", "cancel": base + "/cancel", "result": base + "/result"}
+
+
+def job_resource(record: JobRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "type": record.type,
+        "status": record.status.value,
+        "progress": record.progress,
+        "params": record.params,
+        "priority": record.priority.value,
+        "attempt": record.attempt,
+        "max_attempts": record.max_attempts,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "updated_at": record.updated_at,
+        "history": record.history,
+        "result": record.result,
+        "error": record.error,
+        "links": links(record.id),
+    }
+
+
+def etag(record: JobRecord) -> str:
+    return f'"{record.id}-{record.version}"'

@@ -1,0 +1,413 @@
+"""The HTTP endpoints of API.md (jobs, job types, tokens, health).
+
+Each route authenticates first, validates everything it was given (raising a :mod:`server.problems`
+exception on the first thing wrong, before anything is written), then makes one store call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import math
+from typing import Any, TypedDict, cast
+
+import orjson
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from worker.clock import rfc3339
+from worker.ids import is_job_id
+from worker.models import JobStatus, Submission
+from worker.settings import Settings
+from worker.store import JobRecord, Store
+from worker.types import Registry
+
+from .auth import Authenticator
+from .hub import Hub
+from .problems import (
+    BadRequest,
+    Conflict,
+    NotAcceptable,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from .resources import etag, job_resource
+
+MAX_BODY = 1024 * 1024
+MAX_WAIT_S = 60
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
+POLL_HINT_S = "1"
+
+
+class State(TypedDict):
+    settings: Settings
+    redis: Redis
+    store: Store
+    hub: Hub
+    registry: Registry
+    auth: Authenticator
+
+
+def _state(request: Request) -> State:
+    return cast(State, request.state._state)
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
+
+
+# --- request parsing ------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    too_large = PayloadTooLarge(f"The request body is larger than {limit} bytes (1 MiB); send less data.")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("The Content-Length header is not a number.")
+        if int(declared) > limit:
+            raise too_large
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: Request) -> tuple[dict[str, Any], bytes]:
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"The body must be JSON, sent with 'Content-Type: application/json' (got {content_type!r})."
+        )
+    raw = await read_body(request)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The body is not valid JSON ({exc}). Send a JSON object.") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed(
+            'The body must be a JSON object, e.g. {"type": "sleep", "params": {}}.',
+            errors=[{"loc": ["body"], "msg": "must be a JSON object", "type": "object_type"}],
+        )
+    return body, raw
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"Query parameter '{name}' must be an integer from {low} to {high}.") from None
+    if not low <= value <= high:
+        raise BadRequest(f"Query parameter '{name}' must be from {low} to {high} (got {value}).")
+    return value
+
+
+def query_wait(request: Request) -> float:
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_WAIT_S:  # also false for NaN
+        raise BadRequest(f"Query parameter 'wait' must be a number of seconds from 0 to {MAX_WAIT_S}.")
+    return value
+
+
+def encode_cursor(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        job_id = ""
+    if not is_job_id(job_id):
+        raise BadRequest(
+            "Query parameter 'cursor' is malformed; pass the 'next_cursor' of the previous page unchanged."
+        )
+    return job_id
+
+
+def job_id_param(request: Request) -> str:
+    return str(request.path_params["job_id"])
+
+
+def not_found(job_id: str) -> NotFound:
+    return NotFound(f"No job {job_id!r} for this tenant. Check the id; GET /jobs lists your jobs.")
+
+
+async def load_job(request: Request, state: State, job_id: str, tenant: str) -> JobRecord:
+    record = await state["store"].get(job_id, tenant)
+    if record is None:
+        raise not_found(job_id)
+    return record
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+
+def render_job(record: JobRecord, request: Request, status: int = 200, extra: dict[str, Any] | None = None) -> Response:
+    tag = etag(record)
+    headers = {"ETag": tag, "Cache-Control": "no-cache"}
+    if not record.terminal:
+        headers["Retry-After"] = POLL_HINT_S
+    if status == 200 and extra is None and tag in _etags(request.headers.get("if-none-match")):
+        return Response(status_code=304, headers=headers)
+    body = job_resource(record)
+    body["cancel_requested"] = record.cancel_requested
+    if extra:
+        body.update(extra)
+    return json_response(body, status, headers)
+
+
+def _etags(header: str | None) -> set[str]:
+    if not header:
+        return set()
+    return {part.strip().removeprefix("W/") for part in header.split(",")}
+
+
+async def submit_job(request: Request) -> Response:
+    state = _state(request)
+    principal = state["auth"].require(request, "write")
+    body, _ = await read_json_object(request)
+    try:
+        submission = Submission.model_validate(body)
+    except ValidationError as exc:
+        raise ValidationFailed.from_pydantic(exc) from None
+    jt = state["registry"].get(submission.type)
+    if jt is None:
+        known = ", ".join(t.name for t in state["registry"])
+        raise ValidationFailed(
+            f"Unknown job type {submission.type!r}. Registered types: {known} (GET /job-types describes them).",
+            errors=[{"loc": ["body", "type"], "msg": f"unknown job type; one of: {known}", "type": "job_type"}],
+        )
+    try:
+        params = jt.params.model_validate(submission.params).model_dump(mode="json")
+    except ValidationError as exc:
+        raise ValidationFailed.from_pydantic(exc, prefix=("body", "params")) from None
+    if submission.webhook is not None:
+        raise ValidationFailed(
+            "Webhook delivery is not available in this version of Jobcast; submit without 'webhook' "
+            "and follow the job with GET /jobs/{id}?wait= or its event stream.",
+            errors=[{"loc": ["body", "webhook"], "msg": "webhooks are not supported yet", "type": "unsupported"}],
+        )
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= 255 and idempotency_key.isprintable()):
+        raise BadRequest("The Idempotency-Key header must be 1 to 255 printable characters.")
+    fingerprint = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    created = await state["store"].create(
+        tenant=principal.tenant,
+        job_type=jt.name,
+        params=params,
+        priority=submission.priority or jt.priority,
+        max_attempts=jt.max_attempts,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+    )
+    if created.outcome == "full":
+        raise Unavailable(
+            f"Jobcast is at capacity ({state['settings'].max_queued} queued jobs). Retry after the indicated delay.",
+            retry_after=10,
+        )
+    assert created.job_id is not None
+    if created.outcome == "conflict":
+        raise ValidationFailed(
+            "This Idempotency-Key was already used with a different body (for job "
+            f"{created.job_id}). Use a new key for a new submission, or resend the original body.",
+            errors=[
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "reused with a different body",
+                    "type": "idempotency",
+                }
+            ],
+        )
+    record = await load_job(request, state, created.job_id, principal.tenant)
+    token, expires_at = state["auth"].signer.mint("job", principal.tenant, state["settings"].job_token_ttl_s, record.id)
+    response = render_job(record, request, 202, {"token": token, "token_expires_at": rfc3339(expires_at * 10**9)})
+    response.headers["Location"] = f"/jobs/{record.id}"
+    response.headers["Retry-After"] = POLL_HINT_S
+    if created.outcome == "existing":
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def get_job(request: Request) -> Response:
+    state = _state(request)
+    job_id = job_id_param(request)
+    principal = state["auth"].require(request, "read", job_id=job_id)
+    wait = query_wait(request)
+    record = await load_job(request, state, job_id, principal.tenant)
+    seen = _etags(request.headers.get("if-none-match"))
+    if wait > 0 and not record.terminal and (not seen or etag(record) in seen):
+        record = await _wait_for_change(state, record, wait)
+    return render_job(record, request)
+
+
+async def _wait_for_change(state: State, record: JobRecord, wait: float) -> JobRecord:
+    """Hold until the job's version moves past ``record``'s, or ``wait`` seconds pass.
+
+    Woken by the hub (the job's events), never by a sleep loop. The record is read again after
+    subscribing, so a change between the first read and the subscription is not missed.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    with state["hub"].job(record.id) as sub:
+        while True:
+            current = await state["store"].get(record.id, record.tenant)
+            if current is None:
+                return record
+            if current.version != record.version or current.terminal:
+                return current
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return current
+            sub.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await sub.changed.wait()
+
+
+async def list_jobs(request: Request) -> Response:
+    state = _state(request)
+    principal = state["auth"].require(request, "read")
+    status_raw = request.query_params.get("status")
+    status = None
+    if status_raw is not None:
+        try:
+            status = JobStatus(status_raw)
+        except ValueError:
+            allowed = ", ".join(s.value for s in JobStatus)
+            raise BadRequest(f"Query parameter 'status' must be one of: {allowed}.") from None
+    job_type = request.query_params.get("type")
+    if job_type is not None and state["registry"].get(job_type) is None:
+        known = ", ".join(t.name for t in state["registry"])
+        raise BadRequest(f"Query parameter 'type' must be a registered job type: {known}.")
+    limit = query_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    cursor_raw = request.query_params.get("cursor")
+    before = decode_cursor(cursor_raw) if cursor_raw else None
+    records, next_id = await state["store"].list_jobs(
+        principal.tenant, status=status, job_type=job_type, limit=limit, before=before
+    )
+    return json_response(
+        {
+            "items": [job_resource(r) for r in records],
+            "next_cursor": encode_cursor(next_id) if next_id else None,
+        }
+    )
+
+
+async def cancel_job(request: Request) -> Response:
+    state = _state(request)
+    job_id = job_id_param(request)
+    principal = state["auth"].require(request, "write")
+    outcome, status = await state["store"].cancel(job_id, principal.tenant)
+    if outcome == "missing":
+        raise not_found(job_id)
+    if outcome == "terminal":
+        raise Conflict(f"Job {job_id} is already {status}; a finished job cannot be cancelled.", job_status=status)
+    record = await load_job(request, state, job_id, principal.tenant)
+    return render_job(record, request, 200 if outcome == "cancelled" else 202, {})
+
+
+async def get_result(request: Request) -> Response:
+    state = _state(request)
+    job_id = job_id_param(request)
+    principal = state["auth"].require(request, "read", job_id=job_id)
+    record = await load_job(request, state, job_id, principal.tenant)
+    if record.status is not JobStatus.COMPLETED:
+        raise Conflict(
+            f"Job {job_id} is {record.status.value}; its result is available once it is completed. "
+            f"Follow it with GET /jobs/{job_id}?wait=30.",
+            job_status=record.status.value,
+        )
+    accept = request.headers.get("accept", "")
+    if "text/csv" in accept:
+        jt = state["registry"].get(record.type)
+        if jt is None or jt.csv is None:
+            raise NotAcceptable(f"Job type {record.type!r} has no CSV form; ask for application/json.")
+        return Response(
+            jt.csv(record.result),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{job_id}.csv"'},
+        )
+    return json_response(record.result)
+
+
+# --- job types, tokens, health ----------------------------------------------------------------------
+
+
+async def list_job_types(request: Request) -> Response:
+    state = _state(request)
+    state["auth"].require(request, "read")
+    return json_response(
+        {
+            "items": [
+                {
+                    "name": jt.name,
+                    "description": jt.description,
+                    "params_schema": jt.params_schema(),
+                    "timeout_s": jt.timeout_s,
+                    "max_attempts": jt.max_attempts,
+                    "priority": jt.priority.value,
+                    "result_formats": ["json", "csv"] if jt.csv else ["json"],
+                }
+                for jt in state["registry"]
+            ]
+        }
+    )
+
+
+async def create_token(request: Request) -> Response:
+    state = _state(request)
+    principal = state["auth"].require(request, "write")
+    token, expires_at = state["auth"].signer.mint("stream", principal.tenant, state["settings"].stream_token_ttl_s)
+    return json_response({"token": token, "expires_at": rfc3339(expires_at * 10**9)}, 201)
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = _state(request)
+    try:
+        await asyncio.wait_for(state["redis"].ping(), 2.0)
+    except (RedisError, OSError, TimeoutError):
+        raise Unavailable("Redis does not answer; this process cannot serve jobs until it does.") from None
+    return json_response({"status": "ready"})
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/jobs", submit_job, methods=["POST"]),
+        Route("/jobs", list_jobs, methods=["GET"]),
+        Route("/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+        Route("/jobs/{job_id}/result", get_result, methods=["GET"]),
+        Route("/job-types", list_job_types, methods=["GET"]),
+        Route("/tokens", create_token, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]

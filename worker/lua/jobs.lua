@@ -1,0 +1,303 @@
+-- Jobcast's state machine. Every write to a job goes through one call of this script, so that the
+-- record, the job's event log, the tenant's event log, the indexes, the arq queue and the PUBLISH
+-- doorbell change together or not at all (DESIGN.md, invariants 1 and 2).
+--
+-- Called as EVALSHA sha 0 op now_iso now_ms arg...; key prefixes come from the prelude that
+-- worker/schema.py prepends (K_* and CFG_* locals), so no key name is spelled here.
+--
+-- A job's "run" is a fencing number: each time the job is put on the arq queue it gets a new run,
+-- and the arq job id is "<job id>.<run>". A worker may only move a job it holds the current run of,
+-- so a worker that lost its lease (killed, hung, partitioned) can never overwrite its successor.
+
+local op = ARGV[1]
+local now_iso = ARGV[2]
+local now_ms = tonumber(ARGV[3])
+
+local PRIORITY_BOOST = {high = 3e12, normal = 2e12, low = 1e12}
+
+local function job_key(id) return K_JOB .. id end
+
+local function fields(id, ...)
+  return redis.call('HMGET', job_key(id), ...)
+end
+
+local function run_id(id, run) return id .. '.' .. run end
+
+local function index_move(tenant, id, from, to)
+  if from then redis.call('ZREM', K_INDEX .. tenant .. ':status:' .. from, id) end
+  if to then redis.call('ZADD', K_INDEX .. tenant .. ':status:' .. to, 0, id) end
+end
+
+-- Append {"status":..,"at":..,"attempt":..} to the record's JSON history without decoding it.
+local function history_entry(status, attempt)
+  return '{"status":"' .. status .. '","at":"' .. now_iso .. '","attempt":' .. attempt .. '}'
+end
+
+local function append_history(id, status, attempt)
+  local h = redis.call('HGET', job_key(id), 'history')
+  local entry = history_entry(status, attempt)
+  if h == '[]' or not h then h = '[' .. entry .. ']' else h = string.sub(h, 1, -2) .. ',' .. entry .. ']' end
+  redis.call('HSET', job_key(id), 'history', h)
+end
+
+-- Build the event payload from the record (after it was updated), append it to both logs and
+-- ring the doorbell. `extra` is a pre-encoded ',"key":value' tail.
+local function emit(id, event, extra)
+  local r = fields(id, 'tenant', 'type', 'status', 'attempt', 'progress')
+  local data = '{"job_id":"' .. id .. '","type":' .. cjson.encode(r[2]) .. ',"status":"' .. r[3]
+    .. '","attempt":' .. r[4] .. ',"progress":' .. r[5] .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
+  local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', CFG_JOB_LOG_MAX, '*',
+    'event', event, 'data', data)
+  local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r[1], 'MAXLEN', '~', CFG_TENANT_LOG_MAX, '*',
+    'event', event, 'job', id, 'data', data)
+  redis.call('PUBLISH', K_EVENTS_CHANNEL,
+    job_sid .. '\n' .. tenant_sid .. '\n' .. r[1] .. '\n' .. id .. '\n' .. event .. '\n' .. data)
+  return job_sid
+end
+
+local function touch(id, ...)
+  redis.call('HSET', job_key(id), 'updated_at', now_iso, ...)
+  redis.call('HINCRBY', job_key(id), 'version', 1)
+end
+
+-- Put run `run` of job `id` on arq's queue, ahead of lower priorities (arq takes the lowest scores
+-- that are <= now first, so a boost in the past orders by priority, then by time).
+local function arq_enqueue(id, run, priority)
+  local rid = run_id(id, run)
+  local payload = '{"t":1,"f":"' .. CFG_ARQ_FUNCTION .. '","a":["' .. id .. '",' .. run .. '],"k":{},"et":'
+    .. string.format('%d', now_ms) .. '}'
+  redis.call('SET', K_ARQ_JOB .. rid, payload)
+  redis.call('ZADD', K_ARQ_QUEUE, now_ms - (PRIORITY_BOOST[priority] or PRIORITY_BOOST.normal), rid)
+  redis.call('PUBLISH', K_DOORBELL_CHANNEL, rid)
+end
+
+-- Remove every trace of run `run` from arq (queue entry, job payload, locks) and from our schedule.
+local function arq_forget(id, run)
+  local rid = run_id(id, run)
+  redis.call('ZREM', K_ARQ_QUEUE, rid)
+  redis.call('ZREM', K_SCHEDULED, rid)
+  redis.call('DEL', K_ARQ_JOB .. rid, K_ARQ_IN_PROGRESS .. rid, K_ARQ_RETRY .. rid)
+end
+
+local function small(json, limit)
+  return json and json ~= '' and #json <= limit
+end
+
+-- Move a processing job to a terminal status. `extra` goes into the event.
+local function finish(id, status, extra)
+  local r = fields(id, 'tenant', 'status', 'attempt')
+  index_move(r[1], id, r[2], status)
+  touch(id, 'status', status, 'finished_at', now_iso)
+  redis.call('HDEL', job_key(id), 'cancel')
+  append_history(id, status, r[3])
+  redis.call('ZREM', K_RUNNING, id)
+  local sid = emit(id, 'job.' .. status, extra)
+  redis.call('EXPIRE', job_key(id), CFG_RETENTION_S)
+  redis.call('EXPIRE', K_JOB_LOG .. id, CFG_RETENTION_S)
+  return sid
+end
+
+local function terminal_extra(id, status)
+  local r = fields(id, 'result', 'error')
+  if status == 'completed' then
+    if small(r[1], CFG_INLINE_MAX) then return ',"result":' .. r[1] end
+    return ',"result_url":"/jobs/' .. id .. '/result"'
+  elseif r[2] and r[2] ~= '' then
+    return ',"error":' .. r[2]
+  end
+  return ''
+end
+
+local function is_terminal(status)
+  return status == 'completed' or status == 'failed' or status == 'cancelled'
+end
+
+-- Back to queued for another run. delay_ms > 0 schedules it; 0 puts it on the arq queue now.
+local function requeue(id, old_run, attempt, delay_ms, event, extra)
+  local r = fields(id, 'tenant', 'priority')
+  local run = old_run + 1
+  arq_forget(id, old_run)
+  index_move(r[1], id, 'processing', 'queued')
+  touch(id, 'status', 'queued', 'run', run, 'attempt', attempt, 'percent', 0,
+    'progress', '{"percent":0.0}')
+  append_history(id, 'queued', attempt)
+  redis.call('ZREM', K_RUNNING, id)
+  if delay_ms > 0 then
+    redis.call('ZADD', K_SCHEDULED, now_ms + delay_ms, run_id(id, run))
+  else
+    arq_enqueue(id, run, r[2])
+  end
+  emit(id, event, extra)
+end
+
+----------------------------------------------------------------------------------------------------
+
+if op == 'create' then
+  -- id tenant type priority max_attempts params webhook idem_key idem_value idem_ttl
+  local id, tenant, jtype, priority = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local idem_key, idem_value = ARGV[11], ARGV[12]
+  if idem_key ~= '' then
+    local seen = redis.call('GET', idem_key)
+    if seen then
+      local sep = string.find(seen, '|', 1, true)
+      local seen_id, seen_hash = string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)
+      if seen_hash == idem_value and redis.call('EXISTS', job_key(seen_id)) == 1 then
+        return {'existing', seen_id}
+      elseif seen_hash ~= idem_value then
+        return {'conflict', seen_id}
+      end
+    end
+  end
+  local queued = redis.call('ZCARD', K_ARQ_QUEUE) + redis.call('ZCARD', K_SCHEDULED)
+  if queued >= tonumber(CFG_MAX_QUEUED) then
+    return {'full', tostring(queued)}
+  end
+  redis.call('HSET', job_key(id),
+    'id', id, 'tenant', tenant, 'type', jtype, 'status', 'queued', 'priority', priority,
+    'attempt', 1, 'max_attempts', ARGV[8], 'run', 1, 'params', ARGV[9], 'webhook', ARGV[10],
+    'progress', '{"percent":0.0}', 'percent', 0, 'created_at', now_iso, 'updated_at', now_iso,
+    'history', '[' .. history_entry('queued', 1) .. ']', 'version', 1)
+  redis.call('ZADD', K_INDEX .. tenant, 0, id)
+  redis.call('ZADD', K_INDEX .. tenant .. ':type:' .. jtype, 0, id)
+  index_move(tenant, id, nil, 'queued')
+  if idem_key ~= '' then
+    redis.call('SET', idem_key, id .. '|' .. idem_value, 'EX', ARGV[13])
+  end
+  arq_enqueue(id, 1, priority)
+  emit(id, 'job.queued', '')
+  return {'created', id}
+
+elseif op == 'start' then
+  -- id run lease_deadline_ms -> {'ok', type, params, attempt, max_attempts} or {'skip', status}
+  local id, run = ARGV[4], ARGV[5]
+  local r = fields(id, 'status', 'run', 'tenant', 'attempt')
+  if r[1] ~= 'queued' or r[2] ~= run then return {'skip', r[1] or 'missing'} end
+  index_move(r[3], id, 'queued', 'processing')
+  touch(id, 'status', 'processing', 'started_at', now_iso, 'percent', 0, 'progress', '{"percent":0.0}')
+  append_history(id, 'processing', r[4])
+  redis.call('ZADD', K_RUNNING, ARGV[6], id)
+  emit(id, 'job.processing', '')
+  local s = fields(id, 'type', 'params', 'attempt', 'max_attempts')
+  return {'ok', s[1], s[2], s[3], s[4]}
+
+elseif op == 'progress' then
+  -- id run percent progress_json -> 1 written, 0 ignored (stale run, not processing, or going down)
+  local id, run = ARGV[4], ARGV[5]
+  local r = fields(id, 'status', 'run', 'percent')
+  if r[1] ~= 'processing' or r[2] ~= run then return 0 end
+  if tonumber(ARGV[6]) < tonumber(r[3]) then return 0 end
+  touch(id, 'percent', ARGV[6], 'progress', ARGV[7])
+  emit(id, 'job.progress', '')
+  return 1
+
+elseif op == 'heartbeat' then
+  -- lease_deadline_ms (id run)... -> for each: 'ok' | 'cancel' | 'lost'
+  local deadline = ARGV[4]
+  local out = {}
+  for i = 5, #ARGV, 2 do
+    local id, run = ARGV[i], ARGV[i + 1]
+    local r = fields(id, 'status', 'run', 'cancel')
+    if r[1] ~= 'processing' or r[2] ~= run then
+      out[#out + 1] = 'lost'
+    else
+      redis.call('ZADD', K_RUNNING, 'XX', deadline, id)
+      out[#out + 1] = r[3] and 'cancel' or 'ok'
+    end
+  end
+  return out
+
+elseif op == 'complete' or op == 'fail' or op == 'cancelled' or op == 'retry' or op == 'handback' then
+  -- id run payload(result json | error json | '') delay_ms
+  -- -> {'ok', status} or {'stale', current status}
+  local id, run = ARGV[4], ARGV[5]
+  local r = fields(id, 'status', 'run', 'attempt')
+  if r[1] ~= 'processing' or r[2] ~= run then return {'stale', r[1] or 'missing'} end
+  local attempt = tonumber(r[3])
+  if op == 'complete' then
+    redis.call('HSET', job_key(id), 'result', ARGV[6], 'percent', 100,
+      'progress', (string.gsub(redis.call('HGET', job_key(id), 'progress'), '"percent":[^,}]*', '"percent":100.0', 1)))
+    arq_forget(id, tonumber(run))
+    finish(id, 'completed', terminal_extra(id, 'completed'))
+    return {'ok', 'completed'}
+  elseif op == 'fail' then
+    redis.call('HSET', job_key(id), 'error', ARGV[6])
+    arq_forget(id, tonumber(run))
+    finish(id, 'failed', terminal_extra(id, 'failed'))
+    return {'ok', 'failed'}
+  elseif op == 'cancelled' then
+    arq_forget(id, tonumber(run))
+    finish(id, 'cancelled', '')
+    return {'ok', 'cancelled'}
+  elseif op == 'retry' then
+    redis.call('HSET', job_key(id), 'error', ARGV[6])
+    local delay = tonumber(ARGV[7])
+    requeue(id, tonumber(run), attempt + 1, delay, 'job.retrying',
+      ',"error":' .. ARGV[6] .. ',"retry_in_s":' .. string.format('%.3f', delay / 1000))
+    return {'ok', 'queued'}
+  else
+    -- handback: the worker is shutting down; the attempt was not the job's fault.
+    requeue(id, tonumber(run), attempt, 0, 'job.queued', '')
+    return {'ok', 'queued'}
+  end
+
+elseif op == 'cancel' then
+  -- id tenant -> {'cancelled'} | {'requested'} | {'terminal', status} | {'missing'}
+  local id = ARGV[4]
+  local r = fields(id, 'tenant', 'status', 'run')
+  if not r[1] or r[1] ~= ARGV[5] then return {'missing'} end
+  if r[2] == 'queued' then
+    arq_forget(id, tonumber(r[3]))
+    finish(id, 'cancelled', '')
+    return {'cancelled'}
+  elseif r[2] == 'processing' then
+    redis.call('HSET', job_key(id), 'cancel', '1')
+    redis.call('PUBLISH', K_CONTROL_CHANNEL, 'cancel ' .. id)
+    return {'requested'}
+  end
+  return {'terminal', r[2]}
+
+elseif op == 'reap' then
+  -- id error_json_if_failed -> 'alive' | 'gone' | 'cancelled' | 'queued' | 'failed'
+  -- A processing job whose lease lapsed lost its worker: retry it if attempts remain, else fail it.
+  local id = ARGV[4]
+  local deadline = redis.call('ZSCORE', K_RUNNING, id)
+  if deadline and tonumber(deadline) > now_ms then return 'alive' end
+  local r = fields(id, 'status', 'run', 'attempt', 'max_attempts', 'cancel')
+  if r[1] ~= 'processing' then
+    redis.call('ZREM', K_RUNNING, id)
+    return 'gone'
+  end
+  local run, attempt = tonumber(r[2]), tonumber(r[3])
+  if r[5] then
+    arq_forget(id, run)
+    finish(id, 'cancelled', '')
+    return 'cancelled'
+  end
+  redis.call('HSET', job_key(id), 'error', ARGV[5])
+  if attempt < tonumber(r[4]) then
+    requeue(id, run, attempt + 1, 0, 'job.retrying', ',"error":' .. ARGV[5] .. ',"retry_in_s":0.000')
+    return 'queued'
+  end
+  arq_forget(id, run)
+  finish(id, 'failed', ',"error":' .. ARGV[5])
+  return 'failed'
+
+elseif op == 'promote' then
+  -- limit -> {moved count, next due ms or -1}: move due retries onto the arq queue.
+  local due = redis.call('ZRANGEBYSCORE', K_SCHEDULED, '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[4]))
+  local moved = 0
+  for _, rid in ipairs(due) do
+    redis.call('ZREM', K_SCHEDULED, rid)
+    local dot = string.find(rid, '.', 1, true)
+    local id, run = string.sub(rid, 1, dot - 1), string.sub(rid, dot + 1)
+    local r = fields(id, 'status', 'run', 'priority')
+    if r[1] == 'queued' and r[2] == run then
+      arq_enqueue(id, tonumber(run), r[3])
+      moved = moved + 1
+    end
+  end
+  local next_due = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')
+  return {moved, next_due[2] or '-1'}
+end
+
+return redis.error_reply('jobs.lua: unknown op ' .. tostring(op))

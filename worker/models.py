@@ -1,0 +1,92 @@
+"""The job domain's vocabulary: statuses, priorities, event names and the wire models.
+
+Status values and event names are those of API.md; they are spelled here once and nowhere else.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class EventName(StrEnum):
+    QUEUED = "job.queued"
+    PROCESSING = "job.processing"
+    PROGRESS = "job.progress"
+    RETRYING = "job.retrying"
+    COMPLETED = "job.completed"
+    FAILED = "job.failed"
+    CANCELLED = "job.cancelled"
+
+
+TERMINAL_EVENTS = (EventName.COMPLETED, EventName.FAILED, EventName.CANCELLED)
+
+
+class WebhookSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: AnyHttpUrl
+    events: list[EventName] = Field(default_factory=lambda: list(TERMINAL_EVENTS), min_length=1)
+
+
+class Submission(BaseModel):
+    """The body of ``POST /jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(min_length=1, max_length=100)
+    params: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority | None = None
+    webhook: WebhookSpec | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+
+class JobError(BaseModel):
+    """What went wrong in an attempt, kept on the job."""
+
+    type: str
+    message: str
+    retryable: bool
+    attempt: int
+
+
+class Progress(BaseModel):
+    percent: float = 0.0
+    step: str | None = None
+    message: str | None = None
+
+
+class HistoryEntry(BaseModel):
+    status: JobStatus
+    at: str
+    attempt: int
+
+
+ResultFormat = Literal["json", "csv"]

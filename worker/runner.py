@@ -1,0 +1,242 @@
+"""Runs jobs inside an arq worker: one run of one job, from ``processing`` to its outcome.
+
+arq gives us the queue, the per-run lock and the concurrency limit; the job's life is ours:
+
+- ``start`` moves the job queued -> processing (only if this arq run is the job's current run),
+- the handler runs as its own task, under the job type's timeout,
+- a heartbeat renews the lease of every running job every ``JOBCAST_HEARTBEAT_S`` seconds and learns
+  of cancellations (also pushed on the control channel, so they usually land at once) and of lost
+  leases (another worker took over: stop, write nothing),
+- the outcome is recorded: completed, retry with backoff, failed, or cancelled,
+- on worker shutdown past the grace period a running job is handed back (queued, same attempt).
+
+A maintenance loop in every worker promotes due retries onto the queue and reaps jobs whose
+lease lapsed (their worker died): they are retried, or failed with ``WorkerLost`` after the last
+attempt. A killed worker's job is therefore noticed within lease + sweep (< 30 s with defaults),
+whatever the job type's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+
+from .context import JobContext
+from .errors import PermanentError, RetryableError
+from .models import JobError
+from .settings import Settings
+from .store import Store
+from .types import JobType, Registry
+
+logger = logging.getLogger(__name__)
+
+LEASE_HEARTBEATS = 3
+MESSAGE_MAX = 2000
+
+
+@dataclass
+class _Running:
+    run: int
+    task: asyncio.Task[Any]
+    #: Why the handler task was cancelled by us: "cancel" (user asked), "lost" (lease gone).
+    stop_reason: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+def _error(exc: BaseException, attempt: int, *, retryable: bool, message: str | None = None) -> JobError:
+    text = message if message is not None else (str(exc) or repr(exc))
+    return JobError(type=type(exc).__name__, message=text[:MESSAGE_MAX], retryable=retryable, attempt=attempt)
+
+
+def _encode_result(result: Any) -> str:
+    def default(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+    return orjson.dumps(result, default=default).decode()
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+class Runner:
+    def __init__(self, store: Store, registry: Registry, settings: Settings) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.running: dict[str, _Running] = {}
+        self.lease_ms = int(settings.heartbeat_s * LEASE_HEARTBEATS * 1000)
+        self._retry_scheduled = asyncio.Event()
+
+    def _lease_deadline(self) -> int:
+        return time.time_ns() // 1_000_000 + self.lease_ms
+
+    # --- one run ------------------------------------------------------------------------------------
+
+    async def execute(self, job_id: str, run: int) -> None:
+        started = await self.store.start(job_id, run, self._lease_deadline())
+        if started is None:
+            return
+        attempt = started.attempt
+        jt = self.registry.get(started.type)
+        if jt is None:
+            await self.store.fail(
+                job_id,
+                run,
+                JobError(
+                    type="UnknownJobType",
+                    message=f"this worker has no job type {started.type!r}; "
+                    "start workers with the same JOBCAST_JOB_MODULES as the server",
+                    retryable=False,
+                    attempt=attempt,
+                ),
+            )
+            return
+        try:
+            params = jt.params.model_validate_json(started.params_json)
+        except ValidationError as exc:
+            await self.store.fail(job_id, run, _error(exc, attempt, retryable=False))
+            return
+
+        ctx = JobContext(
+            job_id=job_id,
+            job_type=jt.name,
+            attempt=attempt,
+            max_attempts=started.max_attempts,
+            run=run,
+            store=self.store,
+            interval_s=1.0 / self.settings.progress_rate,
+        )
+        task: asyncio.Task[Any] = asyncio.create_task(_await(jt.handler(ctx, params)), name=f"job-{job_id}")
+        entry = _Running(run=run, task=task)
+        self.running[job_id] = entry
+        try:
+            done, _ = await asyncio.wait({task}, timeout=jt.timeout_s)
+        except asyncio.CancelledError:
+            # The worker is shutting down past its grace period: stop the handler, hand the job back.
+            await self._stop(task)
+            ctx.close()
+            await asyncio.shield(self.store.hand_back(job_id, run))
+            raise
+        finally:
+            self.running.pop(job_id, None)
+
+        try:
+            await self._record_outcome(jt, ctx, entry, timed_out=not done)
+        finally:
+            ctx.close()
+
+    async def _stop(self, task: asyncio.Task[Any]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    async def _record_outcome(self, jt: JobType, ctx: JobContext, entry: _Running, *, timed_out: bool) -> None:
+        job_id, run, attempt, task = ctx.job_id, ctx.run, ctx.attempt, entry.task
+        if timed_out:
+            await self._stop(task)
+            exc: BaseException = TimeoutError()
+            error = _error(exc, attempt, retryable=True, message=f"attempt exceeded the {jt.timeout_s:g} s timeout")
+            await self._failed(jt, ctx, error, None)
+            return
+        if task.cancelled():
+            if entry.stop_reason == "lost":
+                logger.warning("job %s run %s: lease lost, another run owns the job; nothing recorded", job_id, run)
+                return
+            await ctx.drain()
+            await self.store.mark_cancelled(job_id, run)
+            return
+        failure = task.exception()
+        if failure is None:
+            try:
+                result_json = _encode_result(task.result())
+            except TypeError as exc:
+                await self.store.fail(job_id, run, _error(exc, attempt, retryable=False))
+                return
+            await ctx.drain()
+            await self.store.complete(job_id, run, result_json)
+            return
+        if isinstance(failure, PermanentError):
+            error = _error(failure, attempt, retryable=False)
+        else:
+            error = _error(failure, attempt, retryable=True)
+            if not isinstance(failure, RetryableError):
+                logger.warning("job %s attempt %s raised %r", job_id, attempt, failure, exc_info=failure)
+        retry_after = failure.retry_after_s if isinstance(failure, RetryableError) else None
+        await self._failed(jt, ctx, error, retry_after)
+
+    async def _failed(self, jt: JobType, ctx: JobContext, error: JobError, retry_after_s: float | None) -> None:
+        await ctx.drain()
+        if error.retryable and ctx.attempt < ctx.max_attempts:
+            delay = max(jt.backoff_s(ctx.attempt), retry_after_s or 0.0)
+            await self.store.retry(ctx.job_id, ctx.run, error, delay)
+            self._retry_scheduled.set()  # the maintenance loop may need to wake earlier
+        else:
+            await self.store.fail(ctx.job_id, ctx.run, error)
+
+    # --- signals from outside -------------------------------------------------------------------------
+
+    def stop_job(self, job_id: str, reason: str) -> None:
+        entry = self.running.get(job_id)
+        if entry is not None and entry.stop_reason is None:
+            logger.info("job %s: stopping handler (%s)", job_id, reason)
+            entry.stop_reason = reason
+            entry.task.cancel()
+
+    async def heartbeat_once(self) -> None:
+        runs = [(job_id, entry.run) for job_id, entry in self.running.items()]
+        states = await self.store.heartbeat(self._lease_deadline(), runs)
+        for job_id, state in states.items():
+            if state in ("cancel", "lost"):
+                self.stop_job(job_id, state)
+
+    async def heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self.heartbeat_once()
+            except (RedisError, OSError) as exc:
+                logger.warning("heartbeat failed (leases not renewed): %s", exc)
+
+    async def maintain_once(self) -> float:
+        """Promote due retries and reap lost jobs; returns seconds until the next due retry."""
+        _, next_due = await self.store.promote()
+        now_ms = time.time_ns() // 1_000_000
+        for job_id in await self.store.overdue(now_ms):
+            error = JobError(
+                type="WorkerLost",
+                message="the worker running this attempt stopped renewing its lease (killed, crashed or hung)",
+                retryable=True,
+                attempt=0,
+            )
+            record = await self.store.get(job_id)
+            if record is not None:
+                error = error.model_copy(update={"attempt": record.attempt})
+            await self.store.reap(job_id, error)
+        wait = self.settings.maintenance_s
+        if next_due is not None:
+            wait = min(wait, max(0.0, (next_due - now_ms) / 1000))
+        return wait
+
+    async def maintain_forever(self) -> None:
+        while True:
+            try:
+                wait = await self.maintain_once()
+            except (RedisError, OSError) as exc:
+                logger.warning("maintenance sweep failed: %s", exc)
+                wait = self.settings.maintenance_s
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._retry_scheduled.wait()
+            self._retry_scheduled.clear()

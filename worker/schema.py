@@ -1,0 +1,127 @@
+"""Every Redis key, channel and Lua script Jobcast uses, named in this one place.
+
+Layout (``{id}`` is a job id, ``{rid}`` an arq run id ``{id}.{run}``, ``{t}`` a tenant):
+
+=====================================  =======  ===============================================
+key                                    type     holds
+=====================================  =======  ===============================================
+``jobcast:job:{id}``                   hash     the job record (status, progress, history, ...)
+``jobcast:log:job:{id}``               stream   the job's event log (capped)
+``jobcast:log:tenant:{t}``             stream   the tenant's event log (capped)
+``jobcast:jobs:{t}``                   zset     the tenant's job ids, all scores 0 (ids sort by time)
+``jobcast:jobs:{t}:status:{s}``        zset     ... with status ``s``
+``jobcast:jobs:{t}:type:{type}``       zset     ... of job type ``type``
+``jobcast:idem:{t}:{sha256(key)}``     string   ``{id}|{sha256(body)}`` for Idempotency-Key, 24 h
+``jobcast:running``                    zset     processing job ids scored by lease deadline (ms)
+``jobcast:scheduled``                  zset     run ids waiting for a retry, scored by due time (ms)
+``arq:queue``, ``arq:job:{rid}``, ...  arq's    the run being executed (arq's own keys)
+=====================================  =======  ===============================================
+
+Channels: ``jobcast:events`` (every event; the server's hub is its only subscriber per process),
+``jobcast:doorbell`` (a run was queued: idle workers poll now), ``jobcast:control`` (``cancel {id}``).
+
+The Lua script computes keys from a job's tenant and status, which it reads inside the script; that
+is fine on one Redis (with replicas or Sentinel) and is why Redis Cluster is not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any
+
+from arq.constants import (
+    default_queue_name,
+    in_progress_key_prefix,
+    job_key_prefix,
+    retry_key_prefix,
+)
+from redis.asyncio import Redis
+
+from .settings import Settings
+
+PREFIX = "jobcast:"
+JOB = PREFIX + "job:"
+JOB_LOG = PREFIX + "log:job:"
+TENANT_LOG = PREFIX + "log:tenant:"
+INDEX = PREFIX + "jobs:"
+IDEMPOTENCY = PREFIX + "idem:"
+RUNNING = PREFIX + "running"
+SCHEDULED = PREFIX + "scheduled"
+EVENTS_CHANNEL = PREFIX + "events"
+DOORBELL_CHANNEL = PREFIX + "doorbell"
+CONTROL_CHANNEL = PREFIX + "control"
+
+ARQ_QUEUE = default_queue_name
+ARQ_FUNCTION = "jobcast.run"
+
+#: Results and errors up to this many bytes travel inside terminal events; larger ones as a link.
+INLINE_MAX = 4096
+
+
+def job_key(job_id: str) -> str:
+    return JOB + job_id
+
+
+def job_log_key(job_id: str) -> str:
+    return JOB_LOG + job_id
+
+
+def tenant_log_key(tenant: str) -> str:
+    return TENANT_LOG + tenant
+
+
+def index_key(tenant: str, *, status: str | None = None, job_type: str | None = None) -> str:
+    if status is not None:
+        return f"{INDEX}{tenant}:status:{status}"
+    if job_type is not None:
+        return f"{INDEX}{tenant}:type:{job_type}"
+    return INDEX + tenant
+
+
+def idempotency_key(tenant: str, key: str) -> str:
+    return f"{IDEMPOTENCY}{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def arq_run_id(job_id: str, run: int) -> str:
+    return f"{job_id}.{run}"
+
+
+def _prelude(settings: Settings) -> str:
+    constants: dict[str, Any] = {
+        "K_JOB": JOB,
+        "K_JOB_LOG": JOB_LOG,
+        "K_TENANT_LOG": TENANT_LOG,
+        "K_INDEX": INDEX,
+        "K_RUNNING": RUNNING,
+        "K_SCHEDULED": SCHEDULED,
+        "K_EVENTS_CHANNEL": EVENTS_CHANNEL,
+        "K_DOORBELL_CHANNEL": DOORBELL_CHANNEL,
+        "K_CONTROL_CHANNEL": CONTROL_CHANNEL,
+        "K_ARQ_QUEUE": ARQ_QUEUE,
+        "K_ARQ_JOB": job_key_prefix,
+        "K_ARQ_IN_PROGRESS": in_progress_key_prefix,
+        "K_ARQ_RETRY": retry_key_prefix,
+        "CFG_ARQ_FUNCTION": ARQ_FUNCTION,
+        "CFG_JOB_LOG_MAX": settings.job_log_max,
+        "CFG_TENANT_LOG_MAX": settings.tenant_log_max,
+        "CFG_RETENTION_S": settings.retention_s,
+        "CFG_MAX_QUEUED": settings.max_queued,
+        "CFG_INLINE_MAX": INLINE_MAX,
+    }
+    lines = []
+    for name, value in constants.items():
+        literal = f"'{value}'" if isinstance(value, str) else str(value)
+        lines.append(f"local {name} = {literal}")
+    return "\n".join(lines) + "\n"
+
+
+class JobsScript:
+    """The state-machine script (``lua/jobs.lua``) bound to a Redis client, called by op name."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        source = resources.files(__package__).joinpath("lua/jobs.lua").read_text()
+        self._script = redis.register_script(_prelude(settings) + source)
+
+    async def __call__(self, op: str, now_iso: str, now_ms: int, *args: str | int | float) -> Any:
+        return await self._script(keys=[], args=[op, now_iso, now_ms, *args])

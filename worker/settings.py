@@ -1,0 +1,121 @@
+"""Jobcast's configuration: one typed object read from ``JOBCAST_*`` environment variables.
+
+It is built once at the edge (the server's app factory, the worker's entry point, the CLI) and
+passed in; nothing reads the environment anywhere else.
+
+Two modes: ``production`` (the default) refuses to start without real secrets, so a forgotten
+``JOBCAST_SECRET_KEY`` is a startup error and never a silently guessable default;
+``development`` (what ``jobcast dev`` sets) fills them with local defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET_KEY = "jobcast-development-secret-do-not-use-in-production"
+DEV_API_KEYS = "dev:dev-key"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which variable to set and how."""
+
+
+def parse_pairs(raw: str, variable: str) -> list[tuple[str, str]]:
+    """Parse ``"a:x,b:y"`` into ``[("a", "x"), ("b", "y")]`` (API keys, webhook secrets).
+
+    A tenant may appear more than once (two keys during a rotation)."""
+    pairs: list[tuple[str, str]] = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip() or not value.strip():
+            raise ConfigError(
+                f"{variable}: entry {item!r} is not of the form 'tenant:value'; "
+                f"write e.g. {variable}='tenant-a:secret-a,tenant-b:secret-b'."
+            )
+        pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JOBCAST_", extra="ignore")
+
+    env: Literal["production", "development"] = "production"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    api_keys: str = ""
+    secret_key: str = ""
+    job_modules: str = ""
+    webhook_secret: str = ""
+    webhook_secrets: str = ""
+    webhook_allow_private: bool = False
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,50400,72000,86400"
+    submit_rate: str = ""
+    max_queued: int = Field(default=100_000, ge=1)
+
+    #: Seconds a job token stays valid, and a stream token.
+    job_token_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    stream_token_ttl_s: int = Field(default=3600, ge=1)
+    #: Seconds a finished job (record, event log, index entries) is kept.
+    retention_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Entries kept in one job's event log and in a tenant's event log (approximate trimming).
+    job_log_max: int = Field(default=10_000, ge=100)
+    tenant_log_max: int = Field(default=100_000, ge=1_000)
+
+    #: Worker: how many jobs one worker process runs at once.
+    worker_concurrency: int = Field(default=10, ge=1)
+    #: Worker: seconds between lease renewals of running jobs. A job whose lease (3 heartbeats)
+    #: lapses is taken to have lost its worker and is retried or failed.
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    #: Worker: seconds between sweeps for lapsed leases and due retries (an upper bound; due
+    #: retries are promoted on time).
+    maintenance_s: float = Field(default=2.0, gt=0)
+    #: Worker: at most this many progress writes per second per job reach Redis.
+    progress_rate: float = Field(default=4.0, gt=0)
+    #: Worker: seconds running jobs get to finish after SIGTERM before they are handed back.
+    shutdown_grace_s: int = Field(default=30, ge=0)
+
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _require_secrets(self) -> Settings:
+        if self.env == "development":
+            self.secret_key = self.secret_key or DEV_SECRET_KEY
+            self.api_keys = self.api_keys or DEV_API_KEYS
+        return self
+
+    def check_production(self) -> None:
+        """Raise :class:`ConfigError` when production mode lacks what it cannot default."""
+        if self.env != "production":
+            return
+        if len(self.secret_key) < 32:
+            raise ConfigError(
+                "JOBCAST_SECRET_KEY is missing or shorter than 32 characters; it signs job and stream "
+                "tokens. Set it to a long random string, e.g. "
+                "JOBCAST_SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))'), "
+                "or run `jobcast dev` for a local development setup."
+            )
+        if not self.tenant_keys:
+            raise ConfigError(
+                "JOBCAST_API_KEYS is empty, so no client could authenticate. "
+                "Set it to tenant:key pairs, e.g. JOBCAST_API_KEYS='acme:long-random-key'."
+            )
+
+    @property
+    def tenant_keys(self) -> dict[str, str]:
+        """API key -> tenant."""
+        return {key: tenant for tenant, key in parse_pairs(self.api_keys, "JOBCAST_API_KEYS")}
+
+    @property
+    def job_module_names(self) -> list[str]:
+        return [name.strip() for name in self.job_modules.split(",") if name.strip()]

@@ -1,0 +1,340 @@
+"""The job store: records, event logs and the state machine, on Redis.
+
+Every write is one call of ``lua/jobs.lua`` (see :mod:`worker.schema`), so a status change, its
+history entry, both event-log entries, the index moves, the arq queue entry and the PUBLISH happen
+together or not at all. Reads are plain Redis reads of the record hash and the streams.
+
+The methods used by workers take the job's *run* (fencing number, see ``jobs.lua``): a call for a
+run that is no longer current changes nothing and reports ``stale``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from . import schema
+from .clock import now
+from .ids import is_job_id, new_job_id
+from .models import JobError, JobStatus, Priority
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as stored; the server turns it into the API's job resource."""
+
+    id: str
+    tenant: str
+    type: str
+    status: JobStatus
+    priority: Priority
+    attempt: int
+    max_attempts: int
+    run: int
+    version: int
+    params: Any
+    progress: dict[str, Any]
+    history: list[dict[str, Any]]
+    result: Any
+    error: dict[str, Any] | None
+    webhook: dict[str, Any] | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str
+    cancel_requested: bool
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> JobRecord:
+        def json_or_none(field: str) -> Any:
+            raw = h.get(field)
+            return orjson.loads(raw) if raw else None
+
+        return cls(
+            id=h["id"],
+            tenant=h["tenant"],
+            type=h["type"],
+            status=JobStatus(h["status"]),
+            priority=Priority(h["priority"]),
+            attempt=int(h["attempt"]),
+            max_attempts=int(h["max_attempts"]),
+            run=int(h["run"]),
+            version=int(h["version"]),
+            params=json_or_none("params") or {},
+            progress=json_or_none("progress") or {"percent": 0.0},
+            history=json_or_none("history") or [],
+            result=json_or_none("result"),
+            error=json_or_none("error"),
+            webhook=json_or_none("webhook"),
+            created_at=h["created_at"],
+            started_at=h.get("started_at"),
+            finished_at=h.get("finished_at"),
+            updated_at=h["updated_at"],
+            cancel_requested=bool(h.get("cancel")),
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.terminal
+
+
+@dataclass(frozen=True)
+class Created:
+    """Outcome of :meth:`Store.create`: ``created``, ``existing`` (idempotent replay),
+    ``conflict`` (same Idempotency-Key, other body) or ``full`` (at capacity)."""
+
+    outcome: str
+    job_id: str | None
+
+
+@dataclass(frozen=True)
+class Started:
+    type: str
+    params_json: str
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of an event log."""
+
+    id: str
+    event: str
+    data: str  # the JSON payload, as stored (it is sent as is)
+    job_id: str
+
+
+def redis_client(settings: Settings) -> Redis:
+    """A Redis client as every Jobcast process uses it (text replies, reconnects on its own)."""
+    client: Redis = Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+    return client
+
+
+class Store:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._script = schema.JobsScript(redis, settings)
+
+    async def _call(self, op: str, *args: str | int | float) -> Any:
+        iso, ms = now()
+        return await self._script(op, iso, ms, *args)
+
+    # --- submission and reads (server side) ------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        tenant: str,
+        job_type: str,
+        params: dict[str, Any],
+        priority: Priority,
+        max_attempts: int,
+        webhook: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        fingerprint: str = "",
+    ) -> Created:
+        job_id = new_job_id()
+        idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
+        outcome, ident = await self._call(
+            "create",
+            job_id,
+            tenant,
+            job_type,
+            priority.value,
+            max_attempts,
+            orjson.dumps(params).decode(),
+            orjson.dumps(webhook).decode() if webhook else "",
+            idem,
+            fingerprint,
+            IDEMPOTENCY_TTL_S,
+        )
+        if outcome == "created":
+            logger.info("job %s created: type=%s tenant=%s priority=%s", job_id, job_type, tenant, priority)
+        return Created(outcome, ident if outcome != "full" else None)
+
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        """The record, or None when it does not exist or belongs to another tenant."""
+        if not is_job_id(job_id):
+            return None
+        raw: dict[str, str] = await self.redis.hgetall(schema.job_key(job_id))  # type: ignore[misc]
+        if not raw or "status" not in raw:
+            return None
+        record = JobRecord.from_hash(raw)
+        if tenant is not None and record.tenant != tenant:
+            return None
+        return record
+
+    async def list_jobs(
+        self,
+        tenant: str,
+        *,
+        status: JobStatus | None = None,
+        job_type: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """A page of the tenant's jobs, newest first, strictly older than job id ``before``.
+
+        Returns the records and the cursor for the next page: the last id returned when another
+        match exists, else None. With both filters the status index is read and filtered by type.
+        Work is bounded (20 index reads); past that the cursor is the last id examined, so a
+        sparse filter still pages on instead of scanning the whole index in one request.
+        Index entries whose record expired are dropped on the way.
+        """
+        key = schema.index_key(tenant, status=status.value if status else None, job_type=job_type)
+        batch = max(limit + 1, 50)
+        items: list[JobRecord] = []
+        cursor = before
+        for _ in range(20):
+            ids: list[str] = await self.redis.zrange(
+                key,
+                f"({cursor}" if cursor else "+",  # type: ignore[arg-type]
+                "-",  # type: ignore[arg-type]
+                desc=True,
+                bylex=True,
+                offset=0,
+                num=batch,
+            )
+            if not ids:
+                return items, None
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(schema.job_key(job_id))
+            expired = []
+            for job_id, h in zip(ids, await pipe.execute(), strict=True):
+                cursor = job_id
+                if not h or "status" not in h:
+                    expired.append(job_id)
+                    continue
+                record = JobRecord.from_hash(h)
+                if (job_type is not None and record.type != job_type) or (
+                    status is not None and record.status != status
+                ):
+                    continue
+                if len(items) == limit:
+                    await self._forget_index_entries(tenant, key, expired)
+                    return items, items[-1].id
+                items.append(record)
+            await self._forget_index_entries(tenant, key, expired)
+            if len(ids) < batch:
+                return items, None
+        return items, cursor
+
+    async def _forget_index_entries(self, tenant: str, key: str, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for index in {key, schema.index_key(tenant)} | {schema.index_key(tenant, status=s) for s in JobStatus}:
+            pipe.zrem(index, *job_ids)
+        await pipe.execute()
+
+    async def cancel(self, job_id: str, tenant: str) -> tuple[str, str | None]:
+        """``cancelled`` (was queued), ``requested`` (running), ``terminal`` (+ status), ``missing``."""
+        if not is_job_id(job_id):
+            return "missing", None
+        reply = await self._call("cancel", job_id, tenant)
+        if reply[0] in ("cancelled", "requested"):
+            logger.info("job %s cancel: %s", job_id, reply[0])
+        return reply[0], (reply[1] if len(reply) > 1 else None)
+
+    async def job_events(self, job_id: str, after: str = "-", count: int = 1000) -> list[Event]:
+        """Events of one job strictly after stream id ``after`` (``-`` for all)."""
+        start = f"({after}" if after != "-" else "-"
+        entries = await self.redis.xrange(schema.job_log_key(job_id), start, "+", count=count)
+        return [Event(sid, f["event"], f["data"], job_id) for sid, f in entries]
+
+    async def tenant_events(self, tenant: str, after: str = "-", count: int = 1000) -> list[Event]:
+        start = f"({after}" if after != "-" else "-"
+        entries = await self.redis.xrange(schema.tenant_log_key(tenant), start, "+", count=count)
+        return [Event(sid, f["event"], f["data"], f["job"]) for sid, f in entries]
+
+    async def queue_depth(self) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(schema.ARQ_QUEUE)
+        pipe.zcard(schema.SCHEDULED)
+        a, b = await pipe.execute()
+        return int(a) + int(b)
+
+    # --- transitions (worker side) ---------------------------------------------------------------
+
+    async def start(self, job_id: str, run: int, lease_deadline_ms: int) -> Started | None:
+        reply = await self._call("start", job_id, run, lease_deadline_ms)
+        if reply[0] != "ok":
+            logger.info("job %s run %s not started: status is %s", job_id, run, reply[1])
+            return None
+        return Started(reply[1], reply[2], int(reply[3]), int(reply[4]))
+
+    async def progress(self, job_id: str, run: int, percent: float, step: str | None, message: str | None) -> bool:
+        body: dict[str, Any] = {"percent": float(percent)}
+        if step is not None:
+            body["step"] = step
+        if message is not None:
+            body["message"] = message
+        return bool(await self._call("progress", job_id, run, repr(float(percent)), orjson.dumps(body).decode()))
+
+    async def heartbeat(self, lease_deadline_ms: int, runs: list[tuple[str, int]]) -> dict[str, str]:
+        """Renew the leases of ``runs``; returns job id -> ``ok`` | ``cancel`` | ``lost``."""
+        if not runs:
+            return {}
+        flat: list[str | int] = []
+        for job_id, run in runs:
+            flat += [job_id, run]
+        reply = await self._call("heartbeat", lease_deadline_ms, *flat)
+        return {job_id: state for (job_id, _), state in zip(runs, reply, strict=True)}
+
+    async def _finish(self, op: str, job_id: str, run: int, payload: str = "", delay_ms: int = 0) -> str | None:
+        reply = await self._call(op, job_id, run, payload, delay_ms)
+        if reply[0] != "ok":
+            logger.warning("job %s run %s: %s refused, job is %s (a newer run owns it)", job_id, run, op, reply[1])
+            return None
+        logger.info("job %s run %s: %s -> %s", job_id, run, op, reply[1])
+        return str(reply[1])
+
+    async def complete(self, job_id: str, run: int, result_json: str) -> str | None:
+        return await self._finish("complete", job_id, run, result_json)
+
+    async def fail(self, job_id: str, run: int, error: JobError) -> str | None:
+        return await self._finish("fail", job_id, run, error.model_dump_json())
+
+    async def retry(self, job_id: str, run: int, error: JobError, delay_s: float) -> str | None:
+        return await self._finish("retry", job_id, run, error.model_dump_json(), int(delay_s * 1000))
+
+    async def mark_cancelled(self, job_id: str, run: int) -> str | None:
+        return await self._finish("cancelled", job_id, run)
+
+    async def hand_back(self, job_id: str, run: int) -> str | None:
+        return await self._finish("handback", job_id, run)
+
+    async def overdue(self, now_ms: int, limit: int = 100) -> list[str]:
+        """Processing jobs whose lease lapsed."""
+        ids: list[str] = await self.redis.zrangebyscore(schema.RUNNING, "-inf", now_ms, start=0, num=limit)
+        return ids
+
+    async def reap(self, job_id: str, error: JobError) -> str:
+        outcome = str(await self._call("reap", job_id, error.model_dump_json()))
+        if outcome != "alive":
+            logger.warning("job %s lost its worker (lease lapsed): now %s", job_id, outcome)
+        return outcome
+
+    async def promote(self, limit: int = 100) -> tuple[int, int | None]:
+        """Move due retries to the arq queue; returns (moved, next due time in ms or None)."""
+        moved, next_due = await self._call("promote", limit)
+        due = int(float(next_due))
+        return int(moved), (None if due < 0 else due)
