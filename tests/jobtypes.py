@@ -61,3 +61,14 @@ async def unserialisable(ctx: JobContext, params: NoParams) -> object:
 @job_type("crash", params=NoParams, description="Raises a plain exception every attempt.", retry_backoff_s=0.05)
 async def crash(ctx: JobContext, params: NoParams) -> None:
     raise ZeroDivisionError("boom")
+
+
+class NapParams(BaseModel):
+    seconds: float = Field(default=5, ge=0, le=600)
+
+
+@job_type("fragile", params=NapParams, description="Sleeps; a single attempt only.", max_attempts=1)
+async def fragile(ctx: JobContext, params: NapParams) -> dict[str, Any]:
+    ctx.progress(10, step="napping")
+    await asyncio.sleep(params.seconds)
+    return {"slept": params.seconds}

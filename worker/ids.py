@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -22,9 +23,23 @@ def _encode(value: int, length: int) -> str:
     return "".join(reversed(chars))
 
 
+_last = (0, 0)
+_lock = threading.Lock()
+
+
 def new_job_id() -> str:
-    millis = time.time_ns() // 1_000_000
-    randomness = int.from_bytes(os.urandom(10), "big")
+    """A new id, greater than every id this process made before (monotonic ULID: within one
+    millisecond the random part is incremented). Across processes, ids of the same millisecond
+    order arbitrarily, which is as precise as "newest first" needs to be."""
+    global _last
+    with _lock:
+        millis = time.time_ns() // 1_000_000
+        last_millis, last_random = _last
+        if millis <= last_millis:
+            millis, randomness = last_millis, last_random + 1
+        else:
+            randomness = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
+        _last = (millis, randomness)
     return "job_" + _encode(millis, 10) + _encode(randomness, 16)
 
 

@@ -1,0 +1,95 @@
+"""Workers that die or are stopped mid-job: real worker processes, real signals."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import httpx
+import orjson
+from redis.asyncio import Redis
+
+from worker import schema
+from worker.runner import LEASE_HEARTBEATS
+from worker.settings import Settings
+
+from .conftest import running_worker, submit, wait_for_status
+
+
+def test_default_settings_notice_a_dead_worker_within_30_seconds() -> None:
+    defaults = Settings(env="development")
+    lease = defaults.heartbeat_s * LEASE_HEARTBEATS
+    assert lease + defaults.maintenance_s < 30
+
+
+async def test_a_sigkilled_worker_s_job_is_retried_on_another_worker(
+    client: httpx.AsyncClient, settings: Settings, worker_processes: Any, redis: Redis
+) -> None:
+    doomed = worker_processes()
+    ticket = await submit(client, params={"seconds": 1.5, "steps": 3})
+    await wait_for_status(client, ticket["id"], "processing", timeout=20)
+    doomed.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    async with running_worker(settings):
+        job = await wait_for_status(client, ticket["id"], "completed", timeout=20)
+    lease_s = settings.heartbeat_s * LEASE_HEARTBEATS
+    assert time.monotonic() - killed < lease_s + settings.maintenance_s + 1.5 + 5  # noticed, rerun, done
+    assert job["attempt"] == 2
+    assert [(h["status"], h["attempt"]) for h in job["history"]] == [
+        ("queued", 1), ("processing", 1), ("queued", 2), ("processing", 2), ("completed", 2),
+    ]  # fmt: skip
+    retrying = [
+        orjson.loads(f["data"])
+        for _, f in await redis.xrange(schema.job_log_key(ticket["id"]))
+        if f["event"] == "job.retrying"
+    ]
+    assert len(retrying) == 1 and retrying[0]["error"]["type"] == "WorkerLost"
+    assert await redis.zcard(schema.RUNNING) == 0
+
+
+async def test_a_sigkilled_worker_s_job_fails_with_a_reason_after_its_last_attempt(
+    client: httpx.AsyncClient, settings: Settings, worker_processes: Any
+) -> None:
+    doomed = worker_processes()
+    ticket = await submit(client, "fragile", params={"seconds": 60})
+    await wait_for_status(client, ticket["id"], "processing", timeout=20)
+    doomed.signal(signal.SIGKILL)
+    async with running_worker(settings):  # any live worker's sweep notices the lapsed lease
+        job = await wait_for_status(client, ticket["id"], "failed", timeout=15)
+    assert job["error"]["type"] == "WorkerLost"
+    assert job["error"]["attempt"] == 1 and job["error"]["retryable"] is True
+    assert "lease" in job["error"]["message"]
+
+
+async def test_sigterm_lets_running_jobs_finish_and_takes_no_new_ones(
+    client: httpx.AsyncClient, settings: Settings, worker_processes: Any
+) -> None:
+    proc = worker_processes()
+    running = await submit(client, params={"seconds": 0.8, "steps": 2})
+    await wait_for_status(client, running["id"], "processing", timeout=20)
+    proc.signal(signal.SIGTERM)
+    late = await submit(client, params={"seconds": 0})
+    assert proc.wait(timeout=settings.shutdown_grace_s + 5) == 0, proc.output()
+    assert (await wait_for_status(client, running["id"], "completed", timeout=5))["attempt"] == 1
+    still = await client.get(f"/jobs/{late['id']}")
+    assert still.json()["status"] == "queued"
+
+
+async def test_sigterm_hands_back_a_job_that_outlives_the_grace_period(
+    client: httpx.AsyncClient, settings: Settings, worker_processes: Any
+) -> None:
+    proc = worker_processes()
+    ticket = await submit(client, params={"seconds": 30, "steps": 30})
+    await wait_for_status(client, ticket["id"], "processing", timeout=20)
+    stopped = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=settings.shutdown_grace_s + 5) == 0, proc.output()
+    assert time.monotonic() - stopped < settings.shutdown_grace_s + 3
+    job = (await client.get(f"/jobs/{ticket['id']}")).json()
+    assert job["status"] == "queued"
+    # Handed back, not failed: the same attempt runs again on the next worker.
+    assert [(h["status"], h["attempt"]) for h in job["history"]] == [
+        ("queued", 1), ("processing", 1), ("queued", 1),
+    ]  # fmt: skip
+    assert job["error"] is None
