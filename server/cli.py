@@ -30,10 +30,11 @@ def _settings() -> Settings:
 def cmd_web(args: argparse.Namespace) -> None:
     import uvicorn
 
-    _settings()  # fail fast, with our message, before uvicorn starts
-    uvicorn.run(
-        "server.app:create_app",
-        factory=True,
+    from .app import JobcastServer, create_app
+
+    app = create_app(_settings())
+    config = uvicorn.Config(
+        app,
         host=args.host,
         port=args.port,
         loop="uvloop",
@@ -41,6 +42,7 @@ def cmd_web(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=10,
         log_level="info",
     )
+    JobcastServer(config, app).run()
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

@@ -1,15 +1,20 @@
 """The event hub: ONE Redis pub/sub connection per server process, fanned out in memory.
 
 Every state change PUBLISHes one message on ``jobcast:events`` (see ``worker/lua/jobs.lua``):
-``{job stream id}\\n{tenant stream id}\\n{tenant}\\n{job id}\\n{event}\\n{data}``. The hub parses
-each message once and hands it to the local subscribers of that job and of that tenant, each
-through a bounded queue. A subscriber whose queue is full is marked ``overflowed`` and gets no
-more messages: it must resynchronise from the event log, which is the source of truth; pub/sub
-is only the doorbell.
+``{job stream id}\\n{tenant stream id}\\n{tenant}\\n{job id}\\n{event}\\n{data}``. The hub parses it
+once and encodes it once per audience — the SSE frame for the job's own stream (with the job-log
+id) and the one for the tenant feed (with the tenant-log id) — then appends the same bytes to every
+local subscriber's buffer. No per-subscriber work happens beyond one append and, if the subscriber
+was idle, one wake-up.
+
+Buffers are bounded. A subscriber that falls ``BUFFER_MAX`` events behind is marked
+``overflowed`` and gets nothing more; its stream ends and the client reconnects with
+``Last-Event-ID``, losing nothing, because the event log (Redis Streams) is the source of truth
+and pub/sub only the doorbell.
 
 When the Redis connection drops, the hub reconnects with backoff and marks every subscriber
-``resync`` (something may have been published while nobody listened), so long-polls re-read the
-record and streams replay the gap from the log.
+``resync``: something may have been published while nobody listened, so streams re-read the log
+from the last id they sent, and long-polls re-read the record.
 """
 
 from __future__ import annotations
@@ -17,90 +22,132 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from worker import schema
+from worker.models import TERMINAL_EVENTS
 
 logger = logging.getLogger(__name__)
 
-QUEUE_MAX = 256
+BUFFER_MAX = 512
 RECONNECT_MAX_S = 5.0
+TERMINAL = frozenset(e.value for e in TERMINAL_EVENTS)
+
+Audience = Literal["job", "tenant"]
 
 
-@dataclass(frozen=True)
-class Message:
-    job_stream_id: str
-    tenant_stream_id: str
-    tenant: str
-    job_id: str
-    event: str
-    data: str
-
-    @classmethod
-    def parse(cls, raw: str) -> Message:
-        job_sid, tenant_sid, tenant, job_id, event, data = raw.split("\n", 5)
-        return cls(job_sid, tenant_sid, tenant, job_id, event, data)
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """Order of Redis stream ids ("ms-seq"), for dropping events a stream already sent."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
-@dataclass(eq=False)
+def sse_frame(stream_id: str, event: str, data: str) -> bytes:
+    return f"id: {stream_id}\nevent: {event}\ndata: {data}\n\n".encode()
+
+
+class Item:
+    """One event as a subscriber receives it: already encoded."""
+
+    __slots__ = ("frame", "job_id", "key", "stream_id", "terminal")
+
+    def __init__(self, stream_id: str, frame: bytes, job_id: str, terminal: bool) -> None:
+        self.stream_id = stream_id
+        self.key = stream_id_key(stream_id)
+        self.frame = frame
+        self.job_id = job_id
+        self.terminal = terminal
+
+
 class Subscription:
-    queue: asyncio.Queue[Message] = field(default_factory=lambda: asyncio.Queue(QUEUE_MAX))
-    #: Set when messages may have been missed (queue overflow, lost Redis connection).
-    resync: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Set on every delivery and on resync: "something happened".
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """A bounded buffer of items plus flags, with a single waiter (the stream's own task)."""
 
-    def deliver(self, message: Message) -> None:
-        if self.resync.is_set():
+    __slots__ = ("_waiter", "closed", "items", "overflowed", "resync")
+
+    def __init__(self) -> None:
+        self.items: deque[Item] = deque()
+        self.overflowed = False
+        self.resync = False
+        self.closed = False  # the server is draining, or the client went away
+        self._waiter: asyncio.Future[None] | None = None
+
+    def deliver(self, item: Item) -> None:
+        if self.overflowed or self.closed:
             return
+        if len(self.items) >= BUFFER_MAX:
+            self.overflowed = True
+            self.items.clear()
+        else:
+            self.items.append(item)
+        self.wake()
+
+    def flag(self, *, resync: bool = False, closed: bool = False) -> None:
+        self.resync = self.resync or resync
+        self.closed = self.closed or closed
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.items) or self.overflowed or self.resync or self.closed
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until something is pending or ``timeout`` passes; True if something is pending."""
+        if self.pending:
+            return True
+        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
-            self.mark_resync()
-            return
-        self.changed.set()
-
-    def mark_resync(self) -> None:
-        self.resync.set()
-        self.changed.set()
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._waiter = None
+        return self.pending
 
 
 class Hub:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._by_job: dict[str, set[Subscription]] = {}
-        self._by_tenant: dict[str, set[Subscription]] = {}
+        self._subs: dict[Audience, dict[str, set[Subscription]]] = {"job": {}, "tenant": {}}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self.draining = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="jobcast-hub")
 
     async def stop(self) -> None:
+        self.drain()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    @contextlib.contextmanager
-    def job(self, job_id: str) -> Iterator[Subscription]:
-        """Subscribe to one job's events for the duration of the ``with`` block."""
-        with self._subscribed(self._by_job, job_id) as sub:
-            yield sub
+    def drain(self) -> None:
+        """End every stream now (graceful shutdown); clients resume elsewhere with Last-Event-ID."""
+        self.draining = True
+        for table in self._subs.values():
+            for subs in table.values():
+                for sub in subs:
+                    sub.flag(closed=True)
 
     @contextlib.contextmanager
-    def tenant(self, tenant: str) -> Iterator[Subscription]:
-        """Subscribe to all events of one tenant."""
-        with self._subscribed(self._by_tenant, tenant) as sub:
-            yield sub
-
-    @contextlib.contextmanager
-    def _subscribed(self, table: dict[str, set[Subscription]], key: str) -> Iterator[Subscription]:
+    def subscribe(self, audience: Audience, key: str) -> Iterator[Subscription]:
+        """Receive the events of one job (``audience="job"``) or one tenant, inside the block."""
         sub = Subscription()
+        if self.draining:
+            sub.closed = True
+        table = self._subs[audience]
         table.setdefault(key, set()).add(sub)
         try:
             yield sub
@@ -113,24 +160,30 @@ class Hub:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(map(len, self._by_job.values())) + sum(map(len, self._by_tenant.values()))
+        return sum(len(subs) for table in self._subs.values() for subs in table.values())
 
-    def _dispatch(self, raw: str) -> None:
+    def dispatch(self, raw: str) -> None:
         try:
-            message = Message.parse(raw)
+            job_sid, tenant_sid, tenant, job_id, event, data = raw.split("\n", 5)
+            terminal = event in TERMINAL
+            job_subs = self._subs["job"].get(job_id)
+            if job_subs:
+                item = Item(job_sid, sse_frame(job_sid, event, data), job_id, terminal)
+                for sub in job_subs:
+                    sub.deliver(item)
+            tenant_subs = self._subs["tenant"].get(tenant)
+            if tenant_subs:
+                item = Item(tenant_sid, sse_frame(tenant_sid, event, data), job_id, terminal)
+                for sub in tenant_subs:
+                    sub.deliver(item)
         except ValueError:
             logger.warning("hub: ignoring malformed event message %r", raw[:200])
-            return
-        for sub in self._by_job.get(message.job_id, ()):
-            sub.deliver(message)
-        for sub in self._by_tenant.get(message.tenant, ()):
-            sub.deliver(message)
 
     def _resync_all(self) -> None:
-        for table in (self._by_job, self._by_tenant):
+        for table in self._subs.values():
             for subs in table.values():
                 for sub in subs:
-                    sub.mark_resync()
+                    sub.flag(resync=True)
 
     async def _run(self) -> None:
         delay = 0.1
@@ -144,9 +197,9 @@ class Hub:
                     logger.info("hub: reconnected to Redis")
                     self._resync_all()
                 first, delay = False, 0.1
-                async for item in pubsub.listen():
-                    if item["type"] == "message":
-                        self._dispatch(item["data"])
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self.dispatch(message["data"])
             except (RedisError, OSError) as exc:
                 self.connected.clear()
                 self._resync_all()

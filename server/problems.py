@@ -6,6 +6,7 @@
      ├── Forbidden             403: a token used beyond its scope
      ├── NotFound              404: unknown job, or another tenant's (never 403: that would leak ids)
      ├── Conflict              409: the job's status does not allow this (yet)
+     ├── GoneProblem           410: a Last-Event-ID older than the (capped) event log
      ├── PayloadTooLarge       413
      ├── ValidationFailed      422: the body is well-formed but wrong; ``errors`` lists each field
      └── Unavailable           503: at capacity or Redis away; with Retry-After
@@ -90,6 +91,10 @@ class NotAcceptable(Problem):
 
 class Conflict(Problem):
     status, title, slug = 409, "Conflict", "conflict"
+
+
+class GoneProblem(Problem):
+    status, title, slug = 410, "Gone", "gone"
 
 
 class PayloadTooLarge(Problem):

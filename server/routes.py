@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import math
 from typing import Any, TypedDict, cast
@@ -30,10 +29,12 @@ from worker.store import JobRecord, Store
 from worker.types import Registry
 
 from .auth import Authenticator
-from .hub import Hub
+from .hub import Audience, Hub
 from .problems import (
     BadRequest,
     Conflict,
+    Forbidden,
+    GoneProblem,
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
@@ -42,6 +43,7 @@ from .problems import (
     ValidationFailed,
 )
 from .resources import etag, job_resource
+from .sse import EventStream, Gone, StreamConfig, check_continuity, valid_stream_id
 
 MAX_BODY = 1024 * 1024
 MAX_WAIT_S = 60
@@ -253,6 +255,11 @@ async def submit_job(request: Request) -> Response:
     return response
 
 
+async def jobs(request: Request) -> Response:
+    """``/jobs``: one route for both methods, so that a 405 lists both in its Allow header."""
+    return await (submit_job(request) if request.method == "POST" else list_jobs(request))
+
+
 async def get_job(request: Request) -> Response:
     state = _state(request)
     job_id = job_id_param(request)
@@ -273,20 +280,20 @@ async def _wait_for_change(state: State, record: JobRecord, wait: float) -> JobR
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    with state["hub"].job(record.id) as sub:
+    with state["hub"].subscribe("job", record.id) as sub:
         while True:
+            # Forget what woke us before reading, so a change during the read wakes us again.
+            sub.items.clear()
+            sub.resync = sub.overflowed = False
             current = await state["store"].get(record.id, record.tenant)
             if current is None:
                 return record
             if current.version != record.version or current.terminal:
                 return current
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or sub.closed:
                 return current
-            sub.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await sub.changed.wait()
+            await sub.wait(remaining)
 
 
 async def list_jobs(request: Request) -> Response:
@@ -355,6 +362,77 @@ async def get_result(request: Request) -> Response:
     return json_response(record.result)
 
 
+# --- event streams ---------------------------------------------------------------------------------
+
+
+def last_event_id(request: Request) -> str | None:
+    value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if value is None or value == "":
+        return None
+    if not valid_stream_id(value):
+        raise BadRequest(
+            f"Last-Event-ID {value[:60]!r} is not an event id of this stream (ids look like "
+            "'1732896301123-0'). Reconnect without it to start over."
+        )
+    return value
+
+
+async def _open_stream(request: Request, audience: Audience, key: str, last_id: str | None) -> None:
+    state = _state(request)
+    if last_id is not None:
+        try:
+            await check_continuity(state["store"], audience, key, last_id)
+        except Gone:
+            raise GoneProblem(
+                f"Events after {last_id} are no longer in the log (it is capped). Reconnect without "
+                "Last-Event-ID, after reloading the current state with GET /jobs."
+            ) from None
+
+
+def stream_config(settings: Settings) -> StreamConfig:
+    return StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
+
+
+async def job_events(request: Request) -> Response | EventStream:
+    state = _state(request)
+    job_id = job_id_param(request)
+    principal = state["auth"].require(request, "read", job_id=job_id)
+    last_id = last_event_id(request)
+    record = await load_job(request, state, job_id, principal.tenant)
+    await _open_stream(request, "job", job_id, last_id)
+    if record.terminal and last_id is not None:
+        later = await state["store"].log_events("job", job_id, after=last_id, count=1)
+        if not later:
+            return Response(status_code=204)  # the stream is over; EventSource stops reconnecting
+    return EventStream(
+        hub=state["hub"],
+        store=state["store"],
+        audience="job",
+        key=job_id,
+        last_id=last_id,
+        replay=True,
+        config=stream_config(state["settings"]),
+    )
+
+
+async def tenant_events(request: Request) -> EventStream:
+    state = _state(request)
+    principal = state["auth"].require(request, "read")
+    if principal.kind == "job":
+        raise Forbidden("A job token reads only its own job; use a stream token (POST /tokens) for GET /events.")
+    last_id = last_event_id(request)
+    await _open_stream(request, "tenant", principal.tenant, last_id)
+    return EventStream(
+        hub=state["hub"],
+        store=state["store"],
+        audience="tenant",
+        key=principal.tenant,
+        last_id=last_id,
+        replay=False,
+        config=stream_config(state["settings"]),
+    )
+
+
 # --- job types, tokens, health ----------------------------------------------------------------------
 
 
@@ -401,11 +479,12 @@ async def readyz(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/jobs", submit_job, methods=["POST"]),
-        Route("/jobs", list_jobs, methods=["GET"]),
+        Route("/jobs", jobs, methods=["GET", "POST"]),
         Route("/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/jobs/{job_id}/result", get_result, methods=["GET"]),
+        Route("/jobs/{job_id}/events", job_events, methods=["GET"]),
+        Route("/events", tenant_events, methods=["GET"]),
         Route("/job-types", list_job_types, methods=["GET"]),
         Route("/tokens", create_token, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),

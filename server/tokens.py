@@ -62,10 +62,10 @@ class TokenSigner:
         return signed_part + "." + self._sign(signed_part), expires_at
 
     def verify(self, token: str, *, now: float | None = None) -> Token:
-        if not token.startswith(PREFIX) or token.count(".") != 2:
+        if not token.isascii() or not token.startswith(PREFIX) or token.count(".") != 2:
             raise InvalidToken("not a Jobcast token")
         signed_part, _, signature = token.rpartition(".")
-        if not hmac.compare_digest(self._sign(signed_part), signature):
+        if not hmac.compare_digest(self._sign(signed_part).encode(), signature.encode()):
             raise InvalidToken("bad signature")
         try:
             claims = orjson.loads(_unb64(signed_part[len(PREFIX) :]))

@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
-from server.app import create_app
+from server.app import JobcastServer, create_app
 from server.embedded_redis import RedisProcess, free_port
 from worker.main import JobcastWorker, build_worker
 from worker.settings import Settings
@@ -88,10 +88,11 @@ class ServerHandle:
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings)
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
         )
-        self.server = uvicorn.Server(config)
+        self.server = JobcastServer(config, self.app)
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -102,6 +103,9 @@ class ServerHandle:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
+        """Stop as on SIGTERM (JobcastServer.handle_exit): streams are drained, then the server
+        shuts down. (Calling handle_exit itself would make uvicorn re-raise SIGTERM in pytest.)"""
+        self.app.state.drain()
         self.server.should_exit = True
         if self.task is not None:
             await self.task

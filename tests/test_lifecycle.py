@@ -178,7 +178,7 @@ async def test_higher_priority_starts_first_under_a_backlog(
         ids[priority].append(ticket["id"])
     async with running_worker(settings.model_copy(update={"worker_concurrency": 1})):
         jobs = {}
-        for priority, job_ids in ids.items():
+        for job_ids in ids.values():
             for job_id in job_ids:
                 jobs[job_id] = await wait_for_status(client, job_id, "completed")
     order = sorted(jobs.values(), key=lambda j: j["started_at"])

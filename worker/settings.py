@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     #: Worker: seconds running jobs get to finish after SIGTERM before they are handed back.
     shutdown_grace_s: int = Field(default=30, ge=0)
 
+    #: Server: seconds between keep-alive comments on an idle event stream.
+    sse_ping_s: float = Field(default=15.0, gt=0, le=15.0)
+    #: Server: seconds one write to an event stream may take before the client is cut off.
+    sse_send_timeout_s: float = Field(default=10.0, gt=0)
+
     log_level: str = "INFO"
 
     @field_validator("log_level")

