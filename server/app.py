@@ -25,6 +25,7 @@ from worker.types import load_registry
 
 from .auth import Authenticator
 from .hub import Hub
+from .limits import RateLimiter, parse_rate
 from .problems import EXCEPTION_HANDLERS
 from .routes import State, routes
 from .tokens import TokenSigner
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings.check_production()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(settings)
+    rate = parse_rate(settings.submit_rate)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 hub=hub,
                 registry=registry,
                 auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key)),
+                rate_limiter=RateLimiter(redis, rate) if rate else None,
             )
         finally:
             await hub.stop()

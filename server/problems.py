@@ -9,6 +9,7 @@
      ├── GoneProblem           410: a Last-Event-ID older than the (capped) event log
      ├── PayloadTooLarge       413
      ├── ValidationFailed      422: the body is well-formed but wrong; ``errors`` lists each field
+     ├── TooManyRequests       429: the tenant's submission rate is used up (Retry-After, RateLimit)
      └── Unavailable           503: at capacity or Redis away; with Retry-After
 
 Anything else that escapes a route is logged with its traceback and answered as a bare 500
@@ -114,6 +115,10 @@ class ValidationFailed(Problem):
         where = ", ".join(".".join(map(str, e["loc"])) + ": " + str(e["msg"]) for e in errors[:3])
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         return cls(f"The request is invalid: {where}{more}. Fix the listed fields and send it again.", errors=errors)
+
+
+class TooManyRequests(Problem):
+    status, title, slug = 429, "Too Many Requests", "rate-limited"
 
 
 class Unavailable(Problem):

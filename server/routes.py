@@ -30,6 +30,7 @@ from worker.types import Registry
 
 from .auth import Authenticator
 from .hub import Audience, Hub
+from .limits import RateLimiter
 from .problems import (
     BadRequest,
     Conflict,
@@ -38,6 +39,7 @@ from .problems import (
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
     Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
@@ -59,6 +61,7 @@ class State(TypedDict):
     hub: Hub
     registry: Registry
     auth: Authenticator
+    rate_limiter: RateLimiter | None
 
 
 def _state(request: Request) -> State:
@@ -218,6 +221,18 @@ async def submit_job(request: Request) -> Response:
         raise BadRequest("The Idempotency-Key header must be 1 to 255 printable characters.")
     fingerprint = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
+    rate_headers: dict[str, str] = {}
+    limiter = state["rate_limiter"]
+    if limiter is not None:
+        decision = await limiter.take(principal.tenant)
+        rate_headers = decision.headers
+        if not decision.allowed:
+            raise TooManyRequests(
+                f"This tenant may submit {limiter.limit} jobs per {limiter.window_s:g} s; that is used up. "
+                f"Retry in {decision.retry_after_s} s (see the Retry-After and RateLimit headers).",
+                headers=rate_headers,
+            )
+
     created = await state["store"].create(
         tenant=principal.tenant,
         job_type=jt.name,
@@ -231,6 +246,7 @@ async def submit_job(request: Request) -> Response:
         raise Unavailable(
             f"Jobcast is at capacity ({state['settings'].max_queued} queued jobs). Retry after the indicated delay.",
             retry_after=10,
+            headers=dict(rate_headers),
         )
     assert created.job_id is not None
     if created.outcome == "conflict":
@@ -250,6 +266,7 @@ async def submit_job(request: Request) -> Response:
     response = render_job(record, request, 202, {"token": token, "token_expires_at": rfc3339(expires_at * 10**9)})
     response.headers["Location"] = f"/jobs/{record.id}"
     response.headers["Retry-After"] = POLL_HINT_S
+    response.headers.update(rate_headers)
     if created.outcome == "existing":
         response.headers["Idempotent-Replayed"] = "true"
     return response

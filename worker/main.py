@@ -66,7 +66,6 @@ class JobcastWorker(Worker):
             job_completion_wait=settings.shutdown_grace_s,
             on_startup=self._startup,
             on_shutdown=self._shutdown,
-            after_job_end=self._job_ended,
             log_results=False,
         )
         self._wakeup = asyncio.Event()
@@ -104,9 +103,6 @@ class JobcastWorker(Worker):
         if self._redis is not None:
             await self._redis.aclose()
         logger.info("worker %s stopped", self.worker_id)
-
-    async def _job_ended(self, ctx: dict[str, Any]) -> None:
-        self._wakeup.set()  # a slot is free: look at the queue now
 
     # --- the doorbell ------------------------------------------------------------------------------
 
@@ -171,7 +167,15 @@ class JobcastWorker(Worker):
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         self._read = len(job_ids)
+        before = set(self.tasks)
         await super().start_jobs(job_ids)
+        for job_id in self.tasks.keys() - before:
+            # Registered after arq's own callback, so the slot is already counted free when the
+            # poll loop wakes (arq's after_job_end hook fires too early for that).
+            self.tasks[job_id].add_done_callback(self._slot_freed)
+
+    def _slot_freed(self, task: asyncio.Task[None]) -> None:
+        self._wakeup.set()
 
 
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> JobcastWorker:

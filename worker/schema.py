@@ -14,6 +14,11 @@ key                                    type     holds
 ``jobcast:idem:{t}:{sha256(key)}``     string   ``{id}|{sha256(body)}`` for Idempotency-Key, 24 h
 ``jobcast:running``                    zset     processing job ids scored by lease deadline (ms)
 ``jobcast:scheduled``                  zset     run ids waiting for a retry, scored by due time (ms)
+``jobcast:rate:submit:{t}``            string   the tenant's submission rate limiter (GCRA state)
+``jobcast:tenant-running:{t}``         set      the tenant's processing job ids (per-tenant concurrency)
+``jobcast:tenant-waiting:{t}``         zset     run ids parked until the tenant has a free slot
+``jobcast:waiting-tenants``            set      tenants with parked runs
+``jobcast:queued-count``               string   how many jobs are queued (capacity check, metrics)
 ``arq:queue``, ``arq:job:{rid}``, ...  arq's    the run being executed (arq's own keys)
 =====================================  =======  ===============================================
 
@@ -47,6 +52,11 @@ TENANT_LOG = PREFIX + "log:tenant:"
 INDEX = PREFIX + "jobs:"
 IDEMPOTENCY = PREFIX + "idem:"
 RUNNING = PREFIX + "running"
+RATE = PREFIX + "rate:submit:"
+TENANT_RUNNING = PREFIX + "tenant-running:"
+TENANT_WAITING = PREFIX + "tenant-waiting:"
+WAITING_TENANTS = PREFIX + "waiting-tenants"
+QUEUED_COUNT = PREFIX + "queued-count"
 SCHEDULED = PREFIX + "scheduled"
 EVENTS_CHANNEL = PREFIX + "events"
 DOORBELL_CHANNEL = PREFIX + "doorbell"
@@ -83,6 +93,10 @@ def idempotency_key(tenant: str, key: str) -> str:
     return f"{IDEMPOTENCY}{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def rate_key(tenant: str) -> str:
+    return RATE + tenant
+
+
 def arq_run_id(job_id: str, run: int) -> str:
     return f"{job_id}.{run}"
 
@@ -95,6 +109,10 @@ def _prelude(settings: Settings) -> str:
         "K_INDEX": INDEX,
         "K_RUNNING": RUNNING,
         "K_SCHEDULED": SCHEDULED,
+        "K_TENANT_RUNNING": TENANT_RUNNING,
+        "K_TENANT_WAITING": TENANT_WAITING,
+        "K_WAITING_TENANTS": WAITING_TENANTS,
+        "K_QUEUED_COUNT": QUEUED_COUNT,
         "K_EVENTS_CHANNEL": EVENTS_CHANNEL,
         "K_DOORBELL_CHANNEL": DOORBELL_CHANNEL,
         "K_CONTROL_CHANNEL": CONTROL_CHANNEL,
@@ -107,6 +125,7 @@ def _prelude(settings: Settings) -> str:
         "CFG_TENANT_LOG_MAX": settings.tenant_log_max,
         "CFG_RETENTION_S": settings.retention_s,
         "CFG_MAX_QUEUED": settings.max_queued,
+        "CFG_TENANT_CONCURRENCY": settings.tenant_concurrency,
         "CFG_INLINE_MAX": INLINE_MAX,
     }
     lines = []
@@ -116,12 +135,26 @@ def _prelude(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath(f"lua/{name}").read_text()
+
+
+class RateLimitScript:
+    """``lua/ratelimit.lua``: one GCRA step for one key."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._script = redis.register_script(_lua("ratelimit.lua"))
+
+    async def __call__(self, key: str, interval_ms: float, tau_ms: float) -> list[int]:
+        reply = await self._script(keys=[key], args=[interval_ms, tau_ms])
+        return [int(x) for x in reply]
+
+
 class JobsScript:
     """The state-machine script (``lua/jobs.lua``) bound to a Redis client, called by op name."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
-        source = resources.files(__package__).joinpath("lua/jobs.lua").read_text()
-        self._script = redis.register_script(_prelude(settings) + source)
+        self._script = redis.register_script(_prelude(settings) + _lua("jobs.lua"))
 
     async def __call__(self, op: str, now_iso: str, now_ms: int, *args: str | int | float) -> Any:
         return await self._script(keys=[], args=[op, now_iso, now_ms, *args])

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     job_log_max: int = Field(default=10_000, ge=100)
     tenant_log_max: int = Field(default=100_000, ge=1_000)
 
+    #: At most this many of one tenant's jobs run at once, across all workers (0: no limit).
+    tenant_concurrency: int = Field(default=0, ge=0)
     #: Worker: how many jobs one worker process runs at once.
     worker_concurrency: int = Field(default=10, ge=1)
     #: Worker: seconds between lease renewals of running jobs. A job whose lease (3 heartbeats)

@@ -289,12 +289,9 @@ class Store:
             trimmed = int(info["length"]) >= cap
         return str(first[0]) if trimmed else None
 
-    async def queue_depth(self) -> int:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(schema.ARQ_QUEUE)
-        pipe.zcard(schema.SCHEDULED)
-        a, b = await pipe.execute()
-        return int(a) + int(b)
+    async def queued_count(self) -> int:
+        """Jobs in status queued, across tenants (waiting retries and parked jobs included)."""
+        return int(await self.redis.get(schema.QUEUED_COUNT) or 0)
 
     # --- transitions (worker side) ---------------------------------------------------------------
 

@@ -23,9 +23,12 @@ end
 
 local function run_id(id, run) return id .. '.' .. run end
 
+-- Move the job between its tenant's status indexes, keeping the global count of queued jobs.
 local function index_move(tenant, id, from, to)
   if from then redis.call('ZREM', K_INDEX .. tenant .. ':status:' .. from, id) end
   if to then redis.call('ZADD', K_INDEX .. tenant .. ':status:' .. to, 0, id) end
+  if from == 'queued' then redis.call('DECR', K_QUEUED_COUNT) end
+  if to == 'queued' then redis.call('INCR', K_QUEUED_COUNT) end
 end
 
 -- Append {"status":..,"at":..,"attempt":..} to the record's JSON history without decoding it.
@@ -71,12 +74,46 @@ local function arq_enqueue(id, run, priority)
   redis.call('PUBLISH', K_DOORBELL_CHANNEL, rid)
 end
 
--- Remove every trace of run `run` from arq (queue entry, job payload, locks) and from our schedule.
+-- Remove every trace of run `run` from arq (queue entry, job payload, locks), from our schedule
+-- and from its tenant's waiting line.
 local function arq_forget(id, run)
   local rid = run_id(id, run)
   redis.call('ZREM', K_ARQ_QUEUE, rid)
   redis.call('ZREM', K_SCHEDULED, rid)
+  redis.call('ZREM', K_TENANT_WAITING .. redis.call('HGET', job_key(id), 'tenant'), rid)
   redis.call('DEL', K_ARQ_JOB .. rid, K_ARQ_IN_PROGRESS .. rid, K_ARQ_RETRY .. rid)
+end
+
+-- Per-tenant concurrency (CFG_TENANT_CONCURRENCY > 0): a job whose tenant already runs that many
+-- is parked in the tenant's waiting line (with a new run number) instead of starting, so it does
+-- not hold a worker; each job of the tenant that stops processing lets parked ones back onto the
+-- arq queue, best priority first. Other tenants' jobs never wait behind a parked one.
+local function promote_waiting(tenant)
+  local limit = tonumber(CFG_TENANT_CONCURRENCY)
+  local free = 1000
+  if limit > 0 then free = limit - redis.call('SCARD', K_TENANT_RUNNING .. tenant) end
+  while free > 0 do
+    local popped = redis.call('ZPOPMIN', K_TENANT_WAITING .. tenant)
+    if #popped == 0 then
+      redis.call('SREM', K_WAITING_TENANTS, tenant)
+      return
+    end
+    local rid = popped[1]
+    local dot = string.find(rid, '.', 1, true)
+    local id, run = string.sub(rid, 1, dot - 1), string.sub(rid, dot + 1)
+    local r = fields(id, 'status', 'run', 'priority')
+    if r[1] == 'queued' and r[2] == run then
+      arq_enqueue(id, tonumber(run), r[3])
+      free = free - 1
+    end
+  end
+end
+
+local function release(tenant, id)
+  if redis.call('SREM', K_TENANT_RUNNING .. tenant, id) == 1
+      and redis.call('EXISTS', K_TENANT_WAITING .. tenant) == 1 then
+    promote_waiting(tenant)
+  end
 end
 
 local function small(json, limit)
@@ -91,6 +128,7 @@ local function finish(id, status, extra)
   redis.call('HDEL', job_key(id), 'cancel')
   append_history(id, status, r[3])
   redis.call('ZREM', K_RUNNING, id)
+  release(r[1], id)
   local sid = emit(id, 'job.' .. status, extra)
   redis.call('EXPIRE', job_key(id), CFG_RETENTION_S)
   redis.call('EXPIRE', K_JOB_LOG .. id, CFG_RETENTION_S)
@@ -122,6 +160,7 @@ local function requeue(id, old_run, attempt, delay_ms, event, extra)
     'progress', '{"percent":0.0}')
   append_history(id, 'queued', attempt)
   redis.call('ZREM', K_RUNNING, id)
+  release(r[1], id)
   if delay_ms > 0 then
     redis.call('ZADD', K_SCHEDULED, now_ms + delay_ms, run_id(id, run))
   else
@@ -148,7 +187,7 @@ if op == 'create' then
       end
     end
   end
-  local queued = redis.call('ZCARD', K_ARQ_QUEUE) + redis.call('ZCARD', K_SCHEDULED)
+  local queued = tonumber(redis.call('GET', K_QUEUED_COUNT) or 0)
   if queued >= tonumber(CFG_MAX_QUEUED) then
     return {'full', tostring(queued)}
   end
@@ -170,8 +209,22 @@ if op == 'create' then
 elseif op == 'start' then
   -- id run lease_deadline_ms -> {'ok', type, params, attempt, max_attempts} or {'skip', status}
   local id, run = ARGV[4], ARGV[5]
-  local r = fields(id, 'status', 'run', 'tenant', 'attempt')
+  -- Taken off arq's queue now (arq would keep it there until the run ends): the queue then holds
+  -- only runs nobody took yet, so a worker's read of its head never wades through running ones.
+  redis.call('ZREM', K_ARQ_QUEUE, run_id(id, run))
+  local r = fields(id, 'status', 'run', 'tenant', 'attempt', 'priority')
   if r[1] ~= 'queued' or r[2] ~= run then return {'skip', r[1] or 'missing'} end
+  local limit = tonumber(CFG_TENANT_CONCURRENCY)
+  if limit > 0 and redis.call('SCARD', K_TENANT_RUNNING .. r[3]) >= limit then
+    local parked = tonumber(run) + 1
+    arq_forget(id, tonumber(run))
+    redis.call('HSET', job_key(id), 'run', parked)
+    redis.call('ZADD', K_TENANT_WAITING .. r[3], now_ms - (PRIORITY_BOOST[r[5]] or PRIORITY_BOOST.normal),
+      run_id(id, parked))
+    redis.call('SADD', K_WAITING_TENANTS, r[3])
+    return {'skip', 'parked'}
+  end
+  redis.call('SADD', K_TENANT_RUNNING .. r[3], id)
   index_move(r[3], id, 'queued', 'processing')
   touch(id, 'status', 'processing', 'started_at', now_iso, 'percent', 0, 'progress', '{"percent":0.0}')
   append_history(id, 'processing', r[4])
@@ -295,6 +348,10 @@ elseif op == 'promote' then
       arq_enqueue(id, tonumber(run), r[3])
       moved = moved + 1
     end
+  end
+  -- Parked jobs whose tenant has room again (e.g. after the limit was raised).
+  for _, tenant in ipairs(redis.call('SMEMBERS', K_WAITING_TENANTS)) do
+    promote_waiting(tenant)
   end
   local next_due = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')
   return {moved, next_due[2] or '-1'}

@@ -1,0 +1,153 @@
+"""Rate limits and per-tenant concurrency, against real Redis, servers and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from server.embedded_redis import RedisProcess
+from server.limits import parse_rate
+from worker import schema
+from worker.settings import ConfigError
+
+from .conftest import ACME, GLOBEX, ServerHandle, make_settings, running_worker, submit, wait_for_status
+
+RATE_HEADER = re.compile(r'^"submit";r=(\d+);t=(\d+)$')
+
+
+def remaining(response: httpx.Response) -> int:
+    match = RATE_HEADER.match(response.headers["ratelimit"])
+    assert match, response.headers["ratelimit"]
+    return int(match[1])
+
+
+async def test_submissions_over_the_rate_get_429_then_recover(redis_server: RedisProcess, redis: Redis) -> None:
+    handle = ServerHandle(make_settings(redis_server.url, submit_rate="3/1"))
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME) as c:
+            answers = [await c.post("/jobs", json={"type": "sleep"}) for _ in range(3)]
+            assert [a.status_code for a in answers] == [202, 202, 202]
+            assert [remaining(a) for a in answers] == [2, 1, 0]
+            assert all(a.headers["ratelimit-policy"] == '"submit";q=3;w=1' for a in answers)
+            refused = await c.post("/jobs", json={"type": "sleep"})
+            assert refused.status_code == 429
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert remaining(refused) == 0
+            wait = int(refused.headers["retry-after"])
+            assert 1 <= wait <= 1
+            assert "3 jobs per 1 s" in refused.json()["detail"]
+            # Another tenant has its own budget.
+            other = await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)
+            assert other.status_code == 202
+            # The refusal stored nothing: acme has exactly its three jobs.
+            assert len((await c.get("/jobs")).json()["items"]) == 3
+            await asyncio.sleep(wait)
+            again = await c.post("/jobs", json={"type": "sleep"})
+            assert again.status_code == 202
+    finally:
+        await handle.stop()
+
+
+async def test_the_rate_limit_is_shared_by_server_processes(redis_server: RedisProcess, redis: Redis) -> None:
+    settings = make_settings(redis_server.url, submit_rate="4/60")
+    a, b = ServerHandle(settings), ServerHandle(settings)
+    await a.start()
+    await b.start()
+    try:
+        async with httpx.AsyncClient(headers=ACME) as c:
+            codes = []
+            for i in range(6):
+                server = a if i % 2 == 0 else b
+                codes.append((await c.post(f"{server.url}/jobs", json={"type": "sleep"})).status_code)
+        assert codes == [202, 202, 202, 202, 429, 429]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@pytest.mark.parametrize("bad", ["10", "0/10", "10/0", "ten/60", "10/-1", "1/2/3"])
+def test_a_malformed_rate_is_a_startup_error(bad: str) -> None:
+    with pytest.raises(ConfigError, match="JOBCAST_SUBMIT_RATE"):
+        parse_rate(bad)
+
+
+@given(st.text(max_size=30))
+def test_rate_parsing_accepts_exactly_n_slash_s(raw: str) -> None:
+    try:
+        parsed = parse_rate(raw)
+    except ConfigError:
+        return
+    if parsed is None:
+        assert not raw.strip()
+    else:
+        n, s = parsed
+        assert n >= 1 and s > 0 and "/" in raw
+
+
+def _max_overlap(jobs: list[dict[str, Any]]) -> int:
+    edges = []
+    for job in jobs:
+        for i, h in enumerate(job["history"]):
+            if h["status"] == "processing":
+                edges.append((datetime.fromisoformat(h["at"]), 1))
+                edges.append((datetime.fromisoformat(job["history"][i + 1]["at"]), -1))
+    running = peak = 0
+    for _, delta in sorted(edges, key=lambda e: (e[0], e[1])):
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+async def test_one_tenant_s_burst_does_not_starve_another(redis_server: RedisProcess, redis: Redis) -> None:
+    settings = make_settings(redis_server.url, tenant_concurrency=2, worker_concurrency=4)
+    handle = ServerHandle(settings)
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME, timeout=30) as c:
+            burst = [await submit(c, params={"seconds": 0.4, "steps": 1}) for _ in range(12)]
+            lone = (await c.post("/jobs", json={"type": "sleep", "params": {"seconds": 0.1}}, headers=GLOBEX)).json()
+            async with running_worker(settings), httpx.AsyncClient(base_url=handle.url, headers=GLOBEX) as g:
+                globex_job = await wait_for_status(g, lone["id"], "completed")
+                acme_jobs = [await wait_for_status(c, t["id"], "completed", timeout=30) for t in burst]
+        # Never more than two of acme's jobs at once, across the worker's four slots...
+        assert _max_overlap(acme_jobs) == 2
+        # ...so globex's job, submitted after all twelve, started while acme's backlog was still
+        # waiting: at most the first wave of acme's jobs started before it.
+        globex_start = datetime.fromisoformat(globex_job["started_at"])
+        started_before = [j for j in acme_jobs if datetime.fromisoformat(j["started_at"]) < globex_start]
+        assert len(started_before) <= 2
+        assert await redis.scard(schema.TENANT_RUNNING + "acme") == 0
+        assert await redis.zcard(schema.TENANT_WAITING + "acme") == 0
+    finally:
+        await handle.stop()
+
+
+async def test_a_parked_job_can_be_cancelled(redis_server: RedisProcess, redis: Redis) -> None:
+    settings = make_settings(redis_server.url, tenant_concurrency=1)
+    handle = ServerHandle(settings)
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME) as c:
+            first = await submit(c, params={"seconds": 30, "steps": 30})
+            second = await submit(c, params={"seconds": 0})
+            async with running_worker(settings):
+                await wait_for_status(c, first["id"], "processing")
+                await asyncio.sleep(0.3)  # the worker takes the second one and parks it
+                assert await redis.zcard(schema.TENANT_WAITING + "acme") == 1
+                assert (await c.get(f"/jobs/{second['id']}")).json()["status"] == "queued"
+                cancelled = await c.post(f"/jobs/{second['id']}/cancel")
+                assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+                assert await redis.zcard(schema.TENANT_WAITING + "acme") == 0
+                await c.post(f"/jobs/{first['id']}/cancel")
+                await wait_for_status(c, first["id"], "cancelled")
+    finally:
+        await handle.stop()
