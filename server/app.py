@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
 
+import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import FileResponse, Response
@@ -26,6 +27,7 @@ from worker.types import load_registry
 from .auth import Authenticator
 from .hub import Hub
 from .limits import RateLimiter, parse_rate
+from .openapi import build_openapi
 from .problems import EXCEPTION_HANDLERS
 from .routes import State, routes
 from .tokens import TokenSigner
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(settings)
     rate = parse_rate(settings.submit_rate)
+    openapi = orjson.dumps(build_openapi(registry))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -61,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 registry=registry,
                 auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key)),
                 rate_limiter=RateLimiter(redis, rate) if rate else None,
+                openapi=openapi,
             )
         finally:
             await hub.stop()

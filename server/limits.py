@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from worker import schema
 from worker.settings import ConfigError
 
-RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*$")
+RATE_RE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+(?:\.[0-9]+)?)\s*")
 POLICY = "submit"
 
 
@@ -25,7 +25,7 @@ def parse_rate(raw: str) -> tuple[int, float] | None:
     """``"N/S"`` -> (N, S); empty -> None (no limit). Raises ConfigError otherwise."""
     if not raw.strip():
         return None
-    match = RATE_RE.match(raw)
+    match = RATE_RE.fullmatch(raw)
     if match is None or int(match[1]) < 1 or float(match[2]) <= 0:
         raise ConfigError(
             f"JOBCAST_SUBMIT_RATE={raw!r} is not of the form N/S with N >= 1 and S > 0 "

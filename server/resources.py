@@ -30,6 +30,7 @@ def job_resource(record: JobRecord) -> dict[str, Any]:
         "result": record.result,
         "error": record.error,
         "links": links(record.id),
+        "cancel_requested": record.cancel_requested,
     }
 
 

@@ -7,10 +7,9 @@ exception on the first thing wrong, before anything is written), then makes one 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import math
+import re
 from typing import Any, TypedDict, cast
 
 import orjson
@@ -31,6 +30,7 @@ from worker.types import Registry
 from .auth import Authenticator
 from .hub import Audience, Hub
 from .limits import RateLimiter
+from .openapi import IDEMPOTENCY_KEY_PATTERN
 from .problems import (
     BadRequest,
     Conflict,
@@ -48,6 +48,7 @@ from .resources import etag, job_resource
 from .sse import EventStream, Gone, StreamConfig, check_continuity, valid_stream_id
 
 MAX_BODY = 1024 * 1024
+IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
 MAX_WAIT_S = 60
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
@@ -62,6 +63,7 @@ class State(TypedDict):
     registry: Registry
     auth: Authenticator
     rate_limiter: RateLimiter | None
+    openapi: bytes
 
 
 def _state(request: Request) -> State:
@@ -137,20 +139,13 @@ def query_wait(request: Request) -> float:
     return value
 
 
-def encode_cursor(job_id: str) -> str:
-    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
-
-
 def decode_cursor(cursor: str) -> str:
-    try:
-        job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        job_id = ""
-    if not is_job_id(job_id):
+    """A cursor is the id of the last job of the previous page: the next page starts below it."""
+    if not is_job_id(cursor):
         raise BadRequest(
             "Query parameter 'cursor' is malformed; pass the 'next_cursor' of the previous page unchanged."
         )
-    return job_id
+    return cursor
 
 
 def job_id_param(request: Request) -> str:
@@ -179,7 +174,6 @@ def render_job(record: JobRecord, request: Request, status: int = 200, extra: di
     if status == 200 and extra is None and tag in _etags(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
     body = job_resource(record)
-    body["cancel_requested"] = record.cancel_requested
     if extra:
         body.update(extra)
     return json_response(body, status, headers)
@@ -207,7 +201,8 @@ async def submit_job(request: Request) -> Response:
             errors=[{"loc": ["body", "type"], "msg": f"unknown job type; one of: {known}", "type": "job_type"}],
         )
     try:
-        params = jt.params.model_validate(submission.params).model_dump(mode="json")
+        # Strict, as JSON: "5" is not a number, but an ISO string is a datetime.
+        params = jt.params.model_validate_json(orjson.dumps(submission.params), strict=True).model_dump(mode="json")
     except ValidationError as exc:
         raise ValidationFailed.from_pydantic(exc, prefix=("body", "params")) from None
     if submission.webhook is not None:
@@ -217,8 +212,8 @@ async def submit_job(request: Request) -> Response:
             errors=[{"loc": ["body", "webhook"], "msg": "webhooks are not supported yet", "type": "unsupported"}],
         )
     idempotency_key = request.headers.get("idempotency-key")
-    if idempotency_key is not None and not (0 < len(idempotency_key) <= 255 and idempotency_key.isprintable()):
-        raise BadRequest("The Idempotency-Key header must be 1 to 255 printable characters.")
+    if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
+        raise BadRequest("The Idempotency-Key header must be 1 to 255 printable ASCII characters.")
     fingerprint = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     rate_headers: dict[str, str] = {}
@@ -330,14 +325,14 @@ async def list_jobs(request: Request) -> Response:
         raise BadRequest(f"Query parameter 'type' must be a registered job type: {known}.")
     limit = query_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     cursor_raw = request.query_params.get("cursor")
-    before = decode_cursor(cursor_raw) if cursor_raw else None
+    before = decode_cursor(cursor_raw) if cursor_raw is not None else None
     records, next_id = await state["store"].list_jobs(
         principal.tenant, status=status, job_type=job_type, limit=limit, before=before
     )
     return json_response(
         {
             "items": [job_resource(r) for r in records],
-            "next_cursor": encode_cursor(next_id) if next_id else None,
+            "next_cursor": next_id,
         }
     )
 
@@ -481,6 +476,10 @@ async def create_token(request: Request) -> Response:
     return json_response({"token": token, "expires_at": rfc3339(expires_at * 10**9)}, 201)
 
 
+async def openapi(request: Request) -> Response:
+    return Response(_state(request)["openapi"], media_type="application/json")
+
+
 async def healthz(request: Request) -> Response:
     return json_response({"status": "ok"})
 
@@ -506,4 +505,5 @@ def routes() -> list[BaseRoute]:
         Route("/tokens", create_token, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]

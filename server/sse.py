@@ -33,7 +33,7 @@ from .hub import TERMINAL, Audience, Hub, Item, Subscription, stream_id_key
 
 logger = logging.getLogger(__name__)
 
-STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
+STREAM_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 REPLAY_PAGE = 500
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -55,7 +55,7 @@ class StreamConfig:
 
 
 def valid_stream_id(value: str) -> bool:
-    return bool(STREAM_ID_RE.match(value))
+    return bool(STREAM_ID_RE.fullmatch(value))
 
 
 def frame(event: Event) -> bytes:

@@ -14,7 +14,11 @@ from worker import schema
 from worker.runner import LEASE_HEARTBEATS
 from worker.settings import Settings
 
-from .conftest import running_worker, submit, wait_for_status
+from .conftest import running_worker, submit, wait_for_status, wait_until
+
+
+async def _said(proc: Any, text: str) -> bool:
+    return text in proc.output()
 
 
 def test_default_settings_notice_a_dead_worker_within_30_seconds() -> None:
@@ -69,6 +73,7 @@ async def test_sigterm_lets_running_jobs_finish_and_takes_no_new_ones(
     running = await submit(client, params={"seconds": 0.8, "steps": 2})
     await wait_for_status(client, running["id"], "processing", timeout=20)
     proc.signal(signal.SIGTERM)
+    await wait_until(lambda: _said(proc, "taking no new jobs"))
     late = await submit(client, params={"seconds": 0})
     assert proc.wait(timeout=settings.shutdown_grace_s + 5) == 0, proc.output()
     assert (await wait_for_status(client, running["id"], "completed", timeout=5))["attempt"] == 1

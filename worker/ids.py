@@ -44,4 +44,4 @@ def new_job_id() -> str:
 
 
 def is_job_id(value: str) -> bool:
-    return bool(JOB_ID_RE.match(value))
+    return bool(JOB_ID_RE.fullmatch(value))

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 from typing import Any
 
@@ -149,6 +150,16 @@ class JobcastWorker(Worker):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(IDLE_FALLBACK_S):
                     await self._wakeup.wait()
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        logger.info(
+            "worker %s: %s received: taking no new jobs; %d running get %ss to finish",
+            self.worker_id,
+            signal.Signals(signum).name,
+            len(self.tasks),
+            self.settings.shutdown_grace_s,
+        )
+        super().handle_sig_wait_for_completion(signum)
 
     async def stop(self) -> None:
         """Stop a worker started with ``async_run()`` inside another program (tests, embedding):

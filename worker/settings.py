@@ -10,7 +10,6 @@ Two modes: ``production`` (the default) refuses to start without real secrets, s
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -38,9 +37,6 @@ def parse_pairs(raw: str, variable: str) -> list[tuple[str, str]]:
             )
         pairs.append((name.strip(), value.strip()))
     return pairs
-
-
-RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*$")
 
 
 class Settings(BaseSettings):
