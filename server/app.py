@@ -26,6 +26,7 @@ from worker.types import load_registry
 
 from .auth import Authenticator
 from .hub import Hub
+from .keys import ApiKeys
 from .limits import RateLimiter, parse_rate
 from .openapi import build_openapi
 from .problems import EXCEPTION_HANDLERS
@@ -62,7 +63,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 store=Store(redis, settings),
                 hub=hub,
                 registry=registry,
-                auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key)),
+                auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key), ApiKeys(redis)),
                 rate_limiter=RateLimiter(redis, rate) if rate else None,
                 openapi=openapi,
             )

@@ -3,8 +3,9 @@
 Credentials come as ``Authorization: Bearer <key or token>`` or, for tokens only, as ``?token=``
 (EventSource cannot set headers; API keys never belong in URLs, which end up in logs).
 
-API keys are compared by their SHA-256 digest, so lookup time does not depend on how much of a
-guessed key is right.
+API keys come from ``JOBCAST_API_KEYS`` (compared by their SHA-256 digest, so lookup time does not
+depend on how much of a guessed key is right) or from Redis (:mod:`server.keys`, looked up on every
+request so that a revocation holds at once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Literal
 
 from starlette.requests import Request
 
+from .keys import PREFIX as KEY_PREFIX
+from .keys import ApiKeys
 from .problems import Forbidden, Unauthorized
 from .tokens import InvalidToken, TokenSigner
 
@@ -34,9 +37,10 @@ def _digest(key: str) -> bytes:
 
 
 class Authenticator:
-    def __init__(self, api_keys: dict[str, str], signer: TokenSigner) -> None:
+    def __init__(self, api_keys: dict[str, str], signer: TokenSigner, stored_keys: ApiKeys) -> None:
         self._keys = {_digest(key): tenant for key, tenant in api_keys.items()}
         self.signer = signer
+        self.stored_keys = stored_keys
 
     def _credential(self, request: Request) -> tuple[str, bool]:
         """The presented credential and whether it came from the query string."""
@@ -53,11 +57,14 @@ class Authenticator:
             return token, True
         raise Unauthorized("No credentials: send 'Authorization: Bearer <api key>' (or ?token=<token> for reads).")
 
-    def authenticate(self, request: Request) -> Principal:
+    async def authenticate(self, request: Request) -> Principal:
         credential, from_query = self._credential(request)
-        tenant = None if from_query else self._keys.get(_digest(credential))
-        if tenant is not None:
-            return Principal(tenant, "key")
+        if not from_query:
+            tenant = self._keys.get(_digest(credential))
+            if tenant is None and credential.startswith(KEY_PREFIX):
+                tenant = await self.stored_keys.tenant_for(credential)
+            if tenant is not None:
+                return Principal(tenant, "key")
         try:
             token = self.signer.verify(credential)
         except InvalidToken as exc:
@@ -68,10 +75,10 @@ class Authenticator:
             ) from None
         return Principal(token.tenant, token.scope, token.job_id)
 
-    def require(self, request: Request, access: Access, *, job_id: str | None = None) -> Principal:
+    async def require(self, request: Request, access: Access, *, job_id: str | None = None) -> Principal:
         """Authenticate and check scope: writes need an API key; reads accept a stream token,
         or a job token for its own job."""
-        principal = self.authenticate(request)
+        principal = await self.authenticate(request)
         if principal.kind == "key":
             return principal
         if access == "write":

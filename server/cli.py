@@ -3,6 +3,7 @@
     jobcast dev      server + worker + (unless JOBCAST_REDIS_URL is set) an embedded Redis
     jobcast web      the HTTP server only (what the Procfile's web line runs)
     jobcast worker   one arq worker process (the Procfile's worker line)
+    jobcast keys     create, list and revoke API keys stored (hashed) in Redis
 
 Configuration errors end in a one-line message and exit status 1, never a traceback.
 """
@@ -55,6 +56,47 @@ def cmd_worker(args: argparse.Namespace) -> None:
     run(settings)
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    """``jobcast keys create|list|revoke``: API keys stored hashed in Redis (server.keys)."""
+    import asyncio
+    import json
+
+    from worker.store import redis_client
+
+    from .keys import ApiKeyError, ApiKeys
+
+    async def run() -> None:
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            raise ConfigError(f"invalid JOBCAST_* setting: {exc.errors()[0]['msg']}") from None
+        redis = redis_client(settings)
+        keys = ApiKeys(redis)
+        try:
+            if args.keys_command == "create":
+                info, key = await keys.create(args.tenant, args.name)
+                if args.json:
+                    print(json.dumps({**info.__dict__, "key": key}))
+                else:
+                    print(f"Created API key {info.id} for tenant {info.tenant}. It is shown only this once:\n{key}")
+            elif args.keys_command == "list":
+                infos = await keys.list(args.tenant)
+                if args.json:
+                    print(json.dumps([i.__dict__ for i in infos]))
+                else:
+                    for i in infos:
+                        print(f"{i.id}  {i.tenant:<20} {i.created_at}  {i.name}")
+            else:
+                info = await keys.revoke(args.key_id)
+                print(json.dumps(info.__dict__) if args.json else f"Revoked API key {info.id} of {info.tenant}.")
+        except ApiKeyError as exc:
+            raise ConfigError(str(exc)) from None
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from .dev import run_dev
 
@@ -78,6 +120,19 @@ def main(argv: list[str] | None = None) -> None:
 
     worker = sub.add_parser("worker", help="run a worker")
     worker.set_defaults(func=cmd_worker)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys stored in Redis")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key for a tenant (printed once)")
+    create.add_argument("tenant")
+    create.add_argument("--name", default="", help="a label, e.g. who the key is for")
+    listing = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--tenant")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key at once, in every server")
+    revoke.add_argument("key_id")
+    for p in (create, listing, revoke):
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    keys.set_defaults(func=cmd_keys)
 
     args = parser.parse_args(argv)
     try:

@@ -187,7 +187,7 @@ def _etags(header: str | None) -> set[str]:
 
 async def submit_job(request: Request) -> Response:
     state = _state(request)
-    principal = state["auth"].require(request, "write")
+    principal = await state["auth"].require(request, "write")
     body, _ = await read_json_object(request)
     try:
         submission = Submission.model_validate(body)
@@ -275,7 +275,7 @@ async def jobs(request: Request) -> Response:
 async def get_job(request: Request) -> Response:
     state = _state(request)
     job_id = job_id_param(request)
-    principal = state["auth"].require(request, "read", job_id=job_id)
+    principal = await state["auth"].require(request, "read", job_id=job_id)
     wait = query_wait(request)
     record = await load_job(request, state, job_id, principal.tenant)
     seen = _etags(request.headers.get("if-none-match"))
@@ -310,7 +310,7 @@ async def _wait_for_change(state: State, record: JobRecord, wait: float) -> JobR
 
 async def list_jobs(request: Request) -> Response:
     state = _state(request)
-    principal = state["auth"].require(request, "read")
+    principal = await state["auth"].require(request, "read")
     status_raw = request.query_params.get("status")
     status = None
     if status_raw is not None:
@@ -340,7 +340,7 @@ async def list_jobs(request: Request) -> Response:
 async def cancel_job(request: Request) -> Response:
     state = _state(request)
     job_id = job_id_param(request)
-    principal = state["auth"].require(request, "write")
+    principal = await state["auth"].require(request, "write")
     outcome, status = await state["store"].cancel(job_id, principal.tenant)
     if outcome == "missing":
         raise not_found(job_id)
@@ -353,7 +353,7 @@ async def cancel_job(request: Request) -> Response:
 async def get_result(request: Request) -> Response:
     state = _state(request)
     job_id = job_id_param(request)
-    principal = state["auth"].require(request, "read", job_id=job_id)
+    principal = await state["auth"].require(request, "read", job_id=job_id)
     record = await load_job(request, state, job_id, principal.tenant)
     if record.status is not JobStatus.COMPLETED:
         raise Conflict(
@@ -408,7 +408,7 @@ def stream_config(settings: Settings) -> StreamConfig:
 async def job_events(request: Request) -> Response | EventStream:
     state = _state(request)
     job_id = job_id_param(request)
-    principal = state["auth"].require(request, "read", job_id=job_id)
+    principal = await state["auth"].require(request, "read", job_id=job_id)
     last_id = last_event_id(request)
     record = await load_job(request, state, job_id, principal.tenant)
     await _open_stream(request, "job", job_id, last_id)
@@ -429,7 +429,7 @@ async def job_events(request: Request) -> Response | EventStream:
 
 async def tenant_events(request: Request) -> EventStream:
     state = _state(request)
-    principal = state["auth"].require(request, "read")
+    principal = await state["auth"].require(request, "read")
     if principal.kind == "job":
         raise Forbidden("A job token reads only its own job; use a stream token (POST /tokens) for GET /events.")
     last_id = last_event_id(request)
@@ -450,7 +450,7 @@ async def tenant_events(request: Request) -> EventStream:
 
 async def list_job_types(request: Request) -> Response:
     state = _state(request)
-    state["auth"].require(request, "read")
+    await state["auth"].require(request, "read")
     return json_response(
         {
             "items": [
@@ -471,7 +471,7 @@ async def list_job_types(request: Request) -> Response:
 
 async def create_token(request: Request) -> Response:
     state = _state(request)
-    principal = state["auth"].require(request, "write")
+    principal = await state["auth"].require(request, "write")
     token, expires_at = state["auth"].signer.mint("stream", principal.tenant, state["settings"].stream_token_ttl_s)
     return json_response({"token": token, "expires_at": rfc3339(expires_at * 10**9)}, 201)
 

@@ -19,6 +19,7 @@ key                                    type     holds
 ``jobcast:tenant-waiting:{t}``         zset     run ids parked until the tenant has a free slot
 ``jobcast:waiting-tenants``            set      tenants with parked runs
 ``jobcast:queued-count``               string   how many jobs are queued (capacity check, metrics)
+``jobcast:apikeys``                    hash     key id -> tenant, label, time, SHA-256 of the key
 ``arq:queue``, ``arq:job:{rid}``, ...  arq's    the run being executed (arq's own keys)
 =====================================  =======  ===============================================
 
@@ -57,6 +58,7 @@ TENANT_RUNNING = PREFIX + "tenant-running:"
 TENANT_WAITING = PREFIX + "tenant-waiting:"
 WAITING_TENANTS = PREFIX + "waiting-tenants"
 QUEUED_COUNT = PREFIX + "queued-count"
+API_KEYS = PREFIX + "apikeys"
 SCHEDULED = PREFIX + "scheduled"
 EVENTS_CHANNEL = PREFIX + "events"
 DOORBELL_CHANNEL = PREFIX + "doorbell"

@@ -10,6 +10,7 @@ Two modes: ``production`` (the default) refuses to start without real secrets, s
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -17,6 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET_KEY = "jobcast-development-secret-do-not-use-in-production"
 DEV_API_KEYS = "dev:dev-key"
+
+
+#: What a tenant may be called: it becomes part of Redis keys and event messages.
+TENANT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ConfigError(Exception):
@@ -117,7 +122,13 @@ class Settings(BaseSettings):
     @property
     def tenant_keys(self) -> dict[str, str]:
         """API key -> tenant."""
-        return {key: tenant for tenant, key in parse_pairs(self.api_keys, "JOBCAST_API_KEYS")}
+        pairs = parse_pairs(self.api_keys, "JOBCAST_API_KEYS")
+        for tenant, _ in pairs:
+            if not TENANT_RE.fullmatch(tenant):
+                raise ConfigError(
+                    f"JOBCAST_API_KEYS: tenant name {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'."
+                )
+        return {key: tenant for tenant, key in pairs}
 
     @property
     def job_module_names(self) -> list[str]:
