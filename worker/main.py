@@ -70,6 +70,8 @@ class JobcastWorker(Worker):
             log_results=False,
         )
         self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._parked = asyncio.Event()
         self._read = 0
         self._background: list[asyncio.Task[None]] = []
         self._redis: Redis | None = None
@@ -133,6 +135,10 @@ class JobcastWorker(Worker):
     # --- arq overrides -----------------------------------------------------------------------------
 
     async def _poll_iteration(self) -> None:
+        if self._stopping:
+            # stop() is waiting to cancel us: do it here, outside any Redis call.
+            self._parked.set()
+            await asyncio.Event().wait()
         self._wakeup.clear()
         self._read = 0
         self.queue_read_limit = max(1, self.max_jobs - self.job_counter)
@@ -165,6 +171,14 @@ class JobcastWorker(Worker):
         """Stop a worker started with ``async_run()`` inside another program (tests, embedding):
         running jobs are cancelled and handed back, connections closed."""
         self.allow_pick_jobs = False
+        self._stopping = True
+        self._wakeup.set()
+        if self.main_task is not None and not self.main_task.done():
+            # Let the poll loop finish the Redis round trip it may be in (a cancellation in the
+            # middle of one leaves a connection behind).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._parked.wait()
         running = [t for t in self.tasks.values() if not t.done()]
         for task in running:
             task.cancel()

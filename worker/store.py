@@ -215,11 +215,12 @@ class Store:
             )
             if not ids:
                 return items, None
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.hgetall(schema.job_key(job_id))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(schema.job_key(job_id))
+                hashes = await pipe.execute()
             expired = []
-            for job_id, h in zip(ids, await pipe.execute(), strict=True):
+            for job_id, h in zip(ids, hashes, strict=True):
                 cursor = job_id
                 if not h or "status" not in h:
                     expired.append(job_id)
@@ -241,10 +242,10 @@ class Store:
     async def _forget_index_entries(self, tenant: str, key: str, job_ids: list[str]) -> None:
         if not job_ids:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for index in {key, schema.index_key(tenant)} | {schema.index_key(tenant, status=s) for s in JobStatus}:
-            pipe.zrem(index, *job_ids)
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for index in {key, schema.index_key(tenant)} | {schema.index_key(tenant, status=s) for s in JobStatus}:
+                pipe.zrem(index, *job_ids)
+            await pipe.execute()
 
     async def cancel(self, job_id: str, tenant: str) -> tuple[str, str | None]:
         """``cancelled`` (was queued), ``requested`` (running), ``terminal`` (+ status), ``missing``."""
