@@ -7,6 +7,7 @@ The lifespan owns every resource (the Redis pool, the event hub) and exposes the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from worker.types import load_registry
 from .auth import Authenticator
 from .hub import Hub
 from .keys import ApiKeys
-from .limits import RateLimiter, parse_rate
+from .limits import RateLimiter, StreamSlots, parse_rate
 from .openapi import build_openapi
 from .problems import EXCEPTION_HANDLERS
 from .routes import State, routes
@@ -56,6 +57,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         hub = Hub(redis)
         await hub.start()
         app.state.drain = hub.drain
+        slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
+        refresher = asyncio.create_task(slots.refresh_forever(), name="jobcast-stream-slots")
         try:
             yield State(
                 settings=settings,
@@ -66,8 +69,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key), ApiKeys(redis)),
                 rate_limiter=RateLimiter(redis, rate) if rate else None,
                 openapi=openapi,
+                stream_slots=slots,
             )
         finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
             await hub.stop()
             await redis.aclose()
 

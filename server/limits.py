@@ -1,4 +1,6 @@
-"""Per-tenant submission rate limit, enforced in Redis so it holds across server processes.
+"""Limits: the per-tenant submission rate, and caps on open event streams.
+
+Submission rate — enforced in Redis so it holds across server processes.
 
 ``JOBCAST_SUBMIT_RATE=N/S`` allows N submissions per S seconds per tenant, as a burst of up to N
 that refills evenly (GCRA, see ``worker/lua/ratelimit.lua``). Answers carry the IETF
@@ -8,14 +10,22 @@ too, so clients can pace themselves; a refusal is a 429 with ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import re
+import secrets
+import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from worker import schema
 from worker.settings import ConfigError
+
+logger = logging.getLogger(__name__)
 
 RATE_RE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+(?:\.[0-9]+)?)\s*")
 POLICY = "submit"
@@ -63,3 +73,80 @@ class RateLimiter:
         retry_after = max(1, math.ceil(retry_ms / 1000))
         headers["Retry-After"] = str(retry_after)
         return Decision(False, headers, retry_after)
+
+
+class StreamsFull(Exception):
+    """No stream slot: ``scope`` is "process" (this server is full) or "tenant" (the tenant is)."""
+
+    def __init__(self, scope: str, cap: int) -> None:
+        super().__init__(scope)
+        self.scope = scope
+        self.cap = cap
+
+
+class StreamSlots:
+    """Caps on open event streams: per server process (in memory) and per tenant (in Redis, so
+    the cap holds across processes).
+
+    Each open stream holds a member of the tenant's zset whose score is an expiry; this process
+    pushes its members' expiry forward every ``REFRESH_S`` (one ZADD per tenant), so the slots of
+    a process that died free themselves within ``TTL_S``.
+    """
+
+    TTL_S = 60.0
+    REFRESH_S = 20.0
+
+    def __init__(self, redis: Redis, *, per_process: int, per_tenant: int) -> None:
+        self.redis = redis
+        self.per_process = per_process
+        self.per_tenant = per_tenant
+        self._open: dict[str, set[str]] = {}
+        self._count = 0
+        self._script = schema.StreamSlotScript(redis)
+
+    @property
+    def open_streams(self) -> int:
+        return self._count
+
+    async def acquire(self, tenant: str) -> str:
+        """A slot id for a new stream of ``tenant``; raises :class:`StreamsFull`."""
+        if self._count >= self.per_process:
+            raise StreamsFull("process", self.per_process)
+        slot = secrets.token_hex(8)
+        if self.per_tenant:
+            now_ms = int(time.time() * 1000)
+            taken = await self._script(
+                schema.streams_key(tenant), now_ms, int(self.TTL_S * 1000), self.per_tenant, slot
+            )
+            if not taken:
+                raise StreamsFull("tenant", self.per_tenant)
+        self._open.setdefault(tenant, set()).add(slot)
+        self._count += 1
+        return slot
+
+    async def release(self, tenant: str, slot: str) -> None:
+        slots = self._open.get(tenant)
+        if slots is None or slot not in slots:
+            return
+        slots.discard(slot)
+        if not slots:
+            del self._open[tenant]
+        self._count -= 1
+        if self.per_tenant:
+            with contextlib.suppress(RedisError, OSError):  # it expires by itself otherwise
+                await self.redis.zrem(schema.streams_key(tenant), slot)
+
+    async def refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.REFRESH_S)
+            if not self.per_tenant:
+                continue
+            expiry = int((time.time() + self.TTL_S) * 1000)
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for tenant, slots in list(self._open.items()):
+                        pipe.zadd(schema.streams_key(tenant), dict.fromkeys(slots, expiry), xx=True)
+                        pipe.pexpire(schema.streams_key(tenant), int(self.TTL_S * 1000))
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                logger.warning("stream slots not refreshed: %s", exc)

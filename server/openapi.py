@@ -123,7 +123,7 @@ PROBLEM_DESCRIPTIONS = {
     "413": "The body is larger than 1 MiB.",
     "415": "The body is not JSON.",
     "422": "The body is well-formed but invalid; errors lists each field.",
-    "429": "The tenant's submission rate is used up.",
+    "429": "The tenant's submission rate, or its number of open event streams, is used up.",
     "503": "At capacity, or Redis unreachable.",
 }
 
@@ -280,7 +280,7 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "The event stream.", "content": sse},
                     "204": {"description": "The stream already ended (terminal event seen)."},
-                    **_problems("400", "401", "403", "404", "410"),
+                    **_problems("400", "401", "403", "404", "410", "429", "503"),
                 },
             }
         },
@@ -296,7 +296,7 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": {"description": "The event stream.", "content": sse},
-                    **_problems("400", "401", "403", "410"),
+                    **_problems("400", "401", "403", "410", "429", "503"),
                 },
             }
         },

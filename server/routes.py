@@ -29,7 +29,7 @@ from worker.types import Registry
 
 from .auth import Authenticator
 from .hub import Audience, Hub
-from .limits import RateLimiter
+from .limits import RateLimiter, StreamSlots
 from .openapi import IDEMPOTENCY_KEY_PATTERN
 from .problems import (
     BadRequest,
@@ -63,6 +63,7 @@ class State(TypedDict):
     registry: Registry
     auth: Authenticator
     rate_limiter: RateLimiter | None
+    stream_slots: StreamSlots
     openapi: bytes
 
 
@@ -424,6 +425,8 @@ async def job_events(request: Request) -> Response | EventStream:
         last_id=last_id,
         replay=True,
         config=stream_config(state["settings"]),
+        slots=state["stream_slots"],
+        tenant=principal.tenant,
     )
 
 
@@ -442,6 +445,8 @@ async def tenant_events(request: Request) -> EventStream:
         last_id=last_id,
         replay=False,
         config=stream_config(state["settings"]),
+        slots=state["stream_slots"],
+        tenant=principal.tenant,
     )
 
 

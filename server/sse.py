@@ -30,6 +30,8 @@ from starlette.types import Receive, Scope, Send
 from worker.store import Event, Store
 
 from .hub import TERMINAL, Audience, Hub, Item, Subscription, stream_id_key
+from .limits import StreamsFull, StreamSlots
+from .problems import TooManyRequests, Unavailable, problem_response
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class EventStream:
         last_id: str | None,
         replay: bool,
         config: StreamConfig,
+        slots: StreamSlots,
+        tenant: str,
     ) -> None:
         self.hub = hub
         self.store = store
@@ -91,9 +95,31 @@ class EventStream:
         self.last_id = last_id
         self.replay = replay
         self.config = config
+        self.slots = slots
+        self.tenant = tenant
         self.ended = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            slot = await self.slots.acquire(self.tenant)
+        except StreamsFull as full:
+            problem = (
+                TooManyRequests(
+                    f"This tenant already has {full.cap} event streams open, its limit. Close some, or "
+                    "follow many jobs over one GET /events stream.",
+                    headers={"Retry-After": "5"},
+                )
+                if full.scope == "tenant"
+                else Unavailable(f"This server has {full.cap} event streams open, its limit; retry shortly.")
+            )
+            await problem_response(problem)(scope, receive, send)
+            return
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            await self.slots.release(self.tenant, slot)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         with self.hub.subscribe(self.audience, self.key) as sub:
             watcher = asyncio.create_task(self._watch_disconnect(receive, sub))
             try:

@@ -151,3 +151,62 @@ async def test_a_parked_job_can_be_cancelled(redis_server: RedisProcess, redis: 
                 await wait_for_status(c, first["id"], "cancelled")
     finally:
         await handle.stop()
+
+
+async def _open_stream(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+) -> tuple[Any, httpx.Response]:
+    context = client.stream("GET", url, headers=headers)
+    response = await context.__aenter__()
+    return context, response
+
+
+async def test_event_streams_are_capped_per_tenant_across_servers(redis_server: RedisProcess, redis: Redis) -> None:
+    settings = make_settings(redis_server.url, sse_max_streams_per_tenant=2)
+    a, b = ServerHandle(settings), ServerHandle(settings)
+    await a.start()
+    await b.start()
+    try:
+        async with httpx.AsyncClient(headers=ACME, timeout=10) as c:
+            first, r1 = await _open_stream(c, f"{a.url}/events")
+            second, r2 = await _open_stream(c, f"{b.url}/events")
+            assert (r1.status_code, r2.status_code) == (200, 200)
+            refused = await c.get(f"{a.url}/events")
+            assert refused.status_code == 429
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert "2 event streams" in refused.json()["detail"]
+            # Another tenant is not affected.
+            other, r3 = await _open_stream(c, f"{b.url}/events", headers=GLOBEX)
+            assert r3.status_code == 200
+            await other.__aexit__(None, None, None)
+            # Closing a stream frees its slot.
+            await first.__aexit__(None, None, None)
+            await wait_until_status(c, f"{a.url}/events", 200)
+            await second.__aexit__(None, None, None)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def wait_until_status(client: httpx.AsyncClient, url: str, status: int) -> None:
+    async with asyncio.timeout(5):
+        while True:
+            async with client.stream("GET", url) as response:
+                if response.status_code == status:
+                    return
+            await asyncio.sleep(0.05)
+
+
+async def test_event_streams_are_capped_per_process(redis_server: RedisProcess, redis: Redis) -> None:
+    handle = ServerHandle(make_settings(redis_server.url, sse_max_streams=1))
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME, timeout=10) as c:
+            held, response = await _open_stream(c, "/events")
+            assert response.status_code == 200
+            busy = await c.get("/events")
+            assert busy.status_code == 503 and busy.headers["retry-after"]
+            assert "event streams open" in busy.json()["detail"]
+            await held.__aexit__(None, None, None)
+    finally:
+        await handle.stop()

@@ -20,6 +20,7 @@ key                                    type     holds
 ``jobcast:waiting-tenants``            set      tenants with parked runs
 ``jobcast:queued-count``               string   how many jobs are queued (capacity check, metrics)
 ``jobcast:apikeys``                    hash     key id -> tenant, label, time, SHA-256 of the key
+``jobcast:streams:{t}``                zset     the tenant's open event streams, scored by expiry (ms)
 ``arq:queue``, ``arq:job:{rid}``, ...  arq's    the run being executed (arq's own keys)
 =====================================  =======  ===============================================
 
@@ -59,6 +60,7 @@ TENANT_WAITING = PREFIX + "tenant-waiting:"
 WAITING_TENANTS = PREFIX + "waiting-tenants"
 QUEUED_COUNT = PREFIX + "queued-count"
 API_KEYS = PREFIX + "apikeys"
+STREAMS = PREFIX + "streams:"
 SCHEDULED = PREFIX + "scheduled"
 EVENTS_CHANNEL = PREFIX + "events"
 DOORBELL_CHANNEL = PREFIX + "doorbell"
@@ -97,6 +99,10 @@ def idempotency_key(tenant: str, key: str) -> str:
 
 def rate_key(tenant: str) -> str:
     return RATE + tenant
+
+
+def streams_key(tenant: str) -> str:
+    return STREAMS + tenant
 
 
 def arq_run_id(job_id: str, run: int) -> str:
@@ -150,6 +156,16 @@ class RateLimitScript:
     async def __call__(self, key: str, interval_ms: float, tau_ms: float) -> list[int]:
         reply = await self._script(keys=[key], args=[interval_ms, tau_ms])
         return [int(x) for x in reply]
+
+
+class StreamSlotScript:
+    """``lua/streams.lua``: take a stream slot for a tenant if one is free."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._script = redis.register_script(_lua("streams.lua"))
+
+    async def __call__(self, key: str, now_ms: int, ttl_ms: int, cap: int, stream_id: str) -> bool:
+        return bool(await self._script(keys=[key], args=[now_ms, ttl_ms, cap, stream_id]))
 
 
 class JobsScript:
