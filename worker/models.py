@@ -45,6 +45,23 @@ class EventName(StrEnum):
 TERMINAL_EVENTS = (EventName.COMPLETED, EventName.FAILED, EventName.CANCELLED)
 
 
+class DeliveryStatus(StrEnum):
+    """Where a webhook delivery is: waiting for its next attempt, or one of its three ends."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    #: Exhausted its schedule, or its destination was refused: in the dead-letter list, replayable.
+    DEAD = "dead"
+    #: The receiver answered 410 Gone: not retried, and nothing more is sent for the job.
+    GONE = "gone"
+
+
+def job_links(job_id: str) -> dict[str, str]:
+    """A job's links, as the job resource and webhook bodies give them."""
+    base = f"/jobs/{job_id}"
+    return {"self": base, "events": base + "/events", "cancel": base + "/cancel", "result": base + "/result"}
+
+
 class WebhookSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
