@@ -22,12 +22,14 @@ from starlette.staticfiles import StaticFiles
 from worker.settings import Settings
 from worker.store import Store, redis_client
 from worker.types import load_registry
+from worker.webhooks import WebhookStore
 
 from .auth import Authenticator
 from .hub import Hub
 from .problems import EXCEPTION_HANDLERS
 from .routes import State, routes
 from .tokens import TokenSigner
+from .webhooks import routes as webhook_routes
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 hub=hub,
                 registry=registry,
                 auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key)),
+                webhooks=WebhookStore(redis, settings),
             )
         finally:
             await hub.stop()
@@ -66,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             *routes(),
+            *webhook_routes(),
             Route("/", dashboard, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],

@@ -27,6 +27,7 @@ from worker.models import JobStatus, Submission
 from worker.settings import Settings
 from worker.store import JobRecord, Store
 from worker.types import Registry
+from worker.webhooks import WebhookRejected, WebhookStore, accept_webhook
 
 from .auth import Authenticator
 from .hub import Audience, Hub
@@ -59,6 +60,7 @@ class State(TypedDict):
     hub: Hub
     registry: Registry
     auth: Authenticator
+    webhooks: WebhookStore
 
 
 def _state(request: Request) -> State:
@@ -207,12 +209,13 @@ async def submit_job(request: Request) -> Response:
         params = jt.params.model_validate(submission.params).model_dump(mode="json")
     except ValidationError as exc:
         raise ValidationFailed.from_pydantic(exc, prefix=("body", "params")) from None
+    webhook = None
     if submission.webhook is not None:
-        raise ValidationFailed(
-            "Webhook delivery is not available in this version of Jobcast; submit without 'webhook' "
-            "and follow the job with GET /jobs/{id}?wait= or its event stream.",
-            errors=[{"loc": ["body", "webhook"], "msg": "webhooks are not supported yet", "type": "unsupported"}],
-        )
+        try:
+            webhook = await accept_webhook(submission.webhook, principal.tenant, state["settings"])
+        except WebhookRejected as exc:
+            loc = ["body", "webhook", *([exc.field] if exc.field else [])]
+            raise ValidationFailed(str(exc), errors=[{"loc": loc, "msg": str(exc), "type": "webhook"}]) from None
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not (0 < len(idempotency_key) <= 255 and idempotency_key.isprintable()):
         raise BadRequest("The Idempotency-Key header must be 1 to 255 printable characters.")
@@ -224,6 +227,7 @@ async def submit_job(request: Request) -> Response:
         params=params,
         priority=submission.priority or jt.priority,
         max_attempts=jt.max_attempts,
+        webhook=webhook,
         idempotency_key=idempotency_key,
         fingerprint=fingerprint,
     )

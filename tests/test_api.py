@@ -427,22 +427,6 @@ async def test_bad_submission_fields_are_422(
     assert loc[-1] in body["detail"]
 
 
-@pytest.mark.parametrize(
-    "webhook",
-    [
-        {"url": "https://client.example/hooks"},
-        {"url": "https://client.example/hooks", "events": ["job.completed", "job.failed"]},
-    ],
-)
-async def test_webhook_is_422_not_supported_yet(
-    client: httpx.AsyncClient, redis: Redis, webhook: dict[str, Any]
-) -> None:
-    body = await assert_rejected_without_writes(
-        client, redis, 422, "webhook", json={"type": "sleep", "params": {}, "webhook": webhook}
-    )
-    assert body["errors"][0]["loc"] == ["body", "webhook"]
-
-
 async def test_malformed_webhook_is_422(client: httpx.AsyncClient, redis: Redis) -> None:
     body = await assert_rejected_without_writes(
         client, redis, 422, json={"type": "sleep", "webhook": {"url": "not a url", "events": []}}
