@@ -130,6 +130,18 @@ async def client(server: ServerHandle) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @contextlib.asynccontextmanager
+async def serving(settings: Settings, headers: dict[str, str] = ACME) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a server of its own, for a test that needs other settings than the fixture's."""
+    handle = ServerHandle(settings)
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=headers, timeout=30) as c:
+            yield c
+    finally:
+        await handle.stop()
+
+
+@contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[JobcastWorker]:
     worker = build_worker(settings, handle_signals=False)
     task = asyncio.create_task(worker.async_run())
@@ -241,3 +253,24 @@ async def submit(client: httpx.AsyncClient, job_type: str = "sleep", **body: Any
     assert response.status_code == 202, response.text
     data: dict[str, Any] = response.json()
     return data
+
+
+async def deliveries(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
+    """``GET /jobs/{id}/deliveries``' items."""
+    response = await client.get(f"/jobs/{job_id}/deliveries")
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+async def wait_for_deliveries(
+    client: httpx.AsyncClient, job_id: str, status: str, count: int = 1, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """Wait until the job has ``count`` deliveries, all with ``status``."""
+
+    async def settled() -> list[dict[str, Any]] | None:
+        items = await deliveries(client, job_id)
+        return items if len(items) >= count and all(i["status"] == status for i in items) else None
+
+    result: list[dict[str, Any]] = await wait_until(settled, timeout=timeout, interval=0.05)
+    return result

@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 USER_AGENT = b"Jobcast-Webhooks/0.1"
 #: Each Redis step of an attempt (read, record) must finish within this, or the attempt is put back.
-STORE_TIMEOUT_S = 2.0
+STORE_TIMEOUT_S = 1.0
 #: Seconds before an attempt put back after a Redis error runs again.
 STORE_RETRY_S = 5
 #: Runs of one attempt (killed workers, Redis errors) before the delivery is dead-lettered.

@@ -48,8 +48,8 @@ _NON_PUBLIC = (
     ("is_link_local", "link-local"),
     ("is_multicast", "multicast"),
     ("is_site_local", "site-local"),
-    ("is_private", "private"),
     ("is_reserved", "reserved"),
+    ("is_private", "private"),
 )
 
 
@@ -82,12 +82,15 @@ def ip_literal(host: str) -> str | None:
 
 
 async def resolve(host: str, port: int) -> list[str]:
-    """The addresses of ``host`` in resolver order, without repeats; an IP literal is its own."""
-    literal = ip_literal(host)
-    if literal is not None:
-        return [literal]
+    """The addresses of the name ``host`` in resolver order, without repeats."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def addresses_of(host: str, port: int, resolver: Resolver) -> list[str]:
+    """An IP literal is its own address; a name is resolved."""
+    literal = ip_literal(host)
+    return [literal] if literal is not None else await resolver(host, port)
 
 
 def _describe(host: str, refused: dict[str, str]) -> str:
@@ -118,7 +121,7 @@ async def check_destination(
     non-public addresses. A name that does not resolve in time is let through (checked at delivery)."""
     try:
         async with asyncio.timeout(timeout_s):
-            addresses = await resolver(host, port)
+            addresses = await addresses_of(host, port, resolver)
     except (OSError, TimeoutError) as exc:  # socket.gaierror is an OSError
         logger.info("webhook host %s not resolvable at submission (%s); it is checked at delivery", host, exc)
         return
@@ -153,7 +156,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
-            addresses = await self._resolve(host, port)
+            addresses = await addresses_of(host, port, self._resolve)
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
         if not self._allow_private:
