@@ -44,7 +44,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpcore
-import orjson
 from arq.connections import ArqRedis
 from arq.worker import Retry, func
 from redis.asyncio import Redis
@@ -276,13 +275,9 @@ class DeliveryWorker(DoorbellWorker):
             functions=[func(deliver, name=schema.DELIVER_FUNCTION, timeout=timeout, max_tries=MAX_RUNS + 10)],
             redis_pool=pool,
             queue_name=schema.WEBHOOK_QUEUE,
-            job_serializer=orjson.dumps,
-            job_deserializer=orjson.loads,
-            keep_result=0,
             max_jobs=settings.webhook_concurrency,
             handle_signals=False,
             ctx={"dispatcher": dispatcher},
-            log_results=False,
         )
         # A killed worker's attempt is taken up again once this lapses: just after the longest an
         # attempt can take, rather than arq's default of 10 s more.

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from typing import Any
 
+import orjson
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
@@ -28,8 +29,19 @@ RECONNECT_MAX_S = 5.0
 
 
 class DoorbellWorker(Worker):
+    """Also Jobcast's conventions for both queues: job payloads are JSON (``lua/jobs.lua`` writes
+    them in arq's format), results are neither kept nor logged (outcomes live in Jobcast's records)."""
+
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(poll_delay=0, after_job_end=self._job_ended, **kwargs)
+        super().__init__(
+            poll_delay=0,
+            after_job_end=self._job_ended,
+            job_serializer=orjson.dumps,
+            job_deserializer=orjson.loads,
+            keep_result=0,
+            log_results=False,
+            **kwargs,
+        )
         self._wakeup = asyncio.Event()
         self._read = 0
         self._poll_failures = 0

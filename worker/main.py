@@ -21,7 +21,6 @@ import os
 import socket
 from typing import Any
 
-import orjson
 from arq.connections import RedisSettings
 from arq.worker import func
 from redis.asyncio import Redis
@@ -53,15 +52,11 @@ class JobcastWorker(DoorbellWorker):
             functions=[func(run_job, name=schema.ARQ_FUNCTION, timeout=registry.max_timeout_s + 60, max_tries=1000)],
             redis_settings=RedisSettings.from_dsn(settings.redis_url),
             queue_name=schema.ARQ_QUEUE,
-            job_serializer=orjson.dumps,
-            job_deserializer=orjson.loads,
-            keep_result=0,
             max_jobs=settings.worker_concurrency,
             handle_signals=handle_signals,
             job_completion_wait=settings.shutdown_grace_s,
             on_startup=self._startup,
             on_shutdown=self._shutdown,
-            log_results=False,
         )
         self._background: list[asyncio.Task[None]] = []
         self._redis: Redis | None = None

@@ -45,6 +45,7 @@ from arq.constants import (
 )
 from redis.asyncio import Redis
 
+from .clock import now
 from .settings import Settings
 
 PREFIX = "jobcast:"
@@ -166,5 +167,7 @@ class JobsScript:
         source = resources.files(__package__).joinpath("lua/jobs.lua").read_text()
         self._script = redis.register_script(_prelude(settings) + source)
 
-    async def __call__(self, op: str, now_iso: str, now_ms: int, *args: str | int | float) -> Any:
+    async def __call__(self, op: str, *args: str | int | float) -> Any:
+        """Run ``op`` as of now (the script gets the time from here, read once)."""
+        now_iso, now_ms = now()
         return await self._script(keys=[], args=[op, now_iso, now_ms, *args])

@@ -205,10 +205,6 @@ class WebhookStore:
         self.settings = settings
         self._script = schema.JobsScript(redis, settings)
 
-    async def _call(self, op: str, *args: str | int | float) -> Any:
-        iso, ms = now()
-        return await self._script(op, iso, ms, *args)
-
     async def get(self, webhook_id: str) -> Delivery | None:
         raw: dict[str, str] = await self.redis.hgetall(schema.delivery_key(webhook_id))  # type: ignore[misc]
         return Delivery.from_hash(raw) if raw and "state" in raw else None
@@ -228,7 +224,7 @@ class WebhookStore:
     ) -> str | None:
         """Record ``outcome`` (``delivered``, ``retry``, ``dead``, ``gone``) of attempt ``delivery.seq``
         and, for ``retry``, queue the next attempt. None when that attempt is no longer current."""
-        reply = await self._call(
+        reply = await self._script(
             "attempted",
             delivery.id,
             delivery.seq,
@@ -291,7 +287,7 @@ class WebhookStore:
         """Try a dead letter of ``tenant`` again, on a fresh schedule; False when it is not one."""
         if not WEBHOOK_ID_RE.match(webhook_id):
             return False
-        replayed = str(await self._call("replay", webhook_id, tenant)) == "ok"
+        replayed = str(await self._script("replay", webhook_id, tenant)) == "ok"
         if replayed:
             logger.info("delivery %s: replay requested (tenant %s)", webhook_id, tenant)
         return replayed
