@@ -562,6 +562,11 @@ WEIRD_GETS = [
     "/jobs?cursor=====",
     "/jobs?cursor=" + base64.urlsafe_b64encode(b"job_" + b"\xff" * 26).decode(),
     "/jobs?" + "x=" + "a" * 7000,
+    "/jobs/%00/deliveries",
+    "/jobs/job_" + "Z" * 6000 + "/deliveries",
+    "/jobs/job_" + "0" * 26 + "/deliveries",
+    "/webhooks/dead-letters?limit=" + "9" * 5000,
+    "/webhooks/dead-letters?limit=%00",
     "/jobs?" + "&".join(f"k{i}=v" for i in range(800)),
     "/jobs?token=jc1..",
     "/jobs?token=" + "a" * 7000,
@@ -634,7 +639,14 @@ async def test_weird_submissions_never_answer_5xx(client: httpx.AsyncClient) -> 
                 response.status_code >= 400 and response.headers.get("content-type") != PROBLEM_JSON
             ):
                 bad.append(f"POST {raw[:60]!r} {headers} -> {response.status_code} {response.text[:200]}")
-    for path in ("/jobs/%00/cancel", "/jobs/job_" + "Z" * 6000 + "/cancel", "/jobs/" + quote("ß") + "/cancel"):
+    for path in (
+        "/jobs/%00/cancel",
+        "/jobs/job_" + "Z" * 6000 + "/cancel",
+        "/jobs/" + quote("ß") + "/cancel",
+        "/webhooks/dead-letters/%00/replay",
+        "/webhooks/dead-letters/msg_" + "Z" * 6000 + "/replay",
+        "/webhooks/dead-letters/" + quote("msg_日本") + "/replay",
+    ):
         response = await client.post(path)
         if response.status_code >= 500:
             bad.append(f"POST {path[:80]} -> {response.status_code} {response.text[:200]}")

@@ -24,11 +24,11 @@ from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from server.embedded_redis import RedisProcess
-from worker import schema
 from worker.delivery import RETRY_AFTER_MAX_S, Answer, next_step, parse_retry_after
 from worker.main import JobcastWorker
 from worker.settings import ConfigError, Settings
 from worker.signatures import decode_secret, sign
+from worker.webhooks import WebhookStore
 
 from .conftest import (
     GLOBEX,
@@ -200,7 +200,7 @@ async def test_a_tenant_without_a_signing_secret_cannot_submit_a_webhook(
 
 
 async def test_failures_retry_with_increasing_gaps_then_dead_letter_then_replay(
-    client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver, redis: Redis
+    client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver, redis: Redis, settings: Settings
 ) -> None:
     receiver.default = Reply(500)
     ticket = await submit(client, params=QUICK, webhook={"url": receiver.url})
@@ -228,7 +228,9 @@ async def test_failures_retry_with_increasing_gaps_then_dead_letter_then_replay(
             "links": {"replay": f"/webhooks/dead-letters/{delivery['id']}/replay", "job": f"/jobs/{ticket['id']}"},
         }
     ]
-    assert await redis.zcard(schema.dead_letters_key("acme")) == 1
+    store = WebhookStore(redis, settings)  # what /metrics will read
+    assert await store.dead_letter_count("acme") == 1 and await store.dead_letter_count("globex") == 0
+    assert await store.outcome_counts() == {"retry": 3, "dead": 1}
 
     receiver.default = Reply(204)
     replay = await client.post(f"/webhooks/dead-letters/{delivery['id']}/replay")
@@ -238,6 +240,8 @@ async def test_failures_retry_with_increasing_gaps_then_dead_letter_then_replay(
     assert receiver.requests[4].headers["webhook-id"] == delivery["id"]  # same webhook-id
     assert replayed["replays"] == 1 and [a["status_code"] for a in replayed["attempts"]] == [500] * 4 + [204]
     assert (await client.get("/webhooks/dead-letters")).json()["items"] == []
+    assert await store.dead_letter_count("acme") == 0
+    assert await store.outcome_counts() == {"retry": 3, "dead": 1, "delivered": 1}
     again = await client.post(f"/webhooks/dead-letters/{delivery['id']}/replay")
     assert again.status_code == 404  # no longer a dead letter
 

@@ -71,6 +71,7 @@ JITTER = 0.1
 #: At most this much of an answer's body is read (then the connection is dropped, not reused).
 ANSWER_READ_MAX = 64 * 1024
 KEEPALIVE_S = 30.0
+ERROR_MAX = 500
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Sender:
         # Given explicitly: httpcore would write an IPv6 host without its brackets.
         host = parts.netloc.rpartition("@")[2].encode()
         timeouts = dict.fromkeys(("connect", "read", "write", "pool"), self.timeout_s)
+        answer: Answer | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._pool.stream(
@@ -163,9 +165,10 @@ class Sender:
         except egress.DestinationRefused as exc:
             return Answer(error=f"refused, nothing sent: {exc}", refused=True)
         except (TimeoutError, httpcore.TimeoutException):
-            return Answer(error=f"no answer within {self.timeout_s:g} s")
+            # Out of time while reading the body: the status came, and it is what counts.
+            return answer or Answer(error=f"no answer within {self.timeout_s:g} s")
         except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as exc:
-            return Answer(error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+            return Answer(error=f"{type(exc).__name__}: {exc}".rstrip(": ")[:ERROR_MAX])
 
     @staticmethod
     def _answer(status: int, headers: list[tuple[bytes, bytes]]) -> Answer:
