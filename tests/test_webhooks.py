@@ -18,16 +18,22 @@ from email.utils import formatdate
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from arq.constants import job_key_prefix as arq_job_key_prefix
+from arq.jobs import deserialize_job_raw
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from server.embedded_redis import RedisProcess
+from worker import schema
 from worker.delivery import RETRY_AFTER_MAX_S, Answer, next_step, parse_retry_after
 from worker.main import JobcastWorker
+from worker.models import Priority
 from worker.settings import ConfigError, Settings
 from worker.signatures import decode_secret, sign
+from worker.store import Store
 from worker.webhooks import WebhookStore
 
 from .conftest import (
@@ -194,6 +200,23 @@ async def test_a_tenant_without_a_signing_secret_cannot_submit_a_webhook(
         assert response.json()["errors"][0]["loc"] == ["body", "webhook"]
         assert (await globex.get("/jobs")).json()["items"] == []
         assert (await globex.post("/jobs", json={"type": "sleep"})).status_code == 202  # without: fine
+
+
+async def test_deliveries_are_queued_in_the_same_step_as_their_events(store: Store, redis: Redis) -> None:
+    webhook = {"url": "http://127.0.0.1:9/hook", "events": ["job.queued", "job.cancelled"]}
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1, webhook=webhook
+    )
+    assert created.job_id is not None
+    await store.cancel(created.job_id, "acme")  # no worker runs: only the script wrote anything
+    sids = [sid for sid, _ in await redis.xrange(schema.job_log_key(created.job_id))]
+    ids = [f"msg_{created.job_id.removeprefix('job_')}_{sid}" for sid in sids]
+    assert await redis.lrange(schema.job_deliveries_key(created.job_id), 0, -1) == ids
+    assert await redis.zrange(schema.WEBHOOK_QUEUE, 0, -1) == [f"{wid}.1" for wid in ids]
+    for wid in ids:  # in arq's own job format, as arq reads it
+        payload = await redis.get(arq_job_key_prefix + f"{wid}.1")
+        function, args, kwargs, _, _ = deserialize_job_raw(payload.encode(), deserializer=orjson.loads)
+        assert (function, args, kwargs) == (schema.DELIVER_FUNCTION, [wid, 1], {})
 
 
 # --- retries, dead letters, replay ----------------------------------------------------------------

@@ -61,13 +61,11 @@ local function delivery_enqueue(wid, seq, due_ms)
   redis.call('PUBLISH', K_WEBHOOK_DOORBELL_CHANNEL, wid)
 end
 
--- When job `id`'s webhook asks for `event`, record a delivery of it and queue its first attempt.
--- Its webhook-id derives from the event's position in the job's log, so it is unique and stable.
-local function webhook_enqueue(id, tenant, status, event, job_sid)
-  local w = fields(id, 'webhook', 'webhook_gone')
-  if not w[1] or w[1] == '' or w[2] then return end
+-- When job `id`'s webhook (JSON `webhook`) asks for `event`, record a delivery of it and queue its
+-- first attempt. Its webhook-id derives from the event's position in the job's log: unique, stable.
+local function webhook_enqueue(id, tenant, status, event, job_sid, webhook)
   local wanted = false
-  local spec = cjson.decode(w[1])
+  local spec = cjson.decode(webhook)
   for _, name in ipairs(spec.events) do
     if name == event then wanted = true end
   end
@@ -83,7 +81,7 @@ end
 -- Build the event payload from the record (after it was updated), append it to both logs, ring the
 -- doorbell and queue the webhook delivery, if any. `extra` is a pre-encoded ',"key":value' tail.
 local function emit(id, event, extra)
-  local r = fields(id, 'tenant', 'type', 'status', 'attempt', 'progress')
+  local r = fields(id, 'tenant', 'type', 'status', 'attempt', 'progress', 'webhook', 'webhook_gone')
   local data = '{"job_id":"' .. id .. '","type":' .. cjson.encode(r[2]) .. ',"status":"' .. r[3]
     .. '","attempt":' .. r[4] .. ',"progress":' .. r[5] .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
   local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', CFG_JOB_LOG_MAX, '*',
@@ -92,7 +90,7 @@ local function emit(id, event, extra)
     'event', event, 'job', id, 'data', data)
   redis.call('PUBLISH', K_EVENTS_CHANNEL,
     job_sid .. '\n' .. tenant_sid .. '\n' .. r[1] .. '\n' .. id .. '\n' .. event .. '\n' .. data)
-  webhook_enqueue(id, r[1], r[3], event, job_sid)
+  if r[6] and r[6] ~= '' and not r[7] then webhook_enqueue(id, r[1], r[3], event, job_sid, r[6]) end
   return job_sid
 end
 
