@@ -116,6 +116,17 @@ async def test_a_completed_job_is_delivered_signed_and_thin(
     assert attempt["status_code"] == 200 and attempt["error"] is None and attempt["duration_ms"] >= 0
 
 
+async def test_an_ipv6_receiver_gets_a_bracketed_host_header(client: httpx.AsyncClient, worker: JobcastWorker) -> None:
+    receiver = await Receiver("::1").start()
+    try:
+        await submit(client, params=QUICK, webhook={"url": receiver.url})
+        [request] = await receiver.wait_for(1)
+        assert request.headers["host"] == f"[::1]:{receiver.port}"
+        assert verify(request)["type"] == "job.completed"
+    finally:
+        await receiver.stop()
+
+
 async def test_the_events_asked_for_are_delivered_each_with_its_own_id(
     client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver
 ) -> None:
