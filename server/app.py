@@ -24,15 +24,17 @@ from starlette.staticfiles import StaticFiles
 from worker.settings import Settings
 from worker.store import Store, redis_client
 from worker.types import load_registry
+from worker.webhooks import WebhookStore
 
 from .auth import Authenticator
 from .hub import Hub
 from .keys import ApiKeys
 from .limits import RateLimiter, StreamSlots, parse_rate
-from .openapi import build_openapi
+from .openapi import build_openapi, enforce_documented_query
 from .problems import EXCEPTION_HANDLERS
 from .routes import State, routes
 from .tokens import TokenSigner
+from .webhooks import routes as webhook_routes
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(settings)
     rate = parse_rate(settings.submit_rate)
-    openapi = orjson.dumps(build_openapi(registry))
+    document = build_openapi(registry)
+    openapi = orjson.dumps(document)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -70,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 rate_limiter=RateLimiter(redis, rate) if rate else None,
                 openapi=openapi,
                 stream_slots=slots,
+                webhooks=WebhookStore(redis, settings),
             )
         finally:
             refresher.cancel()
@@ -80,7 +84,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            *routes(),
+            *enforce_documented_query([*routes(), *webhook_routes()], document),
             Route("/", dashboard, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],

@@ -9,13 +9,28 @@ cannot drift apart silently.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.routing import BaseRoute, Route
 
-from worker.models import HistoryEntry, JobError, JobStatus, Priority, Progress
+from worker.models import (
+    DeliveryStatus,
+    EventName,
+    HistoryEntry,
+    JobError,
+    JobStatus,
+    Priority,
+    Progress,
+    WebhookSpec,
+)
 from worker.types import Registry
+
+from .problems import BadRequest
 
 REF = "#/components/schemas/{model}"
 #: Idempotency keys: printable ASCII (they travel in a header).
@@ -33,6 +48,57 @@ class Links(BaseModel):
     events: str
     cancel: str
     result: str
+    deliveries: str | None = Field(default=None, description="Present when the job has a webhook.")
+
+
+class StoredWebhook(BaseModel):
+    url: str
+    events: list[EventName]
+
+
+class DeliveryAttempt(BaseModel):
+    at: str
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+
+
+class DeliveryResource(BaseModel):
+    id: str = Field(description="The webhook-id header of every attempt of this delivery.")
+    event: EventName
+    url: str
+    status: DeliveryStatus
+    created_at: str
+    next_attempt_at: str | None
+    finished_at: str | None
+    replays: int
+    attempts: list[DeliveryAttempt]
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryResource]
+
+
+class DeadLetter(BaseModel):
+    id: str
+    job_id: str
+    event: EventName
+    url: str
+    attempts: int
+    last_error: str | None
+    dead_at: str | None
+    links: dict[str, str]
+
+
+class DeadLetterList(BaseModel):
+    items: list[DeadLetter]
+
+
+class Replayed(BaseModel):
+    id: str
+    job_id: str
+    status: DeliveryStatus
+    links: dict[str, str]
 
 
 class JobResource(BaseModel):
@@ -53,6 +119,7 @@ class JobResource(BaseModel):
     history: list[HistoryEntry]
     result: Any = None
     error: JobError | None
+    webhook: StoredWebhook | None
     links: Links
     cancel_requested: bool
 
@@ -110,6 +177,7 @@ class Problem(BaseModel):
 
 MODELS: list[type[BaseModel]] = [
     JobResource, JobTicket, JobList, JobTypeList, StreamToken, Health, Problem,
+    DeliveryList, DeadLetterList, Replayed, WebhookSpec,
 ]  # fmt: skip
 
 PROBLEM_DESCRIPTIONS = {
@@ -166,6 +234,7 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
                 "type": {"const": jt.name},
                 "params": params,
                 "priority": {"anyOf": [{"$ref": REF.format(model="Priority")}, {"type": "null"}]},
+                "webhook": {"anyOf": [{"$ref": REF.format(model="WebhookSpec")}, {"type": "null"}]},
             },
             "required": ["type"],
             "additionalProperties": False,
@@ -300,6 +369,42 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
                 },
             }
         },
+        "/jobs/{job_id}/deliveries": {
+            "get": {
+                "summary": "The webhook deliveries of a job, with every attempt",
+                "operationId": "jobDeliveries",
+                "security": READ_SECURITY,
+                "parameters": [JOB_ID, TOKEN],
+                "responses": {
+                    "200": {"description": "Deliveries, newest first.", "content": _json("DeliveryList")},
+                    **_problems("401", "403", "404"),
+                },
+            }
+        },
+        "/webhooks/dead-letters": {
+            "get": {
+                "summary": "The tenant's deliveries that exhausted their retries",
+                "operationId": "listDeadLetters",
+                "parameters": [
+                    _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500}, "At most this many."),
+                ],
+                "responses": {
+                    "200": {"description": "Dead letters.", "content": _json("DeadLetterList")},
+                    **_problems("400", "401", "403"),
+                },
+            }
+        },
+        "/webhooks/dead-letters/{webhook_id}/replay": {
+            "post": {
+                "summary": "Try a dead letter again (fresh schedule, same webhook-id)",
+                "operationId": "replayDeadLetter",
+                "parameters": [_param("webhook_id", "path", {"type": "string"}, "The delivery's id.", required=True)],
+                "responses": {
+                    "202": {"description": "Queued for delivery.", "content": _json("Replayed")},
+                    **_problems("401", "403", "404"),
+                },
+            }
+        },
         "/job-types": {
             "get": {
                 "summary": "The registered job types and their parameter schemas",
@@ -350,6 +455,10 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
             }
         },
     }
+    for operations in paths.values():
+        for operation in operations.values():
+            # Unknown query parameters are refused everywhere (enforce_documented_query).
+            operation["responses"].setdefault("400", _problems("400")["400"])
     return {
         "openapi": "3.1.0",
         "info": {
@@ -367,3 +476,49 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
     }
+
+
+def documented_query_params(document: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
+    """(METHOD, path template) -> the query parameters the document declares for it."""
+    allowed = {}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            names = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
+            # ?token= is a credential (the "token" security scheme), taken anywhere: on an endpoint
+            # it cannot open, the answer is the 401/403 of API.md, not a 400.
+            allowed[(method.upper(), path)] = frozenset(names | {"token"})
+    return allowed
+
+
+def enforce_documented_query(routes: list[BaseRoute], document: dict[str, Any]) -> list[BaseRoute]:
+    """The routes, each refusing query parameters its operation does not declare (400): a typo
+    such as ``?limt=5`` is an error to report, not an option to ignore silently."""
+    allowed = documented_query_params(document)
+    checked: list[BaseRoute] = []
+    for route in routes:
+        if not isinstance(route, Route) or route.methods is None:
+            checked.append(route)
+            continue
+        per_method = {m: allowed[(m, route.path)] for m in route.methods if (m, route.path) in allowed}
+        if "GET" in per_method:
+            per_method["HEAD"] = per_method["GET"]
+        checked.append(
+            Route(route.path, _checking(route.endpoint, per_method), methods=sorted(route.methods), name=route.name)
+        )
+    return checked
+
+
+def _checking(endpoint: Callable[[Request], Awaitable[Any]], per_method: dict[str, frozenset[str]]) -> Any:
+    @functools.wraps(endpoint)
+    async def checked(request: Request) -> Any:
+        names = per_method.get(request.method)
+        if names is not None:
+            unknown = sorted(set(request.query_params.keys()) - names)
+            if unknown:
+                takes = ", ".join(sorted(names - {"token"})) or "none"
+                raise BadRequest(
+                    f"Unknown query parameter(s): {', '.join(map(repr, unknown))}. This endpoint takes: {takes}."
+                )
+        return await endpoint(request)
+
+    return checked

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.models import job_links
 from worker.store import JobRecord
 
 
-def links(job_id: str) -> dict[str, str]:
-    base = f"/jobs/{job_id}"
-    return {"self": base, "events": base + "/events", "cancel": base + "/cancel", "result": base + "/result"}
+def links(record: JobRecord) -> dict[str, str]:
+    result = job_links(record.id)
+    if record.webhook is not None:
+        result["deliveries"] = f"/jobs/{record.id}/deliveries"
+    return result
 
 
 def job_resource(record: JobRecord) -> dict[str, Any]:
@@ -29,7 +32,8 @@ def job_resource(record: JobRecord) -> dict[str, Any]:
         "history": record.history,
         "result": record.result,
         "error": record.error,
-        "links": links(record.id),
+        "webhook": record.webhook,
+        "links": links(record),
         "cancel_requested": record.cancel_requested,
     }
 

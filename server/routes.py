@@ -26,6 +26,7 @@ from worker.models import JobStatus, Submission
 from worker.settings import Settings
 from worker.store import JobRecord, Store
 from worker.types import Registry
+from worker.webhooks import WebhookRejected, WebhookStore, accept_webhook
 
 from .auth import Authenticator
 from .hub import Audience, Hub
@@ -65,6 +66,7 @@ class State(TypedDict):
     rate_limiter: RateLimiter | None
     stream_slots: StreamSlots
     openapi: bytes
+    webhooks: WebhookStore
 
 
 def _state(request: Request) -> State:
@@ -186,6 +188,19 @@ def _etags(header: str | None) -> set[str]:
     return {part.strip().removeprefix("W/") for part in header.split(",")}
 
 
+SAFE_INTEGER = 2**53
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= SAFE_INTEGER:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    return value
+
+
 async def submit_job(request: Request) -> Response:
     state = _state(request)
     principal = await state["auth"].require(request, "write")
@@ -202,16 +217,19 @@ async def submit_job(request: Request) -> Response:
             errors=[{"loc": ["body", "type"], "msg": f"unknown job type; one of: {known}", "type": "job_type"}],
         )
     try:
-        # Strict, as JSON: "5" is not a number, but an ISO string is a datetime.
-        params = jt.params.model_validate_json(orjson.dumps(submission.params), strict=True).model_dump(mode="json")
+        # Strict, as JSON: "5" is not a number (but an ISO string is a datetime). JSON Schema counts
+        # 3.0 as an integer, so integral floats are passed as integers.
+        params_json = orjson.dumps(_integral_floats_as_ints(submission.params))
+        params = jt.params.model_validate_json(params_json, strict=True).model_dump(mode="json")
     except ValidationError as exc:
         raise ValidationFailed.from_pydantic(exc, prefix=("body", "params")) from None
+    webhook = None
     if submission.webhook is not None:
-        raise ValidationFailed(
-            "Webhook delivery is not available in this version of Jobcast; submit without 'webhook' "
-            "and follow the job with GET /jobs/{id}?wait= or its event stream.",
-            errors=[{"loc": ["body", "webhook"], "msg": "webhooks are not supported yet", "type": "unsupported"}],
-        )
+        try:
+            webhook = await accept_webhook(submission.webhook, principal.tenant, state["settings"])
+        except WebhookRejected as exc:
+            loc = ["body", "webhook", *([exc.field] if exc.field else [])]
+            raise ValidationFailed(str(exc), errors=[{"loc": loc, "msg": str(exc), "type": "webhook"}]) from None
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
         raise BadRequest("The Idempotency-Key header must be 1 to 255 printable ASCII characters.")
@@ -235,6 +253,7 @@ async def submit_job(request: Request) -> Response:
         params=params,
         priority=submission.priority or jt.priority,
         max_attempts=jt.max_attempts,
+        webhook=webhook,
         idempotency_key=idempotency_key,
         fingerprint=fingerprint,
     )

@@ -7,6 +7,7 @@ tests can flush, stop and restart it without touching any Redis the machine alre
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -33,6 +34,8 @@ ACME = {"Authorization": "Bearer key-acme"}
 GLOBEX = {"Authorization": "Bearer key-globex"}
 API_KEYS = "acme:key-acme,globex:key-globex"
 SECRET = "test-secret-key-0123456789-0123456789-abcdef"
+WEBHOOK_SECRET_ACME = "whsec_" + base64.b64encode(b"acme-webhook-signing-key-0123456").decode()
+WEBHOOK_SECRET_GLOBEX = "whsec_" + base64.b64encode(b"globex-webhook-signing-key-01234").decode()
 
 #: Settings for tests: short heartbeats and sweeps so lost workers are noticed in ~2 s.
 FAST = {
@@ -58,6 +61,7 @@ def make_settings(redis_url: str, **overrides: Any) -> Settings:
         "api_keys": API_KEYS,
         "secret_key": SECRET,
         "job_modules": "tests.jobtypes",
+        "webhook_secrets": f"acme:{WEBHOOK_SECRET_ACME},globex:{WEBHOOK_SECRET_GLOBEX}",
         **FAST,
     }
     values.update(overrides)
@@ -126,6 +130,18 @@ async def client(server: ServerHandle) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @contextlib.asynccontextmanager
+async def serving(settings: Settings, headers: dict[str, str] = ACME) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a server of its own, for a test that needs other settings than the fixture's."""
+    handle = ServerHandle(settings)
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=headers, timeout=30) as c:
+            yield c
+    finally:
+        await handle.stop()
+
+
+@contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[JobcastWorker]:
     worker = build_worker(settings, handle_signals=False)
     task = asyncio.create_task(worker.async_run())
@@ -157,6 +173,11 @@ class WorkerProcess:
                 "JOBCAST_HEARTBEAT_S": str(settings.heartbeat_s),
                 "JOBCAST_MAINTENANCE_S": str(settings.maintenance_s),
                 "JOBCAST_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
+                "JOBCAST_WEBHOOK_SECRET": settings.webhook_secret,
+                "JOBCAST_WEBHOOK_SECRETS": settings.webhook_secrets,
+                "JOBCAST_WEBHOOK_ALLOW_PRIVATE": "1" if settings.webhook_allow_private else "0",
+                "JOBCAST_WEBHOOK_RETRY_SCHEDULE": settings.webhook_retry_schedule,
+                "JOBCAST_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
                 "PYTHONPATH": str(ROOT),
             }
         )
@@ -185,10 +206,11 @@ class WorkerProcess:
 
 @pytest.fixture
 def worker_processes(settings: Settings, tmp_path: Path) -> Iterator[Any]:
+    """``start(settings=None)`` runs a worker process (with the test's settings unless given others)."""
     started: list[WorkerProcess] = []
 
-    def start() -> WorkerProcess:
-        proc = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
+    def start(settings_: Settings | None = None) -> WorkerProcess:
+        proc = WorkerProcess(settings_ or settings, tmp_path / f"worker-{len(started)}.log")
         started.append(proc)
         return proc
 
@@ -231,3 +253,24 @@ async def submit(client: httpx.AsyncClient, job_type: str = "sleep", **body: Any
     assert response.status_code == 202, response.text
     data: dict[str, Any] = response.json()
     return data
+
+
+async def deliveries(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
+    """``GET /jobs/{id}/deliveries``' items."""
+    response = await client.get(f"/jobs/{job_id}/deliveries")
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+async def wait_for_deliveries(
+    client: httpx.AsyncClient, job_id: str, status: str, count: int = 1, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """Wait until the job has ``count`` deliveries, all with ``status``."""
+
+    async def settled() -> list[dict[str, Any]] | None:
+        items = await deliveries(client, job_id)
+        return items if len(items) >= count and all(i["status"] == status for i in items) else None
+
+    result: list[dict[str, Any]] = await wait_until(settled, timeout=timeout, interval=0.05)
+    return result

@@ -10,6 +10,7 @@ something a request/response fuzzer can wait for. tests/test_sse.py covers them.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -50,6 +51,10 @@ def live_server(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFac
         JOBCAST_SECRET_KEY=SECRET,
         JOBCAST_JOB_MODULES="tests.jobtypes",
         JOBCAST_MAX_QUEUED="200",
+        # Webhooks are accepted (a secret is set) without resolving their hosts: the fuzzer's
+        # made-up names must not turn into DNS queries. No worker runs, so nothing is delivered.
+        JOBCAST_WEBHOOK_SECRET="whsec_" + base64.b64encode(b"fuzz-secret-0123456789abcdef").decode(),
+        JOBCAST_WEBHOOK_ALLOW_PRIVATE="1",
         JOBCAST_LOG_LEVEL="WARNING",
         PYTHONPATH=str(ROOT),
     )

@@ -12,7 +12,8 @@ import orjson
 from redis.asyncio import Redis
 
 from worker import schema
-from worker.main import IDLE_FALLBACK_S, JobcastWorker
+from worker.doorbell import IDLE_FALLBACK_S
+from worker.main import JobcastWorker
 from worker.settings import Settings
 
 from .conftest import running_worker, submit, wait_for_status

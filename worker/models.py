@@ -6,9 +6,9 @@ Status values and event names are those of API.md; they are spelled here once an
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, field_validator
 
 
 class JobStatus(StrEnum):
@@ -45,10 +45,32 @@ class EventName(StrEnum):
 TERMINAL_EVENTS = (EventName.COMPLETED, EventName.FAILED, EventName.CANCELLED)
 
 
+class DeliveryStatus(StrEnum):
+    """Where a webhook delivery is: waiting for its next attempt, or one of its three ends."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    #: Exhausted its schedule, or its destination was refused: in the dead-letter list, replayable.
+    DEAD = "dead"
+    #: The receiver answered 410 Gone: not retried, and nothing more is sent for the job.
+    GONE = "gone"
+
+
+def job_links(job_id: str) -> dict[str, str]:
+    """A job's links, as the job resource and webhook bodies give them."""
+    base = f"/jobs/{job_id}"
+    return {"self": base, "events": base + "/events", "cancel": base + "/cancel", "result": base + "/result"}
+
+
 class WebhookSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: AnyHttpUrl
+    url: Annotated[
+        AnyHttpUrl,
+        UrlConstraints(max_length=2048),
+        # No user:password@ (refused at submission, see worker.webhooks): said in the schema too.
+        Field(json_schema_extra={"pattern": r"^https?://[^/?#@\s]+([/?#]\S*)?$"}),
+    ]
     events: list[EventName] = Field(default_factory=lambda: list(TERMINAL_EVENTS), min_length=1)
 
 

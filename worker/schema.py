@@ -22,10 +22,17 @@ key                                    type     holds
 ``jobcast:apikeys``                    hash     key id -> tenant, label, time, SHA-256 of the key
 ``jobcast:streams:{t}``                zset     the tenant's open event streams, scored by expiry (ms)
 ``arq:queue``, ``arq:job:{rid}``, ...  arq's    the run being executed (arq's own keys)
+``jobcast:delivery:{wid}``             hash     a webhook delivery (``{wid}`` is its webhook-id)
+``jobcast:delivery:{wid}:attempts``    list     its attempts, JSON each, oldest first (capped)
+``jobcast:deliveries:{id}``            list     the webhook-ids of a job's deliveries, in order
+``jobcast:dead-letters:{t}``           zset     the tenant's dead deliveries, scored by death (ms)
+``jobcast:webhook-stats``              hash     attempt outcome -> count, since the start
+``jobcast:webhooks``                   zset     arq's queue of delivery attempts (``{wid}.{seq}``)
 =====================================  =======  ===============================================
 
 Channels: ``jobcast:events`` (every event; the server's hub is its only subscriber per process),
-``jobcast:doorbell`` (a run was queued: idle workers poll now), ``jobcast:control`` (``cancel {id}``).
+``jobcast:doorbell`` (a run was queued: idle workers poll now), ``jobcast:control`` (``cancel {id}``),
+``jobcast:webhooks:doorbell`` (a delivery attempt was queued).
 
 The Lua script computes keys from a job's tenant and status, which it reads inside the script; that
 is fine on one Redis (with replicas or Sentinel) and is why Redis Cluster is not supported.
@@ -45,6 +52,7 @@ from arq.constants import (
 )
 from redis.asyncio import Redis
 
+from .clock import now
 from .settings import Settings
 
 PREFIX = "jobcast:"
@@ -66,8 +74,20 @@ EVENTS_CHANNEL = PREFIX + "events"
 DOORBELL_CHANNEL = PREFIX + "doorbell"
 CONTROL_CHANNEL = PREFIX + "control"
 
+DELIVERY = PREFIX + "delivery:"
+JOB_DELIVERIES = PREFIX + "deliveries:"
+DEAD_LETTERS = PREFIX + "dead-letters:"
+WEBHOOK_STATS = PREFIX + "webhook-stats"
+WEBHOOK_DOORBELL_CHANNEL = PREFIX + "webhooks:doorbell"
+
 ARQ_QUEUE = default_queue_name
 ARQ_FUNCTION = "jobcast.run"
+#: Delivery attempts have an arq queue of their own, so a slow receiver never delays a job.
+WEBHOOK_QUEUE = PREFIX + "webhooks"
+DELIVER_FUNCTION = "jobcast.deliver"
+
+#: Attempts kept per delivery (a replayed delivery adds a fresh schedule's worth each time).
+ATTEMPTS_KEPT = 100
 
 #: Results and errors up to this many bytes travel inside terminal events; larger ones as a link.
 INLINE_MAX = 4096
@@ -109,6 +129,22 @@ def arq_run_id(job_id: str, run: int) -> str:
     return f"{job_id}.{run}"
 
 
+def delivery_key(webhook_id: str) -> str:
+    return DELIVERY + webhook_id
+
+
+def delivery_attempts_key(webhook_id: str) -> str:
+    return DELIVERY + webhook_id + ":attempts"
+
+
+def job_deliveries_key(job_id: str) -> str:
+    return JOB_DELIVERIES + job_id
+
+
+def dead_letters_key(tenant: str) -> str:
+    return DEAD_LETTERS + tenant
+
+
 def _prelude(settings: Settings) -> str:
     constants: dict[str, Any] = {
         "K_JOB": JOB,
@@ -128,7 +164,15 @@ def _prelude(settings: Settings) -> str:
         "K_ARQ_JOB": job_key_prefix,
         "K_ARQ_IN_PROGRESS": in_progress_key_prefix,
         "K_ARQ_RETRY": retry_key_prefix,
+        "K_DELIVERY": DELIVERY,
+        "K_JOB_DELIVERIES": JOB_DELIVERIES,
+        "K_DEAD_LETTERS": DEAD_LETTERS,
+        "K_WEBHOOK_STATS": WEBHOOK_STATS,
+        "K_WEBHOOK_QUEUE": WEBHOOK_QUEUE,
+        "K_WEBHOOK_DOORBELL_CHANNEL": WEBHOOK_DOORBELL_CHANNEL,
         "CFG_ARQ_FUNCTION": ARQ_FUNCTION,
+        "CFG_DELIVER_FUNCTION": DELIVER_FUNCTION,
+        "CFG_ATTEMPTS_KEPT": ATTEMPTS_KEPT,
         "CFG_JOB_LOG_MAX": settings.job_log_max,
         "CFG_TENANT_LOG_MAX": settings.tenant_log_max,
         "CFG_RETENTION_S": settings.retention_s,
@@ -174,5 +218,7 @@ class JobsScript:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._script = redis.register_script(_prelude(settings) + _lua("jobs.lua"))
 
-    async def __call__(self, op: str, now_iso: str, now_ms: int, *args: str | int | float) -> Any:
+    async def __call__(self, op: str, *args: str | int | float) -> Any:
+        """Run ``op`` as of now (the script gets the time from here, read once)."""
+        now_iso, now_ms = now()
         return await self._script(keys=[], args=[op, now_iso, now_ms, *args])

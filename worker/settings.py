@@ -10,14 +10,21 @@ Two modes: ``production`` (the default) refuses to start without real secrets, s
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .signatures import SecretFormatError, decode_secret
+
 DEV_SECRET_KEY = "jobcast-development-secret-do-not-use-in-production"
 DEV_API_KEYS = "dev:dev-key"
+#: What ``jobcast dev`` signs webhooks with when no secret is set (README, Webhooks).
+DEV_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"jobcast-development-webhook-key!").decode()
+#: The Standard Webhooks schedule: seconds to wait before each retry after the first attempt.
+STANDARD_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,50400,72000,86400"
 
 
 #: What a tenant may be called: it becomes part of Redis keys and event messages.
@@ -44,6 +51,23 @@ def parse_pairs(raw: str, variable: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_schedule(raw: str) -> list[float]:
+    """``"5,300,1800"`` -> ``[5.0, 300.0, 1800.0]``: seconds before each retry; empty means no retry."""
+    delays = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        try:
+            delay = float(part)
+        except ValueError:
+            delay = -1.0
+        if not 0 <= delay <= 7 * 24 * 3600:  # also false for NaN
+            raise ValueError(
+                f"JOBCAST_WEBHOOK_RETRY_SCHEDULE: {part!r} is not a number of seconds from 0 to 604800; "
+                f"write the delays before each retry, comma separated, e.g. '{STANDARD_RETRY_SCHEDULE}'"
+            )
+        delays.append(delay)
+    return delays
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JOBCAST_", extra="ignore")
 
@@ -55,7 +79,7 @@ class Settings(BaseSettings):
     webhook_secret: str = ""
     webhook_secrets: str = ""
     webhook_allow_private: bool = False
-    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,50400,72000,86400"
+    webhook_retry_schedule: str = STANDARD_RETRY_SCHEDULE
     submit_rate: str = ""
     max_queued: int = Field(default=100_000, ge=1)
 
@@ -92,6 +116,11 @@ class Settings(BaseSettings):
     sse_max_streams: int = Field(default=20_000, ge=1)
     #: Open event streams allowed per tenant, across all server processes (429 beyond; 0: no cap).
     sse_max_streams_per_tenant: int = Field(default=10_000, ge=0)
+    #: Webhooks: seconds one delivery attempt may take, everything included (resolving the host,
+    #: connecting, sending, the answer's status and headers).
+    webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    #: Worker: deliveries one worker process makes at once, on their own queue beside the jobs.
+    webhook_concurrency: int = Field(default=20, ge=1)
 
     log_level: str = "INFO"
 
@@ -100,11 +129,20 @@ class Settings(BaseSettings):
     def _upper(cls, value: str) -> str:
         return value.upper()
 
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        parse_schedule(value)
+        return value
+
     @model_validator(mode="after")
     def _require_secrets(self) -> Settings:
         if self.env == "development":
             self.secret_key = self.secret_key or DEV_SECRET_KEY
             self.api_keys = self.api_keys or DEV_API_KEYS
+            if not self.webhook_secret and not self.webhook_secrets:
+                self.webhook_secret = DEV_WEBHOOK_SECRET
+        self.webhook_keys  # noqa: B018 - a malformed secret is a startup error, in every mode
         return self
 
     def check_production(self) -> None:
@@ -134,6 +172,32 @@ class Settings(BaseSettings):
                     f"JOBCAST_API_KEYS: tenant name {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'."
                 )
         return {key: tenant for tenant, key in pairs}
+
+    @property
+    def webhook_keys(self) -> dict[str | None, list[bytes]]:
+        """Webhook signing keys by tenant (several during a rotation); ``None`` holds the fallback
+        key of ``JOBCAST_WEBHOOK_SECRET``. Use :meth:`webhook_keys_for`."""
+        keys: dict[str | None, list[bytes]] = {}
+        sources: list[tuple[str | None, str, str]] = []
+        if self.webhook_secret:
+            sources.append((None, self.webhook_secret, "JOBCAST_WEBHOOK_SECRET"))
+        for name, secret in parse_pairs(self.webhook_secrets, "JOBCAST_WEBHOOK_SECRETS"):
+            sources.append((name, secret, f"JOBCAST_WEBHOOK_SECRETS (tenant {name!r})"))
+        for tenant, secret, variable in sources:
+            try:
+                keys.setdefault(tenant, []).append(decode_secret(secret))
+            except SecretFormatError as exc:
+                raise ConfigError(f"{variable}: {exc}") from None
+        return keys
+
+    def webhook_keys_for(self, tenant: str) -> list[bytes]:
+        """The keys that sign ``tenant``'s deliveries: its own, else the fallback; empty when neither is set."""
+        keys = self.webhook_keys
+        return keys.get(tenant) or keys.get(None) or []
+
+    @property
+    def webhook_retry_delays(self) -> list[float]:
+        return parse_schedule(self.webhook_retry_schedule)
 
     @property
     def job_module_names(self) -> list[str]:

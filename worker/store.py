@@ -19,7 +19,6 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from . import schema
-from .clock import now
 from .ids import is_job_id, new_job_id
 from .models import JobError, JobStatus, Priority
 from .settings import Settings
@@ -133,10 +132,6 @@ class Store:
         self.settings = settings
         self._script = schema.JobsScript(redis, settings)
 
-    async def _call(self, op: str, *args: str | int | float) -> Any:
-        iso, ms = now()
-        return await self._script(op, iso, ms, *args)
-
     # --- submission and reads (server side) ------------------------------------------------------
 
     async def create(
@@ -153,7 +148,7 @@ class Store:
     ) -> Created:
         job_id = new_job_id()
         idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
-        outcome, ident = await self._call(
+        outcome, ident = await self._script(
             "create",
             job_id,
             tenant,
@@ -251,7 +246,7 @@ class Store:
         """``cancelled`` (was queued), ``requested`` (running), ``terminal`` (+ status), ``missing``."""
         if not is_job_id(job_id):
             return "missing", None
-        reply = await self._call("cancel", job_id, tenant)
+        reply = await self._script("cancel", job_id, tenant)
         if reply[0] in ("cancelled", "requested"):
             logger.info("job %s cancel: %s", job_id, reply[0])
         return reply[0], (reply[1] if len(reply) > 1 else None)
@@ -297,7 +292,7 @@ class Store:
     # --- transitions (worker side) ---------------------------------------------------------------
 
     async def start(self, job_id: str, run: int, lease_deadline_ms: int) -> Started | None:
-        reply = await self._call("start", job_id, run, lease_deadline_ms)
+        reply = await self._script("start", job_id, run, lease_deadline_ms)
         if reply[0] != "ok":
             logger.info("job %s run %s not started: status is %s", job_id, run, reply[1])
             return None
@@ -309,7 +304,7 @@ class Store:
             body["step"] = step
         if message is not None:
             body["message"] = message
-        return bool(await self._call("progress", job_id, run, repr(float(percent)), orjson.dumps(body).decode()))
+        return bool(await self._script("progress", job_id, run, repr(float(percent)), orjson.dumps(body).decode()))
 
     async def heartbeat(self, lease_deadline_ms: int, runs: list[tuple[str, int]]) -> dict[str, str]:
         """Renew the leases of ``runs``; returns job id -> ``ok`` | ``cancel`` | ``lost``."""
@@ -318,11 +313,11 @@ class Store:
         flat: list[str | int] = []
         for job_id, run in runs:
             flat += [job_id, run]
-        reply = await self._call("heartbeat", lease_deadline_ms, *flat)
+        reply = await self._script("heartbeat", lease_deadline_ms, *flat)
         return {job_id: state for (job_id, _), state in zip(runs, reply, strict=True)}
 
     async def _finish(self, op: str, job_id: str, run: int, payload: str = "", delay_ms: int = 0) -> str | None:
-        reply = await self._call(op, job_id, run, payload, delay_ms)
+        reply = await self._script(op, job_id, run, payload, delay_ms)
         if reply[0] != "ok":
             logger.warning("job %s run %s: %s refused, job is %s (a newer run owns it)", job_id, run, op, reply[1])
             return None
@@ -350,13 +345,13 @@ class Store:
         return ids
 
     async def reap(self, job_id: str, error: JobError) -> str:
-        outcome = str(await self._call("reap", job_id, error.model_dump_json()))
+        outcome = str(await self._script("reap", job_id, error.model_dump_json()))
         if outcome != "alive":
             logger.warning("job %s lost its worker (lease lapsed): now %s", job_id, outcome)
         return outcome
 
     async def promote(self, limit: int = 100) -> tuple[int, int | None]:
         """Move due retries to the arq queue; returns (moved, next due time in ms or None)."""
-        moved, next_due = await self._call("promote", limit)
+        moved, next_due = await self._script("promote", limit)
         due = int(float(next_due))
         return int(moved), (None if due < 0 else due)

@@ -8,6 +8,11 @@
 -- A job's "run" is a fencing number: each time the job is put on the arq queue it gets a new run,
 -- and the arq job id is "<job id>.<run>". A worker may only move a job it holds the current run of,
 -- so a worker that lost its lease (killed, hung, partitioned) can never overwrite its successor.
+--
+-- Webhook deliveries live here too (ops 'attempted' and 'replay' at the end): an event the job's
+-- webhook asks for records its delivery and queues the first attempt inside the same call that
+-- emits the event. Attempts are fenced the same way: attempt <seq> of delivery <wid> is the arq job
+-- "<wid>.<seq>", and only the current seq may record an outcome.
 
 local op = ARGV[1]
 local now_iso = ARGV[2]
@@ -43,10 +48,43 @@ local function append_history(id, status, attempt)
   redis.call('HSET', job_key(id), 'history', h)
 end
 
--- Build the event payload from the record (after it was updated), append it to both logs and
--- ring the doorbell. `extra` is a pre-encoded ',"key":value' tail.
+-- Put arq job `rid` (function `fn`, arguments `args` as a JSON array's inside) on arq queue `queue`
+-- with score `score`: arq's own job format, as arq's enqueue_job writes it.
+local function arq_put(queue, rid, fn, args, score)
+  local payload = '{"t":1,"f":"' .. fn .. '","a":[' .. args .. '],"k":{},"et":' .. string.format('%d', now_ms) .. '}'
+  redis.call('SET', K_ARQ_JOB .. rid, payload)
+  redis.call('ZADD', queue, score, rid)
+end
+
+local function delivery_key(wid) return K_DELIVERY .. wid end
+
+-- Queue attempt `seq` of delivery `wid`, due at `due_ms` (arq takes only scores <= now).
+local function delivery_enqueue(wid, seq, due_ms)
+  arq_put(K_WEBHOOK_QUEUE, wid .. '.' .. seq, CFG_DELIVER_FUNCTION, '"' .. wid .. '",' .. seq, due_ms)
+  redis.call('PUBLISH', K_WEBHOOK_DOORBELL_CHANNEL, wid)
+end
+
+-- When job `id`'s webhook (JSON `webhook`) asks for `event`, record a delivery of it and queue its
+-- first attempt. Its webhook-id derives from the event's position in the job's log: unique, stable.
+local function webhook_enqueue(id, tenant, status, event, job_sid, webhook)
+  local wanted = false
+  local spec = cjson.decode(webhook)
+  for _, name in ipairs(spec.events) do
+    if name == event then wanted = true end
+  end
+  if not wanted then return end
+  local wid = 'msg_' .. string.sub(id, 5) .. '_' .. job_sid
+  redis.call('HSET', delivery_key(wid), 'id', wid, 'tenant', tenant, 'job_id', id, 'event', event,
+    'job_status', status, 'url', spec.url, 'timestamp', now_iso, 'created_at', now_iso, 'updated_at', now_iso,
+    'state', 'pending', 'seq', 1, 'tries', 0, 'attempts', 0, 'next_attempt_at', now_iso)
+  redis.call('RPUSH', K_JOB_DELIVERIES .. id, wid)
+  delivery_enqueue(wid, 1, now_ms)
+end
+
+-- Build the event payload from the record (after it was updated), append it to both logs, ring the
+-- doorbell and queue the webhook delivery, if any. `extra` is a pre-encoded ',"key":value' tail.
 local function emit(id, event, extra)
-  local r = fields(id, 'tenant', 'type', 'status', 'attempt', 'progress')
+  local r = fields(id, 'tenant', 'type', 'status', 'attempt', 'progress', 'webhook', 'webhook_gone')
   local data = '{"job_id":"' .. id .. '","type":' .. cjson.encode(r[2]) .. ',"status":"' .. r[3]
     .. '","attempt":' .. r[4] .. ',"progress":' .. r[5] .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
   local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', CFG_JOB_LOG_MAX, '*',
@@ -55,6 +93,7 @@ local function emit(id, event, extra)
     'event', event, 'job', id, 'data', data)
   redis.call('PUBLISH', K_EVENTS_CHANNEL,
     job_sid .. '\n' .. tenant_sid .. '\n' .. r[1] .. '\n' .. id .. '\n' .. event .. '\n' .. data)
+  if r[6] and r[6] ~= '' and not r[7] then webhook_enqueue(id, r[1], r[3], event, job_sid, r[6]) end
   return job_sid
 end
 
@@ -67,10 +106,8 @@ end
 -- that are <= now first, so a boost in the past orders by priority, then by time).
 local function arq_enqueue(id, run, priority)
   local rid = run_id(id, run)
-  local payload = '{"t":1,"f":"' .. CFG_ARQ_FUNCTION .. '","a":["' .. id .. '",' .. run .. '],"k":{},"et":'
-    .. string.format('%d', now_ms) .. '}'
-  redis.call('SET', K_ARQ_JOB .. rid, payload)
-  redis.call('ZADD', K_ARQ_QUEUE, now_ms - (PRIORITY_BOOST[priority] or PRIORITY_BOOST.normal), rid)
+  arq_put(K_ARQ_QUEUE, rid, CFG_ARQ_FUNCTION, '"' .. id .. '",' .. run,
+    now_ms - (PRIORITY_BOOST[priority] or PRIORITY_BOOST.normal))
   redis.call('PUBLISH', K_DOORBELL_CHANNEL, rid)
 end
 
@@ -132,6 +169,7 @@ local function finish(id, status, extra)
   local sid = emit(id, 'job.' .. status, extra)
   redis.call('EXPIRE', job_key(id), CFG_RETENTION_S)
   redis.call('EXPIRE', K_JOB_LOG .. id, CFG_RETENTION_S)
+  redis.call('EXPIRE', K_JOB_DELIVERIES .. id, CFG_RETENTION_S)
   return sid
 end
 
@@ -355,6 +393,64 @@ elseif op == 'promote' then
   end
   local next_due = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')
   return {moved, next_due[2] or '-1'}
+
+----------------------------------------------------------------------------------------------------
+-- Webhook deliveries. States: pending -> delivered | gone (410) | dead (dead-letter list);
+-- dead -> pending again on a replay (fresh schedule, same webhook-id).
+
+elseif op == 'attempted' then
+  -- wid seq outcome attempt_json last_error delay_ms next_attempt_iso -> {'ok', state} | {'stale', state}
+  -- outcome: 'delivered' | 'retry' (queue attempt seq+1 in delay_ms) | 'dead' | 'gone'.
+  -- An empty attempt_json records the outcome without an attempt (a delivery skipped as gone).
+  local wid, seq, outcome, attempt = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local key = delivery_key(wid)
+  local d = redis.call('HMGET', key, 'state', 'seq', 'tenant', 'job_id')
+  if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
+  if attempt ~= '' then
+    redis.call('RPUSH', key .. ':attempts', attempt)
+    redis.call('LTRIM', key .. ':attempts', -CFG_ATTEMPTS_KEPT, -1)
+    redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('HINCRBY', key, 'tries', 1)
+    redis.call('HSET', key, 'last_error', ARGV[8])
+  end
+  redis.call('HINCRBY', K_WEBHOOK_STATS, outcome, 1)
+  redis.call('HSET', key, 'updated_at', now_iso)
+  if outcome == 'retry' then
+    local next_seq = tonumber(seq) + 1
+    redis.call('HSET', key, 'seq', next_seq, 'next_attempt_at', ARGV[10])
+    delivery_enqueue(wid, next_seq, now_ms + tonumber(ARGV[9]))
+    return {'ok', 'pending'}
+  end
+  redis.call('HSET', key, 'state', outcome, 'finished_at', now_iso)
+  redis.call('HDEL', key, 'next_attempt_at')
+  -- Pending deliveries never expire (a retry may be a day away); finished ones are kept as long as jobs.
+  redis.call('EXPIRE', key, CFG_RETENTION_S)
+  redis.call('EXPIRE', key .. ':attempts', CFG_RETENTION_S)
+  if outcome == 'dead' then
+    redis.call('ZADD', K_DEAD_LETTERS .. d[3], now_ms, wid)
+  elseif outcome == 'gone' and redis.call('EXISTS', job_key(d[4])) == 1 then
+    -- The receiver said 410 Gone: no later event of this job is sent to it.
+    redis.call('HSET', job_key(d[4]), 'webhook_gone', '1')
+  end
+  return {'ok', outcome}
+
+elseif op == 'replay' then
+  -- wid tenant -> 'ok' | 'missing' (not a dead letter of this tenant)
+  local wid, tenant = ARGV[4], ARGV[5]
+  local dead = K_DEAD_LETTERS .. tenant
+  if not redis.call('ZSCORE', dead, wid) then return 'missing' end
+  redis.call('ZREM', dead, wid)
+  local key = delivery_key(wid)
+  local d = redis.call('HMGET', key, 'state', 'seq', 'tenant')
+  if d[1] ~= 'dead' or d[3] ~= tenant then return 'missing' end  -- its record expired: drop the entry
+  local seq = tonumber(d[2]) + 1
+  redis.call('HSET', key, 'state', 'pending', 'seq', seq, 'tries', 0, 'updated_at', now_iso, 'next_attempt_at', now_iso)
+  redis.call('HINCRBY', key, 'replays', 1)
+  redis.call('HDEL', key, 'finished_at')
+  redis.call('PERSIST', key)
+  redis.call('PERSIST', key .. ':attempts')
+  delivery_enqueue(wid, seq, now_ms)
+  return 'ok'
 end
 
 return redis.error_reply('jobs.lua: unknown op ' .. tostring(op))

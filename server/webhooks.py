@@ -1,0 +1,61 @@
+"""The webhook endpoints: a job's deliveries, and the tenant's dead letters with their replay.
+
+``GET /jobs/{id}/deliveries`` is a job read (API key, the job's token, or a stream token of its
+tenant). Dead letters span all of a tenant's jobs and their URLs, so listing and replaying them
+takes the API key; another tenant's dead letter answers 404, like an unknown one.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from worker.webhooks import job_id_of
+
+from .problems import NotFound
+from .routes import _state, job_id_param, json_response, load_job, query_int
+
+DEAD_LETTERS_DEFAULT_LIMIT = 100
+DEAD_LETTERS_MAX_LIMIT = 500
+
+
+async def job_deliveries(request: Request) -> Response:
+    state = _state(request)
+    job_id = job_id_param(request)
+    principal = await state["auth"].require(request, "read", job_id=job_id)
+    await load_job(request, state, job_id, principal.tenant)
+    return json_response({"items": await state["webhooks"].for_job(job_id)})
+
+
+async def list_dead_letters(request: Request) -> Response:
+    state = _state(request)
+    principal = await state["auth"].require(request, "write")  # API key only: see the module docstring
+    limit = query_int(request, "limit", DEAD_LETTERS_DEFAULT_LIMIT, 1, DEAD_LETTERS_MAX_LIMIT)
+    return json_response({"items": await state["webhooks"].dead_letters(principal.tenant, limit)})
+
+
+async def replay_dead_letter(request: Request) -> Response:
+    state = _state(request)
+    principal = await state["auth"].require(request, "write")
+    webhook_id = str(request.path_params["webhook_id"])
+    if not await state["webhooks"].replay(webhook_id, principal.tenant):
+        raise NotFound(
+            f"No dead letter {webhook_id[:100]!r} for this tenant (it may have been replayed already); "
+            "GET /webhooks/dead-letters lists them."
+        )
+    job_id = job_id_of(webhook_id)
+    deliveries = f"/jobs/{job_id}/deliveries"
+    return json_response(
+        {"id": webhook_id, "job_id": job_id, "status": "pending", "links": {"deliveries": deliveries}},
+        202,
+        headers={"Location": deliveries},
+    )
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/jobs/{job_id}/deliveries", job_deliveries, methods=["GET"]),
+        Route("/webhooks/dead-letters", list_dead_letters, methods=["GET"]),
+        Route("/webhooks/dead-letters/{webhook_id}/replay", replay_dead_letter, methods=["POST"]),
+    ]

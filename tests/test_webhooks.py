@@ -1,0 +1,421 @@
+"""Webhook deliveries end to end: real server, real workers, real receivers on loopback.
+
+Receivers listen on 127.0.0.1, so these tests run with JOBCAST_WEBHOOK_ALLOW_PRIVATE=1 — the SSRF
+guard itself is tested in test_egress.py. Signatures are verified with the reference
+``standardwebhooks`` library, never with our own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from email.utils import formatdate
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from arq.constants import job_key_prefix as arq_job_key_prefix
+from arq.jobs import deserialize_job_raw
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from server.embedded_redis import RedisProcess
+from worker import schema
+from worker.delivery import RETRY_AFTER_MAX_S, Answer, next_step, parse_retry_after
+from worker.main import JobcastWorker
+from worker.models import Priority
+from worker.settings import ConfigError, Settings
+from worker.signatures import decode_secret, sign
+from worker.store import Store
+from worker.webhooks import WebhookStore
+
+from .conftest import (
+    GLOBEX,
+    WEBHOOK_SECRET_ACME,
+    WEBHOOK_SECRET_GLOBEX,
+    ServerHandle,
+    deliveries,
+    make_settings,
+    running_worker,
+    serving,
+    submit,
+    wait_for_deliveries,
+    wait_for_status,
+)
+from .receiver import Received, Receiver, Reply
+
+SCHEDULE = "0.2,0.4,0.6"
+QUICK = {"seconds": 0, "steps": 1}
+WEBHOOK_ID = re.compile(r"^msg_[0-9A-Z]{26}_\d+-\d+$")
+
+
+@pytest.fixture
+def settings(redis_server: RedisProcess) -> Settings:
+    return make_settings(
+        redis_server.url, webhook_allow_private=True, webhook_retry_schedule=SCHEDULE, webhook_timeout_s=2
+    )
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = await Receiver().start()
+    yield r
+    await r.stop()
+
+
+def verify(request: Received, secret: str = WEBHOOK_SECRET_ACME) -> Any:
+    return Webhook(secret).verify(request.body, request.headers)
+
+
+def gaps(requests: list[Received]) -> list[float]:
+    return [b.at - a.at for a, b in itertools.pairwise(requests)]
+
+
+# --- what is sent --------------------------------------------------------------------------------
+
+
+async def test_a_completed_job_is_delivered_signed_and_thin(
+    client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver
+) -> None:
+    ticket = await submit(client, params=QUICK, webhook={"url": receiver.url + "?tag=7#fragment"})
+    url = receiver.url + "?tag=7"  # the fragment is never sent, so it is not kept
+    assert ticket["webhook"] == {"url": url, "events": ["job.completed", "job.failed", "job.cancelled"]}
+    assert ticket["links"]["deliveries"] == f"/jobs/{ticket['id']}/deliveries"
+    job = await wait_for_status(client, ticket["id"], "completed")
+    [request] = await receiver.wait_for(1)
+
+    payload = verify(request)  # the reference library accepts the signature, id and timestamp
+    assert request.method == "POST" and request.path == "/hook?tag=7"
+    assert request.headers["content-type"] == "application/json"
+    assert WEBHOOK_ID.match(request.headers["webhook-id"])
+    assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 10
+    base = f"/jobs/{job['id']}"
+    assert payload == {
+        "type": "job.completed",
+        "timestamp": job["finished_at"],
+        "data": {
+            "job_id": job["id"],
+            "status": "completed",
+            "links": {"self": base, "events": base + "/events", "cancel": base + "/cancel", "result": base + "/result"},
+        },
+    }
+    assert b"slept" not in request.body and b"seconds" not in request.body  # no result, no params
+
+    [delivery] = await wait_for_deliveries(client, job["id"], "delivered")
+    assert delivery["id"] == request.headers["webhook-id"]
+    assert delivery["event"] == "job.completed" and delivery["url"] == url
+    assert delivery["next_attempt_at"] is None and delivery["finished_at"] is not None
+    [attempt] = delivery["attempts"]
+    assert attempt["status_code"] == 200 and attempt["error"] is None and attempt["duration_ms"] >= 0
+
+
+async def test_an_ipv6_receiver_gets_a_bracketed_host_header(client: httpx.AsyncClient, worker: JobcastWorker) -> None:
+    receiver = await Receiver("::1").start()
+    try:
+        await submit(client, params=QUICK, webhook={"url": receiver.url})
+        [request] = await receiver.wait_for(1)
+        assert request.headers["host"] == f"[::1]:{receiver.port}"
+        assert verify(request)["type"] == "job.completed"
+    finally:
+        await receiver.stop()
+
+
+async def test_the_events_asked_for_are_delivered_each_with_its_own_id(
+    client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver
+) -> None:
+    events = ["job.queued", "job.processing", "job.progress", "job.completed", "job.queued"]
+    ticket = await submit(client, params={"seconds": 0.2, "steps": 2}, webhook={"url": receiver.url, "events": events})
+    assert ticket["webhook"]["events"] == ["job.queued", "job.processing", "job.progress", "job.completed"]
+    await wait_for_status(client, ticket["id"], "completed")
+    items = await wait_for_deliveries(client, ticket["id"], "delivered", count=5)  # 2 progress events
+    expected = ["job.queued", "job.processing", "job.progress", "job.progress", "job.completed"]
+    assert [i["event"] for i in items] == expected
+    received = await receiver.wait_for(5)
+    assert sorted(verify(r)["type"] for r in received) == sorted(i["event"] for i in items)
+    assert {r.headers["webhook-id"] for r in received} == {i["id"] for i in items}  # five distinct ids
+
+
+async def test_a_cancelled_queued_job_is_delivered_too(
+    client: httpx.AsyncClient, settings: Settings, receiver: Receiver
+) -> None:
+    ticket = await submit(client, params={"seconds": 5}, webhook={"url": receiver.url})
+    assert (await client.post(f"/jobs/{ticket['id']}/cancel")).status_code == 200
+    async with running_worker(settings):
+        [request] = await receiver.wait_for(1)
+    payload = verify(request)
+    assert payload["type"] == "job.cancelled" and payload["data"]["status"] == "cancelled"
+
+
+def test_signatures_match_the_reference_library_during_a_rotation() -> None:
+    new = "whsec_" + base64.b64encode(b"acme-webhook-signing-key-rotated").decode()
+    body = b'{"type":"job.completed"}'
+    now = int(time.time())
+    header = sign([decode_secret(WEBHOOK_SECRET_ACME), decode_secret(new)], "msg_1", now, body)
+    assert header.count("v1,") == 2 and " " in header
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(now), "webhook-signature": header}
+    for secret in (WEBHOOK_SECRET_ACME, new, new.removesuffix("=")):  # unpadded secrets work too
+        assert Webhook(secret).verify(body, headers) == {"type": "job.completed"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(WEBHOOK_SECRET_GLOBEX).verify(body, headers)
+
+
+def test_a_tenant_s_several_secrets_all_sign_and_others_fall_back(redis_server: RedisProcess) -> None:
+    new = "whsec_" + base64.b64encode(b"acme-webhook-signing-key-rotated").decode()
+    fallback = "whsec_" + base64.b64encode(b"fallback-webhook-signing-key-012").decode()
+    settings = make_settings(
+        redis_server.url, webhook_secrets=f"acme:{WEBHOOK_SECRET_ACME}, acme:{new}", webhook_secret=fallback
+    )
+    assert settings.webhook_keys_for("acme") == [decode_secret(WEBHOOK_SECRET_ACME), decode_secret(new)]
+    assert settings.webhook_keys_for("globex") == [decode_secret(fallback)]
+    assert make_settings(redis_server.url, webhook_secrets="").webhook_keys_for("acme") == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "mention"),
+    [
+        ({"webhook_secrets": "acme:secret"}, "whsec_"),
+        ({"webhook_secrets": "acme:whsec_not*base64"}, "base64"),
+        ({"webhook_secret": "whsec_" + base64.b64encode(b"short").decode()}, "24 bytes"),
+        ({"webhook_secrets": "no-colon"}, "tenant:value"),
+    ],
+)
+def test_malformed_webhook_secrets_are_a_startup_error(
+    redis_server: RedisProcess, overrides: dict[str, str], mention: str
+) -> None:
+    with pytest.raises(ConfigError, match=mention) as raised:
+        make_settings(redis_server.url, **overrides)
+    assert "JOBCAST_WEBHOOK_SECRET" in str(raised.value)
+
+
+def test_a_malformed_retry_schedule_is_a_startup_error(redis_server: RedisProcess) -> None:
+    with pytest.raises(ValidationError, match="JOBCAST_WEBHOOK_RETRY_SCHEDULE"):
+        make_settings(redis_server.url, webhook_retry_schedule="5,soon")
+    assert make_settings(redis_server.url, webhook_retry_schedule=" 1, 2.5 ,").webhook_retry_delays == [1.0, 2.5]
+
+
+async def test_a_tenant_without_a_signing_secret_cannot_submit_a_webhook(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    only_acme = settings.model_copy(update={"webhook_secrets": f"acme:{WEBHOOK_SECRET_ACME}"})
+    async with serving(only_acme, GLOBEX) as globex:
+        response = await globex.post("/jobs", json={"type": "sleep", "webhook": {"url": receiver.url}})
+        assert response.status_code == 422, response.text
+        assert "JOBCAST_WEBHOOK_SECRETS" in response.json()["detail"]
+        assert response.json()["errors"][0]["loc"] == ["body", "webhook"]
+        assert (await globex.get("/jobs")).json()["items"] == []
+        assert (await globex.post("/jobs", json={"type": "sleep"})).status_code == 202  # without: fine
+
+
+async def test_deliveries_are_queued_in_the_same_step_as_their_events(store: Store, redis: Redis) -> None:
+    webhook = {"url": "http://127.0.0.1:9/hook", "events": ["job.queued", "job.cancelled"]}
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1, webhook=webhook
+    )
+    assert created.job_id is not None
+    await store.cancel(created.job_id, "acme")  # no worker runs: only the script wrote anything
+    sids = [sid for sid, _ in await redis.xrange(schema.job_log_key(created.job_id))]
+    ids = [f"msg_{created.job_id.removeprefix('job_')}_{sid}" for sid in sids]
+    assert await redis.lrange(schema.job_deliveries_key(created.job_id), 0, -1) == ids
+    assert await redis.zrange(schema.WEBHOOK_QUEUE, 0, -1) == [f"{wid}.1" for wid in ids]
+    for wid in ids:  # in arq's own job format, as arq reads it
+        payload = await redis.get(arq_job_key_prefix + f"{wid}.1")
+        function, args, kwargs, _, _ = deserialize_job_raw(payload.encode(), deserializer=orjson.loads)
+        assert (function, args, kwargs) == (schema.DELIVER_FUNCTION, [wid, 1], {})
+
+
+# --- retries, dead letters, replay ----------------------------------------------------------------
+
+
+async def test_failures_retry_with_increasing_gaps_then_dead_letter_then_replay(
+    client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver, redis: Redis, settings: Settings
+) -> None:
+    receiver.default = Reply(500)
+    ticket = await submit(client, params=QUICK, webhook={"url": receiver.url})
+    [delivery] = await wait_for_deliveries(client, ticket["id"], "dead")
+    received = await receiver.wait_for(4)
+    assert len(received) == 4  # the first try and one per delay of "0.2,0.4,0.6"
+    assert len({r.headers["webhook-id"] for r in received}) == 1  # stable across retries
+    assert all(verify(r)["type"] == "job.completed" for r in received)  # each attempt freshly signed
+    first, second, third = gaps(received)
+    assert first < second < third
+    assert first >= 0.2 * 0.9 and second >= 0.4 * 0.9 and third >= 0.6 * 0.9  # never sooner (jitter ±10 %)
+    assert [a["status_code"] for a in delivery["attempts"]] == [500] * 4
+    assert all(a["error"] == "HTTP 500" for a in delivery["attempts"])
+
+    listed = (await client.get("/webhooks/dead-letters")).json()["items"]
+    assert listed == [
+        {
+            "id": delivery["id"],
+            "job_id": ticket["id"],
+            "event": "job.completed",
+            "url": receiver.url,
+            "attempts": 4,
+            "last_error": "HTTP 500",
+            "dead_at": delivery["finished_at"],
+            "links": {"replay": f"/webhooks/dead-letters/{delivery['id']}/replay", "job": f"/jobs/{ticket['id']}"},
+        }
+    ]
+    store = WebhookStore(redis, settings)  # what /metrics will read
+    assert await store.dead_letter_count("acme") == 1 and await store.dead_letter_count("globex") == 0
+    assert await store.outcome_counts() == {"retry": 3, "dead": 1}
+
+    receiver.default = Reply(204)
+    replay = await client.post(f"/webhooks/dead-letters/{delivery['id']}/replay")
+    assert replay.status_code == 202, replay.text
+    assert replay.json()["status"] == "pending" and replay.headers["location"] == f"/jobs/{ticket['id']}/deliveries"
+    [replayed] = await wait_for_deliveries(client, ticket["id"], "delivered")
+    assert receiver.requests[4].headers["webhook-id"] == delivery["id"]  # same webhook-id
+    assert replayed["replays"] == 1 and [a["status_code"] for a in replayed["attempts"]] == [500] * 4 + [204]
+    assert (await client.get("/webhooks/dead-letters")).json()["items"] == []
+    assert await store.dead_letter_count("acme") == 0
+    assert await store.outcome_counts() == {"retry": 3, "dead": 1, "delivered": 1}
+    again = await client.post(f"/webhooks/dead-letters/{delivery['id']}/replay")
+    assert again.status_code == 404  # no longer a dead letter
+
+
+async def test_retry_after_is_honoured_in_seconds_and_as_a_date(
+    client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver
+) -> None:
+    receiver.replies = [
+        Reply(429, {"Retry-After": "1"}),
+        Reply(503, {"Retry-After": formatdate(time.time() + 4, usegmt=True)}),
+        Reply(200),
+    ]
+    ticket = await submit(client, params=QUICK, webhook={"url": receiver.url})
+    [delivery] = await wait_for_deliveries(client, ticket["id"], "delivered", timeout=15)
+    first, second = gaps(await receiver.wait_for(3))
+    assert first >= 0.95  # not the schedule's 0.2 s
+    # The date was ~1.3 s old when it came, and is in whole seconds: still over 1 s away, not 0.4 s.
+    assert second > 1.0
+    assert [a["status_code"] for a in delivery["attempts"]] == [429, 503, 200]
+    assert delivery["attempts"][0]["error"] == "HTTP 429, Retry-After 1 s"
+
+
+async def test_410_stops_retries_and_later_deliveries_of_the_job(
+    client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver
+) -> None:
+    receiver.default = Reply(410)
+    webhook = {"url": receiver.url, "events": ["job.processing", "job.completed"]}
+    ticket = await submit(client, params={"seconds": 0.5, "steps": 1}, webhook=webhook)
+    [gone] = await wait_for_deliveries(client, ticket["id"], "gone")
+    await wait_for_status(client, ticket["id"], "completed")
+    await receiver.wait_for(1)
+    await asyncio.sleep(0.6)  # a retry would have come 0.2 s after the 410
+    assert len(receiver.requests) == 1
+    assert gone["event"] == "job.processing" and [a["status_code"] for a in gone["attempts"]] == [410]
+    assert [d["event"] for d in await deliveries(client, ticket["id"])] == ["job.processing"]
+    assert (await client.get("/webhooks/dead-letters")).json()["items"] == []  # gone is not dead
+
+
+async def test_redirects_are_never_followed(
+    client: httpx.AsyncClient, worker: JobcastWorker, receiver: Receiver
+) -> None:
+    target = await Receiver().start()
+    try:
+        receiver.default = Reply(307, {"Location": target.url})
+        ticket = await submit(client, params=QUICK, webhook={"url": receiver.url})
+        [delivery] = await wait_for_deliveries(client, ticket["id"], "dead")
+        assert [a["status_code"] for a in delivery["attempts"]] == [307] * 4  # a 3xx is a failure, retried
+        assert f"redirect to {target.url} not followed" in delivery["attempts"][0]["error"]
+        assert target.connections == 0
+    finally:
+        await target.stop()
+
+
+async def test_dead_letters_and_deliveries_are_tenant_isolated(
+    client: httpx.AsyncClient, settings: Settings, receiver: Receiver, server: ServerHandle
+) -> None:
+    receiver.default = Reply(500)
+    ticket = await submit(client, params=QUICK, webhook={"url": receiver.url})
+    async with running_worker(settings.model_copy(update={"webhook_retry_schedule": ""})):  # one try only
+        [delivery] = await wait_for_deliveries(client, ticket["id"], "dead")
+    deliveries_path = f"/jobs/{ticket['id']}/deliveries"
+    replay_path = f"/webhooks/dead-letters/{delivery['id']}/replay"
+    async with httpx.AsyncClient(base_url=server.url, headers=GLOBEX) as globex:
+        assert (await globex.get("/webhooks/dead-letters")).json() == {"items": []}
+        assert (await globex.post(replay_path)).status_code == 404
+        assert (await globex.get(deliveries_path)).status_code == 404
+    for bad in ("msg_nope", "msg_" + "0" * 26 + "_1-0", delivery["id"] + "x", "%00"):
+        response = await client.post(f"/webhooks/dead-letters/{bad}/replay")
+        assert response.status_code == 404 and response.headers["content-type"] == "application/problem+json"
+    # A job read: the job's own token may see its deliveries; dead letters need the API key.
+    async with httpx.AsyncClient(base_url=server.url) as anon:
+        token = {"token": ticket["token"]}
+        assert (await anon.get(deliveries_path, params=token)).json()["items"][0]["id"] == delivery["id"]
+        stream = {"token": (await client.post("/tokens")).json()["token"]}
+        for credential in (token, stream):
+            assert (await anon.get("/webhooks/dead-letters", params=credential)).status_code == 403
+            assert (await anon.post(replay_path, params=credential)).status_code == 403
+        assert (await anon.get(deliveries_path, params=stream)).status_code == 200
+        assert (await anon.get("/webhooks/dead-letters")).status_code == 401
+    assert (await client.get("/webhooks/dead-letters", params={"limit": 0})).status_code == 400
+    assert len((await client.get("/webhooks/dead-letters")).json()["items"]) == 1
+
+
+# --- at least once ------------------------------------------------------------------------------------
+
+
+async def test_a_worker_killed_mid_delivery_does_not_lose_it(
+    client: httpx.AsyncClient, settings: Settings, receiver: Receiver, worker_processes: Any
+) -> None:
+    receiver.replies = [Reply(hang=True)]  # the first attempt never gets an answer
+    doomed = worker_processes()
+    ticket = await submit(client, params=QUICK, webhook={"url": receiver.url})
+    [first] = await receiver.wait_for(1, timeout=20)
+    doomed.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    async with running_worker(settings):
+        [delivery] = await wait_for_deliveries(client, ticket["id"], "delivered", timeout=20)
+    again = receiver.requests[1]
+    assert again.headers["webhook-id"] == first.headers["webhook-id"] == delivery["id"]
+    assert again.body == first.body
+    assert len(delivery["attempts"]) == 1  # the interrupted attempt left no record, and no gap
+    # Taken up again once the lost attempt's lease lapsed: about the longest an attempt can take.
+    assert time.monotonic() - killed < settings.webhook_timeout_s + 10
+
+
+async def test_a_queued_delivery_survives_a_redis_restart(
+    client: httpx.AsyncClient, settings: Settings, receiver: Receiver, redis_server: RedisProcess
+) -> None:
+    ticket = await submit(client, params=QUICK, webhook={"url": receiver.url, "events": ["job.queued"]})
+    redis_server.stop()  # graceful: the append-only file is flushed
+    redis_server.start()
+    async with running_worker(settings):
+        [request] = await receiver.wait_for(1)
+    links = {name: path for name, path in ticket["links"].items() if name != "deliveries"}
+    assert verify(request)["data"] == {"job_id": ticket["id"], "status": "queued", "links": links}
+
+
+# --- the retry policy -----------------------------------------------------------------------------
+
+
+def test_retry_after_values() -> None:
+    now = 1_800_000_000.0
+    assert parse_retry_after("120", now) == 120.0
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now) == 30.0
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now) == 0.0  # in the past: now
+    for bad in ("", "soon", "-5", "1.5", "Wed, 99 Foo 2026 99:99:99 GMT", "2026-11-29T16:05:01"):
+        assert parse_retry_after(bad, now) is None
+
+
+def test_next_step() -> None:
+    delays = [5.0, 300.0]
+    assert next_step(Answer(200), 1, delays) == ("delivered", 0.0)
+    assert next_step(Answer(299), 3, delays) == ("delivered", 0.0)
+    assert next_step(Answer(410), 1, delays) == ("gone", 0.0)
+    assert next_step(Answer(error="refused, nothing sent", refused=True), 1, delays) == ("dead", 0.0)
+    assert next_step(Answer(500), 3, delays) == ("dead", 0.0)  # the last try of the schedule
+    for tries, delay in ((1, 5.0), (2, 300.0)):
+        outcome, wait = next_step(Answer(error="timeout"), tries, delays)
+        assert outcome == "retry" and delay * 0.9 <= wait <= delay * 1.1
+    assert next_step(Answer(429, retry_after_s=60), 1, delays)[1] == 60.0
+    assert next_step(Answer(503, retry_after_s=10**9), 1, delays)[1] == RETRY_AFTER_MAX_S
+    assert 4.5 <= next_step(Answer(503, retry_after_s=1), 1, delays)[1] <= 5.5  # never sooner than planned
+    assert next_step(Answer(500), 1, []) == ("dead", 0.0)  # an empty schedule: one try

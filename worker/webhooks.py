@@ -1,0 +1,298 @@
+"""Webhook deliveries: what a job's webhook is, what a delivery records, and where it is kept.
+
+A submission's ``webhook`` (``{url, events}``) is checked by :func:`accept_webhook` and stored on
+the job. From then on the state-machine script (``lua/jobs.lua``) does the rest atomically: every
+event the webhook asks for records a delivery and queues its first attempt in the very step that
+emits the event, so no crash between the two can lose it. :mod:`worker.delivery` makes the attempts;
+:class:`WebhookStore` records their outcomes through the same script and answers the reads.
+
+A delivery's ``webhook-id`` is ``msg_<job ulid>_<event's stream id>``: unique per event, and the same
+on every retry and replay, so a receiver can deduplicate (delivery is at least once).
+
+Errors::
+
+    Exception
+     ├── WebhookRejected             a submission's webhook cannot be accepted (the server answers 422)
+     └── egress.DestinationRefused   the destination is not a public address; at submission it becomes
+                                     a WebhookRejected, at delivery the attempt is refused and the
+                                     delivery goes to the dead letters (retrying could not help)
+
+Decisions the issue left open:
+
+- A tenant without a signing secret cannot submit a webhook in production (422 saying which
+  variable the operator sets) rather than making the secret a startup requirement for everyone;
+  ``jobcast dev`` signs with a fixed development secret.
+- A 410 answer ends the delivery as ``gone`` (not a dead letter: the receiver asked for it) and marks
+  the job's webhook gone, so later events of that job are not sent. Other jobs are unaffected.
+- A refused destination (SSRF guard) is not retried: the delivery is dead-lettered at once with the
+  reason, and can be replayed once the operator has decided otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from redis.asyncio import Redis
+
+from . import egress, schema
+from .clock import now
+from .models import DeliveryStatus, WebhookSpec, job_links
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+WEBHOOK_ID_RE = re.compile(r"^msg_[0-9A-HJKMNP-TV-Z]{26}_\d{1,20}-\d{1,20}$")
+
+
+class WebhookRejected(Exception):
+    """A submission's webhook cannot be accepted; ``field`` is the part of it that is wrong."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+async def accept_webhook(
+    spec: WebhookSpec, tenant: str, settings: Settings, *, resolver: egress.Resolver = egress.resolve
+) -> dict[str, Any]:
+    """The webhook as it is stored on the job, or :class:`WebhookRejected` saying why not."""
+    parts = urlsplit(str(spec.url))
+    url = urlunsplit(parts._replace(fragment=""))
+    if len(url) > MAX_URL_LENGTH:
+        raise WebhookRejected(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.", field="url")
+    if parts.username is not None or parts.password is not None:
+        raise WebhookRejected(
+            "The webhook URL must not carry credentials (user:password@); receivers authenticate "
+            "deliveries by their webhook-signature header instead.",
+            field="url",
+        )
+    if not settings.webhook_keys_for(tenant):
+        raise WebhookRejected(
+            f"Webhooks are not set up for tenant {tenant!r}: no signing secret is configured, so deliveries "
+            f"could not be signed. The operator sets JOBCAST_WEBHOOK_SECRETS='{tenant}:whsec_...' (or "
+            "JOBCAST_WEBHOOK_SECRET); until then, submit without 'webhook' and follow the job's events."
+        )
+    if not settings.webhook_allow_private:
+        host = parts.hostname or ""
+        try:
+            await egress.check_destination(host, parts.port or default_port(parts.scheme), resolver=resolver)
+        except egress.DestinationRefused as exc:
+            raise WebhookRejected(
+                f"The webhook URL is refused: {exc}. Deliveries go to public addresses only, so that a "
+                "webhook cannot reach services inside the operator's network; use a publicly reachable "
+                "URL (JOBCAST_WEBHOOK_ALLOW_PRIVATE=1 lifts this on development servers).",
+                field="url",
+            ) from None
+    return {"url": url, "events": [event.value for event in dict.fromkeys(spec.events)]}
+
+
+def default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def job_id_of(webhook_id: str) -> str:
+    """The job a (well-formed) webhook-id belongs to: ``msg_<ulid>_<stream id>`` -> ``job_<ulid>``."""
+    return "job_" + webhook_id.split("_")[1]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of a delivery, as recorded and shown in ``GET /jobs/{id}/deliveries``."""
+
+    at: str
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+
+    def to_json(self) -> str:
+        return orjson.dumps(
+            {"at": self.at, "duration_ms": self.duration_ms, "status_code": self.status_code, "error": self.error}
+        ).decode()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A delivery as stored (``jobcast:delivery:{id}``)."""
+
+    id: str
+    tenant: str
+    job_id: str
+    event: str
+    job_status: str
+    url: str
+    timestamp: str  # the event's time: the body's "timestamp"
+    created_at: str
+    updated_at: str
+    status: DeliveryStatus
+    seq: int  # the current attempt's fencing number (arq job "{id}.{seq}")
+    tries: int  # attempts in the current schedule (a replay starts a fresh one)
+    attempts: int  # attempts ever made
+    replays: int
+    next_attempt_at: str | None
+    finished_at: str | None
+    last_error: str | None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Delivery:
+        return cls(
+            id=h["id"],
+            tenant=h["tenant"],
+            job_id=h["job_id"],
+            event=h["event"],
+            job_status=h["job_status"],
+            url=h["url"],
+            timestamp=h["timestamp"],
+            created_at=h["created_at"],
+            updated_at=h["updated_at"],
+            status=DeliveryStatus(h["state"]),
+            seq=int(h["seq"]),
+            tries=int(h["tries"]),
+            attempts=int(h["attempts"]),
+            replays=int(h.get("replays", 0)),
+            next_attempt_at=h.get("next_attempt_at"),
+            finished_at=h.get("finished_at"),
+            last_error=h.get("last_error") or None,
+        )
+
+    def body(self) -> bytes:
+        """The thin body of API.md, the same bytes on every attempt: nothing a receiver should fetch
+        through an authenticated call instead (no params, no result)."""
+        return orjson.dumps(
+            {
+                "type": self.event,
+                "timestamp": self.timestamp,
+                "data": {"job_id": self.job_id, "status": self.job_status, "links": job_links(self.job_id)},
+            }
+        )
+
+    def resource(self, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "event": self.event,
+            "url": self.url,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "next_attempt_at": self.next_attempt_at,
+            "finished_at": self.finished_at,
+            "replays": self.replays,
+            "attempts": attempts,
+        }
+
+    def dead_letter(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "event": self.event,
+            "url": self.url,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "dead_at": self.finished_at,
+            "links": {"replay": f"/webhooks/dead-letters/{self.id}/replay", "job": f"/jobs/{self.job_id}"},
+        }
+
+
+class WebhookStore:
+    """Deliveries on Redis: outcomes are written by ``lua/jobs.lua`` (fenced by ``seq``), reads are plain."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._script = schema.JobsScript(redis, settings)
+
+    async def get(self, webhook_id: str) -> Delivery | None:
+        raw: dict[str, str] = await self.redis.hgetall(schema.delivery_key(webhook_id))  # type: ignore[misc]
+        return Delivery.from_hash(raw) if raw and "state" in raw else None
+
+    async def webhook_gone(self, job_id: str) -> bool:
+        """Whether a receiver answered 410 for this job's webhook (later deliveries are not made)."""
+        return bool(await self.redis.hexists(schema.job_key(job_id), "webhook_gone"))  # type: ignore[misc]
+
+    async def record(
+        self,
+        delivery: Delivery,
+        outcome: str,
+        attempt: Attempt | None,
+        *,
+        retry_in_s: float = 0.0,
+        next_attempt_at: str = "",
+    ) -> str | None:
+        """Record ``outcome`` (``delivered``, ``retry``, ``dead``, ``gone``) of attempt ``delivery.seq``
+        and, for ``retry``, queue the next attempt. None when that attempt is no longer current."""
+        reply = await self._script(
+            "attempted",
+            delivery.id,
+            delivery.seq,
+            outcome,
+            attempt.to_json() if attempt else "",
+            (attempt.error or f"HTTP {attempt.status_code}") if attempt else "",
+            int(retry_in_s * 1000),
+            next_attempt_at,
+        )
+        if reply[0] != "ok":
+            logger.warning(
+                "delivery %s attempt %s: outcome not recorded, delivery is %s", delivery.id, delivery.seq, reply[1]
+            )
+            return None
+        return str(reply[1])
+
+    async def for_job(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        """The job's deliveries (the latest ``limit``), oldest first, each with its attempts."""
+        ids: list[str] = await self.redis.lrange(schema.job_deliveries_key(job_id), -limit, -1)  # type: ignore[misc]
+        pipe = self.redis.pipeline(transaction=False)
+        for webhook_id in ids:
+            pipe.hgetall(schema.delivery_key(webhook_id))
+            pipe.lrange(schema.delivery_attempts_key(webhook_id), 0, -1)
+        replies = await pipe.execute()
+        items = []
+        for raw, attempts in zip(replies[::2], replies[1::2], strict=True):
+            if raw and "state" in raw:
+                items.append(Delivery.from_hash(raw).resource([orjson.loads(a) for a in attempts]))
+        return items
+
+    async def _drop_expired_dead_letters(self, tenant: str) -> None:
+        """Dead letters are kept as long as finished jobs; older entries have lost their record."""
+        cutoff = now()[1] - self.settings.retention_s * 1000
+        await self.redis.zremrangebyscore(schema.dead_letters_key(tenant), "-inf", cutoff)
+
+    async def dead_letters(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The tenant's dead letters, newest first."""
+        await self._drop_expired_dead_letters(tenant)
+        key = schema.dead_letters_key(tenant)
+        ids: list[str] = await self.redis.zrevrange(key, 0, limit - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for webhook_id in ids:
+            pipe.hgetall(schema.delivery_key(webhook_id))
+        items, lost = [], []
+        for webhook_id, raw in zip(ids, await pipe.execute(), strict=True):
+            if raw and raw.get("state") == DeliveryStatus.DEAD and raw.get("tenant") == tenant:
+                items.append(Delivery.from_hash(raw).dead_letter())
+            else:
+                lost.append(webhook_id)
+        if lost:
+            await self.redis.zrem(key, *lost)
+        return items
+
+    async def dead_letter_count(self, tenant: str) -> int:
+        """How many dead letters the tenant has: one ZCARD (what a metric would expose)."""
+        await self._drop_expired_dead_letters(tenant)
+        return int(await self.redis.zcard(schema.dead_letters_key(tenant)))
+
+    async def replay(self, webhook_id: str, tenant: str) -> bool:
+        """Try a dead letter of ``tenant`` again, on a fresh schedule; False when it is not one."""
+        if not WEBHOOK_ID_RE.match(webhook_id):
+            return False
+        replayed = str(await self._script("replay", webhook_id, tenant)) == "ok"
+        if replayed:
+            logger.info("delivery %s: replay requested (tenant %s)", webhook_id, tenant)
+        return replayed
+
+    async def outcome_counts(self) -> dict[str, int]:
+        """Attempt outcomes since the start (``delivered``, ``retry``, ``dead``, ``gone``): for metrics."""
+        counts: dict[str, str] = await self.redis.hgetall(schema.WEBHOOK_STATS)  # type: ignore[misc]
+        return {outcome: int(count) for outcome, count in counts.items()}
