@@ -48,7 +48,6 @@ async def dashboard(request: object) -> Response:
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings if settings is not None else Settings()
     settings.check_production()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(settings)
     rate = parse_rate(settings.submit_rate)
     document = build_openapi(registry)

@@ -16,6 +16,7 @@ import sys
 
 from pydantic import ValidationError
 
+from worker.logs import configure_logging
 from worker.settings import ConfigError, Settings
 
 
@@ -33,7 +34,9 @@ def cmd_web(args: argparse.Namespace) -> None:
 
     from .app import JobcastServer, create_app
 
-    app = create_app(_settings())
+    settings = _settings()
+    configure_logging(settings)
+    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -41,18 +44,16 @@ def cmd_web(args: argparse.Namespace) -> None:
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=10,
-        log_level="info",
+        log_config=None,  # our handlers (worker.logs), so JOBCAST_LOG_FORMAT applies to uvicorn's lines too
     )
     JobcastServer(config, app).run()
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    import logging
-
     from worker.main import run
 
     settings = _settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     run(settings)
 
 

@@ -122,6 +122,9 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.draining = False
+        #: For /metrics (this process): events handed to subscribers, subscribers cut off as too slow.
+        self.delivered = 0
+        self.slow_consumers = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="jobcast-hub")
@@ -171,11 +174,13 @@ class Hub:
                 item = Item(job_sid, sse_frame(job_sid, event, data), job_id, terminal)
                 for sub in job_subs:
                     sub.deliver(item)
+                self.delivered += len(job_subs)
             tenant_subs = self._subs["tenant"].get(tenant)
             if tenant_subs:
                 item = Item(tenant_sid, sse_frame(tenant_sid, event, data), job_id, terminal)
                 for sub in tenant_subs:
                     sub.deliver(item)
+                self.delivered += len(tenant_subs)
         except ValueError:
             logger.warning("hub: ignoring malformed event message %r", raw[:200])
 

@@ -157,6 +157,8 @@ class StreamToken(BaseModel):
 
 class Health(BaseModel):
     status: str
+    redis: str | None = None
+    workers: int | None = Field(default=None, description="Workers with a heartbeat in the last 30 s.")
 
 
 class FieldError(BaseModel):
@@ -437,12 +439,31 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
         },
         "/readyz": {
             "get": {
-                "summary": "Readiness: Redis answers",
+                "summary": "Readiness: Redis answers (and, if asked, a worker is alive)",
                 "operationId": "readyz",
                 "security": [],
+                "parameters": [
+                    _param(
+                        "require_workers",
+                        "query",
+                        {"type": "string", "enum": ["true", "false"]},
+                        "Also answer 503 when no worker sent a heartbeat in the last 30 s.",
+                    ),
+                ],
                 "responses": {
                     "200": {"description": "Ready.", "content": _json("Health")},
                     **_problems("503"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                "security": [],
+                "responses": {
+                    "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}},
+                    **_problems("401"),
                 },
             }
         },

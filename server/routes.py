@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import math
 import re
 from typing import Any, TypedDict, cast
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -31,6 +33,8 @@ from worker.webhooks import WebhookRejected, WebhookStore, accept_webhook
 from .auth import Authenticator
 from .hub import Audience, Hub
 from .limits import RateLimiter, StreamSlots
+from .metrics import WORKER_LIVE_S
+from .metrics import render as render_metrics
 from .openapi import IDEMPOTENCY_KEY_PATTERN
 from .problems import (
     BadRequest,
@@ -41,6 +45,7 @@ from .problems import (
     NotFound,
     PayloadTooLarge,
     TooManyRequests,
+    Unauthorized,
     Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
@@ -500,6 +505,15 @@ async def create_token(request: Request) -> Response:
     return json_response({"token": token, "expires_at": rfc3339(expires_at * 10**9)}, 201)
 
 
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    token = state["settings"].metrics_token
+    if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("GET /metrics needs 'Authorization: Bearer <JOBCAST_METRICS_TOKEN>'.")
+    body = await render_metrics(state["store"], state["hub"], state["stream_slots"])
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 async def openapi(request: Request) -> Response:
     return Response(_state(request)["openapi"], media_type="application/json")
 
@@ -509,12 +523,25 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready when Redis answers. The live workers are reported too; with ``?require_workers=true``
+    having none is also a 503 (for monitors: a load balancer should keep routing reads and
+    submissions to a server even while the workers are down)."""
     state = _state(request)
+    require_workers = request.query_params.get("require_workers", "false")
+    if require_workers not in ("true", "false"):
+        raise BadRequest("Query parameter 'require_workers' must be true or false.")
     try:
-        await asyncio.wait_for(state["redis"].ping(), 2.0)
+        async with asyncio.timeout(2.0):
+            await state["redis"].ping()
+            workers = await state["store"].live_workers(WORKER_LIVE_S)
     except (RedisError, OSError, TimeoutError):
         raise Unavailable("Redis does not answer; this process cannot serve jobs until it does.") from None
-    return json_response({"status": "ready"})
+    if workers == 0 and require_workers == "true":
+        raise Unavailable(
+            f"No worker has sent a heartbeat in the last {WORKER_LIVE_S:g} s: jobs would wait. Start `jobcast worker`.",
+            workers=0,
+        )
+    return json_response({"status": "ready", "redis": "ok", "workers": workers})
 
 
 def routes() -> list[BaseRoute]:
@@ -530,4 +557,5 @@ def routes() -> list[BaseRoute]:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]

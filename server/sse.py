@@ -125,6 +125,7 @@ class EventStream:
             try:
                 await self._run(send, sub)
             except TimeoutError:
+                self.hub.slow_consumers += 1
                 logger.info("stream %s %s: client too slow to take a write; closed", self.audience, self.key)
             finally:
                 watcher.cancel()
@@ -163,6 +164,7 @@ class EventStream:
         while not self.ended:
             if sub.closed or sub.overflowed:
                 if sub.overflowed:
+                    self.hub.slow_consumers += 1
                     logger.info("stream %s %s: subscriber fell behind; closed", self.audience, self.key)
                 break
             if sub.resync:

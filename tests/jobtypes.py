@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -72,3 +73,8 @@ async def fragile(ctx: JobContext, params: NapParams) -> dict[str, Any]:
     ctx.progress(10, step="napping")
     await asyncio.sleep(params.seconds)
     return {"slept": params.seconds}
+
+
+@job_type("chatty", params=NoParams, description="Logs a line from inside its handler.")
+async def chatty(ctx: JobContext, params: NoParams) -> None:
+    logging.getLogger("tests.jobtypes").info("hello from the handler")

@@ -70,7 +70,8 @@ class JobcastWorker(DoorbellWorker):
     async def _startup(self, ctx: dict[str, Any]) -> None:
         self._redis = redis_client(self.settings)
         store = Store(self._redis, self.settings)
-        runner = Runner(store, self.registry, self.settings)
+        runner = Runner(store, self.registry, self.settings, self.worker_id)
+        await store.worker_seen(self.worker_id)
         ctx["runner"] = runner
         self.deliveries = DeliveryWorker(self.settings, redis=self._redis, pool=self.pool)
         self._background = [

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from .context import JobContext
 from .errors import PermanentError, RetryableError
+from .logs import current_job
 from .models import JobError
 from .settings import Settings
 from .store import Store
@@ -71,8 +72,9 @@ async def _await(awaitable: Awaitable[Any]) -> Any:
 
 
 class Runner:
-    def __init__(self, store: Store, registry: Registry, settings: Settings) -> None:
+    def __init__(self, store: Store, registry: Registry, settings: Settings, worker_id: str = "") -> None:
         self.store = store
+        self.worker_id = worker_id
         self.registry = registry
         self.settings = settings
         self.running: dict[str, _Running] = {}
@@ -85,6 +87,13 @@ class Runner:
     # --- one run ------------------------------------------------------------------------------------
 
     async def execute(self, job_id: str, run: int) -> None:
+        token = current_job.set(job_id)
+        try:
+            await self._execute(job_id, run)
+        finally:
+            current_job.reset(token)
+
+    async def _execute(self, job_id: str, run: int) -> None:
         started = await self.store.start(job_id, run, self._lease_deadline())
         if started is None:
             return
@@ -195,6 +204,8 @@ class Runner:
             entry.task.cancel()
 
     async def heartbeat_once(self) -> None:
+        if self.worker_id:
+            await self.store.worker_seen(self.worker_id)
         runs = [(job_id, entry.run) for job_id, entry in self.running.items()]
         states = await self.store.heartbeat(self._lease_deadline(), runs)
         for job_id, state in states.items():

@@ -27,6 +27,9 @@ key                                    type     holds
 ``jobcast:deliveries:{id}``            list     the webhook-ids of a job's deliveries, in order
 ``jobcast:dead-letters:{t}``           zset     the tenant's dead deliveries, scored by death (ms)
 ``jobcast:webhook-stats``              hash     attempt outcome -> count, since the start
+``jobcast:stats``                      hash     job counters and histogram buckets for /metrics
+``jobcast:dead-letter-tenants``        set      tenants that have (had) dead letters
+``jobcast:workers``                    zset     worker ids scored by their last heartbeat (ms)
 ``jobcast:webhooks``                   zset     arq's queue of delivery attempts (``{wid}.{seq}``)
 =====================================  =======  ===============================================
 
@@ -78,6 +81,9 @@ DELIVERY = PREFIX + "delivery:"
 JOB_DELIVERIES = PREFIX + "deliveries:"
 DEAD_LETTERS = PREFIX + "dead-letters:"
 WEBHOOK_STATS = PREFIX + "webhook-stats"
+STATS = PREFIX + "stats"
+DEAD_LETTER_TENANTS = PREFIX + "dead-letter-tenants"
+WORKERS = PREFIX + "workers"
 WEBHOOK_DOORBELL_CHANNEL = PREFIX + "webhooks:doorbell"
 
 ARQ_QUEUE = default_queue_name
@@ -168,6 +174,8 @@ def _prelude(settings: Settings) -> str:
         "K_JOB_DELIVERIES": JOB_DELIVERIES,
         "K_DEAD_LETTERS": DEAD_LETTERS,
         "K_WEBHOOK_STATS": WEBHOOK_STATS,
+        "K_STATS": STATS,
+        "K_DEAD_LETTER_TENANTS": DEAD_LETTER_TENANTS,
         "K_WEBHOOK_QUEUE": WEBHOOK_QUEUE,
         "K_WEBHOOK_DOORBELL_CHANNEL": WEBHOOK_DOORBELL_CHANNEL,
         "CFG_ARQ_FUNCTION": ARQ_FUNCTION,

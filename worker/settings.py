@@ -122,12 +122,16 @@ class Settings(BaseSettings):
     #: Worker: deliveries one worker process makes at once, on their own queue beside the jobs.
     webhook_concurrency: int = Field(default=20, ge=1)
 
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    #: "text" for people, "json" (one object per line) for log pipelines.
+    log_format: Literal["text", "json"] = "text"
+    #: When set, GET /metrics requires "Authorization: Bearer <this>".
+    metrics_token: str = ""
 
-    @field_validator("log_level")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _upper(cls, value: str) -> str:
-        return value.upper()
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("webhook_retry_schedule")
     @classmethod

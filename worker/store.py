@@ -11,6 +11,7 @@ run that is no longer current changes nothing and reports ``stale``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,6 +339,19 @@ class Store:
 
     async def hand_back(self, job_id: str, run: int) -> str | None:
         return await self._finish("handback", job_id, run)
+
+    async def worker_seen(self, worker_id: str) -> None:
+        """Record that worker ``worker_id`` is alive (each heartbeat); forget ones silent for a day."""
+        now_ms = time.time_ns() // 1_000_000
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(schema.WORKERS, {worker_id: now_ms})
+            pipe.zremrangebyscore(schema.WORKERS, "-inf", now_ms - 86_400_000)
+            await pipe.execute()
+
+    async def live_workers(self, within_s: float) -> int:
+        """Workers that sent a heartbeat in the last ``within_s`` seconds."""
+        now_ms = time.time_ns() // 1_000_000
+        return int(await self.redis.zcount(schema.WORKERS, now_ms - int(within_s * 1000), "+inf"))
 
     async def overdue(self, now_ms: int, limit: int = 100) -> list[str]:
         """Processing jobs whose lease lapsed."""

@@ -28,12 +28,35 @@ end
 
 local function run_id(id, run) return id .. '.' .. run end
 
+-- Metrics: counters and histogram buckets in one hash (K_STATS), read by GET /metrics. Fields are
+-- "name|label|label..."; a histogram keeps per-bucket counts ("...|b<i>"), its sum and its count.
+local PICKUP_BUCKETS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
+local DURATION_BUCKETS = {0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600}
+
+local function count(name, n)
+  redis.call('HINCRBY', K_STATS, name, n or 1)
+end
+
+local function observe(name, buckets, seconds)
+  local i = #buckets + 1
+  for b = 1, #buckets do
+    if seconds <= buckets[b] then i = b; break end
+  end
+  count(name .. '|b' .. i)
+  count(name .. '|count')
+  redis.call('HINCRBYFLOAT', K_STATS, name .. '|sum', seconds)
+end
+
 -- Move the job between its tenant's status indexes, keeping the global count of queued jobs.
 local function index_move(tenant, id, from, to)
   if from then redis.call('ZREM', K_INDEX .. tenant .. ':status:' .. from, id) end
   if to then redis.call('ZADD', K_INDEX .. tenant .. ':status:' .. to, 0, id) end
-  if from == 'queued' then redis.call('DECR', K_QUEUED_COUNT) end
-  if to == 'queued' then redis.call('INCR', K_QUEUED_COUNT) end
+  if from == 'queued' or to == 'queued' then
+    local priority = redis.call('HGET', job_key(id), 'priority')
+    local delta = (to == 'queued') and 1 or -1
+    redis.call('INCRBY', K_QUEUED_COUNT, delta)
+    count('queued|' .. priority, delta)
+  end
 end
 
 -- Append {"status":..,"at":..,"attempt":..} to the record's JSON history without decoding it.
@@ -91,6 +114,7 @@ local function emit(id, event, extra)
     'event', event, 'data', data)
   local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r[1], 'MAXLEN', '~', CFG_TENANT_LOG_MAX, '*',
     'event', event, 'job', id, 'data', data)
+  count('events')
   redis.call('PUBLISH', K_EVENTS_CHANNEL,
     job_sid .. '\n' .. tenant_sid .. '\n' .. r[1] .. '\n' .. id .. '\n' .. event .. '\n' .. data)
   if r[6] and r[6] ~= '' and not r[7] then webhook_enqueue(id, r[1], r[3], event, job_sid, r[6]) end
@@ -108,6 +132,7 @@ local function arq_enqueue(id, run, priority)
   local rid = run_id(id, run)
   arq_put(K_ARQ_QUEUE, rid, CFG_ARQ_FUNCTION, '"' .. id .. '",' .. run,
     now_ms - (PRIORITY_BOOST[priority] or PRIORITY_BOOST.normal))
+  redis.call('HSET', job_key(id), 'ready_ms', now_ms)  -- pickup latency runs from here
   redis.call('PUBLISH', K_DOORBELL_CHANNEL, rid)
 end
 
@@ -159,7 +184,11 @@ end
 
 -- Move a processing job to a terminal status. `extra` goes into the event.
 local function finish(id, status, extra)
-  local r = fields(id, 'tenant', 'status', 'attempt')
+  local r = fields(id, 'tenant', 'status', 'attempt', 'type', 'started_ms')
+  count(status .. '|' .. r[4])
+  if r[2] == 'processing' and r[5] then
+    observe('duration|' .. r[4], DURATION_BUCKETS, (now_ms - tonumber(r[5])) / 1000)
+  end
   index_move(r[1], id, r[2], status)
   touch(id, 'status', status, 'finished_at', now_iso)
   redis.call('HDEL', job_key(id), 'cancel')
@@ -190,7 +219,8 @@ end
 
 -- Back to queued for another run. delay_ms > 0 schedules it; 0 puts it on the arq queue now.
 local function requeue(id, old_run, attempt, delay_ms, event, extra)
-  local r = fields(id, 'tenant', 'priority')
+  local r = fields(id, 'tenant', 'priority', 'type')
+  if event == 'job.retrying' then count('retried|' .. r[3]) end
   local run = old_run + 1
   arq_forget(id, old_run)
   index_move(r[1], id, 'processing', 'queued')
@@ -234,6 +264,7 @@ if op == 'create' then
     'attempt', 1, 'max_attempts', ARGV[8], 'run', 1, 'params', ARGV[9], 'webhook', ARGV[10],
     'progress', '{"percent":0.0}', 'percent', 0, 'created_at', now_iso, 'updated_at', now_iso,
     'history', '[' .. history_entry('queued', 1) .. ']', 'version', 1)
+  count('submitted|' .. jtype)
   redis.call('ZADD', K_INDEX .. tenant, 0, id)
   redis.call('ZADD', K_INDEX .. tenant .. ':type:' .. jtype, 0, id)
   index_move(tenant, id, nil, 'queued')
@@ -263,6 +294,10 @@ elseif op == 'start' then
     return {'skip', 'parked'}
   end
   redis.call('SADD', K_TENANT_RUNNING .. r[3], id)
+  local m = fields(id, 'type', 'ready_ms')
+  count('started|' .. m[1])
+  if m[2] then observe('pickup|' .. m[1], PICKUP_BUCKETS, math.max(0, now_ms - tonumber(m[2])) / 1000) end
+  redis.call('HSET', job_key(id), 'started_ms', now_ms)
   index_move(r[3], id, 'queued', 'processing')
   touch(id, 'status', 'processing', 'started_at', now_iso, 'percent', 0, 'progress', '{"percent":0.0}')
   append_history(id, 'processing', r[4])
@@ -428,6 +463,7 @@ elseif op == 'attempted' then
   redis.call('EXPIRE', key .. ':attempts', CFG_RETENTION_S)
   if outcome == 'dead' then
     redis.call('ZADD', K_DEAD_LETTERS .. d[3], now_ms, wid)
+    redis.call('SADD', K_DEAD_LETTER_TENANTS, d[3])
   elseif outcome == 'gone' and redis.call('EXISTS', job_key(d[4])) == 1 then
     -- The receiver said 410 Gone: no later event of this job is sent to it.
     redis.call('HSET', job_key(d[4]), 'webhook_gone', '1')

@@ -1,0 +1,66 @@
+"""Logging for every Jobcast process: level and format from the settings, the job id on every line
+written while a job runs.
+
+The runner sets :data:`current_job` around a job's execution; contextvars follow it into the
+handler's tasks, so even a job type's own ``logger.info("...")`` lines carry the job id.
+``JOBCAST_LOG_FORMAT=json`` writes one JSON object per line (``time``, ``level``, ``logger``,
+``message``, ``job_id`` when there is one, ``exc`` with the traceback when there is one), for log
+pipelines; ``text`` (the default) is for people.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from datetime import UTC, datetime
+
+import orjson
+
+from .settings import Settings
+
+current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("jobcast_job", default=None)
+
+
+class JobIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "job_id"):
+            record.job_id = current_job.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="microseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        job_id = getattr(record, "job_id", None)
+        if job_id:
+            line["job_id"] = job_id
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        job_id = getattr(record, "job_id", None)
+        if job_id and job_id not in record.getMessage():
+            text += f" [job {job_id}]"
+        return text
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    handler.addFilter(JobIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
