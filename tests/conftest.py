@@ -162,7 +162,7 @@ async def worker(settings: Settings, redis: Redis) -> AsyncIterator[JobcastWorke
 class WorkerProcess:
     """A worker in its own process (``jobcast worker``), for kill and signal tests."""
 
-    def __init__(self, settings: Settings, log: Path) -> None:
+    def __init__(self, settings: Settings, log: Path, **extra_env: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
         env.update(
             {
@@ -179,6 +179,7 @@ class WorkerProcess:
                 "JOBCAST_WEBHOOK_RETRY_SCHEDULE": settings.webhook_retry_schedule,
                 "JOBCAST_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
                 "PYTHONPATH": str(ROOT),
+                **extra_env,
             }
         )
         self.log_path = log
@@ -200,7 +201,8 @@ class WorkerProcess:
         self._log.close()
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
 

@@ -451,3 +451,32 @@ async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server
             web.wait()
         log.close()
         await backup.stop()
+
+
+async def test_a_thousand_streams_resume_across_a_server_restart(
+    settings: Settings, store: Store, redis: Redis
+) -> None:
+    first = ServerHandle(settings)
+    await first.start()
+    job_id = await new_running_job(store)
+    urls = [first.url]
+    readers = [asyncio.create_task(_stream_with_resume(urls, job_id, 0, timeout=90)) for _ in range(1000)]
+    for percent in range(1, 11):
+        await store.progress(job_id, 1, percent, None, None)
+        await asyncio.sleep(0.05)
+    await first.stop()
+    for percent in range(11, 21):
+        await store.progress(job_id, 1, percent, None, None)
+    second = ServerHandle(settings)
+    await second.start()
+    urls[0] = second.url
+    for percent in range(21, 31):
+        await store.progress(job_id, 1, percent, None, None)
+        await asyncio.sleep(0.05)
+    await store.complete(job_id, 1, "1")
+    results = await asyncio.gather(*readers)
+    await second.stop()
+    expected = log_ids(await redis.xrange(schema.job_log_key(job_id)))
+    assert len(expected) == 2 + 30 + 1
+    # Every client checks its sequence against the job's log: no gap, no duplicate.
+    assert sum(ids(seen) == expected for seen in results) == 1000
