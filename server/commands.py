@@ -287,15 +287,22 @@ def cmd_types(args: argparse.Namespace) -> int:
                 (f"  (timeout {jt['timeout_s']:g} s, {jt['max_attempts']} attempts)", "dim"),
             )
         )
-        table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
         schema = jt.get("params_schema", {})
         required = set(schema.get("required", []))
-        for name, prop in schema.get("properties", {}).items():
-            table.add_row("  " + name, describe_param(prop, required=name in required), prop.get("description", ""))
-        if table.row_count:
-            out.console.print(table)
-        else:
+        rows = [
+            (name, describe_param(prop, required=name in required), prop.get("description", ""))
+            for name, prop in schema.get("properties", {}).items()
+        ]
+        if not rows:
             out.console.print(Text("  no parameters", style="dim"))
+        name_width = max(len(r[0]) for r in rows) if rows else 0
+        spec_width = max(len(r[1]) for r in rows) if rows else 0
+        for name, spec, description in rows:
+            line = Text(f"  {name:<{name_width}}  ", style="bold")
+            line.append(f"{spec:<{spec_width}}  ", style="")
+            line.append(description, style="dim")
+            line.rstrip()
+            out.console.print(line)
     return ExitStatus.OK
 
 
@@ -478,39 +485,41 @@ def describe_param(prop: dict[str, Any], *, required: bool) -> str:
     return ", ".join(words)
 
 
-def render_job(job: Job) -> Table:
-    """``jobcast status``: the job's fields, its outcome and its history."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="dim")
-    grid.add_column()
-    grid.add_row("id", Text(job["id"], style="bold"))
-    grid.add_row("type", job["type"])
-    grid.add_row("status", status_text(job["status"]))
+def render_job(job: Job) -> Text:
+    """``jobcast status``: the job's fields, its outcome and its history, one per line."""
+    lines: list[tuple[str, str | Text]] = [
+        ("id", Text(job["id"], style="bold")),
+        ("type", job["type"]),
+        ("status", status_text(job["status"])),
+    ]
     progress = job.get("progress") or {}
     step = " · ".join(str(progress[k]) for k in ("step", "message") if progress.get(k))
-    grid.add_row("progress", f"{progress.get('percent', 0):.0f}%" + (f"  {step}" if step else ""))
-    grid.add_row("attempt", f"{job['attempt']} of {job['max_attempts']}")
-    grid.add_row("priority", job["priority"])
-    grid.add_row("params", json.dumps(job.get("params", {})))
-    grid.add_row("created", local_time(job["created_at"], with_date=True))
+    lines.append(("progress", f"{progress.get('percent', 0):.0f}%" + (f"  {step}" if step else "")))
+    lines.append(("attempt", f"{job['attempt']} of {job['max_attempts']}"))
+    lines.append(("priority", job["priority"]))
+    lines.append(("params", json.dumps(job.get("params", {}))))
+    lines.append(("created", local_time(job["created_at"], with_date=True)))
     if job.get("started_at"):
-        grid.add_row("started", local_time(job["started_at"], with_date=True))
+        lines.append(("started", local_time(job["started_at"], with_date=True)))
     if job.get("finished_at"):
-        grid.add_row("finished", local_time(job["finished_at"], with_date=True))
-    grid.add_row("duration", duration_text(job))
+        lines.append(("finished", local_time(job["finished_at"], with_date=True)))
+    lines.append(("duration", duration_text(job)))
     if job.get("result") is not None:
-        grid.add_row("result", json.dumps(job["result"]))
+        lines.append(("result", json.dumps(job["result"])))
     if job.get("error"):
-        grid.add_row("error", Text(error_text(job["error"]), style="red"))
-    history = Text()
+        lines.append(("error", Text(error_text(job["error"]), style="red")))
     for index, entry in enumerate(job.get("history", [])):
+        moment = Text(f"{local_time(entry['at'])}  ")
+        moment.append(f"{entry['status']:<12}", style=STATUS_STYLES.get(JobStatus(entry["status"]), ""))
+        moment.append(f"attempt {entry['attempt']}", style="dim")
+        lines.append(("history" if index == 0 else "", moment))
+    text = Text()
+    for index, (label, value) in enumerate(lines):
         if index:
-            history.append("\n")
-        history.append(f"{local_time(entry['at'])}  ")
-        history.append(entry["status"], style=STATUS_STYLES.get(JobStatus(entry["status"]), ""))
-        history.append(f"  attempt {entry['attempt']}", style="dim")
-    grid.add_row("history", history)
-    return grid
+            text.append("\n")
+        text.append(f"{label:<10}", style="dim")
+        text.append(value)
+    return text
 
 
 CLIENT_COMMANDS = frozenset({cmd_submit, cmd_status, cmd_list, cmd_cancel, cmd_types, cmd_tail})
