@@ -60,3 +60,10 @@ export function setProgress(bar, percent, status) {
   bar.firstElementChild.style.width = `${value}%`;
   bar.dataset.status = status;
 }
+
+/** Text with `backticked` words (as in job type descriptions) shown as code. */
+export function withCode(text) {
+  return String(text ?? "")
+    .split(/`([^`]+)`/)
+    .map((part, index) => (index % 2 ? h("code", {}, part) : part));
+}

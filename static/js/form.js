@@ -4,7 +4,7 @@
 // each wrong field by location — ["body", "params", "seconds"] — and the message is shown under
 // that field, which is marked aria-invalid and described by the message.
 
-import { h, replaceChildren } from "./dom.js";
+import { h, replaceChildren, withCode } from "./dom.js";
 
 const PRIORITIES = ["high", "normal", "low"];
 
@@ -123,7 +123,7 @@ export class SubmitForm {
     this.clearErrors();
     this.fields.clear();
     if (!type) return replaceChildren(this.paramsBox);
-    this.typeHelp.textContent = type.description ?? "";
+    replaceChildren(this.typeHelp, withCode(type.description));
     this.prioritySelect.value = type.priority ?? "normal";
     const schema = type.params_schema ?? {};
     const required = new Set(schema.required ?? []);
@@ -160,7 +160,7 @@ export class SubmitForm {
         "div",
         { class: "field checkbox-field" },
         h("div", { class: "checkbox-line" }, input, label),
-        hint ? h("p", { id: hintId, class: "hint" }, hint) : null,
+        hint ? h("p", { id: hintId, class: "hint" }, withCode(hint)) : null,
         error,
       );
       this.register(name, { kind, input, error, prop });
@@ -207,7 +207,8 @@ export class SubmitForm {
       if (prop.default !== undefined) input.value = JSON.stringify(prop.default);
     }
     this.register(name, { kind, input, error, prop });
-    return h("div", { class: "field" }, label, input, hint ? h("p", { id: hintId, class: "hint" }, hint) : null, error);
+    const hintBox = hint ? h("p", { id: hintId, class: "hint" }, withCode(hint)) : null;
+    return h("div", { class: "field" }, label, input, hintBox, error);
   }
 
   register(name, field) {

@@ -118,7 +118,7 @@ class Session {
     this.lifetime = new AbortController();
     const signal = this.lifetime.signal;
     this.held = null; // events that arrived while the list was loading
-    this.fetching = new Set();
+    this.fetching = new Map(); // job id → events that arrived while it was being read
     const onError = (error) => this.error(error);
     this.table = new JobTable({
       api,
@@ -169,13 +169,15 @@ class Session {
   event(name, data) {
     if (this.stopped) return;
     if (this.held) return void this.held.push([name, data]);
+    const waiting = this.fetching.get(data.job_id);
+    if (waiting) return void waiting.push([name, data]);
     const job = this.jobs.apply(name, data);
-    if (!job && name === "job.queued") this.fetchNew(data.job_id);
+    if (!job && name === "job.queued") this.fetchNew(data.job_id, [[name, data]]);
   }
 
-  async fetchNew(id) {
-    if (this.fetching.has(id)) return;
-    this.fetching.add(id);
+  /** A job born after the list was loaded: read it, then apply what happened to it meanwhile. */
+  async fetchNew(id, events) {
+    this.fetching.set(id, events);
     try {
       const job = this.jobs.put(await this.api.getJob(id));
       this.table.addNew(job);
@@ -184,6 +186,7 @@ class Session {
     } finally {
       this.fetching.delete(id);
     }
+    for (const [name, data] of events) this.jobs.apply(name, data);
   }
 
   submitted(job) {
