@@ -26,9 +26,11 @@ from redis.asyncio import Redis
 
 from server.embedded_redis import RedisProcess
 from worker.main import JobcastWorker
+from worker.models import Priority
 from worker.settings import Settings
+from worker.store import Store
 
-from .conftest import ROOT, ServerHandle, make_settings, running_worker, submit, wait_for_status
+from .conftest import ACME, ROOT, ServerHandle, make_settings, running_worker, submit, wait_for_status
 from .restartable import RestartableServer
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -343,6 +345,41 @@ async def test_a_server_restart_mid_job_is_survived_without_a_reload(
         assert await dashboard.not_reloaded()
         # The browser resumed the same feed with Last-Event-ID: no second token was needed.
         assert len(dashboard.paths(r"/tokens$")) == 1
+        dashboard.check_clean()
+    finally:
+        await server.stop()
+
+
+async def test_an_id_too_old_for_the_log_reloads_the_list_and_starts_over(
+    browser: Browser, redis_server: RedisProcess, redis: Redis
+) -> None:
+    settings = make_settings(redis_server.url, tenant_log_max=1000)
+    server = RestartableServer(settings)
+    await server.start()
+    try:
+        dashboard = await open_dashboard(browser, server.url)
+        page = dashboard.page
+        async with httpx.AsyncClient(base_url=server.url, headers=ACME) as c:
+            seen_live = await submit(c, params={"seconds": 5})
+            await expect(dashboard.row(seen_live["id"])).to_be_visible()  # the page has an event id now
+            await server.stop()
+            store = Store(redis, settings)
+            for _ in range(700):  # 1,400 events while the page is away: its last id is trimmed
+                created = await store.create(
+                    tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1
+                )
+                assert created.job_id is not None
+                assert (await store.cancel(created.job_id, "acme"))[0] == "cancelled"
+            newest = created.job_id
+            await server.start()
+            # The browser's reconnect gets 410 Gone; the page reloads the list and reconnects without an id.
+            await expect(page.locator("#jobs-body tr").first).to_have_attribute("data-job-id", newest, timeout=15_000)
+            await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+            assert len(dashboard.paths(r"/tokens$")) == 2
+            assert await dashboard.not_reloaded()
+            # And it is live again: a new job shows up on top.
+            after = await submit(c, params={"seconds": 5})
+            await expect(page.locator("#jobs-body tr").first).to_have_attribute("data-job-id", after["id"])
         dashboard.check_clean()
     finally:
         await server.stop()
