@@ -34,6 +34,9 @@ function autoTitle(name) {
 }
 
 function rangeHint(prop) {
+  // A bound beyond what a JavaScript number holds exactly (2**63 - 1 for a Python int) says nothing.
+  const safe = (v) => (typeof v === "number" && !Number.isSafeInteger(v) && Number.isInteger(v) ? undefined : v);
+  prop = { ...prop, minimum: safe(prop.minimum), maximum: safe(prop.maximum) };
   const low = prop.minimum ?? (prop.exclusiveMinimum !== undefined ? `> ${prop.exclusiveMinimum}` : undefined);
   const high = prop.maximum ?? (prop.exclusiveMaximum !== undefined ? `< ${prop.exclusiveMaximum}` : undefined);
   const fmt = (v) => (typeof v === "number" ? v.toLocaleString("en-US") : v);
