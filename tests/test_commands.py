@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,18 @@ async def test_tail_exits_3_when_the_job_is_cancelled(server: ServerHandle, clie
     rest = (await tail.stdout.read()).decode()
     assert tail.returncode == ExitStatus.CANCELLED
     assert "cancelled" in rest.splitlines()[-1]
+
+
+async def test_ctrl_c_ends_tail_with_130_and_no_traceback(server: ServerHandle, client: httpx.AsyncClient) -> None:
+    job = await submit(client, params={"seconds": 30})
+    tail = await start_jobcast(server.url, "tail", job["id"])
+    assert tail.stdout is not None
+    async with asyncio.timeout(10):
+        await tail.stdout.readline()  # the header: it is following the stream
+        tail.send_signal(signal.SIGINT)
+        _, stderr = await tail.communicate()
+    assert tail.returncode == ExitStatus.INTERRUPTED
+    assert b"Traceback" not in stderr
 
 
 async def test_a_retried_job_shows_the_failed_attempt_then_completes(
