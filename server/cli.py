@@ -5,7 +5,13 @@
     jobcast worker   one arq worker process (the Procfile's worker line)
     jobcast keys     create, list and revoke API keys stored (hashed) in Redis
 
-Configuration errors end in a one-line message and exit status 1, never a traceback.
+and the client commands of :mod:`server.commands`, which talk to a running server:
+
+    jobcast submit TYPE [key=value ...]   jobcast status ID   jobcast list   jobcast cancel ID
+    jobcast types                         jobcast tail ID
+
+Configuration errors of dev, web and worker end in a one-line message and exit status 1, never a
+traceback; the client commands have their own exit statuses (``commands.EXIT_STATUSES``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from pydantic import ValidationError
 
 from worker.logs import configure_logging
 from worker.settings import ConfigError, Settings
+
+from .commands import CLIENT_COMMANDS, EXIT_STATUSES, add_client_commands
+from .commands import run as run_client_command
 
 
 def _settings() -> Settings:
@@ -105,7 +114,12 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="jobcast", description="Jobcast: a server for long-running jobs.")
+    parser = argparse.ArgumentParser(
+        prog="jobcast",
+        description="Jobcast: a server for long-running jobs.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run server, worker and an embedded Redis for local development")
@@ -135,7 +149,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
     keys.set_defaults(func=cmd_keys)
 
+    add_client_commands(sub)
+
     args = parser.parse_args(argv)
+    if args.func in CLIENT_COMMANDS:
+        status = run_client_command(args)
+        if status:
+            raise SystemExit(status)
+        return
     try:
         args.func(args)
     except ConfigError as exc:

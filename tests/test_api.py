@@ -1062,7 +1062,7 @@ async def test_health_and_readiness_need_no_credentials(anon: httpx.AsyncClient)
     health = await anon.get("/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     ready = await anon.get("/readyz")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "redis": "ok", "workers": 0}
 
 
 # --- capacity ----------------------------------------------------------------------------------------------
