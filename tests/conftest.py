@@ -159,33 +159,42 @@ async def worker(settings: Settings, redis: Redis) -> AsyncIterator[JobcastWorke
         yield w
 
 
-class WorkerProcess:
-    """A worker in its own process (``jobcast worker``), for kill and signal tests."""
+def process_env(settings: Settings, **extra_env: str) -> dict[str, str]:
+    """The environment of a Jobcast process started with ``settings`` (none of ours leaks in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
+    env.update(
+        {
+            "JOBCAST_REDIS_URL": settings.redis_url,
+            "JOBCAST_API_KEYS": settings.api_keys,
+            "JOBCAST_SECRET_KEY": settings.secret_key,
+            "JOBCAST_JOB_MODULES": settings.job_modules,
+            "JOBCAST_HEARTBEAT_S": str(settings.heartbeat_s),
+            "JOBCAST_MAINTENANCE_S": str(settings.maintenance_s),
+            "JOBCAST_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
+            "JOBCAST_WEBHOOK_SECRET": settings.webhook_secret,
+            "JOBCAST_WEBHOOK_SECRETS": settings.webhook_secrets,
+            "JOBCAST_WEBHOOK_ALLOW_PRIVATE": "1" if settings.webhook_allow_private else "0",
+            "JOBCAST_WEBHOOK_RETRY_SCHEDULE": settings.webhook_retry_schedule,
+            "JOBCAST_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
+            "PYTHONPATH": str(ROOT),
+            **extra_env,
+        }
+    )
+    return env
 
-    def __init__(self, settings: Settings, log: Path, **extra_env: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
-        env.update(
-            {
-                "JOBCAST_REDIS_URL": settings.redis_url,
-                "JOBCAST_API_KEYS": settings.api_keys,
-                "JOBCAST_SECRET_KEY": settings.secret_key,
-                "JOBCAST_JOB_MODULES": settings.job_modules,
-                "JOBCAST_HEARTBEAT_S": str(settings.heartbeat_s),
-                "JOBCAST_MAINTENANCE_S": str(settings.maintenance_s),
-                "JOBCAST_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
-                "JOBCAST_WEBHOOK_SECRET": settings.webhook_secret,
-                "JOBCAST_WEBHOOK_SECRETS": settings.webhook_secrets,
-                "JOBCAST_WEBHOOK_ALLOW_PRIVATE": "1" if settings.webhook_allow_private else "0",
-                "JOBCAST_WEBHOOK_RETRY_SCHEDULE": settings.webhook_retry_schedule,
-                "JOBCAST_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
-                "PYTHONPATH": str(ROOT),
-                **extra_env,
-            }
-        )
+
+class JobcastProcess:
+    """``jobcast <command>`` in its own process, for kill and signal tests; output in ``log``."""
+
+    def __init__(self, settings: Settings, log: Path, *command: str, **extra_env: str) -> None:
         self.log_path = log
         self._log = log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "worker"], env=env, cwd=ROOT, stdout=self._log, stderr=self._log
+            [sys.executable, "-m", "server.cli", *command],
+            env=process_env(settings, **extra_env),
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=self._log,
         )
 
     def signal(self, signum: int) -> None:
@@ -204,6 +213,34 @@ class WorkerProcess:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+
+class WorkerProcess(JobcastProcess):
+    """``jobcast worker``."""
+
+    def __init__(self, settings: Settings, log: Path, **extra_env: str) -> None:
+        super().__init__(settings, log, "worker", **extra_env)
+
+
+class WebProcess(JobcastProcess):
+    """``jobcast web`` on a free port of 127.0.0.1."""
+
+    def __init__(self, settings: Settings, log: Path, **extra_env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(settings, log, "web", "--host", "127.0.0.1", "--port", str(self.port), **extra_env)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"jobcast web did not start: {self.output()}")
+            time.sleep(0.1)
 
 
 @pytest.fixture

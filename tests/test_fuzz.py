@@ -11,28 +11,24 @@ something a request/response fuzzer can wait for. tests/test_sse.py covers them.
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
-import time
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
-from server.embedded_redis import RedisProcess, free_port
+from server.embedded_redis import RedisProcess
 from server.openapi import build_openapi
 from worker import schema as keys
 from worker.settings import Settings
 from worker.types import load_registry
 
-from .conftest import API_KEYS, ROOT, SECRET
+from .conftest import WebProcess, make_settings
 
 FUZZ_EXAMPLES = 30
 LONG_EXAMPLES = 1000
@@ -43,45 +39,25 @@ schema = schemathesis.openapi.from_dict(build_openapi(REGISTRY)).exclude(path_re
 
 @pytest.fixture(scope="module")
 def live_server(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
-    env.update(
-        JOBCAST_REDIS_URL=redis_server.url,
-        JOBCAST_API_KEYS=API_KEYS,
-        JOBCAST_SECRET_KEY=SECRET,
-        JOBCAST_JOB_MODULES="tests.jobtypes",
+    web = WebProcess(
+        make_settings(redis_server.url),
+        Path(tmp_path_factory.mktemp("fuzz")) / "web.log",
         JOBCAST_MAX_QUEUED="200",
         # Webhooks are accepted (a secret is set) without resolving their hosts: the fuzzer's
         # made-up names must not turn into DNS queries. No worker runs, so nothing is delivered.
         JOBCAST_WEBHOOK_SECRET="whsec_" + base64.b64encode(b"fuzz-secret-0123456789abcdef").decode(),
         JOBCAST_WEBHOOK_ALLOW_PRIVATE="1",
         JOBCAST_LOG_LEVEL="WARNING",
-        PYTHONPATH=str(ROOT),
     )
-    log_path = Path(tmp_path_factory.mktemp("fuzz")) / "web.log"
-    with log_path.open("wb") as log:
-        web = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "web", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=ROOT, stdout=log, stderr=log,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or web.poll() is not None:
-                    raise RuntimeError(f"server did not start: {log_path.read_text()}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            web.terminate()
-            web.wait(15)
+    try:
+        web.wait_ready()
+        yield web.url
+    finally:
+        web.signal(signal.SIGTERM)
+        web.wait(15)
+        web.close()
     # The server logged no traceback: every error was an answer, not a crash.
-    assert "Traceback" not in log_path.read_text()
+    assert "Traceback" not in web.output()
 
 
 def fingerprint(client: redis.Redis) -> tuple[int, int, int]:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,13 +16,13 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.embedded_redis import RedisProcess, free_port
+from server.embedded_redis import RedisProcess
 from worker import schema
 from worker.models import Priority
 from worker.settings import Settings
 from worker.store import Store
 
-from .conftest import ACME, GLOBEX, ROOT, ServerHandle, make_settings
+from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, make_settings
 
 Seen = list[tuple[str, str, dict[str, Any]]]
 
@@ -402,31 +399,12 @@ async def test_two_server_processes_serve_one_job_s_events(settings: Settings, s
 async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server(
     settings: Settings, store: Store, redis: Redis, tmp_path: Any
 ) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
-    env.update(
-        JOBCAST_REDIS_URL=settings.redis_url,
-        JOBCAST_API_KEYS=settings.api_keys,
-        JOBCAST_SECRET_KEY=settings.secret_key,
-        JOBCAST_JOB_MODULES=settings.job_modules,
-        PYTHONPATH=str(ROOT),
-    )
-    log = (tmp_path / "web.log").open("wb")
-    web = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "web", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=ROOT, stdout=log, stderr=log,
-    )  # fmt: skip
+    web = WebProcess(settings, tmp_path / "web.log")
     backup = ServerHandle(settings)
     try:
-        async with asyncio.timeout(15):
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    async with httpx.AsyncClient() as probe:
-                        if (await probe.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                            break
-                await asyncio.sleep(0.1)
+        await asyncio.to_thread(web.wait_ready)
         job_id = await new_running_job(store)
-        urls = [f"http://127.0.0.1:{port}"]
+        urls = [web.url]
         readers = [asyncio.create_task(_stream_with_resume(urls, job_id, 0)) for _ in range(50)]
         for percent in range(1, 11):
             await store.progress(job_id, 1, percent, None, None)
@@ -434,7 +412,7 @@ async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server
         await backup.start()
         urls[0] = backup.url
         signalled = time.monotonic()
-        web.send_signal(signal.SIGTERM)
+        web.signal(signal.SIGTERM)
         # uvicorn re-raises the signal once it has shut down, so the exit reads as "by SIGTERM".
         assert await asyncio.to_thread(web.wait, 10) == -signal.SIGTERM
         # Streams never end by themselves: a prompt exit means they were drained, not waited out.
@@ -446,10 +424,7 @@ async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server
         expected = log_ids(await redis.xrange(schema.job_log_key(job_id)))
         assert all(ids(seen) == expected for seen in results)
     finally:
-        if web.poll() is None:
-            web.kill()
-            web.wait()
-        log.close()
+        web.close()
         await backup.stop()
 
 
