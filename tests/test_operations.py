@@ -20,6 +20,7 @@ from worker.settings import Settings
 from .conftest import (
     ACME,
     ServerHandle,
+    WebProcess,
     WorkerProcess,
     make_settings,
     running_worker,
@@ -156,10 +157,9 @@ def _ready(c: httpx.AsyncClient) -> Any:
 
 
 async def test_two_servers_and_two_workers_share_one_redis(settings: Settings, redis: Redis, tmp_path: Path) -> None:
-    a, b = ServerHandle(settings), ServerHandle(settings)
-    await a.start()
-    await b.start()
+    a, b = WebProcess(settings, tmp_path / "a.log"), WebProcess(settings, tmp_path / "b.log")
     workers = [WorkerProcess(settings, tmp_path / f"w{i}.log") for i in range(2)]
+    await asyncio.gather(asyncio.to_thread(a.wait_ready), asyncio.to_thread(b.wait_ready))
     try:
         async with (
             httpx.AsyncClient(base_url=a.url, headers=ACME, timeout=30) as ca,
@@ -190,7 +190,5 @@ async def test_two_servers_and_two_workers_share_one_redis(settings: Settings, r
             ran_on = {j["attempt"] for j in [(await ca.get(f"/jobs/{t['id']}")).json() for t in tickets]}
             assert ran_on <= {1, 2}
     finally:
-        for w in workers:
-            w.close()
-        await a.stop()
-        await b.stop()
+        for process in (*workers, a, b):
+            process.close()

@@ -372,11 +372,10 @@ async def test_streams_resume_across_a_redis_restart(
         assert ids(seen) == expected
 
 
-async def test_two_server_processes_serve_one_job_s_events(settings: Settings, store: Store) -> None:
-    a, b = ServerHandle(settings), ServerHandle(settings)
-    await a.start()
-    await b.start()
+async def test_two_server_processes_serve_one_job_s_events(settings: Settings, store: Store, tmp_path: Any) -> None:
+    a, b = WebProcess(settings, tmp_path / "a.log"), WebProcess(settings, tmp_path / "b.log")
     try:
+        await asyncio.gather(asyncio.to_thread(a.wait_ready), asyncio.to_thread(b.wait_ready))
         async with (
             httpx.AsyncClient(base_url=a.url, headers=ACME) as ca,
             httpx.AsyncClient(base_url=b.url, headers=ACME) as cb,
@@ -384,7 +383,7 @@ async def test_two_server_processes_serve_one_job_s_events(settings: Settings, s
             ticket = (await ca.post("/jobs", json={"type": "sleep", "params": {}})).json()
             job_id = ticket["id"]
             on_b = asyncio.create_task(collect(cb, f"/jobs/{job_id}/events"))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)
             run = await store.start(job_id, 1, 10**15)
             assert run is not None
             await store.progress(job_id, 1, 50, None, None)
@@ -392,8 +391,8 @@ async def test_two_server_processes_serve_one_job_s_events(settings: Settings, s
             seen = await on_b
             assert [e for _, e, _ in seen] == ["job.queued", "job.processing", "job.progress", "job.completed"]
     finally:
-        await a.stop()
-        await b.stop()
+        a.close()
+        b.close()
 
 
 async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server(
