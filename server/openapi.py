@@ -238,7 +238,8 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
                 "priority": {"anyOf": [{"$ref": REF.format(model="Priority")}, {"type": "null"}]},
                 "webhook": {"anyOf": [{"$ref": REF.format(model="WebhookSpec")}, {"type": "null"}]},
             },
-            "required": ["type"],
+            # params may be left out when the type needs none of them.
+            "required": ["type", "params"] if params.get("required") else ["type"],
             "additionalProperties": False,
         }
         variants.append({"$ref": REF.format(model=name)})

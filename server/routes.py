@@ -194,6 +194,21 @@ def _etags(header: str | None) -> set[str]:
 
 
 SAFE_INTEGER = 2**53
+MAX_PARAMS_DEPTH = 64
+
+
+def _depth(value: Any, limit: int = MAX_PARAMS_DEPTH + 1) -> int:
+    """How deep ``value`` nests, counting no further than ``limit`` (no recursion limit to hit)."""
+    depth, level = 0, [value]
+    while level and depth < limit:
+        depth += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+            if isinstance(child, dict | list)
+        ]
+    return depth
 
 
 def _integral_floats_as_ints(value: Any) -> Any:
@@ -224,6 +239,11 @@ async def submit_job(request: Request) -> Response:
     try:
         # Strict, as JSON: "5" is not a number (but an ISO string is a datetime). JSON Schema counts
         # 3.0 as an integer, so integral floats are passed as integers.
+        if _depth(submission.params) > MAX_PARAMS_DEPTH:
+            raise ValidationFailed(
+                f"params nest deeper than {MAX_PARAMS_DEPTH} levels; flatten them.",
+                errors=[{"loc": ["body", "params"], "msg": f"nested deeper than {MAX_PARAMS_DEPTH}", "type": "depth"}],
+            )
         params_json = orjson.dumps(_integral_floats_as_ints(submission.params))
         params = jt.params.model_validate_json(params_json, strict=True).model_dump(mode="json")
     except ValidationError as exc:

@@ -24,6 +24,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
 from sse_starlette.event import ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
@@ -56,8 +57,15 @@ class StreamConfig:
     retry_ms: int = 2000
 
 
+MAX_PART = 2**64 - 1
+
+
 def valid_stream_id(value: str) -> bool:
-    return bool(STREAM_ID_RE.fullmatch(value))
+    """Of the form of a Redis stream id, within its range, and with room for an event after it."""
+    if not STREAM_ID_RE.fullmatch(value):
+        return False
+    ms, seq = (int(part) for part in value.split("-"))
+    return ms <= MAX_PART and seq <= MAX_PART and (ms, seq) != (MAX_PART, MAX_PART)
 
 
 def frame(event: Event) -> bytes:
@@ -124,6 +132,10 @@ class EventStream:
             watcher = asyncio.create_task(self._watch_disconnect(receive, sub))
             try:
                 await self._run(send, sub)
+            except (RedisError, OSError) as exc:
+                # The log cannot be read: end the stream; the client reconnects (with its last id)
+                # and gets a 503 until Redis is back, then exactly what it missed.
+                logger.warning("stream %s %s: Redis unavailable (%s); closed", self.audience, self.key, exc)
             except TimeoutError:
                 self.hub.slow_consumers += 1
                 logger.info("stream %s %s: client too slow to take a write; closed", self.audience, self.key)

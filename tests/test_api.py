@@ -1107,3 +1107,24 @@ async def test_unknown_query_parameters_are_a_400_naming_them(client: httpx.Asyn
     token = (await client.post("/tokens")).json()["token"]
     async with httpx.AsyncClient(base_url=str(client.base_url)) as anonymous:
         assert (await anonymous.post("/tokens", params={"token": token})).status_code == 403
+
+
+async def test_inputs_the_reviewers_broke_us_with_are_4xx(client: httpx.AsyncClient, redis: Redis) -> None:
+    keys_before = await redis.dbsize()
+    deep: dict[str, Any] = {}
+    cursor = deep
+    for _ in range(300):
+        cursor["a"] = {}
+        cursor = cursor["a"]
+    nested = await client.post("/jobs", json={"type": "sleep", "params": deep})
+    assert nested.status_code == 422 and "deeper than 64" in nested.json()["detail"]
+    bad_host = await client.post(
+        "/jobs", json={"type": "sleep", "webhook": {"url": "http://" + "a" * 64 + ".example.com/hook"}}
+    )
+    assert bad_host.status_code == 422 and "not a valid host name" in bad_host.json()["detail"]
+    empty_label = await client.post("/jobs", json={"type": "sleep", "webhook": {"url": "http://a..b.com/hook"}})
+    assert empty_label.status_code == 422
+    assert await redis.dbsize() == keys_before  # refused, so nothing written
+    ticket = await submit(client, params=QUEUED_PARAMS)
+    huge = await client.get(f"/jobs/{ticket['id']}/events", headers={"Last-Event-ID": "99999999999999999999-0"})
+    assert huge.status_code == 400

@@ -8,11 +8,14 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from worker import schema
 from worker.runner import LEASE_HEARTBEATS
 from worker.settings import Settings
+from worker.store import Store
 
 from .conftest import running_worker, submit, wait_for_status, wait_until
 
@@ -98,3 +101,26 @@ async def test_sigterm_hands_back_a_job_that_outlives_the_grace_period(
         ("queued", 1), ("processing", 1), ("queued", 1),
     ]  # fmt: skip
     assert job["error"] is None
+
+
+async def test_a_run_whose_start_fails_stays_queued_for_a_retry(
+    client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch, redis: Redis
+) -> None:
+    # Fault injection, on the real store and Redis: the first start of a run fails as it would
+    # on a dropped connection. arq must keep the run on its queue and run it again.
+    real_start = Store.start
+    failures: list[str] = []
+
+    async def start_failing_once(self: Store, job_id: str, run: int, lease_deadline_ms: int) -> Any:
+        if not failures:
+            failures.append(job_id)
+            raise RedisConnectionError("connection lost (injected)")
+        return await real_start(self, job_id, run, lease_deadline_ms)
+
+    monkeypatch.setattr(Store, "start", start_failing_once)
+    ticket = await submit(client, params={"seconds": 0})
+    async with running_worker(settings):
+        job = await wait_for_status(client, ticket["id"], "completed", timeout=15)
+    assert failures == [ticket["id"]]
+    assert job["attempt"] == 1 and [h["status"] for h in job["history"]] == ["queued", "processing", "completed"]
+    assert await redis.get(schema.QUEUED_COUNT) == "0"

@@ -51,3 +51,11 @@ def test_malformed_stream_ids(raw: str) -> None:
 def test_a_trailing_newline_is_not_part_of_a_valid_id(raw: str) -> None:
     assert not valid_stream_id(raw)
     assert not is_job_id(raw)
+
+
+@pytest.mark.parametrize(
+    "raw", ["18446744073709551616-0", "0-18446744073709551616", "18446744073709551615-18446744073709551615"]
+)
+def test_stream_ids_beyond_what_redis_can_hold_are_invalid(raw: str) -> None:
+    assert not valid_stream_id(raw)
+    assert valid_stream_id("18446744073709551615-18446744073709551614")

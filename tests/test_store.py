@@ -290,3 +290,21 @@ async def test_listing_skips_expired_records_and_cleans_the_index(redis: Redis, 
             break
     assert seen == [i for i in reversed(ids) if i != ids[2]]
     assert await redis.zscore(schema.index_key("acme"), ids[2]) is None
+
+
+async def test_an_accepted_cancel_wins_over_a_retry_or_a_hand_back(redis: Redis, store: Store) -> None:
+    for finish_attempt in (store.retry, store.hand_back):
+        job_id = await new_job(store)
+        assert await store.start(job_id, 1, 10**15) is not None
+        version = (await record(store, job_id)).version
+        assert await store.cancel(job_id, "acme") == ("requested", None)
+        # The request itself is a new version: ETags change, cancel_requested shows.
+        assert (await record(store, job_id)).version == version + 1
+        if finish_attempt is store.retry:
+            assert await store.retry(job_id, 1, ERR, 0) == "cancelled"
+        else:
+            assert await store.hand_back(job_id, 1) == "cancelled"
+        rec = await record(store, job_id)
+        assert rec.status is JobStatus.CANCELLED and rec.run == 1
+        assert await redis.zscore(schema.ARQ_QUEUE, schema.arq_run_id(job_id, 2)) is None
+        check_invariants(rec, await log(redis, job_id))

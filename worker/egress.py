@@ -157,7 +157,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         try:
             addresses = await addresses_of(host, port, self._resolve)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: not a valid host name (idna)
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
         if not self._allow_private:
             addresses = public_addresses(host, addresses)

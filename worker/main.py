@@ -37,6 +37,8 @@ from .types import Registry, load_registry
 
 logger = logging.getLogger(__name__)
 
+IN_PROGRESS_LOCK_S = 30.0
+
 
 async def run_job(ctx: dict[str, Any], job_id: str, run: int) -> None:
     """The one arq function: run ``run`` of job ``job_id``."""
@@ -59,6 +61,9 @@ class JobcastWorker(DoorbellWorker):
             on_startup=self._startup,
             on_shutdown=self._shutdown,
         )
+        # arq's lock on a taken run lasts the longest timeout; ours matter only until the run's start
+        # (which takes it off the queue), so a worker that dies in between costs seconds, not an hour.
+        self.in_progress_timeout_s = IN_PROGRESS_LOCK_S
         self._background: list[asyncio.Task[None]] = []
         self._redis: Redis | None = None
         self.deliveries: DeliveryWorker | None = None

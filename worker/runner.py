@@ -22,11 +22,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
@@ -41,6 +42,10 @@ from .types import JobType, Registry
 logger = logging.getLogger(__name__)
 
 LEASE_HEARTBEATS = 3
+#: How long a worker keeps trying to write a finished attempt's outcome through a Redis outage.
+OUTCOME_RETRY_S = 60.0
+#: When the start of a run fails (Redis away), arq runs it again after this many seconds.
+START_RETRY_S = 1.0
 MESSAGE_MAX = 2000
 
 
@@ -94,7 +99,13 @@ class Runner:
             current_job.reset(token)
 
     async def _execute(self, job_id: str, run: int) -> None:
-        started = await self.store.start(job_id, run, self._lease_deadline())
+        try:
+            started = await self.store.start(job_id, run, self._lease_deadline())
+        except (RedisError, OSError) as exc:
+            # Not started, or started and the answer lost (then the lease lapses and the reaper
+            # takes over). Either way arq must keep this run on its queue: Retry does that.
+            logger.warning("job %s run %s: start failed (%s); arq retries the run", job_id, run, exc)
+            raise Retry(defer=START_RETRY_S) from exc
         if started is None:
             return
         attempt = started.attempt
@@ -131,20 +142,37 @@ class Runner:
         entry = _Running(run=run, task=task)
         self.running[job_id] = entry
         try:
-            done, _ = await asyncio.wait({task}, timeout=jt.timeout_s)
-        except asyncio.CancelledError:
-            # The worker is shutting down past its grace period: stop the handler, hand the job back.
-            await self._stop(task)
-            ctx.close()
-            await asyncio.shield(self.store.hand_back(job_id, run))
-            raise
-        finally:
-            self.running.pop(job_id, None)
-
-        try:
+            try:
+                done, _ = await asyncio.wait({task}, timeout=jt.timeout_s)
+            except asyncio.CancelledError:
+                # The worker is shutting down past its grace period: stop the handler, hand the job back.
+                await self._stop(task)
+                ctx.close()
+                await asyncio.shield(self._durably("hand back", job_id, self.store.hand_back, job_id, run))
+                raise
+            # Still in self.running while the outcome is written: heartbeats keep its lease.
             await self._record_outcome(jt, ctx, entry, timed_out=not done)
         finally:
+            self.running.pop(job_id, None)
             ctx.close()
+
+    async def _durably(self, what: str, job_id: str, write: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Write a job's outcome, retrying through a Redis blip (the run's fence makes a repeated
+        write harmless). Past ``OUTCOME_RETRY_S`` the error propagates; the lease then lapses and
+        the reaper retries the job."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OUTCOME_RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                return await write(*args)
+            except (RedisError, OSError) as exc:
+                if loop.time() > deadline:
+                    logger.error("job %s: could not %s for %ss (%s); giving up", job_id, what, OUTCOME_RETRY_S, exc)
+                    raise
+                logger.warning("job %s: %s failed (%s); retrying in %.1fs", job_id, what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _stop(self, task: asyncio.Task[Any]) -> None:
         task.cancel()
@@ -164,17 +192,18 @@ class Runner:
                 logger.warning("job %s run %s: lease lost, another run owns the job; nothing recorded", job_id, run)
                 return
             await ctx.drain()
-            await self.store.mark_cancelled(job_id, run)
+            await self._durably("record the cancellation", job_id, self.store.mark_cancelled, job_id, run)
             return
         failure = task.exception()
         if failure is None:
             try:
                 result_json = _encode_result(task.result())
             except TypeError as exc:
-                await self.store.fail(job_id, run, _error(exc, attempt, retryable=False))
+                await self._durably("record the failure", job_id, self.store.fail, job_id, run,
+                                    _error(exc, attempt, retryable=False))  # fmt: skip
                 return
             await ctx.drain()
-            await self.store.complete(job_id, run, result_json)
+            await self._durably("record the result", job_id, self.store.complete, job_id, run, result_json)
             return
         if isinstance(failure, PermanentError):
             error = _error(failure, attempt, retryable=False)
@@ -189,10 +218,10 @@ class Runner:
         await ctx.drain()
         if error.retryable and ctx.attempt < ctx.max_attempts:
             delay = max(jt.backoff_s(ctx.attempt), retry_after_s or 0.0)
-            await self.store.retry(ctx.job_id, ctx.run, error, delay)
+            await self._durably("schedule the retry", ctx.job_id, self.store.retry, ctx.job_id, ctx.run, error, delay)
             self._retry_scheduled.set()  # the maintenance loop may need to wake earlier
         else:
-            await self.store.fail(ctx.job_id, ctx.run, error)
+            await self._durably("record the failure", ctx.job_id, self.store.fail, ctx.job_id, ctx.run, error)
 
     # --- signals from outside -------------------------------------------------------------------------
 

@@ -72,6 +72,14 @@ async def accept_webhook(
             "deliveries by their webhook-signature header instead.",
             field="url",
         )
+    try:
+        (parts.hostname or "").encode("idna")
+    except UnicodeError:
+        raise WebhookRejected(
+            f"The webhook URL's host {parts.hostname!r} is not a valid host name "
+            "(each dot-separated label 1 to 63 characters).",
+            field="url",
+        ) from None
     if not settings.webhook_keys_for(tenant):
         raise WebhookRejected(
             f"Webhooks are not set up for tenant {tenant!r}: no signing secret is configured, so deliveries "

@@ -339,7 +339,14 @@ elseif op == 'complete' or op == 'fail' or op == 'cancelled' or op == 'retry' or
   local r = fields(id, 'status', 'run', 'attempt')
   if r[1] ~= 'processing' or r[2] ~= run then return {'stale', r[1] or 'missing'} end
   local attempt = tonumber(r[3])
+  if (op == 'retry' or op == 'handback') and redis.call('HEXISTS', job_key(id), 'cancel') == 1 then
+    -- A cancellation was accepted (202) while this attempt ran: it wins over another attempt.
+    arq_forget(id, tonumber(run))
+    finish(id, 'cancelled', '')
+    return {'ok', 'cancelled'}
+  end
   if op == 'complete' then
+    redis.call('HDEL', job_key(id), 'error')  -- an earlier attempt's error no longer applies
     redis.call('HSET', job_key(id), 'result', ARGV[6], 'percent', 100,
       'progress', (string.gsub(redis.call('HGET', job_key(id), 'progress'), '"percent":[^,}]*', '"percent":100.0', 1)))
     arq_forget(id, tonumber(run))
@@ -377,6 +384,7 @@ elseif op == 'cancel' then
     return {'cancelled'}
   elseif r[2] == 'processing' then
     redis.call('HSET', job_key(id), 'cancel', '1')
+    touch(id)  -- the resource shows cancel_requested: a new version (ETag, long-polls wake)
     redis.call('PUBLISH', K_CONTROL_CHANNEL, 'cancel ' .. id)
     return {'requested'}
   end
