@@ -1,0 +1,1 @@
+"""Jobcast's benchmarks: each ``bench/<name>.py`` with a ``main`` runs by itself (see BENCHMARKS.md)."""

@@ -1,0 +1,82 @@
+"""The HTTP servers under test, each run as a subprocess by :mod:`bench.harness`.
+
+    python -m bench.serve jobcast --port P   what ``jobcast web`` runs: create_app() under uvicorn with
+                                             uvloop and httptools, JobcastServer (drain on SIGTERM);
+                                             but log level warning and no access log
+    python -m bench.serve bare --port P      the reference for the submission rate: a bare Starlette
+                                             ``POST /jobs`` that reads the body, does one Redis SET
+                                             and answers 202, under the same uvicorn settings
+
+Both read the ``JOBCAST_*`` environment (the Redis URL, ...), like the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.app import JobcastServer, create_app
+from worker.settings import Settings
+from worker.store import redis_client
+
+BACKLOG = 4096
+
+
+def bare_app(settings: Settings) -> Starlette:
+    counter = itertools.count()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.redis = redis_client(settings)
+        yield
+        await app.state.redis.aclose()
+
+    async def submit(request: Request) -> Response:
+        body = await request.body()
+        await request.app.state.redis.set(f"bare:{next(counter)}", body, ex=600)
+        return Response(b'{"status":"queued"}', status_code=202, media_type="application/json")
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    return Starlette(
+        routes=[Route("/jobs", submit, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])],
+        lifespan=lifespan,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("app", choices=["jobcast", "bare"])
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+
+    settings = Settings()
+    app = create_app(settings) if args.app == "jobcast" else bare_app(settings)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        backlog=BACKLOG,
+        timeout_graceful_shutdown=5,
+    )
+    if args.app == "jobcast":
+        JobcastServer(config, app).run()
+    else:
+        uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The load client of the stream benchmarks: one process holding many SSE streams, the same for
+Jobcast and for nginx+nchan.
+
+It runs in a process of its own (``multiprocessing``, spawned by :mod:`bench.sse_fanout`) and obeys
+commands on a pipe:
+
+    ("connect",)                          open every stream; answer when all have their 200 headers
+    ("collect", per_stream, deadline)     wait until each stream saw ``per_stream`` marked events, or
+                                          the deadline (epoch seconds) passes; answer with the figures
+    ("close",)                            close everything and exit
+
+A marked event is a ``job.progress`` event whose data carries ``bseq=<n> t=<epoch ns>``, written by
+the publisher just before it published. Latency is the client's clock when the bytes arrive
+(``data_received``) minus ``t``: one clock, one machine. Each stream counts distinct ``n`` (a
+repeat is a duplicate, not a delivery).
+
+Cost. It is an ``asyncio.Protocol`` on uvloop (no StreamReader, no HTTP library): per received frame
+one callback, one regex scan and one append. Its CPU time is measured and reported by the benchmark;
+it runs in 1 or 2 processes so that it is not the bottleneck at 10k streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from array import array
+from multiprocessing.connection import Connection
+from typing import Any
+
+#: A ``job.progress`` block whose data carries the publisher's marker (id line before or after the
+#: event line: Jobcast writes it first, nchan second). Terminal events repeat the last progress, so
+#: only progress events count.
+MARK = re.compile(rb"event: job\.progress\n(?:id: [^\n]*\n)?data: [^\n]*?bseq=(\d+) t=(\d+)")
+TAIL_MAX = 64 * 1024
+
+
+class Client:
+    def __init__(self, host: str, port: int, requests: list[bytes], connect_concurrency: int) -> None:
+        self.host = host
+        self.port = port
+        self.requests = requests
+        self.connect_concurrency = connect_concurrency
+        self.streams: list[Stream] = []
+        self.latencies_us = array("q")
+        self.expected = 0
+        self.complete = 0
+        self.done: asyncio.Future[None] | None = None
+
+    def on_event(self, stream: Stream) -> None:
+        if self.expected and len(stream.seen) == self.expected:
+            self.complete += 1
+            if self.complete == len(self.streams) and self.done is not None and not self.done.done():
+                self.done.set_result(None)
+
+    async def connect(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Semaphore(self.connect_concurrency)
+        errors: dict[str, int] = {}
+
+        async def one(request: bytes) -> None:
+            async with gate:
+                stream = Stream(self, request)
+                try:
+                    await loop.create_connection(lambda: stream, self.host, self.port)
+                    async with asyncio.timeout(30):
+                        status = await stream.headers
+                    if status != 200:
+                        raise ConnectionError(f"status {status}")
+                    self.streams.append(stream)
+                except (OSError, TimeoutError) as exc:
+                    key = type(exc).__name__ + ": " + str(exc)[:80]
+                    errors[key] = errors.get(key, 0) + 1
+                    if stream.transport is not None:
+                        stream.transport.close()
+
+        t0 = time.time_ns()
+        await asyncio.gather(*(one(r) for r in self.requests))
+        t1 = time.time_ns()
+        return {"connected": len(self.streams), "failed": sum(errors.values()), "errors": errors, "t0": t0, "t1": t1}
+
+    async def collect(self, per_stream: int, deadline: float) -> dict[str, Any]:
+        self.expected = per_stream
+        self.complete = sum(1 for s in self.streams if len(s.seen) >= per_stream)
+        self.done = asyncio.get_running_loop().create_future()
+        if self.complete < len(self.streams):
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.time())):
+                    await self.done
+            except TimeoutError:
+                pass
+        return {
+            "latencies_us": self.latencies_us.tobytes(),
+            "received": sum(len(s.seen) for s in self.streams),
+            "duplicates": sum(s.duplicates for s in self.streams),
+            "complete": self.complete,
+            "streams": len(self.streams),
+            "closed_early": sum(1 for s in self.streams if s.lost and len(s.seen) < per_stream),
+        }
+
+    def close(self) -> None:
+        for stream in self.streams:
+            if stream.transport is not None:
+                stream.transport.close()
+
+
+class Stream(asyncio.Protocol):
+    def __init__(self, client: Client, request: bytes) -> None:
+        self.client = client
+        self.request = request
+        self.transport: asyncio.Transport | None = None
+        self.headers: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._head = b""
+        self._tail = b""
+        self.seen: set[int] = set()
+        self.duplicates = 0
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time_ns()
+        if not self.headers.done():
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = int(self._head[9:12])
+            data, self._head = self._head[end + 4 :], b""
+            self.headers.set_result(status)
+        buf = self._tail + data if self._tail else data
+        cut = buf.rfind(b"\n\n")  # the end of the last complete event block
+        if cut < 0:
+            self._tail = buf[-TAIL_MAX:]
+            return
+        self._tail = buf[cut + 2 :]
+        for match in MARK.finditer(buf, 0, cut):
+            seq = int(match[1])
+            if seq in self.seen:
+                self.duplicates += 1
+                continue
+            self.seen.add(seq)
+            self.client.latencies_us.append((now - int(match[2])) // 1000)
+            self.client.on_event(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.headers.done():
+            self.headers.set_exception(ConnectionError("closed before the response headers"))
+
+
+def request_bytes(host: str, port: int, path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def run(conn: Connection, host: str, port: int, paths: list[str], headers: dict[str, str], concurrency: int) -> None:
+    """Process entry point: obey the commands on ``conn`` until ``("close",)``."""
+    import resource
+
+    import uvloop
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client = Client(host, port, [request_bytes(host, port, p, headers) for p in paths], concurrency)
+        while True:
+            # A thread reads the pipe: the loop's add_reader would make it non-blocking, and a
+            # large answer (all latencies) must be sent whole.
+            command = await loop.run_in_executor(None, conn.recv)
+            if command[0] == "connect":
+                conn.send(await client.connect())
+            elif command[0] == "collect":
+                conn.send(await client.collect(command[1], command[2]))
+            else:
+                client.close()
+                await asyncio.sleep(0.1)
+                return
+
+    uvloop.run(main())
