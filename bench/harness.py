@@ -94,6 +94,17 @@ class Proc:
                 self.popen.wait()
         self._log.close()
 
+    def log_size(self) -> int:
+        self._log.flush()
+        return self.log_path.stat().st_size
+
+    def gc_pauses(self, since: int = 0) -> list[float]:
+        """Garbage collections of 5 ms or more logged since byte ``since`` (``BENCH_GC_LOG``), in ms."""
+        with self.log_path.open("rb") as f:
+            f.seek(since)
+            lines = f.read().decode(errors="replace").splitlines()
+        return [float(line.split()[2]) for line in lines if line.startswith("gc: gen")]
+
     def tail(self, chars: int = 3000) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -122,6 +133,7 @@ class Processes:
     def jobcast_web(self, redis_url: str, name: str = "web", **env: str) -> tuple[Proc, int]:
         """A Jobcast server as ``jobcast web`` runs it (uvloop, httptools), minus access log and INFO logs."""
         port = free_port()
+        env = {"BENCH_GC_LOG": "1", **env}
         proc = self.start(
             name, [sys.executable, "-m", "bench.serve", "jobcast", "--port", str(port)], jobcast_env(redis_url, **env)
         )

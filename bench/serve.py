@@ -7,13 +7,22 @@
                                              ``POST /jobs`` that reads the body, does one Redis SET
                                              and answers 202, under the same uvicorn settings
 
-Both read the ``JOBCAST_*`` environment (the Redis URL, ...), like the product.
+Both read the ``JOBCAST_*`` environment (the Redis URL, ...), like the product. Two knobs for
+experiments, read from the environment by this file only (the product has no such settings):
+
+    BENCH_GC_THRESHOLD=50000,20,100   gc.set_threshold(...) before serving
+    BENCH_GC_LOG=1                    log every garbage collection that takes 5 ms or more, as
+                                      ``gc: gen2 942 ms``; the benchmarks sum these up
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
+import os
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -53,12 +62,29 @@ def bare_app(settings: Settings) -> Starlette:
     )
 
 
+def log_slow_collections(threshold_s: float = 0.005) -> None:
+    started = 0.0
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        elif (took := time.perf_counter() - started) >= threshold_s:
+            print(f"gc: gen{info['generation']} {1000 * took:.0f} ms", file=sys.stderr, flush=True)
+
+    gc.callbacks.append(callback)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("app", choices=["jobcast", "bare"])
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
 
+    if threshold := os.environ.get("BENCH_GC_THRESHOLD"):
+        gc.set_threshold(*(int(v) for v in threshold.split(",")))
+    if os.environ.get("BENCH_GC_LOG"):
+        log_slow_collections()
     settings = Settings()
     app = create_app(settings) if args.app == "jobcast" else bare_app(settings)
     config = uvicorn.Config(

@@ -43,6 +43,7 @@ class Client:
         self.connect_concurrency = connect_concurrency
         self.streams: list[Stream] = []
         self.latencies_us = array("q")
+        self.seqs = array("i")  # the event number of each latency
         self.expected = 0
         self.complete = 0
         self.done: asyncio.Future[None] | None = None
@@ -91,6 +92,7 @@ class Client:
                 pass
         return {
             "latencies_us": self.latencies_us.tobytes(),
+            "seqs": self.seqs.tobytes(),
             "received": sum(len(s.seen) for s in self.streams),
             "duplicates": sum(s.duplicates for s in self.streams),
             "complete": self.complete,
@@ -143,6 +145,7 @@ class Stream(asyncio.Protocol):
                 continue
             self.seen.add(seq)
             self.client.latencies_us.append((now - int(match[2])) // 1000)
+            self.client.seqs.append(seq)
             self.client.on_event(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

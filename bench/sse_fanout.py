@@ -79,6 +79,9 @@ class Run:
     others: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     profiles: list[str] = field(default_factory=list)
+    by_seq: dict[int, list[float]] = field(default_factory=dict)
+    gc_connect: list[float] = field(default_factory=list)  # the server's GC pauses >= 5 ms, while connecting
+    gc_publish: list[float] = field(default_factory=list)  # ... while events flow
 
     @property
     def delivered(self) -> float:
@@ -138,9 +141,12 @@ class Clients:
             if not pipe.poll(timeout):
                 raise RuntimeError(f"load client did not report within {timeout}s")
             a = pipe.recv()
-            lat = array("q")
+            lat, seqs = array("q"), array("i")
             lat.frombytes(a["latencies_us"])
+            seqs.frombytes(a["seqs"])
             run.latencies_ms += [v / 1000 for v in lat]
+            for seq, v in zip(seqs, lat, strict=True):
+                run.by_seq.setdefault(seq, []).append(v / 1000)
             run.received += a["received"]
             run.duplicates += a["duplicates"]
         run.expected = run.streams * per_stream
@@ -205,6 +211,8 @@ def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path) -> Run:
             meter = harness.CpuMeter({"server": web.pid, "redis": redis_server.process.pid, **clients.pids})  # type: ignore[union-attr]
             say(f"Jobcast: {run.connected} streams open; publishing {FANOUT_EVENTS} events at {FANOUT_RATE:g}/s")
             profiler = harness.Profiler(web.pid, folder / "publish.pyspy") if args.profile else None
+            run.gc_connect = web.gc_pauses()
+            gc_mark = web.log_size()
             meter.start()
             deadline = time.time() + FANOUT_EVENTS / FANOUT_RATE + DRAIN_S
             clients.start_collect(FANOUT_EVENTS, deadline)
@@ -223,6 +231,7 @@ def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path) -> Run:
             clients.finish_collect(run, FANOUT_EVENTS, DRAIN_S + 30)
             run.cpu = meter.stop()
             run.cpu_wall, run.others = meter.wall, meter.others
+            run.gc_publish = web.gc_pauses(gc_mark)
             if profiler is not None:
                 profiler.stop()
                 run.profiles.append(profiler.report(f"Jobcast server while {streams} streams receive"))
@@ -309,6 +318,7 @@ def spread_jobcast(args: argparse.Namespace, folder: Path) -> Run:
             say(f"Jobcast: {run.connected} streams open; {SPREAD_JOBS} events/s for {SPREAD_EVENTS}s from the worker")
             start = time.time() + 0.5
             clients.start_collect(SPREAD_EVENTS, start + SPREAD_EVENTS + DRAIN_S)
+            gc_mark = web.log_size()
             meter.start()
 
             async def go() -> None:
@@ -320,6 +330,7 @@ def spread_jobcast(args: argparse.Namespace, folder: Path) -> Run:
             clients.finish_collect(run, SPREAD_EVENTS, SPREAD_EVENTS + DRAIN_S + 30)
             run.cpu = meter.stop()
             run.cpu_wall, run.others = meter.wall, meter.others
+            run.gc_publish = web.gc_pauses(gc_mark)
         finally:
             clients.close()
     return run
@@ -452,6 +463,12 @@ def ratio_row(ours: dict[str, float], ref: dict[str, float]) -> list[object]:
     ]
 
 
+def gc_line(pauses: list[float]) -> str:
+    if not pauses:
+        return "none"
+    return f"{len(pauses)} ({sum(pauses):.0f} ms in all, longest {max(pauses):.0f} ms)"
+
+
 def mark(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -484,6 +501,19 @@ def compare(title: str, sides: dict[str, Callable[[int], Run]], rounds: int) -> 
         if len(sides) == 2:
             rows.append(ratio_row(medians(results["jobcast"]), medians(results["nchan"])))
         print(table(HEAD, rows))
+        print("\nMedian latency (ms) by event number, first round (growth = the server falls behind):")
+        for runs in results.values():
+            r = runs[0]
+            seqs = sorted(r.by_seq)
+            picks = sorted({seqs[0], *seqs[len(seqs) // 4 :: max(1, len(seqs) // 4)], seqs[-1]}) if seqs else []
+            print(f"- {r.server}: " + ", ".join(f"#{q} {ms(statistics.median(r.by_seq[q]))}" for q in picks))
+        for runs in results.values():
+            for i, r in enumerate(runs):
+                if r.gc_connect or r.gc_publish:
+                    print(
+                        f"- {r.server} round {i + 1}, server GC pauses ≥ 5 ms: {gc_line(r.gc_connect)} while "
+                        f"streams connect; {gc_line(r.gc_publish)} while events flow"
+                    )
         for runs in results.values():
             for r in runs:
                 if r.errors:
