@@ -100,14 +100,20 @@ class Subscription:
     def pending(self) -> bool:
         return bool(self.items) or self.overflowed or self.resync or self.closed
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait until something is pending or ``timeout`` passes; True if something is pending."""
+    async def wait(self, timeout: float | None) -> bool:
+        """Wait until something is pending, ``wake()`` is called, or ``timeout`` passes (None: no
+        timeout); True if something is pending."""
         if self.pending:
             return True
         self._waiter = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(timeout):
+            if timeout is None:
+                # No timer: arming and cancelling one on every wait is the largest cost of a
+                # fan-out to thousands of streams (see BENCHMARKS.md).
                 await self._waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
         except TimeoutError:
             pass
         finally:
