@@ -451,11 +451,15 @@ def round_trip_report(jobcast: Throughput, arq: Throughput) -> str:
     ]
     out = table(["per job", "Jobcast", "arq", "ratio"], rows)
     names = sorted(set(a["cmd"]) | set(b["cmd"]), key=lambda k: -(a["cmd"].get(k, 0) + b["cmd"].get(k, 0)))
-    cmd_rows = [[k, f"{a['cmd'].get(k, 0):.2f}", f"{b['cmd'].get(k, 0):.2f}"] for k in names if k != "info"]
+    cmd_rows = [
+        [k, f"{a['cmd'].get(k, 0):.2f}", f"{b['cmd'].get(k, 0):.2f}"]
+        for k in names
+        if k not in ("info", "xinfo|stream") and max(a["cmd"].get(k, 0), b["cmd"].get(k, 0)) >= 0.01
+    ]
     return (
         out
         + "\n\nCommands per job, by name (those run inside Lua scripts included):\n\n"
-        + table(["command", "Jobcast", "arq"], cmd_rows[:20])
+        + table(["command", "Jobcast", "arq"], cmd_rows)
     )
 
 
