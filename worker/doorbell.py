@@ -7,8 +7,11 @@ that, for a finished job (a slot is free), or for :meth:`DoorbellWorker._idle_ti
 fallback, or less when the subclass knows something falls due sooner — instead of sleeping.
 
 A worker reads at most as many queue entries as it has free slots, so a high-priority job submitted
-behind a backlog is next, not behind a batch already read. When Redis is away the worker keeps its
-process, backs off and tries again (what it would run is safe in Redis).
+behind a backlog is next, not behind a batch already read. The runs read are claimed in one script
+call (``lua/claim.lua``: arq's own checks and lock, for the whole batch) instead of arq's four
+sequential round trips per run, which capped one worker at about a thousand no-op jobs a second (see
+BENCHMARKS.md). When Redis is away the worker keeps its process, backs off and tries again (what it
+would run is safe in Redis).
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from importlib import resources
 from typing import Any
 
 import orjson
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
@@ -46,6 +52,8 @@ class DoorbellWorker(Worker):
         self._poll_failures = 0
         self._stopping = False
         self._parked = asyncio.Event()
+        self._claim_source = resources.files(__package__).joinpath("lua/claim.lua").read_text()
+        self._claim: Any = None  # the script, bound to arq's pool once it exists
 
     def wake(self) -> None:
         """Something was queued: look at the queue now."""
@@ -80,13 +88,27 @@ class DoorbellWorker(Worker):
                     await self._wakeup.wait()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Start the runs read from the queue: claimed in one round trip (``lua/claim.lua``), then
+        run as arq runs them (``run_job``, arq's semaphore and job counter)."""
         self._read = len(job_ids)
-        before = set(self.tasks)
-        await super().start_jobs(job_ids)
-        for job_id in self.tasks.keys() - before:
-            # Registered after arq's own callback, so the slot is already counted free when the
-            # poll loop wakes (arq's after_job_end hook fires too early for that).
-            self.tasks[job_id].add_done_callback(self._slot_freed)
+        free = self.max_jobs - self.job_counter
+        if not job_ids or free <= 0:
+            return
+        if self._claim is None:
+            self._claim = self.pool.register_script(self._claim_source)
+        lock_ms = int(self.in_progress_timeout_s * 1000)
+        args = [in_progress_key_prefix, timestamp_ms(), lock_ms, free, *job_ids]
+        claimed = await self._claim(keys=[self.queue_name], args=args)
+        for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
+            await self.sem.acquire()  # never waits: at most `free` runs were claimed
+            self.job_counter += 1
+            job_id = raw_id.decode()
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            # After arq's own callback, so the slot is already counted free when the poll loop
+            # wakes (arq's after_job_end hook fires too early for that).
+            task.add_done_callback(self._slot_freed)
+            self.tasks[job_id] = task
 
     def _slot_freed(self, task: asyncio.Task[None]) -> None:
         self.wake()
