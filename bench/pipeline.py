@@ -25,7 +25,8 @@ orjson). Load clients run in processes of their own (:mod:`bench.submitters`).
                (``total_reads_processed``, i.e. round trips), commands it executed (Lua's included),
                Redis CPU; and the commands by name.
 5. scaling     throughput with 2 and 4 worker processes (1 is part 1), Jobcast and arq; memory
-               (RSS) of the server and the worker at 10%, 50% and 100% of the N jobs of part 1.
+               (RSS) of the server and the worker at 10%, 50% and 100% of the N jobs of part 1
+               (printed with part 1).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def jobcast_throughput(args: argparse.Namespace, jobs: int, workers: int, folder
             ]
         meter.start()
         proc, pipe = spawn(submitters.http_jobs, port, jobs, SUBMIT_CONCURRENCY)
-        marks = [0.1, 0.5, 1.0] if args.sample_memory else []
+        marks = [0.1, 0.5, 1.0]
         submitted: dict[str, Any] | None = None
         deadline = time.monotonic() + max(120, jobs / 100)
         while True:
@@ -479,7 +480,6 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs)")
     parser.add_argument("--profile", action="store_true", help="py-spy the Jobcast server and worker in part 1")
     args = parser.parse_args()
-    args.sample_memory = True
     parts = set(args.parts.split(","))
     if "submit" in parts and shutil.which("wrk") is None:
         sys.exit("pipeline: part 'submit' needs wrk: apt-get install -y wrk (or leave it out: --parts ...)")
@@ -500,7 +500,11 @@ def main() -> None:
                 print(table(THROUGHPUT_HEAD, throughput_rows([base["jobcast"], base["arq"]])))
                 r = base["jobcast"].rate / base["arq"].rate
                 print(f"\nJobcast / arq: {r:.2f}x (target ≥ 0.8x: {'MET' if r >= 0.8 else 'NOT MET'})")
-                for profile in base["jobcast"].profiles:
+                j = base["jobcast"]
+                print("\nRSS (KiB) of the Jobcast processes during this run (part 5: flat, no growth):\n")
+                names = list(j.memory[0][1])
+                print(table(["jobs done", *names], [[m, *(s[n] for n in names)] for m, s in j.memory]))
+                for profile in j.profiles:
                     print("\n" + profile)
             with harness.section("4. Redis work per job (same runs)"):
                 print(round_trip_report(base["jobcast"], base["arq"]))
@@ -536,7 +540,7 @@ def main() -> None:
                 verdict = "MET" if ours >= 0.5 * bare else "NOT MET"
                 print(f"\nJobcast / bare (medians): {ratio(ours, bare)} (target ≥ 0.5x: {verdict})")
         if "scaling" in parts:
-            with harness.section(f"5. Scaling, {args.scaling_jobs} jobs per run; memory"):
+            with harness.section(f"5. Scaling, {args.scaling_jobs} jobs per run"):
                 runs = [base["jobcast"], base["arq"]]
                 for workers in (2, 4):
                     runs.append(jobcast_throughput(args, args.scaling_jobs, workers, folder / f"jobcast-{workers}"))
@@ -555,11 +559,6 @@ def main() -> None:
                         ["workers", "Jobcast jobs/s", "vs 1 worker", "arq jobs/s", "vs 1 worker", "Jobcast/arq"], rows
                     )
                 )
-                j = base["jobcast"]
-                if j.memory:
-                    print(f"\nRSS (KiB) during the {j.jobs}-job run of part 1:\n")
-                    names = list(j.memory[0][1])
-                    print(table(["after", *names], [[m, *(s[n] for n in names)] for m, s in j.memory]))
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
