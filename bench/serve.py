@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.app import JobcastServer, create_app
+from server.app import JobcastServer, create_app, tune_gc_for_streaming
 from worker.settings import Settings
 from worker.store import redis_client
 
@@ -81,7 +81,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
 
-    if threshold := os.environ.get("BENCH_GC_THRESHOLD"):
+    if args.app == "jobcast":
+        tune_gc_for_streaming()  # as `jobcast web` does
+    if threshold := os.environ.get("BENCH_GC_THRESHOLD"):  # to experiment with other thresholds
         gc.set_threshold(*(int(v) for v in threshold.split(",")))
     if os.environ.get("BENCH_GC_LOG"):
         log_slow_collections()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -91,6 +92,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     return app
+
+
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc_for_streaming() -> None:
+    """Fewer, not longer, garbage-collection pauses in a server holding thousands of streams.
+
+    Each open stream is ~100 long-lived objects the cyclic collector tracks, and every full
+    collection walks them all with the process stopped: 0.7 s at 10k streams (BENCHMARKS.md). So:
+    freeze what start-up made, and run the young generation rarely enough that full collections
+    become rare too. Pauses, not a few MB, are what a streaming server cannot afford.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class JobcastServer(uvicorn.Server):

@@ -41,7 +41,7 @@ def _settings() -> Settings:
 def cmd_web(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from .app import JobcastServer, create_app
+    from .app import JobcastServer, create_app, tune_gc_for_streaming
 
     settings = _settings()
     configure_logging(settings)
@@ -55,6 +55,7 @@ def cmd_web(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=10,
         log_config=None,  # our handlers (worker.logs), so JOBCAST_LOG_FORMAT applies to uvicorn's lines too
     )
+    tune_gc_for_streaming()
     JobcastServer(config, app).run()
 
 

@@ -301,7 +301,7 @@ async def submit_job(request: Request) -> Response:
                 }
             ],
         )
-    record = await load_job(request, state, created.job_id, principal.tenant)
+    record = created.record or await load_job(request, state, created.job_id, principal.tenant)
     token, expires_at = state["auth"].signer.mint("job", principal.tenant, state["settings"].job_token_ttl_s, record.id)
     response = render_job(record, request, 202, {"token": token, "token_expires_at": rfc3339(expires_at * 10**9)})
     response.headers["Location"] = f"/jobs/{record.id}"

@@ -226,7 +226,7 @@ class JobsScript:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._script = redis.register_script(_prelude(settings) + _lua("jobs.lua"))
 
-    async def __call__(self, op: str, *args: str | int | float) -> Any:
-        """Run ``op`` as of now (the script gets the time from here, read once)."""
-        now_iso, now_ms = now()
+    async def __call__(self, op: str, *args: str | int | float, at: tuple[str, int] | None = None) -> Any:
+        """Run ``op`` as of ``at`` (RFC 3339, epoch ms), by default now, read once."""
+        now_iso, now_ms = at if at is not None else now()
         return await self._script(keys=[], args=[op, now_iso, now_ms, *args])

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from . import schema
+from .clock import now
 from .ids import is_job_id, new_job_id
 from .models import JobError, JobStatus, Priority
 from .settings import Settings
@@ -95,6 +96,8 @@ class Created:
 
     outcome: str
     job_id: str | None
+    #: The new record (outcome ``created``); for ``existing``, read it with :meth:`Store.get`.
+    record: JobRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class Store:
     ) -> Created:
         job_id = new_job_id()
         idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
+        at = now()
         outcome, ident = await self._script(
             "create",
             job_id,
@@ -161,10 +165,20 @@ class Store:
             idem,
             fingerprint,
             IDEMPOTENCY_TTL_S,
+            at=at,
         )
-        if outcome == "created":
-            logger.info("job %s created: type=%s tenant=%s priority=%s", job_id, job_type, tenant, priority)
-        return Created(outcome, ident if outcome != "full" else None)
+        if outcome != "created":
+            return Created(outcome, ident if outcome != "full" else None)
+        logger.info("job %s created: type=%s tenant=%s priority=%s", job_id, job_type, tenant, priority)
+        # The record as the script just wrote it, so the 202 needs no second read.
+        record = JobRecord(
+            id=job_id, tenant=tenant, type=job_type, status=JobStatus.QUEUED, priority=priority,
+            attempt=1, max_attempts=max_attempts, run=1, version=1, params=params,
+            progress={"percent": 0.0}, history=[{"status": "queued", "at": at[0], "attempt": 1}],
+            result=None, error=None, webhook=webhook, created_at=at[0], started_at=None,
+            finished_at=None, updated_at=at[0], cancel_requested=False,
+        )  # fmt: skip
+        return Created(outcome, job_id, record)
 
     async def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         """The record, or None when it does not exist or belongs to another tenant."""
