@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
@@ -71,7 +72,15 @@ def fingerprint(client: redis.Redis) -> tuple[int, int, int]:
     )
 
 
-def check(case: Any, url: str, redis_url: str) -> None:
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    # One session, closed at the end: schemathesis would otherwise open one per call, whose
+    # sockets close only when collected (ResourceWarnings in whichever test runs then).
+    with requests.Session() as session:
+        yield session
+
+
+def check(case: Any, url: str, redis_url: str, http: requests.Session) -> None:
     with redis.Redis.from_url(redis_url) as client:
         before = fingerprint(client)
         # A reused Idempotency-Key with another body is a 422 by contract (API.md), whatever the
@@ -80,7 +89,7 @@ def check(case: Any, url: str, redis_url: str) -> None:
         if case.path == "/readyz":
             excluded.append(not_a_server_error)  # no worker runs here: 503 with ?require_workers=true
         response = case.call_and_validate(
-            base_url=url, headers={"Authorization": "Bearer key-acme"}, excluded_checks=excluded
+            base_url=url, session=http, headers={"Authorization": "Bearer key-acme"}, excluded_checks=excluded
         )
         content_type = response.headers.get("content-type", [""])[0]
         if response.status_code == 503 and case.path == "/readyz":
@@ -101,12 +110,16 @@ def check(case: Any, url: str, redis_url: str) -> None:
 
 @schema.parametrize()
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-def test_the_api_keeps_its_contract(case: Any, live_server: str, redis_server: RedisProcess) -> None:
-    check(case, live_server, redis_server.url)
+def test_the_api_keeps_its_contract(
+    case: Any, live_server: str, redis_server: RedisProcess, http: requests.Session
+) -> None:
+    check(case, live_server, redis_server.url, http)
 
 
 @pytest.mark.fuzz_long
 @schema.parametrize()
 @settings(max_examples=LONG_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-def test_the_api_keeps_its_contract_long(case: Any, live_server: str, redis_server: RedisProcess) -> None:
-    check(case, live_server, redis_server.url)
+def test_the_api_keeps_its_contract_long(
+    case: Any, live_server: str, redis_server: RedisProcess, http: requests.Session
+) -> None:
+    check(case, live_server, redis_server.url, http)
