@@ -44,7 +44,9 @@ def jobcast_env(redis_url: str, **extra: str) -> dict[str, str]:
     """The environment of a Jobcast server or worker under test.
 
     Logs at WARNING (INFO logs one line per transition), the bench job types loaded, the queue cap
-    raised so that a long run never answers 503.
+    raised so that a long run never answers 503, and the stream caps (20k per process, 10k per
+    tenant by default) raised so that the fan-out can open more than 10k streams for one tenant;
+    the per-tenant cap stays on, so its Redis round trip per stream is measured.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
     env.update(
@@ -56,6 +58,8 @@ def jobcast_env(redis_url: str, **extra: str) -> dict[str, str]:
             "JOBCAST_JOB_MODULES": "bench.jobtypes",
             "JOBCAST_LOG_LEVEL": "WARNING",
             "JOBCAST_MAX_QUEUED": "10000000",
+            "JOBCAST_SSE_MAX_STREAMS": "1000000",
+            "JOBCAST_SSE_MAX_STREAMS_PER_TENANT": "1000000",
             "PYTHONPATH": str(ROOT),
         }
     )
