@@ -145,10 +145,7 @@ class Hub:
     def drain(self) -> None:
         """End every stream now (graceful shutdown); clients resume elsewhere with Last-Event-ID."""
         self.draining = True
-        for table in self._subs.values():
-            for subs in table.values():
-                for sub in subs:
-                    sub.flag(closed=True)
+        self._flag_all(closed=True)
 
     @contextlib.contextmanager
     def subscribe(self, audience: Audience, key: str) -> Iterator[Subscription]:
@@ -190,11 +187,11 @@ class Hub:
         except ValueError:
             logger.warning("hub: ignoring malformed event message %r", raw[:200])
 
-    def _resync_all(self) -> None:
+    def _flag_all(self, *, resync: bool = False, closed: bool = False) -> None:
         for table in self._subs.values():
             for subs in table.values():
                 for sub in subs:
-                    sub.flag(resync=True)
+                    sub.flag(resync=resync, closed=closed)
 
     async def _run(self) -> None:
         delay = 0.1
@@ -206,14 +203,14 @@ class Hub:
                 self.connected.set()
                 if not first:
                     logger.info("hub: reconnected to Redis")
-                    self._resync_all()
+                    self._flag_all(resync=True)
                 first, delay = False, 0.1
                 async for message in pubsub.listen():
                     if message["type"] == "message":
                         self.dispatch(message["data"])
             except (RedisError, OSError) as exc:
                 self.connected.clear()
-                self._resync_all()
+                self._flag_all(resync=True)
                 logger.warning("hub: Redis connection lost (%s); reconnecting in %.1fs", exc, delay)
             finally:
                 with contextlib.suppress(RedisError, OSError):

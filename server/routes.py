@@ -446,8 +446,20 @@ async def _open_stream(request: Request, audience: Audience, key: str, last_id: 
             ) from None
 
 
-def stream_config(settings: Settings) -> StreamConfig:
-    return StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
+def event_stream(state: State, tenant: str, audience: Audience, key: str, last_id: str | None) -> EventStream:
+    """The stream of one job (replayed from its start without a last id) or of a tenant (live)."""
+    settings = state["settings"]
+    return EventStream(
+        hub=state["hub"],
+        store=state["store"],
+        audience=audience,
+        key=key,
+        last_id=last_id,
+        replay=audience == "job",
+        config=StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s),
+        slots=state["stream_slots"],
+        tenant=tenant,
+    )
 
 
 async def job_events(request: Request) -> Response | EventStream:
@@ -461,17 +473,7 @@ async def job_events(request: Request) -> Response | EventStream:
         later = await state["store"].log_events("job", job_id, after=last_id, count=1)
         if not later:
             return Response(status_code=204)  # the stream is over; EventSource stops reconnecting
-    return EventStream(
-        hub=state["hub"],
-        store=state["store"],
-        audience="job",
-        key=job_id,
-        last_id=last_id,
-        replay=True,
-        config=stream_config(state["settings"]),
-        slots=state["stream_slots"],
-        tenant=principal.tenant,
-    )
+    return event_stream(state, principal.tenant, "job", job_id, last_id)
 
 
 async def tenant_events(request: Request) -> EventStream:
@@ -481,17 +483,7 @@ async def tenant_events(request: Request) -> EventStream:
         raise Forbidden("A job token reads only its own job; use a stream token (POST /tokens) for GET /events.")
     last_id = last_event_id(request)
     await _open_stream(request, "tenant", principal.tenant, last_id)
-    return EventStream(
-        hub=state["hub"],
-        store=state["store"],
-        audience="tenant",
-        key=principal.tenant,
-        last_id=last_id,
-        replay=False,
-        config=stream_config(state["settings"]),
-        slots=state["stream_slots"],
-        tenant=principal.tenant,
-    )
+    return event_stream(state, principal.tenant, "tenant", principal.tenant, last_id)
 
 
 # --- job types, tokens, health ----------------------------------------------------------------------
