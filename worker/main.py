@@ -109,9 +109,12 @@ class JobcastWorker(DoorbellWorker):
     # --- the doorbell ------------------------------------------------------------------------------
 
     async def _listen(self, runner: Runner, deliveries: DeliveryWorker) -> None:
+        assert self._redis is not None  # set by _startup before this task starts
         delay = 0.1
         while True:
-            pubsub = redis_client(self.settings).pubsub(ignore_subscribe_messages=True)
+            # From the worker's own client (and pool), like the hub's: a client made per reconnect
+            # was never closed, and left its pool's connections to the garbage collector.
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(schema.DOORBELL_CHANNEL, schema.CONTROL_CHANNEL, schema.WEBHOOK_DOORBELL_CHANNEL)
                 self.wake()  # anything queued while we were not listening
