@@ -1,7 +1,7 @@
 """What every benchmark needs: its own processes, their cost, and figures printed the same way.
 
 Each benchmark starts everything it measures itself, on 127.0.0.1 only: a private redis-server
-(:class:`server.embedded_redis.RedisProcess`), Jobcast servers and workers as subprocesses, nginx
+(:class:`jobcast.cli.embedded_redis.RedisProcess`), Jobcast servers and workers as subprocesses, nginx
 when it compares against nchan. Subprocesses log to files in the run's temporary folder, which is
 printed when something fails. Every process started here is stopped by :class:`Processes` on exit,
 by its own pid.
@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from server.embedded_redis import RedisProcess, find_redis_server, free_port
+from jobcast.cli.embedded_redis import RedisProcess, find_redis_server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = "bench"
@@ -154,7 +154,7 @@ class Processes:
 
     def jobcast_worker(self, redis_url: str, name: str = "worker", **env: str) -> Proc:
         """A worker as ``jobcast worker`` runs it."""
-        return self.start(name, [sys.executable, "-m", "server.cli", "worker"], jobcast_env(redis_url, **env))
+        return self.start(name, [sys.executable, "-m", "jobcast", "worker"], jobcast_env(redis_url, **env))
 
     def stop(self, proc: Proc) -> None:
         proc.stop()

@@ -17,8 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from worker.context import JobContext
-from worker.types import job_type
+from jobcast import JobContext, job_type
 
 TICK_START_KEY = "bench:tick:start"
 

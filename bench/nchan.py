@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from server.embedded_redis import free_port
+from jobcast.cli.embedded_redis import free_port
 
 from .harness import Proc, Processes, wait_http
 

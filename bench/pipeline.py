@@ -56,7 +56,7 @@ import redis as redis_sync
 from bench import harness, submitters
 from bench.harness import TENANT, Processes, percentile, ratio, say, table
 from bench.http_client import Connection
-from worker import schema
+from jobcast.worker import schema
 
 SUBMIT_CONCURRENCY = 32
 WORKER_CONCURRENCY = 10

@@ -32,9 +32,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.app import JobcastServer, create_app, tune_gc_for_streaming
-from worker.settings import Settings
-from worker.store import redis_client
+from jobcast.app import JobcastServer, create_app, tune_gc_for_streaming
+from jobcast.worker.settings import Settings
+from jobcast.worker.store import redis_client
 
 BACKLOG = 4096
 

@@ -49,11 +49,11 @@ from bench import harness, nchan, sse_client
 from bench.harness import AUTH, TENANT, Processes, percentile, ratio, say, table
 from bench.http_client import Connection
 from bench.jobtypes import TICK_START_KEY
-from worker import schema
-from worker.clock import now
-from worker.models import Priority
-from worker.settings import Settings
-from worker.store import Store, redis_client
+from jobcast.worker import schema
+from jobcast.worker.clock import now
+from jobcast.worker.models import Priority
+from jobcast.worker.settings import Settings
+from jobcast.worker.store import Store, redis_client
 
 FANOUT_EVENTS = 20
 FANOUT_RATE = 10.0

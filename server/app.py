@@ -1,7 +1,7 @@
 """The Starlette application: ``create_app()`` is the uvicorn factory (see the Procfile).
 
-The lifespan owns every resource (the Redis pool, the event hub) and exposes them as typed state
-(:class:`server.routes.State`); nothing connects at import time.
+The lifespan owns every resource (the Redis pool, the event hub) and hands them to the routes as one
+:class:`jobcast.services.Services` in Starlette's lifespan state; nothing connects at import time.
 """
 
 from __future__ import annotations
@@ -12,39 +12,29 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from types import FrameType
 
 import orjson
 import uvicorn
 from starlette.applications import Starlette
-from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
 
-from worker.settings import Settings
-from worker.store import Store, redis_client
-from worker.types import load_registry
-from worker.webhooks import WebhookStore
+from jobcast.worker.settings import Settings
+from jobcast.worker.store import Store, redis_client
+from jobcast.worker.types import load_registry
+from jobcast.worker.webhooks import WebhookStore
 
+from . import dashboard
 from .auth import Authenticator
 from .hub import Hub
 from .keys import ApiKeys
 from .limits import RateLimiter, StreamSlots, parse_rate
 from .openapi import build_openapi, enforce_documented_query
 from .problems import EXCEPTION_HANDLERS
-from .routes import State, routes
+from .routes import routes
+from .services import STATE_KEY, Services
 from .tokens import TokenSigner
-from .webhooks import routes as webhook_routes
 
 logger = logging.getLogger(__name__)
-
-STATIC = Path(__file__).resolve().parent.parent / "static"
-
-
-async def dashboard(request: object) -> Response:
-    return FileResponse(STATIC / "index.html")
-
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings if settings is not None else Settings()
@@ -55,7 +45,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     openapi = orjson.dumps(document)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         redis = redis_client(settings)
         hub = Hub(redis)
         await hub.start()
@@ -63,18 +53,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
         slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
         refresher = asyncio.create_task(slots.refresh_forever(), name="jobcast-stream-slots")
         try:
-            yield State(
-                settings=settings,
-                redis=redis,
-                store=Store(redis, settings),
-                hub=hub,
-                registry=registry,
-                auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key), ApiKeys(redis)),
-                rate_limiter=RateLimiter(redis, rate) if rate else None,
-                openapi=openapi,
-                stream_slots=slots,
-                webhooks=WebhookStore(redis, settings),
-            )
+            yield {
+                STATE_KEY: Services(
+                    settings=settings,
+                    redis=redis,
+                    store=Store(redis, settings),
+                    hub=hub,
+                    registry=registry,
+                    auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key), ApiKeys(redis)),
+                    rate_limiter=RateLimiter(redis, rate) if rate else None,
+                    openapi=openapi,
+                    stream_slots=slots,
+                    webhooks=WebhookStore(redis, settings),
+                )
+            }
         finally:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -84,9 +76,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            *enforce_documented_query([*routes(), *webhook_routes()], document),
-            Route("/", dashboard, methods=["GET"]),
-            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            *enforce_documented_query(routes(), document),
+            *dashboard.routes(),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

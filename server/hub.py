@@ -29,8 +29,8 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker import schema
-from worker.models import TERMINAL_EVENTS
+from jobcast.worker import schema
+from jobcast.worker.models import TERMINAL_EVENTS
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,12 @@ class Subscription:
         self.resync = self.resync or resync
         self.closed = self.closed or closed
         self.wake()
+
+    def reset(self) -> None:
+        """Forget what was delivered and flagged (not ``closed``): the reader is about to re-read
+        the log, which holds all of it."""
+        self.items.clear()
+        self.resync = self.overflowed = False
 
     def wake(self) -> None:
         waiter = self._waiter

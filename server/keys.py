@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 import orjson
 from redis.asyncio import Redis
 
-from worker import schema
-from worker.clock import now
-from worker.settings import TENANT_RE
+from jobcast.worker import schema
+from jobcast.worker.clock import now
+from jobcast.worker.settings import TENANT_RE
 
 PREFIX = "jck_"
 KEY_RE = re.compile(r"jck_([a-z0-9]{12})_[A-Za-z0-9_-]{43}")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker import schema
-from worker.settings import ConfigError
+from jobcast.worker import schema
+from jobcast.worker.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from worker import schema
-from worker.models import Priority
-from worker.store import Store
+from jobcast.worker import schema
+from jobcast.worker.models import Priority
+from jobcast.worker.store import Store
 
 from .hub import Hub
 from .limits import StreamSlots

@@ -14,6 +14,9 @@
 
 Anything else that escapes a route is logged with its traceback and answered as a bare 500
 problem: no stack trace ever reaches a client.
+
+A problem's ``type`` is the relative URI ``/problems/<slug>``: this server answers ``GET`` on it
+with the type's status, title and description (:data:`PROBLEM_TYPES`), and docs/API.md lists them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import logging
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,10 +33,12 @@ from starlette.responses import Response
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-TYPE_BASE = "https://jobcast.dev/problems/"
+TYPE_BASE = "/problems/"
 
 
 class Problem(Exception):
+    """An unexpected error on the server's side; it is logged with its traceback."""
+
     status = 500
     title = "Internal Server Error"
     slug = "internal"
@@ -67,10 +71,16 @@ class Problem(Exception):
 
 
 class BadRequest(Problem):
+    """The request is malformed: a query parameter, header, cursor or body that cannot be read. The detail names it."""
+
     status, title, slug = 400, "Bad Request", "bad-request"
 
 
 class Unauthorized(Problem):
+    """No credentials, or credentials that are not valid: send 'Authorization: Bearer <API key>' (or a job or stream
+    token where reads allow one).
+    """
+
     status, title, slug = 401, "Unauthorized", "unauthorized"
 
     def __init__(self, detail: str, **kwargs: Any) -> None:
@@ -79,49 +89,70 @@ class Unauthorized(Problem):
 
 
 class Forbidden(Problem):
+    """The credentials are valid but do not reach this: a read-only token used to write, or a job token used beyond its
+    job.
+    """
+
     status, title, slug = 403, "Forbidden", "forbidden"
 
 
 class NotFound(Problem):
+    """No such resource for this tenant: an unknown job (or another tenant's: ids are never confirmed across tenants),
+    or an unknown path.
+    """
+
     status, title, slug = 404, "Not Found", "not-found"
 
 
 class NotAcceptable(Problem):
+    """The resource has no representation of the media type the Accept header asks for."""
+
     status, title, slug = 406, "Not Acceptable", "not-acceptable"
 
 
 class Conflict(Problem):
+    """The job's status does not allow this (yet): a result before completion, or cancelling a finished job.
+    'job_status' says where it is.
+    """
+
     status, title, slug = 409, "Conflict", "conflict"
 
 
 class GoneProblem(Problem):
+    """The Last-Event-ID is older than the event log keeps: reload the state and reconnect without it."""
+
     status, title, slug = 410, "Gone", "gone"
 
 
 class PayloadTooLarge(Problem):
+    """The request body is larger than 1 MiB."""
+
     status, title, slug = 413, "Content Too Large", "payload-too-large"
 
 
 class UnsupportedMediaType(Problem):
+    """The body is not sent as JSON ('Content-Type: application/json')."""
+
     status, title, slug = 415, "Unsupported Media Type", "unsupported-media-type"
 
 
 class ValidationFailed(Problem):
-    status, title, slug = 422, "Unprocessable Content", "validation"
+    """The body is well-formed JSON but wrong: 'errors' lists each field (loc, msg, type)."""
 
-    @classmethod
-    def from_pydantic(cls, exc: ValidationError, *, prefix: tuple[str | int, ...] = ("body",)) -> ValidationFailed:
-        errors = [{"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]} for err in exc.errors()]
-        where = ", ".join(".".join(map(str, e["loc"])) + ": " + str(e["msg"]) for e in errors[:3])
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        return cls(f"The request is invalid: {where}{more}. Fix the listed fields and send it again.", errors=errors)
+    status, title, slug = 422, "Unprocessable Content", "validation"
 
 
 class TooManyRequests(Problem):
+    """The tenant's submission rate, or its number of open event streams, is used up; Retry-After says when to try
+    again.
+    """
+
     status, title, slug = 429, "Too Many Requests", "rate-limited"
 
 
 class Unavailable(Problem):
+    """At capacity, or the job store (Redis) does not answer; Retry-After says when to try again."""
+
     status, title, slug = 503, "Service Unavailable", "unavailable"
 
     def __init__(self, detail: str, *, retry_after: int = 5, **kwargs: Any) -> None:
@@ -143,25 +174,28 @@ async def handle_problem(request: Request, exc: Exception) -> Response:
     return problem_response(exc)
 
 
-HTTP_DETAILS = {
-    404: "No such resource. The endpoints are listed in API.md (e.g. POST /jobs, GET /jobs/{id}).",
-    405: "This method is not allowed on this path; see the Allow header for the ones that are.",
+class MethodNotAllowed(Problem):
+    """This method is not allowed on this path; the Allow header lists the ones that are."""
+
+    status, title, slug = 405, "Method Not Allowed", "method-not-allowed"
+
+
+HTTP_PROBLEMS: dict[int, tuple[type[Problem], str]] = {
+    404: (NotFound, "No such resource. The endpoints are listed at /openapi.json (e.g. POST /jobs, GET /jobs/{id})."),
+    405: (MethodNotAllowed, "This method is not allowed on this path; see the Allow header for the ones that are."),
 }
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    problem = Problem(HTTP_DETAILS.get(exc.status_code, str(exc.detail)), headers=dict(exc.headers or {}))
-    problem.status = exc.status_code
-    problem.title = str(exc.detail) if exc.status_code not in HTTP_DETAILS else _reason(exc.status_code)
-    problem.slug = "http-" + str(exc.status_code)
+    known = HTTP_PROBLEMS.get(exc.status_code)
+    if known is not None:
+        cls, detail = known
+        return problem_response(cls(detail, headers=dict(exc.headers or {})))
+    # Starlette raises nothing else today; should it, answer with its own status and words.
+    problem = Problem(str(exc.detail), headers=dict(exc.headers or {}))
+    problem.status, problem.title, problem.slug = exc.status_code, str(exc.detail), "http-error"
     return problem_response(problem)
-
-
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-
-    return HTTPStatus(status).phrase
 
 
 async def handle_redis_error(request: Request, exc: Exception) -> Response:
@@ -174,6 +208,27 @@ async def handle_redis_error(request: Request, exc: Exception) -> Response:
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
     return problem_response(Problem("An unexpected error occurred; it has been logged. Try again later."))
+
+
+def _with_subclasses(cls: type[Problem]) -> list[type[Problem]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _with_subclasses(child))]
+
+
+def _problem_types() -> dict[str, dict[str, object]]:
+    classes = _with_subclasses(Problem)
+    return {
+        cls.slug: {
+            "type": TYPE_BASE + cls.slug,
+            "status": cls.status,
+            "title": cls.title,
+            "description": " ".join((cls.__doc__ or cls.title).split()),
+        }
+        for cls in sorted(classes, key=lambda c: c.status)
+    }
+
+
+#: What ``GET /problems/<slug>`` answers, for every problem type this server raises.
+PROBLEM_TYPES = _problem_types()
 
 
 EXCEPTION_HANDLERS = {

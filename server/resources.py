@@ -1,42 +1,247 @@
-"""The job resource of API.md, built from a stored record."""
+"""The resources the API answers with: one pydantic model per wire shape.
+
+Each model here is both what a route renders (a stored record is validated into it and serialized
+by pydantic-core) and what the OpenAPI document publishes (:mod:`jobcast.openapi` builds its
+schemas from these classes), so the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from worker.models import job_links
-from worker.store import JobRecord
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+
+from jobcast.worker.models import (
+    DeliveryStatus,
+    EventName,
+    HistoryEntry,
+    JobError,
+    JobStatus,
+    Priority,
+    Progress,
+    WebhookSpec,
+    job_links,
+)
+from jobcast.worker.store import JobRecord
+
+#: Idempotency keys: printable ASCII (they travel in a header).
+IDEMPOTENCY_KEY_PATTERN = r"^[ -~]{1,255}$"
+#: Job ids (and so list cursors, which are the last id of a page).
+JOB_ID_PATTERN = r"^job_[0-9A-HJKMNP-TV-Z]{26}$"
+#: Seconds a client polling an unfinished job is asked to wait (Retry-After).
+POLL_HINT_S = "1"
 
 
-def links(record: JobRecord) -> dict[str, str]:
-    result = job_links(record.id)
+class Links(BaseModel):
+    self: str
+    events: str
+    cancel: str
+    result: str
+    deliveries: str | None = Field(
+        default=None, description="Present when the job has a webhook.", exclude_if=lambda value: value is None
+    )
+
+
+class StoredWebhook(BaseModel):
+    url: str
+    events: list[EventName]
+
+
+class JobResource(BaseModel):
+    model_config = ConfigDict(title="Job")
+
+    id: str
+    type: str
+    status: JobStatus
+    progress: Progress
+    params: dict[str, Any]
+    priority: Priority
+    attempt: int = Field(ge=1)
+    max_attempts: int = Field(ge=1)
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str
+    history: list[HistoryEntry]
+    result: Any = None
+    error: JobError | None
+    webhook: StoredWebhook | None
+    links: Links
+    cancel_requested: bool
+
+
+class JobTicket(JobResource):
+    model_config = ConfigDict(title="JobTicket")
+
+    token: str = Field(description="Read-only token for this job (Bearer header or ?token=).")
+    token_expires_at: str
+
+
+class JobList(BaseModel):
+    items: list[JobResource]
+    next_cursor: str | None
+
+
+class DeliveryAttempt(BaseModel):
+    at: str
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+
+
+class DeliveryResource(BaseModel):
+    id: str = Field(description="The webhook-id header of every attempt of this delivery.")
+    event: EventName
+    url: str
+    status: DeliveryStatus
+    created_at: str
+    next_attempt_at: str | None
+    finished_at: str | None
+    replays: int
+    attempts: list[DeliveryAttempt]
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryResource]
+
+
+class DeadLetter(BaseModel):
+    id: str
+    job_id: str
+    event: EventName
+    url: str
+    attempts: int
+    last_error: str | None
+    dead_at: str | None
+    links: dict[str, str]
+
+
+class DeadLetterList(BaseModel):
+    items: list[DeadLetter]
+
+
+class Replayed(BaseModel):
+    id: str
+    job_id: str
+    status: DeliveryStatus
+    links: dict[str, str]
+
+
+class JobTypeInfo(BaseModel):
+    name: str
+    description: str
+    params_schema: dict[str, Any]
+    timeout_s: float
+    max_attempts: int
+    priority: Priority
+    result_formats: list[Literal["json", "csv"]]
+
+
+class JobTypeList(BaseModel):
+    items: list[JobTypeInfo]
+
+
+class StreamToken(BaseModel):
+    token: str
+    expires_at: str
+
+
+class Health(BaseModel):
+    status: str
+    redis: str | None = None
+    workers: int | None = Field(default=None, description="Workers with a heartbeat in the last 30 s.")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str | None = None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = Field(description="A relative URI, /problems/<slug>, that this server documents (GET it).")
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+class ProblemType(BaseModel):
+    """What ``GET /problems/<slug>`` answers: one problem type."""
+
+    type: str
+    status: int
+    title: str
+    description: str
+
+
+#: Every model the OpenAPI document publishes as a component schema.
+MODELS: list[type[BaseModel]] = [
+    JobResource, JobTicket, JobList, JobTypeList, StreamToken, Health, Problem,
+    DeliveryList, DeadLetterList, Replayed, WebhookSpec, ProblemType,
+]  # fmt: skip
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = data.model_dump_json().encode() if isinstance(data, BaseModel) else orjson.dumps(data)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def job_resource(record: JobRecord, **extra: Any) -> JobResource:
+    """The job resource of a stored record (a :class:`JobTicket` when ``extra`` holds its token)."""
+    links = job_links(record.id)
     if record.webhook is not None:
-        result["deliveries"] = f"/jobs/{record.id}/deliveries"
-    return result
-
-
-def job_resource(record: JobRecord) -> dict[str, Any]:
-    return {
-        "id": record.id,
-        "type": record.type,
-        "status": record.status.value,
-        "progress": record.progress,
-        "params": record.params,
-        "priority": record.priority.value,
-        "attempt": record.attempt,
-        "max_attempts": record.max_attempts,
-        "created_at": record.created_at,
-        "started_at": record.started_at,
-        "finished_at": record.finished_at,
-        "updated_at": record.updated_at,
-        "history": record.history,
-        "result": record.result,
-        "error": record.error,
-        "webhook": record.webhook,
-        "links": links(record),
-        "cancel_requested": record.cancel_requested,
-    }
+        links["deliveries"] = f"/jobs/{record.id}/deliveries"
+    model = JobTicket if "token" in extra else JobResource
+    return model.model_validate(
+        {
+            "id": record.id,
+            "type": record.type,
+            "status": record.status,
+            "progress": record.progress,
+            "params": record.params,
+            "priority": record.priority,
+            "attempt": record.attempt,
+            "max_attempts": record.max_attempts,
+            "created_at": record.created_at,
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+            "updated_at": record.updated_at,
+            "history": record.history,
+            "result": record.result,
+            "error": record.error,
+            "webhook": record.webhook,
+            "links": links,
+            "cancel_requested": record.cancel_requested,
+            **extra,
+        }
+    )
 
 
 def etag(record: JobRecord) -> str:
     return f'"{record.id}-{record.version}"'
+
+
+def matching_etags(request: Request) -> set[str]:
+    """The entity tags of If-None-Match (weak ones compared as strong: a job version is exact)."""
+    header = request.headers.get("if-none-match")
+    if not header:
+        return set()
+    return {part.strip().removeprefix("W/") for part in header.split(",")}
+
+
+def render_job(record: JobRecord, request: Request, status: int = 200, extra: dict[str, Any] | None = None) -> Response:
+    """One job as a response: ETag and no-cache, a poll hint while it runs, 304 for a version the
+    client already has (plain reads only)."""
+    tag = etag(record)
+    headers = {"ETag": tag, "Cache-Control": "no-cache"}
+    if not record.terminal:
+        headers["Retry-After"] = POLL_HINT_S
+    if status == 200 and extra is None and tag in matching_etags(request):
+        return Response(status_code=304, headers=headers)
+    return json_response(job_resource(record, **(extra or {})), status, headers)

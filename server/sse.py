@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from sse_starlette.event import ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
-from worker.store import Event, Store
+from jobcast.worker.store import Event, Store
 
 from .hub import TERMINAL, Audience, Hub, Item, Subscription, stream_id_key
 from .limits import StreamsFull, StreamSlots
@@ -210,8 +210,7 @@ class EventStream:
                     logger.info("stream %s %s: subscriber fell behind; closed", self.audience, self.key)
                 break
             if sub.resync:
-                sub.resync = False
-                sub.items.clear()
+                sub.reset()
                 last_key = await self._catch_up(send, last_key)
                 continue
             if sub.items:

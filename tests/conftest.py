@@ -23,11 +23,11 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
-from server.app import JobcastServer, create_app
-from server.embedded_redis import RedisProcess, free_port
-from worker.main import JobcastWorker, build_worker
-from worker.settings import Settings
-from worker.store import Store, redis_client
+from jobcast.app import JobcastServer, create_app
+from jobcast.cli.embedded_redis import RedisProcess, free_port
+from jobcast.worker.main import JobcastWorker, build_worker
+from jobcast.worker.settings import Settings
+from jobcast.worker.store import Store, redis_client
 
 ROOT = Path(__file__).resolve().parent.parent
 ACME = {"Authorization": "Bearer key-acme"}
@@ -190,7 +190,7 @@ class JobcastProcess:
         self.log_path = log
         self._log = log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", *command],
+            [sys.executable, "-m", "jobcast", *command],
             env=process_env(settings, **extra_env),
             cwd=ROOT,
             stdout=self._log,

@@ -8,8 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from worker.context import JobContext
-from worker.types import job_type
+from jobcast import JobContext, job_type
 
 
 class SpinParams(BaseModel):

@@ -6,8 +6,8 @@ from their last event id; this is how the tests restart the server under them.
 
 from __future__ import annotations
 
-from server.embedded_redis import free_port
-from worker.settings import Settings
+from jobcast.cli.embedded_redis import free_port
+from jobcast.worker.settings import Settings
 
 from .conftest import ServerHandle
 

@@ -18,11 +18,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from server.embedded_redis import RedisProcess
-from server.routes import MAX_BODY
-from server.tokens import TokenSigner
-from worker.ids import new_job_id
-from worker.main import JobcastWorker
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.requests import MAX_BODY
+from jobcast.tokens import TokenSigner
+from jobcast.worker.ids import new_job_id
+from jobcast.worker.main import JobcastWorker
 
 from .conftest import GLOBEX, SECRET, ServerHandle, make_settings, submit, wait_for_status
 
@@ -681,6 +681,24 @@ async def test_idempotency_ignores_key_order_and_whitespace(client: httpx.AsyncC
     assert await list_ids(client) == [first.json()["id"]]
 
 
+async def test_idempotency_compares_the_validated_submission_not_its_bytes(client: httpx.AsyncClient) -> None:
+    """0 and 0.0 are one number; a default spelled out (priority, a param) is the same submission."""
+    headers = {"Idempotency-Key": "order-45", "Content-Type": "application/json"}
+    first = await client.post("/jobs", content=b'{"type":"sleep","params":{"seconds":0}}', headers=headers)
+    spelled_out = [
+        b'{"type":"sleep","params":{"seconds":0.0}}',
+        b'{"type":"sleep","params":{"seconds":0},"priority":"normal"}',
+    ]
+    assert first.status_code == 202, first.text
+    for body in spelled_out:
+        again = await client.post("/jobs", content=body, headers=headers)
+        assert again.status_code == 202, again.text
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers["idempotent-replayed"] == "true"
+    other = await client.post("/jobs", content=b'{"type":"sleep","params":{"seconds":0.5}}', headers=headers)
+    assert_problem(other, 422, "Idempotency-Key")
+
+
 async def test_same_idempotency_key_with_another_body_is_422(client: httpx.AsyncClient, redis: Redis) -> None:
     headers = {"Idempotency-Key": "order-44"}
     first = await client.post("/jobs", json=QUEUED_SLEEP, headers=headers)
@@ -1128,3 +1146,33 @@ async def test_inputs_the_reviewers_broke_us_with_are_4xx(client: httpx.AsyncCli
     ticket = await submit(client, params=QUEUED_PARAMS)
     huge = await client.get(f"/jobs/{ticket['id']}/events", headers={"Last-Event-ID": "99999999999999999999-0"})
     assert huge.status_code == 400
+
+
+# --- problem types ------------------------------------------------------------------------------------------
+
+
+async def test_every_problem_type_uri_is_served_by_the_server(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient
+) -> None:
+    """A problem's ``type`` resolves here (no invented domain), to its status, title and description."""
+    answers = [
+        await client.get("/nope"),
+        await client.delete("/jobs"),
+        await client.get(f"/jobs/{new_job_id()}"),
+        await client.post("/jobs", json={"type": "nope"}),
+        await client.get("/jobs", params={"limit": "x"}),
+        await anon.get("/jobs"),
+    ]
+    seen = set()
+    for response in answers:
+        problem = response.json()
+        assert problem["type"].startswith("/problems/"), problem
+        described = await anon.get(problem["type"])
+        assert described.status_code == 200, described.text
+        assert described.json()["status"] == problem["status"] == response.status_code
+        assert described.json()["title"] == problem["title"]
+        assert len(described.json()["description"]) > 20
+        seen.add(problem["type"])
+    assert seen == {f"/problems/{slug}" for slug in ("not-found", "method-not-allowed", "validation",
+                                                      "bad-request", "unauthorized")}  # fmt: skip
+    assert_problem(await anon.get("/problems/teapot"), 404, "problem type")

@@ -18,12 +18,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from server.client import UsageError
-from server.commands import ExitStatus, parse_params
-from server.embedded_redis import free_port
-from worker import schema
-from worker.main import JobcastWorker
-from worker.settings import Settings
+from jobcast.cli.client import UsageError
+from jobcast.cli.commands import ExitStatus, parse_params
+from jobcast.cli.embedded_redis import free_port
+from jobcast.worker import schema
+from jobcast.worker.main import JobcastWorker
+from jobcast.worker.settings import Settings
 
 from .conftest import ROOT, ServerHandle, submit, wait_for_status
 from .restartable import RestartableServer
@@ -54,7 +54,7 @@ async def start_jobcast(url: str, *args: str, api_key: str | None = "key-acme") 
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server.cli",
+        "jobcast",
         *args,
         env=cli_env(url, api_key),
         cwd=ROOT,

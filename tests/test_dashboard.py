@@ -24,11 +24,11 @@ import pytest
 from playwright.async_api import Browser, ConsoleMessage, Locator, Page, async_playwright, expect
 from redis.asyncio import Redis
 
-from server.embedded_redis import RedisProcess
-from worker.main import JobcastWorker
-from worker.models import Priority
-from worker.settings import Settings
-from worker.store import Store
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.worker.main import JobcastWorker
+from jobcast.worker.models import Priority
+from jobcast.worker.settings import Settings
+from jobcast.worker.store import Store
 
 from .conftest import ACME, ROOT, ServerHandle, make_settings, running_worker, submit, wait_for_status
 from .restartable import RestartableServer

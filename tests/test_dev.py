@@ -1,6 +1,6 @@
 """``jobcast dev``: one command runs Redis, a worker and the web server; Ctrl-C stops all of them.
 
-Real processes throughout: ``python -m server.cli dev`` with its embedded Redis, on a free port and
+Real processes throughout: ``python -m jobcast dev`` with its embedded Redis, on a free port and
 a temporary data dir. Its children are found (and later checked for) through ``/proc``.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.embedded_redis import free_port
+from jobcast.cli.embedded_redis import free_port
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds child processes in /proc")
 
@@ -69,7 +69,7 @@ def children_of(pid: int) -> list[Proc]:
 def role(child: Proc) -> str:
     if "redis-server" in child.cmdline:
         return "redis"
-    return child.cmdline.split()[3]  # python -m server.cli <role> ...
+    return child.cmdline.split()[3]  # python -m jobcast <role> ...
 
 
 def accepts_connections(port: int) -> bool:
@@ -90,7 +90,7 @@ class Dev:
         # No JOBCAST_* from the outside: no JOBCAST_REDIS_URL (so Redis is embedded), the dev API key.
         clean = {name: value for name, value in os.environ.items() if not name.startswith("JOBCAST_")}
         env = {**clean, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-        args = [sys.executable, "-m", "server.cli", "dev", "--port", str(self.port), "--data-dir", str(data_dir)]
+        args = [sys.executable, "-m", "jobcast", "dev", "--port", str(self.port), "--data-dir", str(data_dir)]
         with open(log_path, "wb") as log:
             # Its own process group, as a shell gives a foreground job: see interrupt().
             self.process = subprocess.Popen(

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from worker import egress
-from worker.settings import Settings
+from jobcast.worker import egress
+from jobcast.worker.settings import Settings
 
 from .conftest import running_worker, serving, submit, wait_for_deliveries
 from .receiver import Receiver

@@ -12,10 +12,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker import schema
-from worker.runner import LEASE_HEARTBEATS
-from worker.settings import Settings
-from worker.store import Store
+from jobcast.worker import schema
+from jobcast.worker.runner import LEASE_HEARTBEATS
+from jobcast.worker.settings import Settings
+from jobcast.worker.store import Store
 
 from .conftest import running_worker, submit, wait_for_status, wait_until
 

@@ -23,11 +23,11 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
-from server.embedded_redis import RedisProcess
-from server.openapi import build_openapi
-from worker import schema as keys
-from worker.settings import Settings
-from worker.types import load_registry
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.openapi import build_openapi
+from jobcast.worker import schema as keys
+from jobcast.worker.settings import Settings
+from jobcast.worker.types import load_registry
 
 from .conftest import WebProcess, make_settings
 

@@ -10,9 +10,9 @@ import sys
 import httpx
 from redis.asyncio import Redis
 
-from server.embedded_redis import RedisProcess
-from worker import schema
-from worker.settings import Settings
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.worker import schema
+from jobcast.worker.settings import Settings
 
 from .conftest import ROOT, ServerHandle
 
@@ -21,7 +21,7 @@ def jobcast_keys(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
     env.update(JOBCAST_REDIS_URL=redis_url, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "keys", *args],
+        [sys.executable, "-m", "jobcast", "keys", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -11,10 +11,10 @@ import httpx
 import orjson
 from redis.asyncio import Redis
 
-from worker import schema
-from worker.doorbell import IDLE_FALLBACK_S
-from worker.main import JobcastWorker
-from worker.settings import Settings
+from jobcast.worker import schema
+from jobcast.worker.doorbell import IDLE_FALLBACK_S
+from jobcast.worker.main import JobcastWorker
+from jobcast.worker.settings import Settings
 
 from .conftest import running_worker, submit, wait_for_status
 

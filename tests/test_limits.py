@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from server.embedded_redis import RedisProcess
-from server.limits import parse_rate
-from worker import schema
-from worker.settings import ConfigError
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.limits import parse_rate
+from jobcast.worker import schema
+from jobcast.worker.settings import ConfigError
 
 from .conftest import ACME, GLOBEX, ServerHandle, make_settings, running_worker, submit, wait_for_status
 

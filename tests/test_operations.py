@@ -14,8 +14,8 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from server.embedded_redis import RedisProcess
-from worker.settings import Settings
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.worker.settings import Settings
 
 from .conftest import (
     ACME,

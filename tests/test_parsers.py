@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.hub import stream_id_key
-from server.problems import BadRequest
-from server.routes import decode_cursor
-from server.sse import valid_stream_id
-from worker.ids import is_job_id, new_job_id
+from jobcast.hub import stream_id_key
+from jobcast.problems import BadRequest
+from jobcast.requests import decode_cursor
+from jobcast.sse import valid_stream_id
+from jobcast.worker.ids import is_job_id, new_job_id
 
 
 @given(st.text(max_size=60))

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-import worker.report
-from worker.report import (
+import jobcast.worker.report as report_module
+from jobcast.worker.report import (
     CATEGORIES,
     CSV_HEADER,
     GROUPS,
@@ -24,7 +24,7 @@ from worker.report import (
     build_report,
     render_csv,
 )
-from worker.types import JobType
+from jobcast.worker.types import JobType
 
 
 class Recorder:
@@ -39,7 +39,7 @@ class Recorder:
         self.first.set()
 
 
-async def report_of(rows: int, seed: int = 0, *, chunk_rows: int = worker.report.CHUNK_ROWS) -> ReportResult:
+async def report_of(rows: int, seed: int = 0, *, chunk_rows: int = report_module.CHUNK_ROWS) -> ReportResult:
     return await build_report(rows, seed, Recorder(), chunk_rows=chunk_rows)
 
 
@@ -127,13 +127,13 @@ async def test_progress_is_monotonic_and_ends_at_100() -> None:
 
 async def test_chunks_are_computed_off_the_event_loop_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[int] = []
-    aggregate = worker.report._aggregate
+    aggregate = report_module._aggregate
 
     def spy(seed: int, start: int, stop: int) -> Any:
         threads.append(threading.get_ident())
         return aggregate(seed, start, stop)
 
-    monkeypatch.setattr(worker.report, "_aggregate", spy)
+    monkeypatch.setattr(report_module, "_aggregate", spy)
     await report_of(30_000, chunk_rows=10_000)
     assert len(threads) == 3
     assert threading.get_ident() not in threads
@@ -141,7 +141,7 @@ async def test_chunks_are_computed_off_the_event_loop_thread(monkeypatch: pytest
 
 async def test_cancelling_stops_between_chunks() -> None:
     recorder = Recorder()
-    task = asyncio.create_task(build_report(worker.report.MAX_ROWS, 0, recorder))
+    task = asyncio.create_task(build_report(report_module.MAX_ROWS, 0, recorder))
     await asyncio.wait_for(recorder.first.wait(), timeout=10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -201,7 +201,7 @@ def test_csv_keeps_cents_and_quotes_what_needs_quoting() -> None:
 
 
 def test_module_declares_exactly_the_report_job_type() -> None:
-    declared = [value for value in vars(worker.report).values() if isinstance(value, JobType)]
+    declared = [value for value in vars(report_module).values() if isinstance(value, JobType)]
     assert [jt.name for jt in declared] == ["report"]
     (report,) = declared
     assert report.params is ReportParams

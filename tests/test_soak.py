@@ -21,8 +21,8 @@ import pytest
 from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 
-from worker import schema
-from worker.settings import Settings
+from jobcast.worker import schema
+from jobcast.worker.settings import Settings
 
 from .conftest import ACME, WebProcess, WorkerProcess, submit, wait_for_status
 

@@ -16,11 +16,11 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.embedded_redis import RedisProcess
-from worker import schema
-from worker.models import Priority
-from worker.settings import Settings
-from worker.store import Store
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.worker import schema
+from jobcast.worker.models import Priority
+from jobcast.worker.settings import Settings
+from jobcast.worker.store import Store
 
 from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, make_settings
 

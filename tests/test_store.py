@@ -13,10 +13,10 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from worker import schema
-from worker.models import JobError, JobStatus, Priority
-from worker.settings import Settings
-from worker.store import JobRecord, Store, redis_client
+from jobcast.worker import schema
+from jobcast.worker.models import JobError, JobStatus, Priority
+from jobcast.worker.settings import Settings
+from jobcast.worker.store import JobRecord, Store, redis_client
 
 ALLOWED = {
     ("queued", "processing"),

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.tokens import PREFIX, InvalidToken, Token, TokenSigner
+from jobcast.tokens import PREFIX, InvalidToken, Token, TokenSigner
 
 SECRET = "unit-test-secret-key-0123456789-abcdefghijkl"
 JOB_ID = "job_01JD0000000000000000000000"

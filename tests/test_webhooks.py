@@ -26,15 +26,15 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from server.embedded_redis import RedisProcess
-from worker import schema
-from worker.delivery import RETRY_AFTER_MAX_S, Answer, next_step, parse_retry_after
-from worker.main import JobcastWorker
-from worker.models import Priority
-from worker.settings import ConfigError, Settings
-from worker.signatures import decode_secret, sign
-from worker.store import Store
-from worker.webhooks import WebhookStore
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.worker import schema
+from jobcast.worker.delivery import RETRY_AFTER_MAX_S, Answer, next_step, parse_retry_after
+from jobcast.worker.main import JobcastWorker
+from jobcast.worker.models import Priority
+from jobcast.worker.settings import ConfigError, Settings
+from jobcast.worker.signatures import decode_secret, sign
+from jobcast.worker.store import Store
+from jobcast.worker.webhooks import WebhookStore
 
 from .conftest import (
     GLOBEX,

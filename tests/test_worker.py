@@ -7,10 +7,10 @@ from importlib import resources
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from worker import schema
-from worker.main import JobcastWorker
-from worker.models import Priority
-from worker.store import Store
+from jobcast.worker import schema
+from jobcast.worker.main import JobcastWorker
+from jobcast.worker.models import Priority
+from jobcast.worker.store import Store
 
 from .conftest import wait_until
 

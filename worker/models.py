@@ -101,8 +101,9 @@ class JobError(BaseModel):
 
 class Progress(BaseModel):
     percent: float = 0.0
-    step: str | None = None
-    message: str | None = None
+    # Left out of the JSON until the job reports them (never sent as null).
+    step: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    message: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class HistoryEntry(BaseModel):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 Handler = Callable[["JobContext", Any], Awaitable[Any]]
 CsvRenderer = Callable[[Any], str]
 
-BUILTIN_MODULES = ("worker.builtin", "worker.report")
+BUILTIN_MODULES = ("jobcast.worker.builtin", "jobcast.worker.report")
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-.")
 
 
@@ -140,7 +140,7 @@ def load_registry(settings: Settings) -> Registry:
         if not found and module_name not in BUILTIN_MODULES:
             raise ConfigError(
                 f"JOBCAST_JOB_MODULES: module {module_name!r} defines no job type; "
-                "declare them with @worker.types.job_type(...)"
+                "declare them with @jobcast.job_type(...)"
             )
         types += found
     return Registry(types)

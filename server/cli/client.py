@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from worker.models import TERMINAL_EVENTS
+from jobcast.worker.models import TERMINAL_EVENTS
 
 Job = dict[str, Any]
 

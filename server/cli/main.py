@@ -5,7 +5,7 @@
     jobcast worker   one arq worker process (the Procfile's worker line)
     jobcast keys     create, list and revoke API keys stored (hashed) in Redis
 
-and the client commands of :mod:`server.commands`, which talk to a running server:
+and the client commands of :mod:`jobcast.cli.commands`, which talk to a running server:
 
     jobcast submit TYPE [key=value ...]   jobcast status ID   jobcast list   jobcast cancel ID
     jobcast types                         jobcast tail ID
@@ -22,8 +22,8 @@ import sys
 
 from pydantic import ValidationError
 
-from worker.logs import configure_logging
-from worker.settings import ConfigError, Settings
+from jobcast.worker.logs import configure_logging
+from jobcast.worker.settings import ConfigError, Settings
 
 from .commands import CLIENT_COMMANDS, EXIT_STATUSES, add_client_commands
 from .commands import run as run_client_command
@@ -41,7 +41,7 @@ def _settings() -> Settings:
 def cmd_web(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from .app import JobcastServer, create_app, tune_gc_for_streaming
+    from ..app import JobcastServer, create_app, tune_gc_for_streaming
 
     settings = _settings()
     configure_logging(settings)
@@ -60,7 +60,7 @@ def cmd_web(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from worker.main import run
+    from jobcast.worker.main import run
 
     settings = _settings()
     configure_logging(settings)
@@ -72,9 +72,9 @@ def cmd_keys(args: argparse.Namespace) -> None:
     import asyncio
     import json
 
-    from worker.store import redis_client
+    from jobcast.worker.store import redis_client
 
-    from .keys import ApiKeyError, ApiKeys
+    from ..keys import ApiKeyError, ApiKeys
 
     async def run() -> None:
         try:

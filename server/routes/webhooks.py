@@ -9,37 +9,38 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
-from worker.webhooks import job_id_of
+from jobcast.worker.webhooks import job_id_of
 
-from .problems import NotFound
-from .routes import _state, job_id_param, json_response, load_job, query_int
+from ..problems import NotFound
+from ..requests import job_id_param, query_int
+from ..resources import json_response
+from ..services import services
 
 DEAD_LETTERS_DEFAULT_LIMIT = 100
 DEAD_LETTERS_MAX_LIMIT = 500
 
 
 async def job_deliveries(request: Request) -> Response:
-    state = _state(request)
+    svc = services(request)
     job_id = job_id_param(request)
-    principal = await state["auth"].require(request, "read", job_id=job_id)
-    await load_job(request, state, job_id, principal.tenant)
-    return json_response({"items": await state["webhooks"].for_job(job_id)})
+    principal = await svc.auth.require(request, "read", job_id=job_id)
+    await svc.load_job(job_id, principal.tenant)
+    return json_response({"items": await svc.webhooks.for_job(job_id)})
 
 
 async def list_dead_letters(request: Request) -> Response:
-    state = _state(request)
-    principal = await state["auth"].require(request, "write")  # API key only: see the module docstring
+    svc = services(request)
+    principal = await svc.auth.require(request, "write")  # API key only: see the module docstring
     limit = query_int(request, "limit", DEAD_LETTERS_DEFAULT_LIMIT, 1, DEAD_LETTERS_MAX_LIMIT)
-    return json_response({"items": await state["webhooks"].dead_letters(principal.tenant, limit)})
+    return json_response({"items": await svc.webhooks.dead_letters(principal.tenant, limit)})
 
 
 async def replay_dead_letter(request: Request) -> Response:
-    state = _state(request)
-    principal = await state["auth"].require(request, "write")
+    svc = services(request)
+    principal = await svc.auth.require(request, "write")
     webhook_id = str(request.path_params["webhook_id"])
-    if not await state["webhooks"].replay(webhook_id, principal.tenant):
+    if not await svc.webhooks.replay(webhook_id, principal.tenant):
         raise NotFound(
             f"No dead letter {webhook_id[:100]!r} for this tenant (it may have been replayed already); "
             "GET /webhooks/dead-letters lists them."
@@ -51,11 +52,3 @@ async def replay_dead_letter(request: Request) -> Response:
         202,
         headers={"Location": deliveries},
     )
-
-
-def routes() -> list[BaseRoute]:
-    return [
-        Route("/jobs/{job_id}/deliveries", job_deliveries, methods=["GET"]),
-        Route("/webhooks/dead-letters", list_dead_letters, methods=["GET"]),
-        Route("/webhooks/dead-letters/{webhook_id}/replay", replay_dead_letter, methods=["POST"]),
-    ]

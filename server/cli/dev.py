@@ -3,12 +3,12 @@
 What runs:
 
 - **Redis.** ``JOBCAST_REDIS_URL``, when set, is used as is. Otherwise a private redis-server
-  (:mod:`server.embedded_redis`) keeps its append-only files in ``<data dir>/redis``, so jobs survive a
+  (:mod:`jobcast.cli.embedded_redis`) keeps its append-only files in ``<data dir>/redis``, so jobs survive a
   restart of ``jobcast dev`` on the same data dir. It listens on port 6399 when that is free, so a
   ``redis-cli -p 6399`` keeps working across restarts, else on any free port; the banner says which.
   Persistence depends on the folder, not the port. A lock file in that folder stops a second
   ``jobcast dev`` from running a second redis-server over the same files.
-- **The worker and the web server**, as ``python -m server.cli worker|web`` subprocesses (the Procfile's
+- **The worker and the web server**, as ``python -m jobcast worker|web`` subprocesses (the Procfile's
   two lines), with the inherited environment plus ``JOBCAST_REDIS_URL``, ``JOBCAST_ENV=development``
   (default secret and the API key ``dev-key``) and ``JOBCAST_SHUTDOWN_GRACE_S=10``; the last two only
   when not already set. The shorter grace lets the worker hand running jobs back before we give up on it.
@@ -49,7 +49,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.settings import ConfigError, Settings
+from jobcast.worker.settings import ConfigError, Settings
 
 from .embedded_redis import RedisNotFound, RedisProcess, free_port
 
@@ -103,7 +103,7 @@ def _run(signals: _Signals, settings: Settings, env: dict[str, str], *, host: st
         stack.callback(supervisor.stop)  # runs before the embedded Redis stops
         if redis is not None and redis.process is not None:
             supervisor.watch("redis", redis.process)
-        command = [sys.executable, "-m", "server.cli"]
+        command = [sys.executable, "-m", "jobcast"]
         supervisor.start("worker", [*command, "worker"], env)
         supervisor.start("web", [*command, "web", "--host", host, "--port", str(port)], env)
         base_url = f"http://{_client_host(host)}:{port}"

@@ -1,8 +1,8 @@
 """The client commands of ``jobcast``: submit, status, list, cancel, types and tail.
 
-They talk to a running server through :mod:`server.client`, configured by ``JOBCAST_URL`` and
+They talk to a running server through :mod:`jobcast.cli.client`, configured by ``JOBCAST_URL`` and
 ``JOBCAST_API_KEY`` (or ``--url`` / ``--api-key``), and show what they get with
-:mod:`server.terminal`: tables and a live progress bar for people. Scripts pass ``--json`` and get
+:mod:`jobcast.cli.terminal`: tables and a live progress bar for people. Scripts pass ``--json`` and get
 JSON on stdout — one document, or for ``tail`` and ``submit --follow`` one event per line.
 
 Errors end in one red line on stderr, never a traceback. The exit status says how things ended
@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from worker.models import JobStatus, Priority
+from jobcast.worker.models import JobStatus, Priority
 
 from .client import Client, ClientError, Disconnected, RequestFailed, StreamEvent, UsageError
 from .terminal import Output, TailView, describe_param, duration_text, local_time, render_job, status_text

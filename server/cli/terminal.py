@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 from rich.table import Column
 from rich.text import Text
 
-from worker.models import JobStatus
+from jobcast.worker.models import JobStatus
 
 from .client import Disconnected, Job, StreamEvent
 

@@ -1,0 +1,58 @@
+"""The dashboard's routes: ``/`` (its page) and ``/static/...`` (its scripts, styles and icon).
+
+The files are the package ``jobcast.static`` (the repository's ``static/`` folder), found through the
+import system so that a wheel install serves them as well as a checkout. Only the dashboard's own
+kinds of file are served: the folder is a Python package, and its ``__init__.py`` and byte-code are
+not assets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from .problems import NotFound
+
+PACKAGE = "jobcast.static"
+SERVED_SUFFIXES = frozenset({".html", ".css", ".js", ".svg", ".png", ".ico", ".map"})
+
+
+def directory() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"the dashboard's files (package {PACKAGE}) are not installed")
+    return Path(spec.origin).parent
+
+
+class DashboardFiles:
+    """Starlette's ``StaticFiles`` over the package's folder, for the dashboard's kinds of file only."""
+
+    def __init__(self, folder: Path) -> None:
+        # Symlinks are followed: an editable install in setuptools' strict mode (the test command's)
+        # is a tree of links to the checkout. The folder is Jobcast's own, not users' uploads.
+        self._files = StaticFiles(directory=folder, follow_symlink=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        if Path(path).suffix not in SERVED_SUFFIXES or "__pycache__" in path:
+            raise NotFound("No such dashboard file.")
+        await self._files(scope, receive, send)
+
+
+def routes() -> list[BaseRoute]:
+    folder = directory()
+    page = folder / "index.html"
+
+    async def index(request: Request) -> Response:
+        return FileResponse(page)
+
+    return [
+        Route("/", index, methods=["GET"]),
+        Mount("/static", DashboardFiles(folder), name="static"),
+    ]

@@ -1,0 +1,46 @@
+"""The operations of the event streams (:mod:`jobcast.routes.events`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import JOB_ID, LAST_EVENT_ID, READ_SECURITY, SSE, TOKEN, param, problems
+
+
+def paths() -> dict[str, Any]:
+    return {
+        "/jobs/{job_id}/events": {
+            "get": {
+                "summary": "Server-Sent Events of one job (history, then live; ends after the terminal event)",
+                "operationId": "jobEvents",
+                "security": READ_SECURITY,
+                "parameters": [
+                    JOB_ID,
+                    param("Last-Event-ID", "header", {"type": "string"}, "Resume after this event id."),
+                    LAST_EVENT_ID,
+                    TOKEN,
+                ],
+                "responses": {
+                    "200": {"description": "The event stream.", "content": SSE},
+                    "204": {"description": "The stream already ended (terminal event seen)."},
+                    **problems("400", "401", "403", "404", "410", "429", "503"),
+                },
+            }
+        },
+        "/events": {
+            "get": {
+                "summary": "Server-Sent Events of all the tenant's jobs (live, resumable)",
+                "operationId": "tenantEvents",
+                "security": READ_SECURITY,
+                "parameters": [
+                    param("Last-Event-ID", "header", {"type": "string"}, "Resume after this event id."),
+                    LAST_EVENT_ID,
+                    TOKEN,
+                ],
+                "responses": {
+                    "200": {"description": "The event stream.", "content": SSE},
+                    **problems("400", "401", "403", "410", "429", "503"),
+                },
+            }
+        },
+    }

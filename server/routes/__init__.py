@@ -1,0 +1,36 @@
+"""The HTTP endpoints, one module per resource; :func:`routes` is the whole table.
+
+    jobs       /jobs, /jobs/{id}, /jobs/{id}/cancel, /jobs/{id}/result
+    events     /jobs/{id}/events, /events
+    webhooks   /jobs/{id}/deliveries, /webhooks/dead-letters, .../{webhook_id}/replay
+    service    /job-types, /tokens, /healthz, /readyz, /metrics, /openapi.json, /problems/{slug}
+
+:mod:`jobcast.openapi` documents each of them, module by module.
+"""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute, Route
+
+from . import events, jobs, service, webhooks
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/jobs", jobs.jobs, methods=["GET", "POST"]),
+        Route("/jobs/{job_id}", jobs.get_job, methods=["GET"]),
+        Route("/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
+        Route("/jobs/{job_id}/result", jobs.get_result, methods=["GET"]),
+        Route("/jobs/{job_id}/events", events.job_events, methods=["GET"]),
+        Route("/events", events.tenant_events, methods=["GET"]),
+        Route("/jobs/{job_id}/deliveries", webhooks.job_deliveries, methods=["GET"]),
+        Route("/webhooks/dead-letters", webhooks.list_dead_letters, methods=["GET"]),
+        Route("/webhooks/dead-letters/{webhook_id}/replay", webhooks.replay_dead_letter, methods=["POST"]),
+        Route("/job-types", service.list_job_types, methods=["GET"]),
+        Route("/tokens", service.create_token, methods=["POST"]),
+        Route("/healthz", service.healthz, methods=["GET"]),
+        Route("/readyz", service.readyz, methods=["GET"]),
+        Route("/openapi.json", service.openapi, methods=["GET"]),
+        Route("/problems/{slug}", service.problem_type, methods=["GET"]),
+        Route("/metrics", service.metrics, methods=["GET"]),
+    ]

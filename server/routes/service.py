@@ -1,0 +1,95 @@
+"""The service's own endpoints: job types, stream tokens, health, metrics, and its documents
+(the OpenAPI document and the problem types its errors point at)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from jobcast.worker.clock import rfc3339
+
+from ..metrics import WORKER_LIVE_S
+from ..metrics import render as render_metrics
+from ..problems import PROBLEM_TYPES, NotFound, Unauthorized, Unavailable
+from ..requests import query_bool
+from ..resources import Health, JobTypeInfo, JobTypeList, StreamToken, json_response
+from ..services import services
+
+
+async def list_job_types(request: Request) -> Response:
+    svc = services(request)
+    await svc.auth.require(request, "read")
+    return json_response(
+        JobTypeList(
+            items=[
+                JobTypeInfo(
+                    name=jt.name,
+                    description=jt.description,
+                    params_schema=jt.params_schema(),
+                    timeout_s=jt.timeout_s,
+                    max_attempts=jt.max_attempts,
+                    priority=jt.priority,
+                    result_formats=["json", "csv"] if jt.csv else ["json"],
+                )
+                for jt in svc.registry
+            ]
+        )
+    )
+
+
+async def create_token(request: Request) -> Response:
+    svc = services(request)
+    principal = await svc.auth.require(request, "write")
+    token, expires_at = svc.auth.signer.mint("stream", principal.tenant, svc.settings.stream_token_ttl_s)
+    return json_response(StreamToken(token=token, expires_at=rfc3339(expires_at * 10**9)), 201)
+
+
+async def metrics(request: Request) -> Response:
+    svc = services(request)
+    token = svc.settings.metrics_token
+    if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("GET /metrics needs 'Authorization: Bearer <JOBCAST_METRICS_TOKEN>'.")
+    body = await render_metrics(svc.store, svc.hub, svc.stream_slots)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    return Response(services(request).openapi, media_type="application/json")
+
+
+async def problem_type(request: Request) -> Response:
+    """What a problem's ``type`` URI names: its status, title and when it happens."""
+    slug = str(request.path_params["slug"])
+    described = PROBLEM_TYPES.get(slug)
+    if described is None:
+        raise NotFound(f"No problem type {slug[:60]!r}; the types are listed in the OpenAPI document.")
+    return json_response(described)
+
+
+async def healthz(request: Request) -> Response:
+    return json_response(Health(status="ok").model_dump(exclude_none=True))
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when Redis answers. The live workers are reported too; with ``?require_workers=true``
+    having none is also a 503 (for monitors: a load balancer should keep routing reads and
+    submissions to a server even while the workers are down)."""
+    svc = services(request)
+    require_workers = query_bool(request, "require_workers")
+    try:
+        async with asyncio.timeout(2.0):
+            await svc.redis.ping()
+            workers = await svc.store.live_workers(WORKER_LIVE_S)
+    except (RedisError, OSError, TimeoutError):
+        raise Unavailable("Redis does not answer; this process cannot serve jobs until it does.") from None
+    if workers == 0 and require_workers:
+        raise Unavailable(
+            f"No worker has sent a heartbeat in the last {WORKER_LIVE_S:g} s: jobs would wait. Start `jobcast worker`.",
+            workers=0,
+        )
+    return json_response(Health(status="ready", redis="ok", workers=workers))
