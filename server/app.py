@@ -37,8 +37,10 @@ from .tokens import TokenSigner
 logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> Starlette:
-    settings = settings if settings is not None else Settings()
-    settings.check_production()
+    if settings is None:
+        settings = Settings.from_env()
+    else:
+        settings.check_production()
     registry = load_registry(settings)
     rate = parse_rate(settings.submit_rate)
     document = build_openapi(registry)

@@ -192,9 +192,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     if known is not None:
         cls, detail = known
         return problem_response(cls(detail, headers=dict(exc.headers or {})))
-    # Starlette raises nothing else today; should it, answer with its own status and words.
-    problem = Problem(str(exc.detail), headers=dict(exc.headers or {}))
-    problem.status, problem.title, problem.slug = exc.status_code, str(exc.detail), "http-error"
+    # Starlette raises nothing else today; should it, the problem type of that status answers, or
+    # the generic one (a documented type either way), with Starlette's own words as the detail.
+    cls = next((c for c in _with_subclasses(Problem) if c.status == exc.status_code), BadRequest)
+    problem = cls(str(exc.detail), headers=dict(exc.headers or {}))
+    problem.status = exc.status_code
     return problem_response(problem)
 
 

@@ -1,7 +1,9 @@
 """Jobcast's configuration: one typed object read from ``JOBCAST_*`` environment variables.
 
-It is built once at the edge (the server's app factory, the worker's entry point, the CLI) and
-passed in; nothing reads the environment anywhere else.
+It is built once at the edge with :meth:`Settings.from_env` (every command: web, worker, dev, keys)
+and passed in; nothing reads the environment anywhere else. Values that need parsing (API keys,
+webhook secrets, the retry schedule) are parsed once, when the settings are validated, so a
+malformed one is a start-up error and reading them later costs nothing.
 
 Two modes: ``production`` (the default) refuses to start without real secrets, so a forgotten
 ``JOBCAST_SECRET_KEY`` is a startup error and never a silently guessable default;
@@ -12,9 +14,10 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .signatures import SecretFormatError, decode_secret
@@ -128,6 +131,30 @@ class Settings(BaseSettings):
     #: When set, GET /metrics requires "Authorization: Bearer <this>".
     metrics_token: str = ""
 
+    # Parsed once, by _parse (below).
+    _tenant_keys: dict[str, str] = PrivateAttr(default_factory=dict)
+    _webhook_keys: dict[str | None, list[bytes]] = PrivateAttr(default_factory=dict)
+    _retry_delays: list[float] = PrivateAttr(default_factory=list)
+
+    @classmethod
+    def from_env(cls, *, require_secrets: bool = True, **overrides: Any) -> Settings:
+        """The settings of ``JOBCAST_*`` (``overrides`` on top), checked as a process needs them:
+        any problem is a :class:`ConfigError` whose message names the variable and how to fix it.
+
+        ``require_secrets=False`` is for commands that only talk to Redis (``jobcast keys``): they
+        need no token secret or API keys, even in production."""
+        try:
+            settings = cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(describe_invalid(exc)) from None
+        if require_secrets:
+            settings.check_production()
+        return settings
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update`` applied and validated again, so parsed values follow it."""
+        return self.model_validate({**self.model_dump(), **(update or {})})
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -140,13 +167,16 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _require_secrets(self) -> Settings:
+    def _parse(self) -> Settings:
         if self.env == "development":
             self.secret_key = self.secret_key or DEV_SECRET_KEY
             self.api_keys = self.api_keys or DEV_API_KEYS
             if not self.webhook_secret and not self.webhook_secrets:
                 self.webhook_secret = DEV_WEBHOOK_SECRET
-        self.webhook_keys  # noqa: B018 - a malformed secret is a startup error, in every mode
+        # A malformed key or secret is a start-up error, in every mode.
+        self._tenant_keys = _parse_api_keys(self.api_keys)
+        self._webhook_keys = _parse_webhook_keys(self.webhook_secret, self.webhook_secrets)
+        self._retry_delays = parse_schedule(self.webhook_retry_schedule)
         return self
 
     def check_production(self) -> None:
@@ -169,30 +199,13 @@ class Settings(BaseSettings):
     @property
     def tenant_keys(self) -> dict[str, str]:
         """API key -> tenant."""
-        pairs = parse_pairs(self.api_keys, "JOBCAST_API_KEYS")
-        for tenant, _ in pairs:
-            if not TENANT_RE.fullmatch(tenant):
-                raise ConfigError(
-                    f"JOBCAST_API_KEYS: tenant name {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'."
-                )
-        return {key: tenant for tenant, key in pairs}
+        return self._tenant_keys
 
     @property
     def webhook_keys(self) -> dict[str | None, list[bytes]]:
         """Webhook signing keys by tenant (several during a rotation); ``None`` holds the fallback
         key of ``JOBCAST_WEBHOOK_SECRET``. Use :meth:`webhook_keys_for`."""
-        keys: dict[str | None, list[bytes]] = {}
-        sources: list[tuple[str | None, str, str]] = []
-        if self.webhook_secret:
-            sources.append((None, self.webhook_secret, "JOBCAST_WEBHOOK_SECRET"))
-        for name, secret in parse_pairs(self.webhook_secrets, "JOBCAST_WEBHOOK_SECRETS"):
-            sources.append((name, secret, f"JOBCAST_WEBHOOK_SECRETS (tenant {name!r})"))
-        for tenant, secret, variable in sources:
-            try:
-                keys.setdefault(tenant, []).append(decode_secret(secret))
-            except SecretFormatError as exc:
-                raise ConfigError(f"{variable}: {exc}") from None
-        return keys
+        return self._webhook_keys
 
     def webhook_keys_for(self, tenant: str) -> list[bytes]:
         """The keys that sign ``tenant``'s deliveries: its own, else the fallback; empty when neither is set."""
@@ -201,8 +214,42 @@ class Settings(BaseSettings):
 
     @property
     def webhook_retry_delays(self) -> list[float]:
-        return parse_schedule(self.webhook_retry_schedule)
+        return self._retry_delays
 
     @property
     def job_module_names(self) -> list[str]:
         return [name.strip() for name in self.job_modules.split(",") if name.strip()]
+
+
+def _parse_api_keys(raw: str) -> dict[str, str]:
+    pairs = parse_pairs(raw, "JOBCAST_API_KEYS")
+    for tenant, _ in pairs:
+        if not TENANT_RE.fullmatch(tenant):
+            raise ConfigError(
+                f"JOBCAST_API_KEYS: tenant name {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'."
+            )
+    return {key: tenant for tenant, key in pairs}
+
+
+def _parse_webhook_keys(secret: str, secrets: str) -> dict[str | None, list[bytes]]:
+    keys: dict[str | None, list[bytes]] = {}
+    sources: list[tuple[str | None, str, str]] = []
+    if secret:
+        sources.append((None, secret, "JOBCAST_WEBHOOK_SECRET"))
+    for name, value in parse_pairs(secrets, "JOBCAST_WEBHOOK_SECRETS"):
+        sources.append((name, value, f"JOBCAST_WEBHOOK_SECRETS (tenant {name!r})"))
+    for tenant, value, variable in sources:
+        try:
+            keys.setdefault(tenant, []).append(decode_secret(value))
+        except SecretFormatError as exc:
+            raise ConfigError(f"{variable}: {exc}") from None
+    return keys
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line per invalid variable, naming it as it is set: ``JOBCAST_MAX_QUEUED: ...``."""
+    lines = []
+    for error in exc.errors()[:5]:
+        name = "JOBCAST_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "JOBCAST_*"
+        lines.append(f"{name}: {error['msg']}")
+    return "invalid setting: " + "; ".join(lines)

@@ -47,9 +47,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from pydantic import ValidationError
-
-from jobcast.worker.settings import ConfigError, Settings
+from jobcast.worker.settings import Settings
 
 from .embedded_redis import RedisNotFound, RedisProcess, free_port
 
@@ -123,16 +121,8 @@ def _child_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 def _settings(env: Mapping[str, str]) -> Settings:
     """The settings the children will see, checked as they will check them."""
-    try:
-        # Passed explicitly: the rest comes from os.environ, which the children inherit unchanged.
-        overrides: dict[str, Any] = {"env": env["JOBCAST_ENV"], "shutdown_grace_s": env["JOBCAST_SHUTDOWN_GRACE_S"]}
-        settings = Settings(**overrides)
-        settings.check_production()
-        settings.tenant_keys  # noqa: B018 - parses JOBCAST_API_KEYS, raising ConfigError when malformed
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise ConfigError(f"invalid JOBCAST_* setting: {error['loc']}: {error['msg']}") from None
-    return settings
+    # Passed explicitly: the rest comes from os.environ, which the children inherit unchanged.
+    return Settings.from_env(env=env["JOBCAST_ENV"], shutdown_grace_s=env["JOBCAST_SHUTDOWN_GRACE_S"])
 
 
 @contextlib.contextmanager

@@ -20,22 +20,19 @@ import argparse
 import os
 import sys
 
-from pydantic import ValidationError
-
 from jobcast.worker.logs import configure_logging
 from jobcast.worker.settings import ConfigError, Settings
 
-from .commands import CLIENT_COMMANDS, EXIT_STATUSES, add_client_commands
-from .commands import run as run_client_command
+from .. import __version__
 
-
-def _settings() -> Settings:
-    try:
-        settings = Settings()
-        settings.check_production()
-        return settings
-    except ValidationError as exc:
-        raise ConfigError(f"invalid JOBCAST_* setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+#: The client commands (submit, tail, ...) need the ``cli`` extra (httpx, rich); a server install
+#: without it still runs web, worker and keys, and says how to get the rest.
+CLIENT_COMMAND_NAMES = ("submit", "status", "list", "cancel", "types", "tail")
+try:
+    from . import commands
+except ModuleNotFoundError as exc:
+    commands = None  # type: ignore[assignment]
+    MISSING_FOR_CLIENT = exc.name
 
 
 def cmd_web(args: argparse.Namespace) -> None:
@@ -43,7 +40,7 @@ def cmd_web(args: argparse.Namespace) -> None:
 
     from ..app import JobcastServer, create_app, tune_gc_for_streaming
 
-    settings = _settings()
+    settings = Settings.from_env()
     configure_logging(settings)
     app = create_app(settings)
     config = uvicorn.Config(
@@ -62,7 +59,7 @@ def cmd_web(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     from jobcast.worker.main import run
 
-    settings = _settings()
+    settings = Settings.from_env()
     configure_logging(settings)
     run(settings)
 
@@ -77,10 +74,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
     from ..keys import ApiKeyError, ApiKeys
 
     async def run() -> None:
-        try:
-            settings = Settings()
-        except ValidationError as exc:
-            raise ConfigError(f"invalid JOBCAST_* setting: {exc.errors()[0]['msg']}") from None
+        settings = Settings.from_env(require_secrets=False)
         redis = redis_client(settings)
         keys = ApiKeys(redis)
         try:
@@ -118,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="jobcast",
         description="Jobcast: a server for long-running jobs.",
-        epilog=EXIT_STATUSES,
+        epilog=commands.EXIT_STATUSES if commands else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"jobcast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run server, worker and an embedded Redis for local development")
@@ -150,11 +145,24 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
     keys.set_defaults(func=cmd_keys)
 
-    add_client_commands(sub)
+    if commands is not None:
+        commands.add_client_commands(sub)
+    else:
+        for name in CLIENT_COMMAND_NAMES:
+            sub.add_parser(name, help="(needs the cli extra)", add_help=False).set_defaults(func=None)
 
-    args = parser.parse_args(argv)
-    if args.func in CLIENT_COMMANDS:
-        status = run_client_command(args)
+    args, extra = parser.parse_known_args(argv)
+    if args.func is None:
+        print(
+            f"jobcast: `jobcast {args.command}` needs the command-line extra ({MISSING_FOR_CLIENT} is not installed): "
+            "pip install 'jobcast[cli]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if commands is not None and args.func in commands.CLIENT_COMMANDS:
+        status = commands.run(args)
         if status:
             raise SystemExit(status)
         return

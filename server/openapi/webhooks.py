@@ -16,7 +16,7 @@ def paths() -> dict[str, Any]:
                 "security": READ_SECURITY,
                 "parameters": [JOB_ID, TOKEN],
                 "responses": {
-                    "200": {"description": "Deliveries, newest first.", "content": json_content("DeliveryList")},
+                    "200": {"description": "Deliveries, oldest first.", "content": json_content("DeliveryList")},
                     **problems("401", "403", "404"),
                 },
             }
