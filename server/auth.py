@@ -4,7 +4,7 @@ Credentials come as ``Authorization: Bearer <key or token>`` or, for tokens only
 (EventSource cannot set headers; API keys never belong in URLs, which end up in logs).
 
 API keys come from ``JOBCAST_API_KEYS`` (compared by their SHA-256 digest, so lookup time does not
-depend on how much of a guessed key is right) or from Redis (:mod:`server.keys`, looked up on every
+depend on how much of a guessed key is right) or from Redis (:mod:`jobcast.keys`, looked up on every
 request so that a revocation holds at once).
 """
 

@@ -1,4 +1,4 @@
-"""Signed, expiring, read-only credentials (API.md, Authentication).
+"""Signed, expiring, read-only credentials (docs/API.md, Authentication).
 
 - a **job token** reads one job (``GET /jobs/{id}``, its events, its result);
 - a **stream token** reads all of one tenant's jobs and its feed (``GET /events``).

@@ -1,4 +1,4 @@
-"""The HTTP contract of API.md: real uvicorn, real Redis, real arq worker where a job must run."""
+"""The HTTP contract of docs/API.md: real uvicorn, real Redis, real arq worker where a job must run."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def http() -> Iterator[requests.Session]:
 def check(case: Any, url: str, redis_url: str, http: requests.Session) -> None:
     with redis.Redis.from_url(redis_url) as client:
         before = fingerprint(client)
-        # A reused Idempotency-Key with another body is a 422 by contract (API.md), whatever the
+        # A reused Idempotency-Key with another body is a 422 by contract (docs/API.md), whatever the
         # schema says of each request alone: that one check cannot judge such requests.
         excluded = [positive_data_acceptance] if "Idempotency-Key" in (case.headers or {}) else []
         if case.path == "/readyz":

@@ -66,7 +66,7 @@ async def test_retryable_failures_retry_with_backoff_then_succeed(
         ("queued", 3), ("processing", 3),
         ("completed", 3),
     ]  # fmt: skip
-    # A completed job has no error (API.md: error is for failed jobs); each retry was announced
+    # A completed job has no error (docs/API.md: error is for failed jobs); each retry was announced
     # with the error of the attempt that failed.
     assert job["error"] is None
     retrying = [data for name, data in await log_events(redis, ticket["id"]) if name == "job.retrying"]

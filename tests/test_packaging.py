@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import re
 import subprocess
 import sys
 import tomllib
@@ -77,3 +78,15 @@ def test_the_client_command_names_a_server_install_knows_are_the_real_ones() -> 
     sub = parser.add_subparsers()
     commands.add_client_commands(sub)
     assert set(sub.choices) == set(main.CLIENT_COMMAND_NAMES)
+
+
+def test_the_dashboard_spells_the_domain_vocabulary_as_the_domain_does() -> None:
+    """The browser cannot import models.py; its copies of the status and event sets are checked here."""
+    from jobcast.worker.models import TERMINAL, EventName
+
+    static = ROOT / "static" / "js"
+    terminal = re.search(r"export const TERMINAL = new Set\(\[(.*?)\]\)", (static / "format.js").read_text())
+    assert terminal is not None
+    assert set(re.findall(r'"([a-z.]+)"', terminal.group(1))) == {status.value for status in TERMINAL}
+    feed = (static / "feed.js").read_text()
+    assert set(re.findall(r'"(job\.[a-z]+)"', feed)) == {event.value for event in EventName}

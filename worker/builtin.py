@@ -1,4 +1,4 @@
-"""The ``sleep`` job type: for demos and for checking a deployment (API.md, Built-in job types)."""
+"""The ``sleep`` job type: for demos and for checking a deployment (docs/API.md, Built-in job types)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ I/O-bound, so sharing the process (and its Redis pool and doorbell connection) c
 **One attempt** (:meth:`Dispatcher.attempt`):
 
 1. read the delivery; do nothing unless it is pending and this is its current attempt (``seq``);
-2. sign the thin body with the tenant's keys (:mod:`worker.signatures`);
-3. POST it through httpcore over :class:`worker.egress.GuardedBackend` (the SSRF guard), the whole
+2. sign the thin body with the tenant's keys (:mod:`jobcast.worker.signatures`);
+3. POST it through httpcore over :class:`jobcast.worker.egress.GuardedBackend` (the SSRF guard), the whole
    attempt bounded by ``JOBCAST_WEBHOOK_TIMEOUT_S``. Redirects are never followed (httpcore has no
    such feature): a 3xx is a failure like a 5xx;
 4. record the outcome, and on failure queue the next attempt, in one script call fenced by ``seq``:
@@ -265,7 +265,7 @@ async def deliver(ctx: dict[str, Any], webhook_id: str, seq: int) -> None:
 
 
 class DeliveryWorker(DoorbellWorker):
-    """The arq worker of the delivery queue, run inside a :class:`worker.main.JobcastWorker`, which
+    """The arq worker of the delivery queue, run inside a :class:`jobcast.worker.main.JobcastWorker`, which
     shares its arq pool and Redis client and rings :meth:`wake` on the webhook doorbell."""
 
     def __init__(self, settings: Settings, *, redis: Redis, pool: ArqRedis) -> None:
@@ -281,10 +281,10 @@ class DeliveryWorker(DoorbellWorker):
             max_jobs=settings.webhook_concurrency,
             handle_signals=False,
             ctx={"dispatcher": dispatcher},
+            # A killed worker's attempt is taken up again once this lapses: just after the longest an
+            # attempt can take, rather than arq's default of 10 s more.
+            lock_timeout_s=timeout + 1,
         )
-        # A killed worker's attempt is taken up again once this lapses: just after the longest an
-        # attempt can take, rather than arq's default of 10 s more.
-        self.in_progress_timeout_s = timeout + 1
 
     async def _idle_timeout(self) -> float:
         """Until the next retry falls due, at most the fallback."""

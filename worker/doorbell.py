@@ -1,5 +1,15 @@
 """arq's ``Worker``, woken by a doorbell instead of polling: the base of Jobcast's two workers.
 
+**This module is the arq seam.** Jobcast keeps arq as its worker runtime (the queue format, the
+in-progress locks, timeouts, the function registry, signal handling) but changes how a worker picks
+jobs up, which arq offers no public hook for. Everything that depends on arq's internals is here,
+listed in :data:`ARQ_INTERNALS`, and nowhere else: the other modules use only what
+:class:`DoorbellWorker` offers (``wake``, ``halt``, ``pool_open``, ``close_pool``, ``running_jobs``, the
+``lock_timeout_s`` argument, ``_on_stop_signal``). ``tests/test_arq_seam.py`` fingerprints each
+listed arq internal, so an arq upgrade that changes one fails loudly and says what to re-check;
+``lua/jobs.lua`` and ``lua/claim.lua`` write arq's queue entries and locks in arq's own format, which
+the same test checks against arq's own reader. docs/DESIGN.md ("The arq seam") says how to upgrade.
+
 arq polls its queue every ``poll_delay`` (0.5 s by default, so a job waits ~250 ms on average before
 an idle worker sees it). Jobcast's scripts PUBLISH on a doorbell channel whenever they queue
 something; the process's listener calls :meth:`DoorbellWorker.wake`, and an idle worker waits for
@@ -19,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from importlib import resources
 from typing import Any
 
@@ -33,12 +44,25 @@ logger = logging.getLogger(__name__)
 IDLE_FALLBACK_S = 1.0
 RECONNECT_MAX_S = 5.0
 
+#: The arq internals this module depends on, and how (tests/test_arq_seam.py fingerprints each).
+ARQ_INTERNALS = {
+    "Worker.__init__": "sets sem, job_counter, tasks, main_task, queue_read_limit, in_progress_timeout_s, "
+    "allow_pick_jobs and _pool, which the overrides below read and write",
+    "Worker._poll_iteration": "overridden: bounds the read to the free slots, then waits for the doorbell",
+    "Worker.start_jobs": "replaced: claims the read runs in one script call (lua/claim.lua mirrors its checks)",
+    "Worker._release_sem_dec_counter_on_complete": "called as arq's own done-callback of every run",
+    "Worker.run_job": "called to run a claimed job exactly as arq would",
+    "Worker.handle_sig_wait_for_completion": "overridden to log what a stop signal leaves running",
+    "Worker.close": "runs on_shutdown and then sets _pool to None, which pool_open reads",
+    "arq.jobs.deserialize_job_raw": "reads the payloads lua/jobs.lua writes in arq's format",
+}
+
 
 class DoorbellWorker(Worker):
     """Also Jobcast's conventions for both queues: job payloads are JSON (``lua/jobs.lua`` writes
     them in arq's format), results are neither kept nor logged (outcomes live in Jobcast's records)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, lock_timeout_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(
             poll_delay=0,
             job_serializer=orjson.dumps,
@@ -54,6 +78,31 @@ class DoorbellWorker(Worker):
         self._parked = asyncio.Event()
         self._claim_source = resources.files(__package__).joinpath("lua/claim.lua").read_text()
         self._claim: Any = None  # the script, bound to arq's pool once it exists
+        if lock_timeout_s is not None:
+            # How long arq's in-progress lock on a taken run lasts (arq: the longest timeout + 10 s).
+            self.in_progress_timeout_s = lock_timeout_s
+
+    @property
+    def running_jobs(self) -> int:
+        return sum(not task.done() for task in self.tasks.values())
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        self._on_stop_signal(signum)
+        super().handle_sig_wait_for_completion(signum)
+
+    def _on_stop_signal(self, signum: signal.Signals) -> None:
+        """Called when SIGTERM/SIGINT arrives, before arq stops taking jobs."""
+
+    @property
+    def pool_open(self) -> bool:
+        """Whether arq's Redis pool is open (arq's ``close()`` closes it, after ``on_shutdown``)."""
+        return self._pool is not None
+
+    async def close_pool(self) -> None:
+        """Close arq's Redis pool, when this worker made it."""
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
     def wake(self) -> None:
         """Something was queued: look at the queue now."""

@@ -1,14 +1,14 @@
-"""The worker process: arq workers woken by a doorbell instead of polling (:mod:`worker.doorbell`).
+"""The worker process: arq workers woken by a doorbell instead of polling (:mod:`jobcast.worker.doorbell`).
 
 Jobcast's enqueue script PUBLISHes on ``jobcast:doorbell``; this process keeps one pub/sub
 connection, and an idle worker waits for the doorbell instead of sleeping, so pickup takes
 milliseconds. The same connection carries ``cancel {id}`` messages for running jobs and the webhook
 doorbell of the delivery worker that runs beside the jobs, on its own queue
-(:mod:`worker.delivery`, which says why it is not a process of its own).
+(:mod:`jobcast.worker.delivery`, which says why it is not a process of its own).
 
 A departure from arq's defaults, deliberate: every job run gets its own arq id (``{job id}.{run}``,
 see ``lua/jobs.lua``), and arq's own retry and abort machinery is not used: retries, cancellation
-and lost workers are handled by :mod:`worker.runner` against the job record, which is the source
+and lost workers are handled by :mod:`jobcast.worker.runner` against the job record, which is the source
 of truth.
 """
 
@@ -60,10 +60,10 @@ class JobcastWorker(DoorbellWorker):
             job_completion_wait=settings.shutdown_grace_s,
             on_startup=self._startup,
             on_shutdown=self._shutdown,
+            # arq's lock on a taken run lasts the longest timeout; ours matters only until the run's
+            # start (which takes it off the queue): a worker dying in between costs seconds, not an hour.
+            lock_timeout_s=IN_PROGRESS_LOCK_S,
         )
-        # arq's lock on a taken run lasts the longest timeout; ours matter only until the run's start
-        # (which takes it off the queue), so a worker that dies in between costs seconds, not an hour.
-        self.in_progress_timeout_s = IN_PROGRESS_LOCK_S
         self._background: list[asyncio.Task[None]] = []
         self._redis: Redis | None = None
         self.deliveries: DeliveryWorker | None = None
@@ -137,25 +137,23 @@ class JobcastWorker(DoorbellWorker):
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
-    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+    def _on_stop_signal(self, signum: signal.Signals) -> None:
         logger.info(
             "worker %s: %s received: taking no new jobs; %d running get %ss to finish",
             self.worker_id,
             signal.Signals(signum).name,
-            len(self.tasks),
+            self.running_jobs,
             self.settings.shutdown_grace_s,
         )
-        super().handle_sig_wait_for_completion(signum)
 
     async def stop(self) -> None:
         """Stop a worker started with ``async_run()`` inside another program (tests, embedding):
         running jobs are cancelled and handed back, in-flight deliveries put back, connections closed."""
         await self.halt()
-        if self._pool is not None:
+        if self.pool_open:  # else arq's own close() has already shut down
             self._delivery_grace_s = 0.0
             await self._shutdown(self.ctx)
-            await self.pool.aclose()
-            self._pool = None
+            await self.close_pool()
 
 
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> JobcastWorker:

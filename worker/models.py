@@ -1,6 +1,6 @@
 """The job domain's vocabulary: statuses, priorities, event names and the wire models.
 
-Status values and event names are those of API.md; they are spelled here once and nowhere else.
+Status values and event names are those of docs/API.md; they are spelled here once and nowhere else.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class JobStatus(StrEnum):
         return self in TERMINAL
 
 
+#: The statuses a job never leaves. Every other terminal set (events, the Lua prelude, the client,
+#: the dashboard's) is derived from this one.
 TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
@@ -42,7 +44,14 @@ class EventName(StrEnum):
     CANCELLED = "job.cancelled"
 
 
-TERMINAL_EVENTS = (EventName.COMPLETED, EventName.FAILED, EventName.CANCELLED)
+    @classmethod
+    def of_status(cls, status: JobStatus) -> EventName:
+        """The event a job emits on entering ``status``: ``job.<status>``."""
+        return cls(f"job.{status.value}")
+
+
+#: The events that end a job's stream, in JobStatus order.
+TERMINAL_EVENTS = tuple(EventName.of_status(status) for status in JobStatus if status.terminal)
 
 
 class DeliveryStatus(StrEnum):

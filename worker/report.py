@@ -1,4 +1,4 @@
-"""The ``report`` job type: real CPU work over synthetic sales records (API.md, Built-in job types).
+"""The ``report`` job type: real CPU work over synthetic sales records (docs/API.md, Built-in job types).
 
 A report groups ``rows`` synthetic sales records by region x category and gives, per group and in
 total, the number of records, units sold, revenue and the average unit price. The result is a small

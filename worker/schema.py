@@ -56,6 +56,7 @@ from arq.constants import (
 from redis.asyncio import Redis
 
 from .clock import now
+from .models import EventName
 from .settings import Settings
 
 PREFIX = "jobcast:"
@@ -192,6 +193,10 @@ def _prelude(settings: Settings) -> str:
     for name, value in constants.items():
         literal = f"'{value}'" if isinstance(value, str) else str(value)
         lines.append(f"local {name} = {literal}")
+    # The event names of models.py, so the script spells none of its own: EVENT.progress,
+    # EVENT[status] for the event of entering a status.
+    events = ", ".join(f"{event.value.removeprefix('job.')} = '{event.value}'" for event in EventName)
+    lines.append(f"local EVENT = {{{events}}}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """The job store: records, event logs and the state machine, on Redis.
 
-Every write is one call of ``lua/jobs.lua`` (see :mod:`worker.schema`), so a status change, its
+Every write is one call of ``lua/jobs.lua`` (see :mod:`jobcast.worker.schema`), so a status change, its
 history entry, both event-log entries, the index moves, the arq queue entry and the PUBLISH happen
 together or not at all. Reads are plain Redis reads of the record hash and the streams.
 

@@ -3,7 +3,7 @@
 A submission's ``webhook`` (``{url, events}``) is checked by :func:`accept_webhook` and stored on
 the job. From then on the state-machine script (``lua/jobs.lua``) does the rest atomically: every
 event the webhook asks for records a delivery and queues its first attempt in the very step that
-emits the event, so no crash between the two can lose it. :mod:`worker.delivery` makes the attempts;
+emits the event, so no crash between the two can lose it. :mod:`jobcast.worker.delivery` makes the attempts;
 :class:`WebhookStore` records their outcomes through the same script and answers the reads.
 
 A delivery's ``webhook-id`` is ``msg_<job ulid>_<event's stream id>``: unique per event, and the same
@@ -169,7 +169,7 @@ class Delivery:
         )
 
     def body(self) -> bytes:
-        """The thin body of API.md, the same bytes on every attempt: nothing a receiver should fetch
+        """The thin body of docs/API.md, the same bytes on every attempt: nothing a receiver should fetch
         through an authenticated call instead (no params, no result)."""
         return orjson.dumps(
             {

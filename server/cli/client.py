@@ -1,4 +1,4 @@
-"""A client for the HTTP API of API.md: what the ``jobcast`` client commands talk through.
+"""A client for the HTTP API of docs/API.md: what the ``jobcast`` client commands talk through.
 
     ClientError          a command cannot go on; the message says what is wrong and what to do
      ├── UsageError      bad configuration or arguments: no API key, a malformed key=value (exit 2)
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
+from jobcast.worker.models import TERMINAL as TERMINAL_STATUS_SET
 from jobcast.worker.models import TERMINAL_EVENTS
 
 Job = dict[str, Any]
@@ -37,7 +38,7 @@ RECONNECT_GIVE_UP_S = 300.0
 #: How long one long-poll (GET /jobs/{id}?wait=) holds; the API allows up to 60.
 WAIT_S = 30
 TERMINAL = frozenset(e.value for e in TERMINAL_EVENTS)
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL_STATUS_SET)
 
 
 class ClientError(Exception):
@@ -63,7 +64,7 @@ class Unreachable(ClientError):
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One event of a job's stream (API.md, Server-Sent Events)."""
+    """One event of a job's stream (docs/API.md, Server-Sent Events)."""
 
     id: str
     event: str

@@ -19,7 +19,7 @@ def documented_query_params(document: dict[str, Any]) -> dict[tuple[str, str], f
         for method, operation in operations.items():
             names = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
             # ?token= is a credential (the "token" security scheme), taken anywhere: on an endpoint
-            # it cannot open, the answer is the 401/403 of API.md, not a 400.
+            # it cannot open, the answer is the 401/403 of docs/API.md, not a 400.
             allowed[(method.upper(), path)] = frozenset(names | {"token"})
     return allowed
 

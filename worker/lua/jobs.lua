@@ -195,7 +195,7 @@ local function finish(id, status, extra)
   append_history(id, status, r[3])
   redis.call('ZREM', K_RUNNING, id)
   release(r[1], id)
-  local sid = emit(id, 'job.' .. status, extra)
+  local sid = emit(id, EVENT[status], extra)
   redis.call('EXPIRE', job_key(id), CFG_RETENTION_S)
   redis.call('EXPIRE', K_JOB_LOG .. id, CFG_RETENTION_S)
   redis.call('EXPIRE', K_JOB_DELIVERIES .. id, CFG_RETENTION_S)
@@ -213,14 +213,10 @@ local function terminal_extra(id, status)
   return ''
 end
 
-local function is_terminal(status)
-  return status == 'completed' or status == 'failed' or status == 'cancelled'
-end
-
 -- Back to queued for another run. delay_ms > 0 schedules it; 0 puts it on the arq queue now.
 local function requeue(id, old_run, attempt, delay_ms, event, extra)
   local r = fields(id, 'tenant', 'priority', 'type')
-  if event == 'job.retrying' then count('retried|' .. r[3]) end
+  if event == EVENT.retrying then count('retried|' .. r[3]) end
   local run = old_run + 1
   arq_forget(id, old_run)
   index_move(r[1], id, 'processing', 'queued')
@@ -272,7 +268,7 @@ if op == 'create' then
     redis.call('SET', idem_key, id .. '|' .. idem_value, 'EX', ARGV[13])
   end
   arq_enqueue(id, 1, priority)
-  emit(id, 'job.queued', '')
+  emit(id, EVENT.queued, '')
   return {'created', id}
 
 elseif op == 'start' then
@@ -302,7 +298,7 @@ elseif op == 'start' then
   touch(id, 'status', 'processing', 'started_at', now_iso, 'percent', 0, 'progress', '{"percent":0.0}')
   append_history(id, 'processing', r[4])
   redis.call('ZADD', K_RUNNING, ARGV[6], id)
-  emit(id, 'job.processing', '')
+  emit(id, EVENT.processing, '')
   local s = fields(id, 'type', 'params', 'attempt', 'max_attempts')
   return {'ok', s[1], s[2], s[3], s[4]}
 
@@ -313,7 +309,7 @@ elseif op == 'progress' then
   if r[1] ~= 'processing' or r[2] ~= run then return 0 end
   if tonumber(ARGV[6]) < tonumber(r[3]) then return 0 end
   touch(id, 'percent', ARGV[6], 'progress', ARGV[7])
-  emit(id, 'job.progress', '')
+  emit(id, EVENT.progress, '')
   return 1
 
 elseif op == 'heartbeat' then
@@ -364,12 +360,12 @@ elseif op == 'complete' or op == 'fail' or op == 'cancelled' or op == 'retry' or
   elseif op == 'retry' then
     redis.call('HSET', job_key(id), 'error', ARGV[6])
     local delay = tonumber(ARGV[7])
-    requeue(id, tonumber(run), attempt + 1, delay, 'job.retrying',
+    requeue(id, tonumber(run), attempt + 1, delay, EVENT.retrying,
       ',"error":' .. ARGV[6] .. ',"retry_in_s":' .. string.format('%.3f', delay / 1000))
     return {'ok', 'queued'}
   else
     -- handback: the worker is shutting down; the attempt was not the job's fault.
-    requeue(id, tonumber(run), attempt, 0, 'job.queued', '')
+    requeue(id, tonumber(run), attempt, 0, EVENT.queued, '')
     return {'ok', 'queued'}
   end
 
@@ -409,7 +405,7 @@ elseif op == 'reap' then
   end
   redis.call('HSET', job_key(id), 'error', ARGV[5])
   if attempt < tonumber(r[4]) then
-    requeue(id, run, attempt + 1, 0, 'job.retrying', ',"error":' .. ARGV[5] .. ',"retry_in_s":0.000')
+    requeue(id, run, attempt + 1, 0, EVENT.retrying, ',"error":' .. ARGV[5] .. ',"retry_in_s":0.000')
     return 'queued'
   end
   arq_forget(id, run)
