@@ -24,13 +24,12 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Iterator
-from typing import Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from jobcast.worker import schema
-from jobcast.worker.models import TERMINAL_EVENTS
+from jobcast.worker.models import TERMINAL_EVENTS, Audience
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,6 @@ BUFFER_MAX = 512
 RECONNECT_MAX_S = 5.0
 TERMINAL = frozenset(e.value for e in TERMINAL_EVENTS)
 
-Audience = Literal["job", "tenant"]
 
 
 def stream_id_key(stream_id: str) -> tuple[int, int]:

@@ -7,7 +7,7 @@ schemas from these classes), so the two cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +22,7 @@ from jobcast.worker.models import (
     JobStatus,
     Priority,
     Progress,
+    ResultFormat,
     WebhookSpec,
     job_links,
 )
@@ -137,7 +138,7 @@ class JobTypeInfo(BaseModel):
     timeout_s: float
     max_attempts: int
     priority: Priority
-    result_formats: list[Literal["json", "csv"]]
+    result_formats: list[ResultFormat]
 
 
 class JobTypeList(BaseModel):

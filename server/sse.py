@@ -34,9 +34,10 @@ from redis.exceptions import RedisError
 from sse_starlette.event import ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
+from jobcast.worker.models import Audience
 from jobcast.worker.store import Event, Store
 
-from .hub import TERMINAL, Audience, Hub, Item, Subscription, stream_id_key
+from .hub import TERMINAL, Hub, Item, Subscription, stream_id_key
 from .limits import StreamsFull, StreamSlots
 from .problems import TooManyRequests, Unavailable, problem_response
 

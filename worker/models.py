@@ -122,3 +122,11 @@ class HistoryEntry(BaseModel):
 
 
 ResultFormat = Literal["json", "csv"]
+
+#: Whose events: one job's (its log, its stream) or a whole tenant's (the feed).
+Audience = Literal["job", "tenant"]
+#: What a submission came to (Store.create).
+CreateOutcome = Literal["created", "existing", "conflict", "full"]
+#: What a cancel request came to (Store.cancel): was queued and is now cancelled; running, asked to
+#: stop; already finished; no such job for the tenant.
+CancelOutcome = Literal["cancelled", "requested", "terminal", "missing"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 from . import schema
 from .clock import now
 from .ids import is_job_id, new_job_id
-from .models import JobError, JobStatus, Priority
+from .models import Audience, CancelOutcome, CreateOutcome, JobError, JobStatus, Priority
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Created:
     """Outcome of :meth:`Store.create`: ``created``, ``existing`` (idempotent replay),
     ``conflict`` (same Idempotency-Key, other body) or ``full`` (at capacity)."""
 
-    outcome: str
+    outcome: CreateOutcome
     job_id: str | None
     #: The new record (outcome ``created``); for ``existing``, read it with :meth:`Store.get`.
     record: JobRecord | None = None
@@ -167,6 +167,7 @@ class Store:
             IDEMPOTENCY_TTL_S,
             at=at,
         )
+        outcome = cast(CreateOutcome, outcome)
         if outcome != "created":
             return Created(outcome, ident if outcome != "full" else None)
         logger.info("job %s created: type=%s tenant=%s priority=%s", job_id, job_type, tenant, priority)
@@ -257,32 +258,32 @@ class Store:
                 pipe.zrem(index, *job_ids)
             await pipe.execute()
 
-    async def cancel(self, job_id: str, tenant: str) -> tuple[str, str | None]:
+    async def cancel(self, job_id: str, tenant: str) -> tuple[CancelOutcome, str | None]:
         """``cancelled`` (was queued), ``requested`` (running), ``terminal`` (+ status), ``missing``."""
         if not is_job_id(job_id):
             return "missing", None
         reply = await self._script("cancel", job_id, tenant)
         if reply[0] in ("cancelled", "requested"):
             logger.info("job %s cancel: %s", job_id, reply[0])
-        return reply[0], (reply[1] if len(reply) > 1 else None)
+        return cast(CancelOutcome, reply[0]), (reply[1] if len(reply) > 1 else None)
 
     @staticmethod
-    def _log_key(audience: str, key: str) -> str:
+    def _log_key(audience: Audience, key: str) -> str:
         return schema.job_log_key(key) if audience == "job" else schema.tenant_log_key(key)
 
-    async def log_events(self, audience: str, key: str, after: str = "-", count: int = 1000) -> list[Event]:
+    async def log_events(self, audience: Audience, key: str, after: str = "-", count: int = 1000) -> list[Event]:
         """Events of one job's log (``audience="job"``) or one tenant's, strictly after stream id
         ``after`` (``-``: from the start), oldest first."""
         start = f"({after}" if after != "-" else "-"
         entries = await self.redis.xrange(self._log_key(audience, key), start, "+", count=count)
         return [Event(sid, f["event"], f["data"], f.get("job", key)) for sid, f in entries]
 
-    async def log_tip(self, audience: str, key: str) -> str | None:
+    async def log_tip(self, audience: Audience, key: str) -> str | None:
         """The id of the newest event in the log, if any."""
         entries = await self.redis.xrevrange(self._log_key(audience, key), "+", "-", count=1)
         return str(entries[0][0]) if entries else None
 
-    async def log_floor(self, audience: str, key: str) -> str | None:
+    async def log_floor(self, audience: Audience, key: str) -> str | None:
         """The oldest id still in the log when older entries were trimmed (else None): a client
         whose last id is older than this may have missed events."""
         try:
@@ -299,10 +300,6 @@ class Store:
             cap = self.settings.job_log_max if audience == "job" else self.settings.tenant_log_max
             trimmed = int(info["length"]) >= cap
         return str(first[0]) if trimmed else None
-
-    async def queued_count(self) -> int:
-        """Jobs in status queued, across tenants (waiting retries and parked jobs included)."""
-        return int(await self.redis.get(schema.QUEUED_COUNT) or 0)
 
     # --- transitions (worker side) ---------------------------------------------------------------
 

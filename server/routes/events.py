@@ -6,7 +6,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..hub import Audience
+from jobcast.worker.models import Audience
+
 from ..problems import Forbidden, GoneProblem
 from ..requests import job_id_param, last_event_id
 from ..services import Services, services
