@@ -27,7 +27,7 @@ from . import dashboard
 from .auth import Authenticator
 from .hub import Hub
 from .keys import ApiKeys
-from .limits import RateLimiter, StreamSlots, parse_rate
+from .limits import RateLimiter, StreamSlots
 from .openapi import build_openapi, enforce_documented_query
 from .problems import EXCEPTION_HANDLERS
 from .routes import routes
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     else:
         settings.check_production()
     registry = load_registry(settings)
-    rate = parse_rate(settings.submit_rate)
+    rate = settings.submit_rate_limit
     document = build_openapi(registry)
     openapi = orjson.dumps(document)
 

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -23,25 +22,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from jobcast.worker import schema
-from jobcast.worker.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
-RATE_RE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+(?:\.[0-9]+)?)\s*")
 POLICY = "submit"
-
-
-def parse_rate(raw: str) -> tuple[int, float] | None:
-    """``"N/S"`` -> (N, S); empty -> None (no limit). Raises ConfigError otherwise."""
-    if not raw.strip():
-        return None
-    match = RATE_RE.fullmatch(raw)
-    if match is None or int(match[1]) < 1 or float(match[2]) <= 0:
-        raise ConfigError(
-            f"JOBCAST_SUBMIT_RATE={raw!r} is not of the form N/S with N >= 1 and S > 0 "
-            "(e.g. '100/60' for 100 submissions a minute per tenant), or empty for no limit."
-        )
-    return int(match[1]), float(match[2])
 
 
 @dataclass(frozen=True)

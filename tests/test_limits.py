@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
-from jobcast.limits import parse_rate
 from jobcast.worker import schema
-from jobcast.worker.settings import ConfigError
+from jobcast.worker.settings import ConfigError, parse_rate
 
 from .conftest import ACME, GLOBEX, ServerHandle, make_settings, running_worker, submit, wait_for_status
 

@@ -71,6 +71,23 @@ def parse_schedule(raw: str) -> list[float]:
     return delays
 
 
+#: ``N/S``: N events per S seconds (rates of JOBCAST_SUBMIT_RATE and the like).
+RATE_RE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+(?:\.[0-9]+)?)\s*")
+
+
+def parse_rate(raw: str, variable: str = "JOBCAST_SUBMIT_RATE") -> tuple[int, float] | None:
+    """``"N/S"`` -> (N, S); empty -> None (no limit). Raises ConfigError otherwise."""
+    if not raw.strip():
+        return None
+    match = RATE_RE.fullmatch(raw)
+    if match is None or int(match[1]) < 1 or float(match[2]) <= 0:
+        raise ConfigError(
+            f"{variable}={raw!r} is not of the form N/S with N >= 1 and S > 0 "
+            "(e.g. '100/60' for 100 submissions a minute per tenant), or empty for no limit."
+        )
+    return int(match[1]), float(match[2])
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JOBCAST_", extra="ignore")
 
@@ -135,6 +152,7 @@ class Settings(BaseSettings):
     _tenant_keys: dict[str, str] = PrivateAttr(default_factory=dict)
     _webhook_keys: dict[str | None, list[bytes]] = PrivateAttr(default_factory=dict)
     _retry_delays: list[float] = PrivateAttr(default_factory=list)
+    _submit_rate: tuple[int, float] | None = PrivateAttr(default=None)
 
     @classmethod
     def from_env(cls, *, require_secrets: bool = True, **overrides: Any) -> Settings:
@@ -177,6 +195,7 @@ class Settings(BaseSettings):
         self._tenant_keys = _parse_api_keys(self.api_keys)
         self._webhook_keys = _parse_webhook_keys(self.webhook_secret, self.webhook_secrets)
         self._retry_delays = parse_schedule(self.webhook_retry_schedule)
+        self._submit_rate = parse_rate(self.submit_rate)
         return self
 
     def check_production(self) -> None:
@@ -211,6 +230,11 @@ class Settings(BaseSettings):
         """The keys that sign ``tenant``'s deliveries: its own, else the fallback; empty when neither is set."""
         keys = self.webhook_keys
         return keys.get(tenant) or keys.get(None) or []
+
+    @property
+    def submit_rate_limit(self) -> tuple[int, float] | None:
+        """(N, S) of ``JOBCAST_SUBMIT_RATE``: N submissions per S seconds per tenant; None: no limit."""
+        return self._submit_rate
 
     @property
     def webhook_retry_delays(self) -> list[float]:
