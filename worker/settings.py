@@ -175,7 +175,16 @@ class Settings(BaseSettings):
                 raise ConfigError(
                     f"JOBCAST_API_KEYS: tenant name {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'."
                 )
-        return {key: tenant for tenant, key in pairs}
+        tenants: dict[str, str] = {}
+        for tenant, key in pairs:
+            other = tenants.setdefault(key, tenant)
+            if other != tenant:
+                # Which tenant would win is an accident of order: refuse rather than guess.
+                raise ConfigError(
+                    f"JOBCAST_API_KEYS lists the same key for tenants {other!r} and {tenant!r}; "
+                    "a key belongs to one tenant. Give each tenant its own key."
+                )
+        return tenants
 
     @property
     def webhook_keys(self) -> dict[str | None, list[bytes]]:

@@ -91,10 +91,14 @@ async def accept_webhook(
         try:
             await egress.check_destination(host, parts.port or default_port(parts.scheme), resolver=resolver)
         except egress.DestinationRefused as exc:
+            # What this server's resolver answers for internal names is the operator's business:
+            # the client is told the rule, the log says which address and why.
+            logger.info("webhook of a submission by tenant %s refused: %s", tenant, exc)
             raise WebhookRejected(
-                f"The webhook URL is refused: {exc}. Deliveries go to public addresses only, so that a "
-                "webhook cannot reach services inside the operator's network; use a publicly reachable "
-                "URL (JOBCAST_WEBHOOK_ALLOW_PRIVATE=1 lifts this on development servers).",
+                "The webhook URL is refused: its host is not, or does not resolve to, a public address. "
+                "Deliveries go to public addresses only, so that a webhook cannot reach services inside "
+                "the operator's network; use a publicly reachable URL (JOBCAST_WEBHOOK_ALLOW_PRIVATE=1 "
+                "lifts this on development servers).",
                 field="url",
             ) from None
     return {"url": url, "events": [event.value for event in dict.fromkeys(spec.events)]}
