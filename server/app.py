@@ -36,6 +36,7 @@ from .tokens import TokenSigner
 
 logger = logging.getLogger(__name__)
 
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings if settings is not None else Settings()
     settings.check_production()

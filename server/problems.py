@@ -137,9 +137,18 @@ class UnsupportedMediaType(Problem):
 
 
 class ValidationFailed(Problem):
-    """The body is well-formed JSON but wrong: 'errors' lists each field (loc, msg, type)."""
+    """The body is well-formed JSON but wrong: 'errors' lists each field (loc, msg, type), the first 20 of them;
+    'errors_omitted' counts the others.
+    """
 
     status, title, slug = 422, "Unprocessable Content", "validation"
+    max_errors = 20
+
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]], omitted: int = 0, **kwargs: Any) -> None:
+        omitted += max(0, len(errors) - self.max_errors)
+        if omitted:
+            kwargs["errors_omitted"] = omitted
+        super().__init__(detail, errors=errors[: self.max_errors], **kwargs)
 
 
 class TooManyRequests(Problem):

@@ -168,7 +168,8 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    errors: list[FieldError] | None = None
+    errors: list[FieldError] | None = Field(default=None, description="422: the first 20 wrong fields.")
+    errors_omitted: int | None = Field(default=None, description="422: how many more were wrong than listed.")
 
 
 class ProblemType(BaseModel):

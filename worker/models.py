@@ -71,7 +71,11 @@ class WebhookSpec(BaseModel):
         # No user:password@ (refused at submission, see worker.webhooks): said in the schema too.
         Field(json_schema_extra={"pattern": r"^https?://[^/?#@\s]+([/?#]\S*)?$"}),
     ]
-    events: list[EventName] = Field(default_factory=lambda: list(TERMINAL_EVENTS), min_length=1)
+    # At most one entry per event name: the length is checked before any entry, so a body of a
+    # hundred thousand names costs nothing to refuse.
+    events: list[EventName] = Field(
+        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=len(EventName)
+    )
 
 
 class Submission(BaseModel):

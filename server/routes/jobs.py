@@ -17,9 +17,17 @@ from starlette.responses import Response
 from jobcast.worker.clock import rfc3339
 from jobcast.worker.models import JobStatus
 from jobcast.worker.store import JobRecord
-from jobcast.worker.submissions import InvalidSubmission, accept_submission
+from jobcast.worker.submissions import AcceptedSubmission, InvalidSubmission, accept_submission
 
-from ..problems import BadRequest, Conflict, NotAcceptable, TooManyRequests, Unavailable, ValidationFailed
+from ..problems import (
+    BadRequest,
+    Conflict,
+    NotAcceptable,
+    Problem,
+    TooManyRequests,
+    Unavailable,
+    ValidationFailed,
+)
 from ..requests import job_id_param, query_cursor, query_int, query_wait, read_json_object
 from ..resources import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -46,27 +54,14 @@ async def jobs(request: Request) -> Response:
 async def submit_job(request: Request) -> Response:
     svc = services(request)
     principal = await svc.auth.require(request, "write")
-    body = await read_json_object(request)
+    # Every authenticated attempt counts, valid or not, and before its body is read: a tenant
+    # cannot make the server validate hostile bodies faster than it may submit jobs.
+    rate_headers = await take_submission(svc, principal.tenant)
     try:
-        accepted = await accept_submission(body, tenant=principal.tenant, registry=svc.registry, settings=svc.settings)
-    except InvalidSubmission as exc:
-        raise ValidationFailed(exc.detail, errors=exc.errors) from None
-    idempotency_key = request.headers.get("idempotency-key")
-    if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
-        raise BadRequest("The Idempotency-Key header must be 1 to 255 printable ASCII characters.")
-
-    rate_headers: dict[str, str] = {}
-    limiter = svc.rate_limiter
-    if limiter is not None:
-        decision = await limiter.take(principal.tenant)
-        rate_headers = decision.headers
-        if not decision.allowed:
-            raise TooManyRequests(
-                f"This tenant may submit {limiter.limit} jobs per {limiter.window_s:g} s; that is used up. "
-                f"Retry in {decision.retry_after_s} s (see the Retry-After and RateLimit headers).",
-                headers=rate_headers,
-            )
-
+        accepted, idempotency_key = await read_submission(request, svc, principal.tenant)
+    except Problem as problem:
+        problem.headers = {**rate_headers, **problem.headers}
+        raise
     created = await svc.store.create(
         tenant=principal.tenant,
         job_type=accepted.job_type.name,
@@ -101,6 +96,34 @@ async def submit_job(request: Request) -> Response:
     if created.outcome == "existing":
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+async def take_submission(svc: Services, tenant: str) -> dict[str, str]:
+    """Count one submission attempt of ``tenant``: its RateLimit headers, or a 429 when none is left."""
+    limiter = svc.rate_limiter
+    if limiter is None:
+        return {}
+    decision = await limiter.take(tenant)
+    if not decision.allowed:
+        raise TooManyRequests(
+            f"This tenant may submit {limiter.limit} jobs per {limiter.window_s:g} s; that is used up. "
+            f"Retry in {decision.retry_after_s} s (see the Retry-After and RateLimit headers).",
+            headers=decision.headers,
+        )
+    return decision.headers
+
+
+async def read_submission(request: Request, svc: Services, tenant: str) -> tuple[AcceptedSubmission, str | None]:
+    """The validated submission and its Idempotency-Key, or the 4xx problem saying what is wrong."""
+    body = await read_json_object(request)
+    try:
+        accepted = await accept_submission(body, tenant=tenant, registry=svc.registry, settings=svc.settings)
+    except InvalidSubmission as exc:
+        raise ValidationFailed(exc.detail, errors=exc.errors, omitted=exc.omitted) from None
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
+        raise BadRequest("The Idempotency-Key header must be 1 to 255 printable ASCII characters.")
+    return accepted, idempotency_key
 
 
 async def list_jobs(request: Request) -> Response:
