@@ -12,6 +12,7 @@
      ├── TooManyRequests       429: the tenant's submission rate is used up (Retry-After, RateLimit)
      └── Unavailable           503: at capacity or Redis away; with Retry-After
 
+A client that hangs up mid-upload (Starlette's ``ClientDisconnect``) is one INFO line, not an error.
 Anything else that escapes a route is logged with its traceback and answered as a bare 500
 problem: no stack trace ever reaches a client.
 
@@ -27,7 +28,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,14 @@ async def handle_redis_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def handle_client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while sending its body: nothing went wrong here, and nobody will read the answer."""
+    logger.info(
+        "client closed the connection during %s %s before its body was complete", request.method, request.url.path
+    )
+    return problem_response(BadRequest("The connection was closed before the request body was complete."))
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
     return problem_response(Problem("An unexpected error occurred; it has been logged. Try again later."))
@@ -243,6 +252,7 @@ PROBLEM_TYPES = _problem_types()
 EXCEPTION_HANDLERS = {
     Problem: handle_problem,
     HTTPException: handle_http_exception,
+    ClientDisconnect: handle_client_gone,
     RedisError: handle_redis_error,
     OSError: handle_redis_error,
     Exception: handle_unexpected,
