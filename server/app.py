@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
 import orjson
 import uvicorn
@@ -25,6 +26,7 @@ from jobcast.worker.webhooks import WebhookStore
 
 from . import dashboard
 from .auth import Authenticator
+from .http_guard import guarded_protocol
 from .hub import Hub
 from .keys import ApiKeys
 from .limits import RateLimiter, StreamSlots, parse_rate
@@ -84,6 +86,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     return app
+
+
+def server_config(app: Starlette, settings: Settings, *, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for a Jobcast server: request heads bounded in time and size
+    (:mod:`jobcast.http_guard`); ``options`` are further ``uvicorn.Config`` arguments."""
+    protocol = guarded_protocol(
+        head_timeout_s=settings.http_head_timeout_s, max_head_bytes=settings.http_max_head_bytes
+    )
+    return uvicorn.Config(app, host=host, port=port, http=protocol, **options)
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

@@ -10,6 +10,7 @@
      ├── PayloadTooLarge       413
      ├── ValidationFailed      422: the body is well-formed but wrong; ``errors`` lists each field
      ├── TooManyRequests       429: the tenant's submission rate is used up (Retry-After, RateLimit)
+     ├── HeaderTooLarge        431: a request head over the limit (answered by jobcast.http_guard)
      └── Unavailable           503: at capacity or Redis away; with Retry-After
 
 A client that hangs up mid-upload (Starlette's ``ClientDisconnect``) is one INFO line, not an error.
@@ -158,6 +159,14 @@ class TooManyRequests(Problem):
     """
 
     status, title, slug = 429, "Too Many Requests", "rate-limited"
+
+
+class HeaderTooLarge(Problem):
+    """The request head (request line and headers) is larger than this server accepts (64 KiB unless configured);
+    the connection is closed. Send fewer or shorter headers.
+    """
+
+    status, title, slug = 431, "Request Header Fields Too Large", "header-too-large"
 
 
 class Unavailable(Problem):

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
+import httpx
+import orjson
 import pytest
 from redis.asyncio import Redis
 
+from jobcast import http_guard
+from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker.settings import Settings
 
-from .conftest import ServerHandle, wait_until
+from .conftest import ACME, ServerHandle, make_settings, wait_until
 
 
 async def open_raw(server: ServerHandle) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -53,3 +58,95 @@ async def test_a_client_that_disconnects_mid_upload_gets_one_info_line_and_no_er
         uvicorn_logger.removeHandler(caplog.handler)
         if not server.server.should_exit:
             await server.stop()
+
+
+@pytest.fixture
+async def strict_server(redis_server: RedisProcess, redis: Redis) -> AsyncIterator[ServerHandle]:
+    """A server that gives request heads half a second and 16 KiB."""
+    handle = ServerHandle(make_settings(redis_server.url, http_head_timeout_s=0.5, http_max_head_bytes=16 * 1024))
+    await handle.start()
+    yield handle
+    await handle.stop()
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (bounded: a guard that never
+    closes fails the test instead of hanging it)."""
+    return await asyncio.wait_for(reader.read(), timeout=15)
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"GET /hea"])
+async def test_a_request_head_that_never_ends_is_closed(strict_server: ServerHandle, sent: bytes) -> None:
+    reader, writer = await open_raw(strict_server)
+    writer.write(sent)
+    await writer.drain()
+    assert await read_until_closed(reader) == b""
+    writer.close()
+
+
+async def test_the_next_head_on_a_kept_alive_connection_is_timed_too(strict_server: ServerHandle) -> None:
+    reader, writer = await open_raw(strict_server)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=15)
+    assert head.startswith(b"HTTP/1.1 200 OK"), head
+    length = int(next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))[15:])
+    await reader.readexactly(length)
+    # The response is complete: uvicorn's keep-alive timer is armed, and stops at the next byte.
+    writer.write(b"GET /healthz HTTP/1.1\r\nHo")
+    await writer.drain()
+    assert await read_until_closed(reader) == b""
+    writer.close()
+
+
+async def test_an_oversized_request_head_is_answered_431_and_closed(strict_server: ServerHandle) -> None:
+    reader, writer = await open_raw(strict_server)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 * 1024))
+    await writer.drain()
+    answer = await read_until_closed(reader)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"content-type: application/problem+json" in head.lower()
+    problem = orjson.loads(body)
+    assert problem["status"] == 431 and problem["type"] == "/problems/header-too-large"
+    assert "16384" in problem["detail"]
+    writer.close()
+
+
+async def test_a_large_body_behind_a_small_head_is_not_taken_for_a_large_head(strict_server: ServerHandle) -> None:
+    body = orjson.dumps({"type": "sleep", "params": {"padding": "x" * 900_000}})
+    async with httpx.AsyncClient(base_url=strict_server.url, headers=ACME) as c:
+        response = await c.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422, response.text[:300]  # read and judged: 'padding' is unknown
+        assert (await c.get("/healthz")).status_code == 200  # and the connection lives on
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHo\x01st: x\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+)
+async def test_requests_the_http_parser_refuses_get_a_problem_json_400(
+    server: ServerHandle, request_bytes: bytes
+) -> None:
+    reader, writer = await open_raw(server)
+    writer.write(request_bytes)
+    await writer.drain()
+    answer = await read_until_closed(reader)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"content-type: application/problem+json" in head.lower()
+    problem = orjson.loads(body)
+    assert problem["status"] == 400 and problem["type"] == "/problems/bad-request"
+    assert "HTTP" in problem["detail"]
+    writer.close()
+
+
+async def test_the_guard_is_what_uvicorn_serves_with(server: ServerHandle) -> None:
+    """The guard extends uvicorn's httptools protocol (jobcast.http_guard): if an upgrade of uvicorn
+    moved what it hooks into, this says so before the behaviour tests above fail."""
+    assert issubclass(server.server.config.http_protocol_class, http_guard.GuardedHttpToolsProtocol)
+    http_guard.check_uvicorn_hooks()

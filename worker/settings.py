@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     sse_max_streams: int = Field(default=20_000, ge=1)
     #: Open event streams allowed per tenant, across all server processes (429 beyond; 0: no cap).
     sse_max_streams_per_tenant: int = Field(default=10_000, ge=0)
+    #: Server: seconds a client has to send a request head (request line and headers), from the
+    #: connection's opening or the head's first byte; then the connection is closed.
+    http_head_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    #: Server: the largest request head accepted, in bytes (431 and closed beyond).
+    http_max_head_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     #: Webhooks: seconds one delivery attempt may take, everything included (resolving the host,
     #: connecting, sending, the answer's status and headers).
     webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)

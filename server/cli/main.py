@@ -39,19 +39,17 @@ def _settings() -> Settings:
 
 
 def cmd_web(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from ..app import JobcastServer, create_app, tune_gc_for_streaming
+    from ..app import JobcastServer, create_app, server_config, tune_gc_for_streaming
 
     settings = _settings()
     configure_logging(settings)
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = server_config(
         app,
+        settings,
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
         timeout_graceful_shutdown=10,
         log_config=None,  # our handlers (worker.logs), so JOBCAST_LOG_FORMAT applies to uvicorn's lines too
     )
