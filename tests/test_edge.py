@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
@@ -75,6 +76,21 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), timeout=15)
 
 
+async def problem_before_close(server: ServerHandle, sent: bytes, status: int) -> dict[str, Any]:
+    """Send ``sent``; the server must answer a ``status`` problem+json and close the connection."""
+    reader, writer = await open_raw(server)
+    writer.write(sent)
+    await writer.drain()
+    answer = await read_until_closed(reader)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    assert b"content-type: application/problem+json" in head.lower()
+    problem: dict[str, Any] = orjson.loads(body)
+    assert problem["status"] == status
+    return problem
+
+
 @pytest.mark.parametrize("sent", [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"GET /hea"])
 async def test_a_request_head_that_never_ends_is_closed(strict_server: ServerHandle, sent: bytes) -> None:
     reader, writer = await open_raw(strict_server)
@@ -100,17 +116,9 @@ async def test_the_next_head_on_a_kept_alive_connection_is_timed_too(strict_serv
 
 
 async def test_an_oversized_request_head_is_answered_431_and_closed(strict_server: ServerHandle) -> None:
-    reader, writer = await open_raw(strict_server)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 * 1024))
-    await writer.drain()
-    answer = await read_until_closed(reader)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
-    assert b"content-type: application/problem+json" in head.lower()
-    problem = orjson.loads(body)
-    assert problem["status"] == 431 and problem["type"] == "/problems/header-too-large"
+    problem = await problem_before_close(strict_server, b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536, 431)
+    assert problem["type"] == "/problems/header-too-large"
     assert "16384" in problem["detail"]
-    writer.close()
 
 
 async def test_a_large_body_behind_a_small_head_is_not_taken_for_a_large_head(strict_server: ServerHandle) -> None:
@@ -132,17 +140,9 @@ async def test_a_large_body_behind_a_small_head_is_not_taken_for_a_large_head(st
 async def test_requests_the_http_parser_refuses_get_a_problem_json_400(
     server: ServerHandle, request_bytes: bytes
 ) -> None:
-    reader, writer = await open_raw(server)
-    writer.write(request_bytes)
-    await writer.drain()
-    answer = await read_until_closed(reader)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
-    assert b"content-type: application/problem+json" in head.lower()
-    problem = orjson.loads(body)
-    assert problem["status"] == 400 and problem["type"] == "/problems/bad-request"
+    problem = await problem_before_close(server, request_bytes, 400)
+    assert problem["type"] == "/problems/bad-request"
     assert "HTTP" in problem["detail"]
-    writer.close()
 
 
 async def test_the_guard_is_what_uvicorn_serves_with(server: ServerHandle) -> None:
