@@ -18,7 +18,16 @@ from jobcast.limits import parse_rate
 from jobcast.worker import schema
 from jobcast.worker.settings import ConfigError
 
-from .conftest import ACME, GLOBEX, ServerHandle, make_settings, running_worker, submit, wait_for_status
+from .conftest import (
+    ACME,
+    GLOBEX,
+    ServerHandle,
+    make_settings,
+    running_worker,
+    submit,
+    wait_for_status,
+    wait_until,
+)
 
 RATE_HEADER = re.compile(r'^"submit";r=(\d+);t=(\d+)$')
 
@@ -208,5 +217,50 @@ async def test_event_streams_are_capped_per_process(redis_server: RedisProcess, 
             assert busy.status_code == 503 and busy.headers["retry-after"]
             assert "event streams open" in busy.json()["detail"]
             await held.__aexit__(None, None, None)
+    finally:
+        await handle.stop()
+
+
+async def test_long_polls_take_the_slots_of_event_streams(redis_server: RedisProcess, redis: Redis) -> None:
+    """A held ``GET /jobs/{id}?wait=`` holds a connection like a stream does, so it counts against
+    the same caps: the tenant's (429) and the process's (503)."""
+    settings = make_settings(redis_server.url, sse_max_streams_per_tenant=2, sse_max_streams=3)
+    handle = ServerHandle(settings)
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME, timeout=60) as c:
+            job = await submit(c)  # no worker: it stays queued, so long-polls on it are held
+            held = [asyncio.create_task(c.get(f"/jobs/{job['id']}", params={"wait": "50"})) for _ in range(2)]
+
+            async def both_held() -> bool:
+                return await redis.zcard(schema.streams_key("acme")) == 2
+
+            await wait_until(both_held)
+            refused = await c.get(f"/jobs/{job['id']}", params={"wait": "50"})
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["retry-after"]
+            assert "2 event streams and long-polls" in refused.json()["detail"]
+            assert (await c.get(f"/jobs/{job['id']}")).status_code == 200  # a plain read holds nothing
+            # Another tenant's long-poll takes the process's last slot; then the process is full.
+            other = (await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)).json()
+            globex_held = asyncio.create_task(c.get(f"/jobs/{other['id']}", params={"wait": "50"}, headers=GLOBEX))
+
+            async def globex_holds() -> bool:
+                return await redis.zcard(schema.streams_key("globex")) == 1
+
+            await wait_until(globex_holds)
+            busy = await c.get(f"/jobs/{other['id']}", params={"wait": "50"}, headers=GLOBEX)
+            assert busy.status_code == 503, busy.text
+            # A change answers the held polls and frees their slots.
+            assert (await c.post(f"/jobs/{job['id']}/cancel")).status_code == 200
+            assert (await c.post(f"/jobs/{other['id']}/cancel", headers=GLOBEX)).status_code == 200
+            answers = await asyncio.gather(*held, globex_held)
+            assert [a.json()["status"] for a in answers] == ["cancelled"] * 3
+
+            async def released() -> bool:
+                return await redis.zcard(schema.streams_key("acme")) == 0
+
+            await wait_until(released)
+            assert (await c.get(f"/jobs/{job['id']}", params={"wait": "1"})).status_code == 200
     finally:
         await handle.stop()

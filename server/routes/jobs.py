@@ -19,6 +19,7 @@ from jobcast.worker.models import JobStatus
 from jobcast.worker.store import JobRecord
 from jobcast.worker.submissions import AcceptedSubmission, InvalidSubmission, accept_submission
 
+from ..limits import StreamsFull
 from ..problems import (
     BadRequest,
     Conflict,
@@ -156,8 +157,29 @@ async def get_job(request: Request) -> Response:
     record = await svc.load_job(job_id, principal.tenant)
     seen = matching_etags(request)
     if wait > 0 and not record.terminal and (not seen or etag(record) in seen):
-        record = await wait_for_change(svc, record, wait)
+        # A held long-poll holds a connection as an event stream does: it takes a stream slot.
+        try:
+            slot = await svc.stream_slots.acquire(principal.tenant)
+        except StreamsFull as full:
+            raise long_polls_full(full) from None
+        try:
+            record = await wait_for_change(svc, record, wait)
+        finally:
+            await svc.stream_slots.release(principal.tenant, slot)
     return render_job(record, request)
+
+
+def long_polls_full(full: StreamsFull) -> TooManyRequests | Unavailable:
+    if full.scope == "tenant":
+        return TooManyRequests(
+            f"This tenant already has {full.cap} event streams and long-polls (?wait=) open, its limit. "
+            "Retry after the indicated delay, or follow many jobs over one GET /events stream.",
+            headers={"Retry-After": "5"},
+        )
+    return Unavailable(
+        f"This server has {full.cap} event streams and long-polls (?wait=) open, its limit; retry shortly, "
+        "or read the job without ?wait=."
+    )
 
 
 async def wait_for_change(svc: Services, record: JobRecord, wait: float) -> JobRecord:
