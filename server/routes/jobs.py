@@ -89,7 +89,7 @@ async def submit_job(request: Request) -> Response:
             ],
         )
     record = created.record or await svc.load_job(created.job_id, principal.tenant)
-    token, expires_at = svc.auth.signer.mint("job", principal.tenant, svc.settings.job_token_ttl_s, record.id)
+    token, expires_at = svc.auth.mint(principal, "job", svc.settings.job_token_ttl_s, record.id)
     response = render_job(record, request, 202, {"token": token, "token_expires_at": rfc3339(expires_at * 10**9)})
     response.headers["Location"] = f"/jobs/{record.id}"
     response.headers["Retry-After"] = POLL_HINT_S

@@ -45,7 +45,7 @@ async def list_job_types(request: Request) -> Response:
 async def create_token(request: Request) -> Response:
     svc = services(request)
     principal = await svc.auth.require(request, "write")
-    token, expires_at = svc.auth.signer.mint("stream", principal.tenant, svc.settings.stream_token_ttl_s)
+    token, expires_at = svc.auth.mint(principal, "stream", svc.settings.stream_token_ttl_s)
     return json_response(StreamToken(token=token, expires_at=rfc3339(expires_at * 10**9)), 201)
 
 
