@@ -420,3 +420,32 @@ def test_next_step() -> None:
     assert next_step(Answer(503, retry_after_s=10**9), 1, delays)[1] == RETRY_AFTER_MAX_S
     assert 4.5 <= next_step(Answer(503, retry_after_s=1), 1, delays)[1] <= 5.5  # never sooner than planned
     assert next_step(Answer(500), 1, []) == ("dead", 0.0)  # an empty schedule: one try
+
+
+# --- who sees the URL ----------------------------------------------------------------------------
+
+
+async def test_token_readers_see_the_webhook_url_without_its_path_and_query(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    """A webhook URL often carries a credential in its path or query (Slack, Zapier): only API-key
+    holders see it whole; job and stream tokens, often handed to browsers, see its origin."""
+    url = "http://127.0.0.1:9/hooks/T0SECRET/B0SECRET?sig=s3cret"
+    ticket = await submit(client, webhook={"url": url, "events": ["job.queued"]})
+    job_id = ticket["id"]
+    assert ticket["webhook"]["url"] == url
+    assert (await client.get(f"/jobs/{job_id}")).json()["webhook"]["url"] == url
+    [delivery] = await wait_for_deliveries(client, job_id, "pending")
+    assert delivery["url"] == url
+
+    stream_token = (await client.post("/tokens")).json()["token"]
+    async with httpx.AsyncClient(base_url=client.base_url) as anonymous:
+        for token in (ticket["token"], stream_token):
+            job = (await anonymous.get(f"/jobs/{job_id}", params={"token": token})).json()
+            assert job["webhook"] == {"url": "http://127.0.0.1:9/[redacted]", "events": ["job.queued"]}
+            deliveries = (await anonymous.get(f"/jobs/{job_id}/deliveries", params={"token": token})).json()
+            assert [d["url"] for d in deliveries["items"]] == ["http://127.0.0.1:9/[redacted]"]
+        listed = await anonymous.get("/jobs", params={"token": stream_token})
+        assert listed.status_code == 200 and listed.json()["items"][0]["id"] == job_id
+        for response in (job, deliveries, listed.json()):
+            assert "SECRET" not in orjson.dumps(response).decode() and "s3cret" not in orjson.dumps(response).decode()

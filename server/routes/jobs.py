@@ -146,7 +146,9 @@ async def list_jobs(request: Request) -> Response:
     records, next_id = await svc.store.list_jobs(
         principal.tenant, status=status, job_type=job_type, limit=limit, before=query_cursor(request)
     )
-    return json_response(JobList(items=[job_resource(r) for r in records], next_cursor=next_id))
+    redact = principal.kind != "key"
+    items = [job_resource(r, redact_webhook=redact) for r in records]
+    return json_response(JobList(items=items, next_cursor=next_id))
 
 
 async def get_job(request: Request) -> Response:
@@ -166,7 +168,7 @@ async def get_job(request: Request) -> Response:
             record = await wait_for_change(svc, record, wait)
         finally:
             await svc.stream_slots.release(principal.tenant, slot)
-    return render_job(record, request)
+    return render_job(record, request, redact_webhook=principal.kind != "key")
 
 
 def long_polls_full(full: StreamsFull) -> TooManyRequests | Unavailable:
