@@ -24,6 +24,7 @@ from .conftest import (
     ServerHandle,
     make_settings,
     running_worker,
+    serving,
     submit,
     wait_for_status,
     wait_until,
@@ -264,3 +265,33 @@ async def test_long_polls_take_the_slots_of_event_streams(redis_server: RedisPro
             assert (await c.get(f"/jobs/{job['id']}", params={"wait": "1"})).status_code == 200
     finally:
         await handle.stop()
+
+
+async def test_by_default_one_tenant_may_fill_a_tenth_of_the_queue(redis_server: RedisProcess, redis: Redis) -> None:
+    """JOBCAST_MAX_QUEUED is global; unless told otherwise each tenant may hold a tenth of it, so one
+    tenant cannot lock every other out."""
+    async with serving(make_settings(redis_server.url, max_queued=20)) as c:
+        assert [(await c.post("/jobs", json={"type": "sleep"})).status_code for _ in range(2)] == [202, 202]
+        refused = await c.post("/jobs", json={"type": "sleep"})
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"]
+        assert "2 jobs queued" in refused.json()["detail"]
+        assert "JOBCAST_MAX_QUEUED_PER_TENANT" in refused.json()["detail"]
+        assert (await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)).status_code == 202
+        # A job that leaves the queue makes room.
+        first = (await c.get("/jobs")).json()["items"][0]
+        assert (await c.post(f"/jobs/{first['id']}/cancel")).status_code == 200
+        assert (await c.post("/jobs", json={"type": "sleep"})).status_code == 202
+
+
+async def test_the_per_tenant_share_can_be_set_or_switched_off(redis_server: RedisProcess, redis: Redis) -> None:
+    async with serving(make_settings(redis_server.url, max_queued=4, max_queued_per_tenant=3)) as c:
+        codes = [(await c.post("/jobs", json={"type": "sleep"})).status_code for _ in range(4)]
+        assert codes == [202, 202, 202, 429]
+        assert (await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)).status_code == 202
+        full = await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)  # the global cap still holds
+        assert full.status_code == 503, full.text
+    await redis.flushall()
+    async with serving(make_settings(redis_server.url, max_queued=3, max_queued_per_tenant=0)) as c:
+        codes = [(await c.post("/jobs", json={"type": "sleep"})).status_code for _ in range(4)]
+        assert codes == [202, 202, 202, 503]

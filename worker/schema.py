@@ -185,6 +185,7 @@ def _prelude(settings: Settings) -> str:
         "CFG_TENANT_LOG_MAX": settings.tenant_log_max,
         "CFG_RETENTION_S": settings.retention_s,
         "CFG_MAX_QUEUED": settings.max_queued,
+        "CFG_MAX_QUEUED_PER_TENANT": settings.tenant_queue_share,
         "CFG_TENANT_CONCURRENCY": settings.tenant_concurrency,
         "CFG_INLINE_MAX": INLINE_MAX,
     }

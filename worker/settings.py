@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     webhook_retry_schedule: str = STANDARD_RETRY_SCHEDULE
     submit_rate: str = ""
     max_queued: int = Field(default=100_000, ge=1)
+    #: Jobs one tenant may have queued (0: no share, only the global cap); unset, a tenth of
+    #: ``max_queued`` (see :attr:`tenant_queue_share`).
+    max_queued_per_tenant: int | None = Field(default=None, ge=0)
 
     #: Seconds a job token stays valid, and a stream token.
     job_token_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
@@ -212,6 +215,15 @@ class Settings(BaseSettings):
         """The keys that sign ``tenant``'s deliveries: its own, else the fallback; empty when neither is set."""
         keys = self.webhook_keys
         return keys.get(tenant) or keys.get(None) or []
+
+    @property
+    def tenant_queue_share(self) -> int:
+        """Jobs one tenant may have queued (0: no limit but the global one). By default a tenth of
+        ``JOBCAST_MAX_QUEUED``: one tenant cannot fill the queue and lock every other out, and ten
+        busy tenants still can use all of it."""
+        if self.max_queued_per_tenant is not None:
+            return self.max_queued_per_tenant
+        return max(1, self.max_queued // 10)
 
     @property
     def webhook_retry_delays(self) -> list[float]:

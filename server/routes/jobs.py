@@ -79,6 +79,12 @@ async def submit_job(request: Request) -> Response:
             retry_after=10,
             headers=dict(rate_headers),
         )
+    if created.outcome == "tenant_full":
+        raise TooManyRequests(
+            f"This tenant has {svc.settings.tenant_queue_share} jobs queued, its share of the queue "
+            "(JOBCAST_MAX_QUEUED_PER_TENANT). Submit more once some have started, or cancel some.",
+            headers={**rate_headers, "Retry-After": "10"},
+        )
     assert created.job_id is not None
     if created.outcome == "conflict":
         raise ValidationFailed(
