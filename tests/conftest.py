@@ -88,10 +88,12 @@ async def store(redis: Redis, settings: Settings) -> Store:
 
 
 class ServerHandle:
-    def __init__(self, settings: Settings) -> None:
+    """A real uvicorn on 127.0.0.1; ``bind_host`` is the address the app is told it is bound to."""
+
+    def __init__(self, settings: Settings, *, bind_host: str = "127.0.0.1") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings)
+        self.app = create_app(settings, bind_host=bind_host)
         config = server_config(
             self.app, settings, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
         )

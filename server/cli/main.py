@@ -43,7 +43,7 @@ def cmd_web(args: argparse.Namespace) -> None:
 
     settings = _settings()
     configure_logging(settings)
-    app = create_app(settings)
+    app = create_app(settings, bind_host=args.host)
     config = server_config(
         app,
         settings,
