@@ -79,6 +79,8 @@ CONTROL_CHANNEL = PREFIX + "control"
 
 DELIVERY = PREFIX + "delivery:"
 JOB_DELIVERIES = PREFIX + "deliveries:"
+#: Held while one delivery of a job is attempted: a job's deliveries are made one at a time.
+WEBHOOK_LOCK = PREFIX + "webhook-lock:"
 DEAD_LETTERS = PREFIX + "dead-letters:"
 WEBHOOK_STATS = PREFIX + "webhook-stats"
 STATS = PREFIX + "stats"
@@ -145,6 +147,10 @@ def delivery_attempts_key(webhook_id: str) -> str:
 
 def job_deliveries_key(job_id: str) -> str:
     return JOB_DELIVERIES + job_id
+
+
+def webhook_lock_key(job_id: str) -> str:
+    return WEBHOOK_LOCK + job_id
 
 
 def dead_letters_key(tenant: str) -> str:
