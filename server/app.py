@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
 import orjson
 import uvicorn
@@ -25,6 +27,7 @@ from jobcast.worker.webhooks import WebhookStore
 
 from . import dashboard
 from .auth import Authenticator
+from .http_guard import guarded_protocol
 from .hub import Hub
 from .keys import ApiKeys
 from .limits import RateLimiter, StreamSlots
@@ -36,7 +39,10 @@ from .tokens import TokenSigner
 
 logger = logging.getLogger(__name__)
 
-def create_app(settings: Settings | None = None) -> Starlette:
+
+def create_app(settings: Settings | None = None, *, bind_host: str | None = None) -> Starlette:
+    """The application; ``bind_host`` is the address the server listens on (``jobcast web --host``),
+    which decides whether ``GET /metrics`` may answer without a token in production."""
     if settings is None:
         settings = Settings.from_env()
     else:
@@ -67,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     openapi=openapi,
                     stream_slots=slots,
                     webhooks=WebhookStore(redis, settings),
+                    metrics_open=settings.env == "development" or is_private_bind(bind_host),
                 )
             }
         finally:
@@ -85,6 +92,30 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     return app
+
+
+def server_config(app: Starlette, settings: Settings, *, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for a Jobcast server: request heads bounded in time and size
+    (:mod:`jobcast.http_guard`); ``options`` are further ``uvicorn.Config`` arguments."""
+    protocol = guarded_protocol(
+        head_timeout_s=settings.http_head_timeout_s, max_head_bytes=settings.http_max_head_bytes
+    )
+    return uvicorn.Config(app, host=host, port=port, http=protocol, **options)
+
+
+def is_private_bind(host: str | None) -> bool:
+    """Whether a server bound to ``host`` is reachable from a private network only: a loopback or
+    private address (``localhost`` included). A wildcard (0.0.0.0, ::), a public address, a host
+    name or an unknown bind is not."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return not address.is_unspecified and (address.is_loopback or address.is_private)
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

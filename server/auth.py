@@ -5,7 +5,8 @@ Credentials come as ``Authorization: Bearer <key or token>`` or, for tokens only
 
 API keys come from ``JOBCAST_API_KEYS`` (compared by their SHA-256 digest, so lookup time does not
 depend on how much of a guessed key is right) or from Redis (:mod:`jobcast.keys`, looked up on every
-request so that a revocation holds at once).
+request so that a revocation holds at once). A token names the API key it was minted with and is
+refused once that key is revoked or removed from the configuration.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from .keys import PREFIX as KEY_PREFIX
 from .keys import ApiKeys
 from .problems import Forbidden, Unauthorized
-from .tokens import InvalidToken, TokenSigner
+from .tokens import InvalidToken, Scope, TokenSigner
 
 Access = Literal["write", "read"]
 
@@ -30,6 +31,9 @@ class Principal:
     #: "key" (API key), "job" (job token), "stream" (stream token)
     kind: Literal["key", "job", "stream"]
     job_id: str | None = None
+    #: The API key, as tokens name it (``jck:<id>`` or ``env:<hmac>``, see jobcast.tokens): for an
+    #: API key, the one presented; for a token, the one it was minted with.
+    key_ref: str | None = None
 
 
 def _digest(key: str) -> bytes:
@@ -38,9 +42,20 @@ def _digest(key: str) -> bytes:
 
 class Authenticator:
     def __init__(self, api_keys: dict[str, str], signer: TokenSigner, stored_keys: ApiKeys) -> None:
-        self._keys = {_digest(key): tenant for key, tenant in api_keys.items()}
+        self._keys = {_digest(key): (tenant, signer.key_ref(key)) for key, tenant in api_keys.items()}
+        self._key_refs = {ref: tenant for tenant, ref in self._keys.values()}
         self.signer = signer
         self.stored_keys = stored_keys
+
+    def mint(self, principal: Principal, scope: Scope, ttl_s: int, job_id: str | None = None) -> tuple[str, int]:
+        """A token for ``principal`` (an API key), which stops working when that key is revoked."""
+        return self.signer.mint(scope, principal.tenant, ttl_s, job_id, key=principal.key_ref)
+
+    async def _key_still_valid(self, key_ref: str, tenant: str) -> bool:
+        kind, _, ident = key_ref.partition(":")
+        if kind == "jck":
+            return await self.stored_keys.tenant_of_id(ident) == tenant
+        return self._key_refs.get(key_ref) == tenant
 
     def _credential(self, request: Request) -> tuple[str, bool]:
         """The presented credential and whether it came from the query string."""
@@ -60,11 +75,13 @@ class Authenticator:
     async def authenticate(self, request: Request) -> Principal:
         credential, from_query = self._credential(request)
         if not from_query:
-            tenant = self._keys.get(_digest(credential))
-            if tenant is None and credential.startswith(KEY_PREFIX):
+            configured = self._keys.get(_digest(credential))
+            if configured is not None:
+                return Principal(configured[0], "key", key_ref=configured[1])
+            if credential.startswith(KEY_PREFIX):
                 tenant = await self.stored_keys.tenant_for(credential)
-            if tenant is not None:
-                return Principal(tenant, "key")
+                if tenant is not None:
+                    return Principal(tenant, "key", key_ref=f"jck:{credential.split('_')[1]}")
         try:
             token = self.signer.verify(credential)
         except InvalidToken as exc:
@@ -73,7 +90,13 @@ class Authenticator:
                 f"The credential is not a valid API key or token ({exc}).{hint}",
                 headers={"WWW-Authenticate": 'Bearer realm="jobcast", error="invalid_token"'},
             ) from None
-        return Principal(token.tenant, token.scope, token.job_id)
+        if token.key is not None and not await self._key_still_valid(token.key, token.tenant):
+            raise Unauthorized(
+                "This token was minted with an API key that has since been revoked; get a new token with a "
+                "current API key.",
+                headers={"WWW-Authenticate": 'Bearer realm="jobcast", error="invalid_token"'},
+            )
+        return Principal(token.tenant, token.scope, token.job_id, key_ref=token.key)
 
     async def require(self, request: Request, access: Access, *, job_id: str | None = None) -> Principal:
         """Authenticate and check scope: writes need an API key; reads accept a stream token,

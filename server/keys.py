@@ -74,6 +74,11 @@ class ApiKeys:
         fields.pop("digest", None)
         return KeyInfo(**fields)
 
+    async def tenant_of_id(self, key_id: str) -> str | None:
+        """The tenant of the stored key with this id, or None once it is revoked."""
+        raw = await self.redis.hget(schema.API_KEYS, key_id)  # type: ignore[misc]
+        return None if raw is None else str(orjson.loads(raw)["tenant"])
+
     async def tenant_for(self, key: str) -> str | None:
         """The tenant of a stored key, or None (unknown, revoked or not of this form)."""
         match = KEY_RE.fullmatch(key)

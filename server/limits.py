@@ -69,8 +69,9 @@ class StreamsFull(Exception):
 
 
 class StreamSlots:
-    """Caps on open event streams: per server process (in memory) and per tenant (in Redis, so
-    the cap holds across processes).
+    """Caps on open event streams, and on held long-polls (``GET /jobs/{id}?wait=``, which hold a
+    connection the same way): per server process (in memory) and per tenant (in Redis, so the cap
+    holds across processes).
 
     Each open stream holds a member of the tenant's zset whose score is an expiry; this process
     pushes its members' expiry forward every ``REFRESH_S`` (one ZADD per tenant), so the slots of

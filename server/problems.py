@@ -10,8 +10,10 @@
      ├── PayloadTooLarge       413
      ├── ValidationFailed      422: the body is well-formed but wrong; ``errors`` lists each field
      ├── TooManyRequests       429: the tenant's submission rate is used up (Retry-After, RateLimit)
+     ├── HeaderTooLarge        431: a request head over the limit (answered by jobcast.http_guard)
      └── Unavailable           503: at capacity or Redis away; with Retry-After
 
+A client that hangs up mid-upload (Starlette's ``ClientDisconnect``) is one INFO line, not an error.
 Anything else that escapes a route is logged with its traceback and answered as a bare 500
 problem: no stack trace ever reaches a client.
 
@@ -27,7 +29,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
@@ -137,9 +139,18 @@ class UnsupportedMediaType(Problem):
 
 
 class ValidationFailed(Problem):
-    """The body is well-formed JSON but wrong: 'errors' lists each field (loc, msg, type)."""
+    """The body is well-formed JSON but wrong: 'errors' lists each field (loc, msg, type), the first 20 of them;
+    'errors_omitted' counts the others.
+    """
 
     status, title, slug = 422, "Unprocessable Content", "validation"
+    max_errors = 20
+
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]], omitted: int = 0, **kwargs: Any) -> None:
+        omitted += max(0, len(errors) - self.max_errors)
+        if omitted:
+            kwargs["errors_omitted"] = omitted
+        super().__init__(detail, errors=errors[: self.max_errors], **kwargs)
 
 
 class TooManyRequests(Problem):
@@ -148,6 +159,14 @@ class TooManyRequests(Problem):
     """
 
     status, title, slug = 429, "Too Many Requests", "rate-limited"
+
+
+class HeaderTooLarge(Problem):
+    """The request head (request line and headers) is larger than this server accepts (64 KiB unless configured);
+    the connection is closed. Send fewer or shorter headers.
+    """
+
+    status, title, slug = 431, "Request Header Fields Too Large", "header-too-large"
 
 
 class Unavailable(Problem):
@@ -207,6 +226,14 @@ async def handle_redis_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def handle_client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while sending its body: nothing went wrong here, and nobody will read the answer."""
+    logger.info(
+        "client closed the connection during %s %s before its body was complete", request.method, request.url.path
+    )
+    return problem_response(BadRequest("The connection was closed before the request body was complete."))
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
     return problem_response(Problem("An unexpected error occurred; it has been logged. Try again later."))
@@ -236,6 +263,7 @@ PROBLEM_TYPES = _problem_types()
 EXCEPTION_HANDLERS = {
     Problem: handle_problem,
     HTTPException: handle_http_exception,
+    ClientDisconnect: handle_client_gone,
     RedisError: handle_redis_error,
     OSError: handle_redis_error,
     Exception: handle_unexpected,

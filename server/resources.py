@@ -8,6 +8,7 @@ schemas from these classes), so the two cannot drift apart.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -169,7 +170,8 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    errors: list[FieldError] | None = None
+    errors: list[FieldError] | None = Field(default=None, description="422: the first 20 wrong fields.")
+    errors_omitted: int | None = Field(default=None, description="422: how many more were wrong than listed.")
 
 
 class ProblemType(BaseModel):
@@ -193,9 +195,21 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
-def job_resource(record: JobRecord, **extra: Any) -> JobResource:
-    """The job resource of a stored record (a :class:`JobTicket` when ``extra`` holds its token)."""
+def redact_url(url: str) -> str:
+    """A webhook URL as token readers see it: its origin only. Paths and queries of webhook URLs
+    often carry a credential (``/services/T0/B0/secret``, ``?sig=``); the origin says where
+    deliveries go."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}/[redacted]"
+
+
+def job_resource(record: JobRecord, *, redact_webhook: bool = False, **extra: Any) -> JobResource:
+    """The job resource of a stored record (a :class:`JobTicket` when ``extra`` holds its token);
+    with ``redact_webhook``, as a token reader sees it (:func:`redact_url`)."""
     links = job_links(record.id)
+    webhook = record.webhook
+    if webhook is not None and redact_webhook:
+        webhook = {**webhook, "url": redact_url(webhook["url"])}
     if record.webhook is not None:
         links["deliveries"] = f"/jobs/{record.id}/deliveries"
     model = JobTicket if "token" in extra else JobResource
@@ -216,7 +230,7 @@ def job_resource(record: JobRecord, **extra: Any) -> JobResource:
             "history": record.history,
             "result": record.result,
             "error": record.error,
-            "webhook": record.webhook,
+            "webhook": webhook,
             "links": links,
             "cancel_requested": record.cancel_requested,
             **extra,
@@ -236,7 +250,14 @@ def matching_etags(request: Request) -> set[str]:
     return {part.strip().removeprefix("W/") for part in header.split(",")}
 
 
-def render_job(record: JobRecord, request: Request, status: int = 200, extra: dict[str, Any] | None = None) -> Response:
+def render_job(
+    record: JobRecord,
+    request: Request,
+    status: int = 200,
+    extra: dict[str, Any] | None = None,
+    *,
+    redact_webhook: bool = False,
+) -> Response:
     """One job as a response: ETag and no-cache, a poll hint while it runs, 304 for a version the
     client already has (plain reads only)."""
     tag = etag(record)
@@ -245,4 +266,4 @@ def render_job(record: JobRecord, request: Request, status: int = 200, extra: di
         headers["Retry-After"] = POLL_HINT_S
     if status == 200 and extra is None and tag in matching_etags(request):
         return Response(status_code=304, headers=headers)
-    return json_response(job_resource(record, **(extra or {})), status, headers)
+    return json_response(job_resource(record, redact_webhook=redact_webhook, **(extra or {})), status, headers)

@@ -37,6 +37,9 @@ class Services:
     stream_slots: StreamSlots
     openapi: bytes
     webhooks: WebhookStore
+    #: Whether GET /metrics answers without JOBCAST_METRICS_TOKEN: in development, or in production
+    #: when the server is bound to a private address (jobcast.app.is_private_bind).
+    metrics_open: bool = False
 
     async def load_job(self, job_id: str, tenant: str) -> JobRecord:
         """The tenant's job, or a 404 that says how to find the right id."""

@@ -4,9 +4,17 @@
 - a **stream token** reads all of one tenant's jobs and its feed (``GET /events``).
 
 Format: ``jc1.<payload>.<signature>``, both unpadded base64url; the payload is compact JSON
-``{"s": "job"|"stream", "t": tenant, "j": job id (job tokens), "e": expiry (Unix seconds)}`` and
-the signature HMAC-SHA256 over ``jc1.<payload>`` with ``JOBCAST_SECRET_KEY``. Tokens are
-stateless: they outlive sessions and server restarts, and rotating the secret key revokes them all.
+``{"s": "job"|"stream", "t": tenant, "j": job id (job tokens), "e": expiry (Unix seconds),
+"k": the API key it was minted with}`` and the signature HMAC-SHA256 over ``jc1.<payload>`` with
+``JOBCAST_SECRET_KEY``. Tokens outlive sessions and server restarts; rotating the secret key revokes
+them all, and revoking (or removing) the API key a token was minted with revokes that token
+(:class:`jobcast.auth.Authenticator` checks ``k`` on every use).
+
+``k`` names the key without revealing it (the payload is readable by whoever holds the token):
+``jck:<key id>`` for a stored key (ids are not secret), ``env:<HMAC of the key>`` for a key of
+``JOBCAST_API_KEYS`` (:meth:`TokenSigner.key_ref`, keyed by the secret key, so not a hash anyone
+could test guesses against). Tokens minted before ``k`` existed carry none and stay valid until
+they expire.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ class Token:
     tenant: str
     job_id: str | None
     expires_at: int
+    #: The API key it was minted with (see the module docstring); None for tokens older than that.
+    key: str | None = None
 
 
 def _b64(data: bytes) -> str:
@@ -52,12 +62,20 @@ class TokenSigner:
     def _sign(self, signed_part: str) -> str:
         return _b64(hmac.new(self._key, signed_part.encode(), hashlib.sha256).digest())
 
-    def mint(self, scope: Scope, tenant: str, ttl_s: int, job_id: str | None = None) -> tuple[str, int]:
-        """A new token and its expiry (Unix seconds)."""
+    def key_ref(self, api_key: str) -> str:
+        """How a token names a configured API key: an HMAC of it, short, and keyed by the secret key."""
+        return "env:" + _b64(hmac.new(self._key, b"api-key:" + api_key.encode(), hashlib.sha256).digest()[:12])
+
+    def mint(
+        self, scope: Scope, tenant: str, ttl_s: int, job_id: str | None = None, *, key: str | None = None
+    ) -> tuple[str, int]:
+        """A new token and its expiry (Unix seconds); ``key`` names the API key it is minted with."""
         expires_at = int(time.time()) + ttl_s
         claims: dict[str, object] = {"s": scope, "t": tenant, "e": expires_at}
         if job_id is not None:
             claims["j"] = job_id
+        if key is not None:
+            claims["k"] = key
         signed_part = PREFIX + _b64(orjson.dumps(claims))
         return signed_part + "." + self._sign(signed_part), expires_at
 
@@ -70,11 +88,13 @@ class TokenSigner:
         try:
             claims = orjson.loads(_unb64(signed_part[len(PREFIX) :]))
             scope, tenant, expires_at = claims["s"], claims["t"], int(claims["e"])
-            job_id = claims.get("j")
+            job_id, key = claims.get("j"), claims.get("k")
         except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidToken("malformed payload") from exc
         if scope not in ("job", "stream") or not isinstance(tenant, str) or (scope == "job") != isinstance(job_id, str):
             raise InvalidToken("malformed claims")
+        if key is not None and not isinstance(key, str):
+            raise InvalidToken("malformed claims")
         if expires_at <= (time.time() if now is None else now):
             raise InvalidToken("expired")
-        return Token(scope, tenant, job_id, expires_at)
+        return Token(scope, tenant, job_id, expires_at, key)

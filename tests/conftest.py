@@ -20,10 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from redis.asyncio import Redis
 
-from jobcast.app import JobcastServer, create_app
+from jobcast.app import JobcastServer, create_app, server_config
 from jobcast.cli.embedded_redis import RedisProcess, free_port
 from jobcast.worker.main import JobcastWorker, build_worker
 from jobcast.worker.settings import Settings
@@ -89,12 +88,14 @@ async def store(redis: Redis, settings: Settings) -> Store:
 
 
 class ServerHandle:
-    def __init__(self, settings: Settings) -> None:
+    """A real uvicorn on 127.0.0.1; ``bind_host`` is the address the app is told it is bound to."""
+
+    def __init__(self, settings: Settings, *, bind_host: str = "127.0.0.1") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
+        self.app = create_app(settings, bind_host=bind_host)
+        config = server_config(
+            self.app, settings, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
         )
         self.server = JobcastServer(config, self.app)
         self.task: asyncio.Task[None] | None = None

@@ -2,7 +2,8 @@
 
 It counts connections (so a test can assert that nothing even connected), records every request,
 and answers each with the next scripted :class:`Reply` (then with ``default``). A reply with
-``hang=True`` holds the request unanswered until the receiver stops.
+``hang=True`` holds the request unanswered until the receiver stops; ``hold=event`` until the test sets
+the event.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     hang: bool = False
+    #: When given, the answer waits until the test sets this event.
+    hold: asyncio.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class Receiver:
                 if reply.hang:
                     await self._closing.wait()
                     return
+                if reply.hold is not None:
+                    await reply.hold.wait()
                 extra = "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
                 writer.write(
                     f"HTTP/1.1 {reply.status} {HTTPStatus(reply.status).phrase}\r\n"

@@ -1087,7 +1087,7 @@ async def test_health_and_readiness_need_no_credentials(anon: httpx.AsyncClient)
 
 
 async def test_at_capacity_submissions_are_503_and_store_nothing(redis_server: RedisProcess, redis: Redis) -> None:
-    handle = ServerHandle(make_settings(redis_server.url, max_queued=2))
+    handle = ServerHandle(make_settings(redis_server.url, max_queued=2, max_queued_per_tenant=0))
     await handle.start()
     try:
         async with httpx.AsyncClient(base_url=handle.url, headers={"Authorization": "Bearer key-acme"}) as c:

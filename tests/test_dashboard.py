@@ -430,14 +430,36 @@ async def test_sign_in_refuses_a_wrong_key_and_sign_out_forgets_the_key(browser:
     await page.get_by_label("API key").fill("key-acme")
     await page.keyboard.press("Enter")
     await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
-    assert await page.evaluate("localStorage.getItem('jobcast.apiKey')") == "key-acme"
-    await page.reload()  # the key is remembered
+    # Kept for this tab only (sessionStorage): not written where every later visit, and every
+    # script of the origin in any tab, could read it for good.
+    assert await page.evaluate("sessionStorage.getItem('jobcast.apiKey')") == "key-acme"
+    assert await page.evaluate("localStorage.length") == 0
+    await page.reload()  # the key is remembered in this tab
     await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    other_tab = await context.new_page()  # another tab starts signed out
+    await other_tab.goto("/")
+    await expect(other_tab.get_by_label("API key")).to_be_visible()
     await page.get_by_role("button", name="Sign out").click()
     await expect(page.get_by_label("API key")).to_be_visible()
-    assert await page.evaluate("localStorage.getItem('jobcast.apiKey')") is None
+    assert await page.evaluate("sessionStorage.getItem('jobcast.apiKey')") is None
     await page.reload()
     await expect(page.get_by_label("API key")).to_be_visible()
+
+
+@pytest.mark.parametrize("path", ["/", "/static/js/main.js", "/static/app.css"])
+async def test_the_dashboard_is_served_with_security_headers(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status_code == 200
+    policy = dict(
+        directive.strip().split(" ", 1) for directive in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == "'self'" and policy["style-src"] == "'self'"  # nothing inline
+    assert policy["connect-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'" and policy["base-uri"] == "'none'"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert response.headers["x-frame-options"] == "DENY"
 
 
 async def test_screenshot_of_a_busy_dashboard(

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpcore
 import httpx
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -81,6 +82,11 @@ def resolver(answers: dict[str, list[str]], asked: list[str] | None = None) -> e
         ("::ffff:169.254.169.254", "link-local (IPv4 169.254.169.254 inside IPv6)"),
         ("2002:a00:1::", "private (IPv4 10.0.0.1 inside IPv6)"),  # 6to4
         ("64:ff9b::7f00:1", "reserved"),
+        ("3fff::1", "documentation"),  # RFC 9637 (2024): unknown to Python 3.11's ipaddress
+        ("3fff:fff::1", "documentation"),
+        ("192.0.0.8", "IETF protocol assignments"),
+        ("192.88.99.1", "deprecated 6to4 relay anycast"),
+        ("64:ff9b:1::1", "reserved"),
         ("1.1.1.1", None),
         ("8.8.8.8", None),
         ("2606:4700:4700::1111", None),
@@ -89,6 +95,15 @@ def resolver(answers: dict[str, list[str]], asked: list[str] | None = None) -> e
 )
 def test_which_addresses_are_public(address: str, reason: str | None) -> None:
     assert egress.refusal(address) == reason
+
+
+@pytest.mark.parametrize(("network", "reason", "source"), egress.SPECIAL_PURPOSE)
+def test_every_range_of_the_special_purpose_table_is_refused_with_its_source(
+    network: egress.IPNetwork, reason: str, source: str
+) -> None:
+    assert source.startswith(("RFC ", "IANA "))
+    for address in (network.network_address, network.broadcast_address):
+        assert egress.refusal(str(address)) is not None, address
 
 
 @pytest.mark.parametrize(
@@ -170,16 +185,24 @@ async def test_the_submission_check_refuses_what_it_can_know_and_lets_the_rest_t
     ],
 )
 async def test_submissions_to_non_public_destinations_are_422(
-    client: httpx.AsyncClient, redis: Redis, url: str, mentions: list[str]
+    client: httpx.AsyncClient, redis: Redis, url: str, mentions: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The client learns that the URL is refused and why in general; what the server's resolver
+    answered, and which kind of address it is, go to the server's log only."""
     before = set(await redis.keys("*"))
-    response = await client.post("/jobs", json={"type": "sleep", "webhook": {"url": url}})
+    with caplog.at_level("INFO", logger="jobcast.worker.webhooks"):
+        response = await client.post("/jobs", json={"type": "sleep", "webhook": {"url": url}})
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
     assert body["errors"][0]["loc"] == ["body", "webhook", "url"]
-    for mention in [*mentions, "public", "JOBCAST_WEBHOOK_ALLOW_PRIVATE"]:
+    for mention in ["public address", "JOBCAST_WEBHOOK_ALLOW_PRIVATE"]:
         assert mention in body["detail"], body["detail"]
+    for mention in [*mentions, "127.0.0.1", "resolves"]:
+        assert mention not in body["detail"], body["detail"]
+        assert mention not in orjson.dumps(body).decode()
+    logged = [r.getMessage() for r in caplog.records if r.name == "jobcast.worker.webhooks"]
+    assert any(all(m in line for m in mentions) for line in logged), logged
     assert set(await redis.keys("*")) == before  # nothing written
 
 

@@ -11,10 +11,11 @@ import httpx
 from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.keys import ApiKeys
 from jobcast.worker import schema
 from jobcast.worker.settings import Settings
 
-from .conftest import ROOT, ServerHandle
+from .conftest import ROOT, ServerHandle, make_settings, serving
 
 
 def jobcast_keys(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -78,3 +79,50 @@ async def test_key_commands_report_mistakes_in_one_line(redis: Redis, redis_serv
     unknown = jobcast_keys(redis_server.url, "revoke", "nosuchkey000")
     assert unknown.returncode == 1 and "jobcast keys list" in unknown.stderr
     assert await redis.exists(schema.API_KEYS) == 0
+
+
+async def test_tokens_minted_with_a_stored_key_stop_working_when_it_is_revoked(
+    settings: Settings, redis: Redis, redis_server: RedisProcess
+) -> None:
+    keys = ApiKeys(redis)
+    info, key = await keys.create("initech")
+    _, other_key = await keys.create("initech")
+    async with serving(settings, headers={"Authorization": f"Bearer {key}"}) as c:
+        job = (await c.post("/jobs", json={"type": "sleep"})).json()
+        stream_token = (await c.post("/tokens")).json()["token"]
+        other_token = (await c.post("/tokens", headers={"Authorization": f"Bearer {other_key}"})).json()["token"]
+        reads = [
+            (f"/jobs/{job['id']}", job["token"]),
+            ("/jobs", stream_token),
+            (f"/jobs/{job['id']}/deliveries", stream_token),
+        ]
+        async with httpx.AsyncClient(base_url=c.base_url) as anonymous:  # the token is the only credential
+            for path, token in reads:
+                assert (await anonymous.get(path, params={"token": token})).status_code == 200
+
+            await keys.revoke(info.id)
+            for path, token in reads:
+                refused = await anonymous.get(path, params={"token": token})
+                assert refused.status_code == 401, (path, refused.text)
+                assert "revoked" in refused.json()["detail"]
+            # Tokens of the tenant's other key are not affected.
+            assert (await anonymous.get("/jobs", params={"token": other_token})).status_code == 200
+
+
+async def test_tokens_minted_with_a_configured_key_stop_working_when_it_is_removed(
+    redis: Redis, redis_server: RedisProcess
+) -> None:
+    rotating = make_settings(redis_server.url, api_keys="acme:key-old,acme:key-new")
+    async with serving(rotating, headers={"Authorization": "Bearer key-old"}) as c:
+        old_token = (await c.post("/tokens")).json()["token"]
+        new_token = (await c.post("/tokens", headers={"Authorization": "Bearer key-new"})).json()["token"]
+    assert "key-old" not in old_token and "key-new" not in new_token  # nor its hash in the clear
+
+    rotated = make_settings(redis_server.url, api_keys="acme:key-new")  # the same secret key signs
+    async with serving(rotated, headers={}) as c:
+        refused = await c.get("/jobs", params={"token": old_token})
+        assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+        assert (await c.get("/jobs", params={"token": new_token})).status_code == 200
+    removed = make_settings(redis_server.url, api_keys="globex:key-globex")  # the tenant is gone
+    async with serving(removed, headers={}) as c:
+        assert (await c.get("/jobs", params={"token": new_token})).status_code == 401

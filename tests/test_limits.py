@@ -17,7 +17,17 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import schema
 from jobcast.worker.settings import ConfigError, parse_rate
 
-from .conftest import ACME, GLOBEX, ServerHandle, make_settings, running_worker, submit, wait_for_status
+from .conftest import (
+    ACME,
+    GLOBEX,
+    ServerHandle,
+    make_settings,
+    running_worker,
+    serving,
+    submit,
+    wait_for_status,
+    wait_until,
+)
 
 RATE_HEADER = re.compile(r'^"submit";r=(\d+);t=(\d+)$')
 
@@ -209,3 +219,78 @@ async def test_event_streams_are_capped_per_process(redis_server: RedisProcess, 
             await held.__aexit__(None, None, None)
     finally:
         await handle.stop()
+
+
+async def test_long_polls_take_the_slots_of_event_streams(redis_server: RedisProcess, redis: Redis) -> None:
+    """A held ``GET /jobs/{id}?wait=`` holds a connection like a stream does, so it counts against
+    the same caps: the tenant's (429) and the process's (503)."""
+    settings = make_settings(redis_server.url, sse_max_streams_per_tenant=2, sse_max_streams=3)
+    handle = ServerHandle(settings)
+    await handle.start()
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME, timeout=60) as c:
+            job = await submit(c)  # no worker: it stays queued, so long-polls on it are held
+            held = [asyncio.create_task(c.get(f"/jobs/{job['id']}", params={"wait": "50"})) for _ in range(2)]
+
+            async def both_held() -> bool:
+                return await redis.zcard(schema.streams_key("acme")) == 2
+
+            await wait_until(both_held)
+            refused = await c.get(f"/jobs/{job['id']}", params={"wait": "50"})
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["retry-after"]
+            assert "2 event streams and long-polls" in refused.json()["detail"]
+            assert (await c.get(f"/jobs/{job['id']}")).status_code == 200  # a plain read holds nothing
+            # Another tenant's long-poll takes the process's last slot; then the process is full.
+            other = (await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)).json()
+            globex_held = asyncio.create_task(c.get(f"/jobs/{other['id']}", params={"wait": "50"}, headers=GLOBEX))
+
+            async def globex_holds() -> bool:
+                return await redis.zcard(schema.streams_key("globex")) == 1
+
+            await wait_until(globex_holds)
+            busy = await c.get(f"/jobs/{other['id']}", params={"wait": "50"}, headers=GLOBEX)
+            assert busy.status_code == 503, busy.text
+            # A change answers the held polls and frees their slots.
+            assert (await c.post(f"/jobs/{job['id']}/cancel")).status_code == 200
+            assert (await c.post(f"/jobs/{other['id']}/cancel", headers=GLOBEX)).status_code == 200
+            answers = await asyncio.gather(*held, globex_held)
+            assert [a.json()["status"] for a in answers] == ["cancelled"] * 3
+
+            async def released() -> bool:
+                return await redis.zcard(schema.streams_key("acme")) == 0
+
+            await wait_until(released)
+            assert (await c.get(f"/jobs/{job['id']}", params={"wait": "1"})).status_code == 200
+    finally:
+        await handle.stop()
+
+
+async def test_by_default_one_tenant_may_fill_a_tenth_of_the_queue(redis_server: RedisProcess, redis: Redis) -> None:
+    """JOBCAST_MAX_QUEUED is global; unless told otherwise each tenant may hold a tenth of it, so one
+    tenant cannot lock every other out."""
+    async with serving(make_settings(redis_server.url, max_queued=20)) as c:
+        assert [(await c.post("/jobs", json={"type": "sleep"})).status_code for _ in range(2)] == [202, 202]
+        refused = await c.post("/jobs", json={"type": "sleep"})
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"]
+        assert "2 jobs queued" in refused.json()["detail"]
+        assert "JOBCAST_MAX_QUEUED_PER_TENANT" in refused.json()["detail"]
+        assert (await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)).status_code == 202
+        # A job that leaves the queue makes room.
+        first = (await c.get("/jobs")).json()["items"][0]
+        assert (await c.post(f"/jobs/{first['id']}/cancel")).status_code == 200
+        assert (await c.post("/jobs", json={"type": "sleep"})).status_code == 202
+
+
+async def test_the_per_tenant_share_can_be_set_or_switched_off(redis_server: RedisProcess, redis: Redis) -> None:
+    async with serving(make_settings(redis_server.url, max_queued=4, max_queued_per_tenant=3)) as c:
+        codes = [(await c.post("/jobs", json={"type": "sleep"})).status_code for _ in range(4)]
+        assert codes == [202, 202, 202, 429]
+        assert (await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)).status_code == 202
+        full = await c.post("/jobs", json={"type": "sleep"}, headers=GLOBEX)  # the global cap still holds
+        assert full.status_code == 503, full.text
+    await redis.flushall()
+    async with serving(make_settings(redis_server.url, max_queued=3, max_queued_per_tenant=0)) as c:
+        codes = [(await c.post("/jobs", json={"type": "sleep"})).status_code for _ in range(4)]
+        assert codes == [202, 202, 202, 503]

@@ -28,7 +28,16 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import schema
-from jobcast.worker.delivery import RETRY_AFTER_MAX_S, Answer, next_step, parse_retry_after
+from jobcast.worker.delivery import (
+    MAX_RUNS,
+    RETRY_AFTER_MAX_S,
+    Answer,
+    DeliveryBusy,
+    Dispatcher,
+    Sender,
+    next_step,
+    parse_retry_after,
+)
 from jobcast.worker.main import JobcastWorker
 from jobcast.worker.models import Priority
 from jobcast.worker.settings import ConfigError, Settings
@@ -420,3 +429,97 @@ def test_next_step() -> None:
     assert next_step(Answer(503, retry_after_s=10**9), 1, delays)[1] == RETRY_AFTER_MAX_S
     assert 4.5 <= next_step(Answer(503, retry_after_s=1), 1, delays)[1] <= 5.5  # never sooner than planned
     assert next_step(Answer(500), 1, []) == ("dead", 0.0)  # an empty schedule: one try
+
+
+# --- who sees the URL ----------------------------------------------------------------------------
+
+
+async def test_token_readers_see_the_webhook_url_without_its_path_and_query(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    """A webhook URL often carries a credential in its path or query (Slack, Zapier): only API-key
+    holders see it whole; job and stream tokens, often handed to browsers, see its origin."""
+    url = "http://127.0.0.1:9/hooks/T0SECRET/B0SECRET?sig=s3cret"
+    ticket = await submit(client, webhook={"url": url, "events": ["job.queued"]})
+    job_id = ticket["id"]
+    assert ticket["webhook"]["url"] == url
+    assert (await client.get(f"/jobs/{job_id}")).json()["webhook"]["url"] == url
+    [delivery] = await wait_for_deliveries(client, job_id, "pending")
+    assert delivery["url"] == url
+
+    stream_token = (await client.post("/tokens")).json()["token"]
+    async with httpx.AsyncClient(base_url=client.base_url) as anonymous:
+        for token in (ticket["token"], stream_token):
+            job = (await anonymous.get(f"/jobs/{job_id}", params={"token": token})).json()
+            assert job["webhook"] == {"url": "http://127.0.0.1:9/[redacted]", "events": ["job.queued"]}
+            deliveries = (await anonymous.get(f"/jobs/{job_id}/deliveries", params={"token": token})).json()
+            assert [d["url"] for d in deliveries["items"]] == ["http://127.0.0.1:9/[redacted]"]
+        listed = await anonymous.get("/jobs", params={"token": stream_token})
+        assert listed.status_code == 200 and listed.json()["items"][0]["id"] == job_id
+        for response in (job, deliveries, listed.json()):
+            assert "SECRET" not in orjson.dumps(response).decode() and "s3cret" not in orjson.dumps(response).decode()
+
+
+async def test_nothing_is_sent_to_a_receiver_after_it_answered_410_for_the_job(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """Two deliveries of one job in flight at once: while the first waits for its answer (a 410),
+    the second is put off rather than sent, and once the 410 is recorded it is never sent."""
+    store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
+        webhook={"url": receiver.url, "events": ["job.queued", "job.cancelled"]},
+    )  # fmt: skip
+    assert created.job_id is not None
+    await store.cancel(created.job_id, "acme")  # no worker runs: both deliveries stay pending
+    first, second = [await webhooks.get(item["id"]) for item in await webhooks.for_job(created.job_id)]
+    assert first is not None and second is not None
+    release = asyncio.Event()
+    receiver.replies = [Reply(410, hold=release)]
+    receiver.default = Reply(410)
+    sender = Sender(settings)
+    dispatcher = Dispatcher(webhooks, sender, settings)
+    try:
+        in_flight = asyncio.create_task(dispatcher.attempt(first.id, first.seq))
+        await receiver.wait_for(1)
+        with pytest.raises(DeliveryBusy) as busy:
+            await dispatcher.attempt(second.id, second.seq)
+        assert 0 < busy.value.retry_in_s <= settings.webhook_timeout_s + 5
+        release.set()
+        await in_flight
+        await dispatcher.attempt(second.id, second.seq)  # its retry, after the 410
+    finally:
+        await sender.aclose()
+    assert len(receiver.requests) == 1
+    states = [(await webhooks.get(d.id)) for d in (first, second)]
+    assert [d.status.value for d in states if d is not None] == ["gone", "gone"]
+    assert states[1] is not None and states[1].attempts == 0  # never sent
+
+
+async def test_a_put_off_attempt_does_not_count_as_an_interrupted_run(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """Being put off behind another delivery of the same job, however often, never dead-letters."""
+    store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
+        webhook={"url": receiver.url, "events": ["job.queued"]},
+    )  # fmt: skip
+    assert created.job_id is not None
+    [item] = await webhooks.for_job(created.job_id)
+    delivery = await webhooks.get(item["id"])
+    assert delivery is not None
+    sender = Sender(settings)
+    dispatcher = Dispatcher(webhooks, sender, settings)
+    holder = await webhooks.lock_job(created.job_id, 60_000)
+    assert holder is not None
+    try:
+        for run in range(1, MAX_RUNS + 5):
+            with pytest.raises(DeliveryBusy):
+                await dispatcher.attempt(delivery.id, delivery.seq, runs=run)
+        await webhooks.unlock_job(created.job_id, holder)
+        await dispatcher.attempt(delivery.id, delivery.seq, runs=MAX_RUNS + 5)
+    finally:
+        await sender.aclose()
+    done = await webhooks.get(delivery.id)
+    assert done is not None and done.status.value == "delivered", done

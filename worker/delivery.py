@@ -14,6 +14,10 @@ I/O-bound, so sharing the process (and its Redis pool and doorbell connection) c
 3. POST it through httpcore over :class:`jobcast.worker.egress.GuardedBackend` (the SSRF guard), the whole
    attempt bounded by ``JOBCAST_WEBHOOK_TIMEOUT_S``. Redirects are never followed (httpcore has no
    such feature): a 3xx is a failure like a 5xx;
+   The deliveries of one job are attempted one at a time (a lock per job, held for the attempt
+   and lapsing after the longest an attempt can take): an attempt that finds another in flight is
+   put off until that one is done (arq ``Retry``; not counted as an interrupted run), so after a
+   receiver answers 410 for a job nothing more is sent for it;
 4. record the outcome, and on failure queue the next attempt, in one script call fenced by ``seq``:
    any 2xx -> delivered; 410 -> gone; a refused destination -> dead; otherwise a retry after the
    next delay of ``JOBCAST_WEBHOOK_RETRY_SCHEDULE`` (±10 % jitter, and no sooner than the
@@ -66,12 +70,23 @@ STORE_TIMEOUT_S = 1.0
 STORE_RETRY_S = 5
 #: Runs of one attempt (killed workers, Redis errors) before the delivery is dead-lettered.
 MAX_RUNS = 10
+#: Times an attempt may be put off behind other deliveries of its job (each waits out the one in
+#: flight) before arq gives up on it.
+MAX_DEFERRALS = 1000
 RETRY_AFTER_MAX_S = 24 * 3600.0
 JITTER = 0.1
 #: At most this much of an answer's body is read (then the connection is dropped, not reused).
 ANSWER_READ_MAX = 64 * 1024
 KEEPALIVE_S = 30.0
 ERROR_MAX = 500
+
+
+class DeliveryBusy(Exception):
+    """Another delivery of the same job is being attempted: this one is put off ``retry_in_s``."""
+
+    def __init__(self, job_id: str, retry_in_s: float) -> None:
+        super().__init__(f"another delivery of job {job_id} is in flight")
+        self.retry_in_s = retry_in_s
 
 
 @dataclass(frozen=True)
@@ -194,14 +209,32 @@ class Dispatcher:
         self.sender = sender
         self.settings = settings
         self.delays = settings.webhook_retry_delays
+        #: The longest one attempt can take, its two Redis steps included.
+        self.attempt_max_s = attempt_max_s(settings)
 
     async def attempt(self, webhook_id: str, seq: int, *, runs: int = 1) -> None:
+        """Attempt ``seq`` of the delivery, its ``runs``-th run; :class:`DeliveryBusy` while another
+        delivery of the same job is in flight (put off runs do not count as interrupted ones)."""
         async with asyncio.timeout(STORE_TIMEOUT_S):
             delivery = await self.store.get(webhook_id)
             if delivery is None or delivery.status is not DeliveryStatus.PENDING or delivery.seq != seq:
                 status = delivery.status.value if delivery else "missing"
                 logger.info("delivery %s attempt %s: nothing to do, delivery is %s", webhook_id, seq, status)
                 return
+            lock = await self.store.lock_job(delivery.job_id, int(self.attempt_max_s * 1000))
+            if lock is None:
+                await self.store.put_off(delivery)
+                raise DeliveryBusy(delivery.job_id, max(1.0, await self.store.lock_remaining_s(delivery.job_id)))
+        try:
+            await self._attempt_locked(delivery, runs - delivery.deferrals)
+        finally:
+            with contextlib.suppress(RedisError, OSError):  # it lapses by itself otherwise
+                await self.store.unlock_job(delivery.job_id, lock)
+
+    async def _attempt_locked(self, delivery: Delivery, runs: int) -> None:
+        webhook_id = delivery.id
+        async with asyncio.timeout(STORE_TIMEOUT_S):
+            # Checked under the job's lock: a 410 to another delivery of the job is recorded by now.
             if await self.store.webhook_gone(delivery.job_id):
                 logger.info(
                     "delivery %s (job %s): not sent, its receiver answered 410 Gone", webhook_id, delivery.job_id
@@ -252,11 +285,19 @@ class Dispatcher:
         return Attempt(at=at, duration_ms=duration_ms, status_code=answer.status_code, error=answer.error), answer
 
 
+def attempt_max_s(settings: Settings) -> float:
+    """The longest one attempt can take: the request, plus its two bounded Redis steps, plus a second."""
+    return settings.webhook_timeout_s + 2 * STORE_TIMEOUT_S + 1
+
+
 async def deliver(ctx: dict[str, Any], webhook_id: str, seq: int) -> None:
     """The arq function: attempt ``seq`` of delivery ``webhook_id``."""
     dispatcher: Dispatcher = ctx["dispatcher"]
     try:
         await dispatcher.attempt(webhook_id, seq, runs=int(ctx["job_try"]))
+    except DeliveryBusy as busy:
+        logger.info("delivery %s attempt %s: %s; trying again in %.1f s", webhook_id, seq, busy, busy.retry_in_s)
+        raise Retry(defer=busy.retry_in_s) from busy
     except (RedisError, TimeoutError) as exc:
         logger.warning(
             "delivery %s attempt %s: Redis failed (%r); trying again in %d s", webhook_id, seq, exc, STORE_RETRY_S
@@ -273,9 +314,10 @@ class DeliveryWorker(DoorbellWorker):
         dispatcher = Dispatcher(WebhookStore(redis, settings), self.sender, settings)
         # Longer than an attempt can take (its two Redis steps are bounded too), so arq never
         # times a delivery out: that would drop its arq job and lose the delivery.
-        timeout = settings.webhook_timeout_s + 2 * STORE_TIMEOUT_S + 1
+        timeout = attempt_max_s(settings)
+        max_tries = MAX_RUNS + MAX_DEFERRALS  # arq counts put off runs too
         super().__init__(
-            functions=[func(deliver, name=schema.DELIVER_FUNCTION, timeout=timeout, max_tries=MAX_RUNS + 10)],
+            functions=[func(deliver, name=schema.DELIVER_FUNCTION, timeout=timeout, max_tries=max_tries)],
             redis_pool=pool,
             queue_name=schema.WEBHOOK_QUEUE,
             max_jobs=settings.webhook_concurrency,

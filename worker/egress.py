@@ -6,7 +6,11 @@ Redis on localhost, or to anything else on the private network. So:
 
 - **Only public unicast addresses.** Loopback, private (RFC 1918, IPv6 unique-local), link-local,
   multicast, unspecified, reserved, shared (100.64.0.0/10), documentation and benchmarking ranges
-  are refused, for IPv4 and IPv6. An IPv6 address that embeds an IPv4 one (IPv4-mapped
+  are refused, for IPv4 and IPv6. The source is the IANA IPv4 and IPv6 Special-Purpose Address
+  Registries: the standard library's ``ipaddress`` implements them as they stood when its Python
+  was released, and :data:`SPECIAL_PURPOSE` is the one table of the ranges registered since (or
+  missing from older patch releases), each with its source. A range added to the registries is
+  added there. An IPv6 address that embeds an IPv4 one (IPv4-mapped
   ``::ffff:a.b.c.d``, 6to4 ``2002::/16``) is judged by the IPv4 address.
 - **Checked on the address actually connected to.** :class:`GuardedBackend` is an httpcore network
   backend: when httpcore opens a connection to ``(host, port)`` it resolves the host itself, drops
@@ -40,6 +44,7 @@ SUBMIT_RESOLVE_TIMEOUT_S = 2.0
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Properties of ``ipaddress`` addresses that make one non-public, with the name we give them.
 _NON_PUBLIC = (
@@ -50,6 +55,20 @@ _NON_PUBLIC = (
     ("is_site_local", "site-local"),
     ("is_reserved", "reserved"),
     ("is_private", "private"),
+)
+
+
+#: Special-purpose ranges that are not globally reachable and that Python 3.11's ``ipaddress`` does
+#: not (always) report: (network, why, source). Checked after the ``ipaddress`` properties above.
+SPECIAL_PURPOSE: tuple[tuple[IPNetwork, str, str], ...] = (
+    (ipaddress.ip_network("3fff::/20"), "documentation", "RFC 9637 (IANA IPv6 Special-Purpose Registry, 2024)"),
+    (ipaddress.ip_network("5f00::/16"), "segment routing (SRv6) SIDs", "RFC 9602 (IANA IPv6 Special-Purpose, 2024)"),
+    (ipaddress.ip_network("64:ff9b:1::/48"), "local-use IPv4/IPv6 translation", "RFC 8215"),
+    (ipaddress.ip_network("100::/64"), "discard-only", "RFC 6666"),
+    # Two /32s inside it (192.0.0.9 PCP anycast, 192.0.0.10 TURN anycast) are global, but never a
+    # webhook receiver: the whole /24 is refused.
+    (ipaddress.ip_network("192.0.0.0/24"), "IETF protocol assignments", "RFC 6890 (IANA IPv4 Special-Purpose)"),
+    (ipaddress.ip_network("192.88.99.0/24"), "deprecated 6to4 relay anycast", "RFC 7526"),
 )
 
 
@@ -67,6 +86,9 @@ def refusal(address: str) -> str | None:
             return f"{reason} (IPv4 {embedded} inside IPv6)" if reason else None
     for attribute, reason in _NON_PUBLIC:
         if getattr(ip, attribute, False):
+            return reason
+    for network, reason, _source in SPECIAL_PURPOSE:
+        if ip.version == network.version and ip in network:
             return reason
     if not ip.is_global:
         return "not globally routable"

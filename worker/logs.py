@@ -5,13 +5,15 @@ The runner sets :data:`current_job` around a job's execution; contextvars follow
 handler's tasks, so even a job type's own ``logger.info("...")`` lines carry the job id.
 ``JOBCAST_LOG_FORMAT=json`` writes one JSON object per line (``time``, ``level``, ``logger``,
 ``message``, ``job_id`` when there is one, ``exc`` with the traceback when there is one), for log
-pipelines; ``text`` (the default) is for people.
+pipelines; ``text`` (the default) is for people. Either way credentials are redacted from every line
+(:class:`RedactSecrets`).
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -26,6 +28,39 @@ class JobIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "job_id"):
             record.job_id = current_job.get()
+        return True
+
+
+#: Query parameters that carry a secret (``token`` is Jobcast's; the others are what clients send
+#: by mistake): their values never reach a log line.
+SECRET_PARAMS = ("token", "access_token", "api_key", "apikey", "key", "secret", "password")
+_SECRET_PARAM = re.compile(r"([?&;](?:" + "|".join(SECRET_PARAMS) + r")=)[^&;#\s\"']*", re.IGNORECASE)
+#: Credentials by their shape, wherever they stand: tokens (``jc1.<payload>.<signature>``), stored
+#: API keys (``jck_<id>_<secret>``: the id is kept, it names the key) and webhook secrets.
+_SECRET_SHAPES = (
+    (re.compile(r"\bjc1\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"), "jc1.[redacted]"),
+    (re.compile(r"\b(jck_[a-z0-9]{12}_)[A-Za-z0-9_-]+"), r"\1[redacted]"),
+    (re.compile(r"\bwhsec_[A-Za-z0-9+/=]+"), "whsec_[redacted]"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` without the credentials it may carry (see :data:`SECRET_PARAMS`)."""
+    text = _SECRET_PARAM.sub(r"\1[redacted]", text)
+    for pattern, replacement in _SECRET_SHAPES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    """On the handler, so it covers every logger's lines: uvicorn's access lines carry the whole
+    query string, and ``?token=`` is how EventSource clients authenticate."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         return True
 
 
@@ -61,6 +96,7 @@ def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     handler.addFilter(JobIdFilter())
+    handler.addFilter(RedactSecrets())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

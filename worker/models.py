@@ -80,7 +80,11 @@ class WebhookSpec(BaseModel):
         # No user:password@ (refused at submission, see worker.webhooks): said in the schema too.
         Field(json_schema_extra={"pattern": r"^https?://[^/?#@\s]+([/?#]\S*)?$"}),
     ]
-    events: list[EventName] = Field(default_factory=lambda: list(TERMINAL_EVENTS), min_length=1)
+    # At most one entry per event name: the length is checked before any entry, so a body of a
+    # hundred thousand names costs nothing to refuse.
+    events: list[EventName] = Field(
+        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=len(EventName)
+    )
 
 
 class Submission(BaseModel):
@@ -126,7 +130,7 @@ ResultFormat = Literal["json", "csv"]
 #: Whose events: one job's (its log, its stream) or a whole tenant's (the feed).
 Audience = Literal["job", "tenant"]
 #: What a submission came to (Store.create).
-CreateOutcome = Literal["created", "existing", "conflict", "full"]
+CreateOutcome = Literal["created", "existing", "conflict", "full", "tenant_full"]
 #: What a cancel request came to (Store.cancel): was queued and is now cancelled; running, asked to
 #: stop; already finished; no such job for the tenant.
 CancelOutcome = Literal["cancelled", "requested", "terminal", "missing"]

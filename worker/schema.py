@@ -80,6 +80,8 @@ CONTROL_CHANNEL = PREFIX + "control"
 
 DELIVERY = PREFIX + "delivery:"
 JOB_DELIVERIES = PREFIX + "deliveries:"
+#: Held while one delivery of a job is attempted: a job's deliveries are made one at a time.
+WEBHOOK_LOCK = PREFIX + "webhook-lock:"
 DEAD_LETTERS = PREFIX + "dead-letters:"
 WEBHOOK_STATS = PREFIX + "webhook-stats"
 STATS = PREFIX + "stats"
@@ -148,6 +150,10 @@ def job_deliveries_key(job_id: str) -> str:
     return JOB_DELIVERIES + job_id
 
 
+def webhook_lock_key(job_id: str) -> str:
+    return WEBHOOK_LOCK + job_id
+
+
 def dead_letters_key(tenant: str) -> str:
     return DEAD_LETTERS + tenant
 
@@ -186,6 +192,7 @@ def _prelude(settings: Settings) -> str:
         "CFG_TENANT_LOG_MAX": settings.tenant_log_max,
         "CFG_RETENTION_S": settings.retention_s,
         "CFG_MAX_QUEUED": settings.max_queued,
+        "CFG_MAX_QUEUED_PER_TENANT": settings.tenant_queue_share,
         "CFG_TENANT_CONCURRENCY": settings.tenant_concurrency,
         "CFG_INLINE_MAX": INLINE_MAX,
     }

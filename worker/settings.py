@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     webhook_retry_schedule: str = STANDARD_RETRY_SCHEDULE
     submit_rate: str = ""
     max_queued: int = Field(default=100_000, ge=1)
+    #: Jobs one tenant may have queued (0: no share, only the global cap); unset, a tenth of
+    #: ``max_queued`` (see :attr:`tenant_queue_share`).
+    max_queued_per_tenant: int | None = Field(default=None, ge=0)
 
     #: Seconds a job token stays valid, and a stream token.
     job_token_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
@@ -136,6 +139,11 @@ class Settings(BaseSettings):
     sse_max_streams: int = Field(default=20_000, ge=1)
     #: Open event streams allowed per tenant, across all server processes (429 beyond; 0: no cap).
     sse_max_streams_per_tenant: int = Field(default=10_000, ge=0)
+    #: Server: seconds a client has to send a request head (request line and headers), from the
+    #: connection's opening or the head's first byte; then the connection is closed.
+    http_head_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    #: Server: the largest request head accepted, in bytes (431 and closed beyond).
+    http_max_head_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     #: Webhooks: seconds one delivery attempt may take, everything included (resolving the host,
     #: connecting, sending, the answer's status and headers).
     webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)
@@ -237,6 +245,15 @@ class Settings(BaseSettings):
         return self._submit_rate
 
     @property
+    def tenant_queue_share(self) -> int:
+        """Jobs one tenant may have queued (0: no limit but the global one). By default a tenth of
+        ``JOBCAST_MAX_QUEUED``: one tenant cannot fill the queue and lock every other out, and ten
+        busy tenants still can use all of it."""
+        if self.max_queued_per_tenant is not None:
+            return self.max_queued_per_tenant
+        return max(1, self.max_queued // 10)
+
+    @property
     def webhook_retry_delays(self) -> list[float]:
         return self._retry_delays
 
@@ -252,7 +269,16 @@ def _parse_api_keys(raw: str) -> dict[str, str]:
             raise ConfigError(
                 f"JOBCAST_API_KEYS: tenant name {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'."
             )
-    return {key: tenant for tenant, key in pairs}
+    tenants: dict[str, str] = {}
+    for tenant, key in pairs:
+        other = tenants.setdefault(key, tenant)
+        if other != tenant:
+            # Which tenant would win is an accident of order: refuse rather than guess.
+            raise ConfigError(
+                f"JOBCAST_API_KEYS lists the same key for tenants {other!r} and {tenant!r}; "
+                "a key belongs to one tenant. Give each tenant its own key."
+            )
+    return tenants
 
 
 def _parse_webhook_keys(secret: str, secrets: str) -> dict[str | None, list[bytes]]:

@@ -92,7 +92,8 @@ class JobRecord:
 @dataclass(frozen=True)
 class Created:
     """Outcome of :meth:`Store.create`: ``created``, ``existing`` (idempotent replay),
-    ``conflict`` (same Idempotency-Key, other body) or ``full`` (at capacity)."""
+    ``conflict`` (same Idempotency-Key, other body), ``full`` (at capacity) or ``tenant_full`` (the
+    tenant holds its share of the queue)."""
 
     outcome: CreateOutcome
     job_id: str | None
@@ -169,7 +170,7 @@ class Store:
         )
         outcome = cast(CreateOutcome, outcome)
         if outcome != "created":
-            return Created(outcome, ident if outcome != "full" else None)
+            return Created(outcome, ident if outcome not in ("full", "tenant_full") else None)
         logger.info("job %s created: type=%s tenant=%s priority=%s", job_id, job_type, tenant, priority)
         # The record as the script just wrote it, so the 202 needs no second read.
         record = JobRecord(

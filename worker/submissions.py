@@ -29,21 +29,39 @@ SAFE_INTEGER = 2**53
 MAX_PARAMS_DEPTH = 64
 
 
-class InvalidSubmission(Exception):
-    """The submission is well-formed JSON but wrong; ``errors`` has one entry per wrong field,
-    each ``{"loc": [...], "msg": ..., "type": ...}`` with ``loc`` starting at ``"body"``."""
+#: At most this many errors are listed; the rest are counted (``omitted``). A hostile body can hold
+#: a hundred thousand mistakes, and the answer must stay small.
+MAX_ERRORS = 20
+#: A name in an error's ``loc`` (a client's field name) is cut to this many characters.
+MAX_LOC_NAME = 100
 
-    def __init__(self, detail: str, errors: list[dict[str, Any]]) -> None:
+
+class InvalidSubmission(Exception):
+    """The submission is well-formed JSON but wrong; ``errors`` has one entry per wrong field (the
+    first :data:`MAX_ERRORS`, and ``omitted`` counts the others), each ``{"loc": [...], "msg": ...,
+    "type": ...}`` with ``loc`` starting at ``"body"``."""
+
+    def __init__(self, detail: str, errors: list[dict[str, Any]], omitted: int = 0) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = errors
+        self.omitted = omitted
 
     @classmethod
     def from_pydantic(cls, exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)) -> InvalidSubmission:
-        errors = [{"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]} for err in exc.errors()]
+        found = exc.errors(include_url=False, include_context=False, include_input=False)
+        errors = [
+            {"loc": [*prefix, *(_short(part) for part in err["loc"])], "msg": err["msg"], "type": err["type"]}
+            for err in found[:MAX_ERRORS]
+        ]
         where = ", ".join(".".join(map(str, e["loc"])) + ": " + str(e["msg"]) for e in errors[:3])
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        return cls(f"The request is invalid: {where}{more}. Fix the listed fields and send it again.", errors)
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        detail = f"The request is invalid: {where}{more}. Fix the listed fields and send it again."
+        return cls(detail, errors, omitted=len(found) - len(errors))
+
+
+def _short(part: str | int) -> str | int:
+    return part[:MAX_LOC_NAME] + "..." if isinstance(part, str) and len(part) > MAX_LOC_NAME else part
 
 
 @dataclass(frozen=True, slots=True)

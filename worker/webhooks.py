@@ -23,7 +23,9 @@ Decisions the issue left open:
   variable the operator sets) rather than making the secret a startup requirement for everyone;
   ``jobcast dev`` signs with a fixed development secret.
 - A 410 answer ends the delivery as ``gone`` (not a dead letter: the receiver asked for it) and marks
-  the job's webhook gone, so later events of that job are not sent. Other jobs are unaffected.
+  the job's webhook gone, so later events of that job are not sent. Other jobs are unaffected. A
+  job's deliveries are attempted one at a time (:meth:`WebhookStore.lock_job`), so none is in flight
+  while another's 410 is on its way: after a 410, nothing more is sent for that job.
 - A refused destination (SSRF guard) is not retried: the delivery is dead-lettered at once with the
   reason, and can be replayed once the operator has decided otherwise.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -47,6 +50,8 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 MAX_URL_LENGTH = 2048
+#: Frees a job's delivery lock only for the attempt that holds it.
+UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 WEBHOOK_ID_RE = re.compile(r"^msg_[0-9A-HJKMNP-TV-Z]{26}_\d{1,20}-\d{1,20}$")
 
 
@@ -91,10 +96,14 @@ async def accept_webhook(
         try:
             await egress.check_destination(host, parts.port or default_port(parts.scheme), resolver=resolver)
         except egress.DestinationRefused as exc:
+            # What this server's resolver answers for internal names is the operator's business:
+            # the client is told the rule, the log says which address and why.
+            logger.info("webhook of a submission by tenant %s refused: %s", tenant, exc)
             raise WebhookRejected(
-                f"The webhook URL is refused: {exc}. Deliveries go to public addresses only, so that a "
-                "webhook cannot reach services inside the operator's network; use a publicly reachable "
-                "URL (JOBCAST_WEBHOOK_ALLOW_PRIVATE=1 lifts this on development servers).",
+                "The webhook URL is refused: its host is not, or does not resolve to, a public address. "
+                "Deliveries go to public addresses only, so that a webhook cannot reach services inside "
+                "the operator's network; use a publicly reachable URL (JOBCAST_WEBHOOK_ALLOW_PRIVATE=1 "
+                "lifts this on development servers).",
                 field="url",
             ) from None
     return {"url": url, "events": [event.value for event in dict.fromkeys(spec.events)]}
@@ -142,6 +151,8 @@ class Delivery:
     tries: int  # attempts in the current schedule (a replay starts a fresh one)
     attempts: int  # attempts ever made
     replays: int
+    #: Times attempt ``seq`` was put off behind another delivery of its job (not interruptions).
+    deferrals: int
     next_attempt_at: str | None
     finished_at: str | None
     last_error: str | None
@@ -163,6 +174,7 @@ class Delivery:
             tries=int(h["tries"]),
             attempts=int(h["attempts"]),
             replays=int(h.get("replays", 0)),
+            deferrals=int(h.get(f"deferrals.{h['seq']}", 0)),
             next_attempt_at=h.get("next_attempt_at"),
             finished_at=h.get("finished_at"),
             last_error=h.get("last_error") or None,
@@ -212,10 +224,29 @@ class WebhookStore:
         self.redis = redis
         self.settings = settings
         self._script = schema.JobsScript(redis, settings)
+        self._unlock = redis.register_script(UNLOCK)
 
     async def get(self, webhook_id: str) -> Delivery | None:
         raw: dict[str, str] = await self.redis.hgetall(schema.delivery_key(webhook_id))  # type: ignore[misc]
         return Delivery.from_hash(raw) if raw and "state" in raw else None
+
+    async def lock_job(self, job_id: str, ttl_ms: int) -> str | None:
+        """Take the job's delivery lock for ``ttl_ms`` (it lapses by itself if its holder dies): a
+        token to unlock it with, or None while another delivery of the job holds it."""
+        token = secrets.token_hex(8)
+        taken = await self.redis.set(schema.webhook_lock_key(job_id), token, nx=True, px=ttl_ms)
+        return token if taken else None
+
+    async def unlock_job(self, job_id: str, token: str) -> None:
+        await self._unlock(keys=[schema.webhook_lock_key(job_id)], args=[token])
+
+    async def lock_remaining_s(self, job_id: str) -> float:
+        """Seconds until the job's delivery lock lapses at the latest (0 when it is free)."""
+        return max(0, int(await self.redis.pttl(schema.webhook_lock_key(job_id)))) / 1000
+
+    async def put_off(self, delivery: Delivery) -> None:
+        """Count that attempt ``delivery.seq`` was put off (so that it is not taken for an interrupted run)."""
+        await self.redis.hincrby(schema.delivery_key(delivery.id), f"deferrals.{delivery.seq}", 1)  # type: ignore[misc]
 
     async def webhook_gone(self, job_id: str) -> bool:
         """Whether a receiver answered 410 for this job's webhook (later deliveries are not made)."""

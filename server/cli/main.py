@@ -36,19 +36,17 @@ except ModuleNotFoundError as exc:
 
 
 def cmd_web(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from ..app import JobcastServer, create_app, tune_gc_for_streaming
+    from ..app import JobcastServer, create_app, server_config, tune_gc_for_streaming
 
     settings = Settings.from_env()
     configure_logging(settings)
-    app = create_app(settings)
-    config = uvicorn.Config(
+    app = create_app(settings, bind_host=args.host)
+    config = server_config(
         app,
+        settings,
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
         timeout_graceful_shutdown=10,
         log_config=None,  # our handlers (worker.logs), so JOBCAST_LOG_FORMAT applies to uvicorn's lines too
     )

@@ -56,6 +56,8 @@ def build_openapi(registry: Registry) -> dict[str, Any]:
         for operation in operations.values():
             # Unknown query parameters are refused everywhere (enforce_documented_query).
             operation["responses"].setdefault("400", problems("400")["400"])
+            # Any request head can be too large (jobcast.http_guard answers before routing).
+            operation["responses"].setdefault("431", problems("431")["431"])
     return {
         "openapi": "3.1.0",
         "info": {

@@ -72,7 +72,7 @@ def paths(registry: Registry) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "The job.", "content": json_content("JobResource")},
                     "304": {"description": "Not modified since the given ETag."},
-                    **problems("400", "401", "403", "404"),
+                    **problems("400", "401", "403", "404", "429", "503"),
                 },
             }
         },

@@ -62,10 +62,14 @@ def paths() -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus metrics",
                 "operationId": "metrics",
+                "description": (
+                    "Needs 'Authorization: Bearer <JOBCAST_METRICS_TOKEN>' when that is set. Without it, "
+                    "a production server answers only when bound to a private address (403 otherwise)."
+                ),
                 "security": [],
                 "responses": {
                     "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}},
-                    **problems("401"),
+                    **problems("401", "403"),
                 },
             }
         },
@@ -73,8 +77,12 @@ def paths() -> dict[str, Any]:
             "get": {
                 "summary": "This document",
                 "operationId": "openapi",
-                "security": [],
-                "responses": {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {}}}},
+                "security": READ_SECURITY,
+                "parameters": [TOKEN],
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1.", "content": {"application/json": {}}},
+                    **problems("401", "403"),
+                },
             }
         },
         "/problems/{slug}": {

@@ -17,9 +17,18 @@ from starlette.responses import Response
 from jobcast.worker.clock import rfc3339
 from jobcast.worker.models import JobStatus
 from jobcast.worker.store import JobRecord
-from jobcast.worker.submissions import InvalidSubmission, accept_submission
+from jobcast.worker.submissions import AcceptedSubmission, InvalidSubmission, accept_submission
 
-from ..problems import BadRequest, Conflict, NotAcceptable, TooManyRequests, Unavailable, ValidationFailed
+from ..limits import StreamsFull
+from ..problems import (
+    BadRequest,
+    Conflict,
+    NotAcceptable,
+    Problem,
+    TooManyRequests,
+    Unavailable,
+    ValidationFailed,
+)
 from ..requests import job_id_param, query_cursor, query_int, query_wait, read_json_object
 from ..resources import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -46,27 +55,14 @@ async def jobs(request: Request) -> Response:
 async def submit_job(request: Request) -> Response:
     svc = services(request)
     principal = await svc.auth.require(request, "write")
-    body = await read_json_object(request)
+    # Every authenticated attempt counts, valid or not, and before its body is read: a tenant
+    # cannot make the server validate hostile bodies faster than it may submit jobs.
+    rate_headers = await take_submission(svc, principal.tenant)
     try:
-        accepted = await accept_submission(body, tenant=principal.tenant, registry=svc.registry, settings=svc.settings)
-    except InvalidSubmission as exc:
-        raise ValidationFailed(exc.detail, errors=exc.errors) from None
-    idempotency_key = request.headers.get("idempotency-key")
-    if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
-        raise BadRequest("The Idempotency-Key header must be 1 to 255 printable ASCII characters.")
-
-    rate_headers: dict[str, str] = {}
-    limiter = svc.rate_limiter
-    if limiter is not None:
-        decision = await limiter.take(principal.tenant)
-        rate_headers = decision.headers
-        if not decision.allowed:
-            raise TooManyRequests(
-                f"This tenant may submit {limiter.limit} jobs per {limiter.window_s:g} s; that is used up. "
-                f"Retry in {decision.retry_after_s} s (see the Retry-After and RateLimit headers).",
-                headers=rate_headers,
-            )
-
+        accepted, idempotency_key = await read_submission(request, svc, principal.tenant)
+    except Problem as problem:
+        problem.headers = {**rate_headers, **problem.headers}
+        raise
     created = await svc.store.create(
         tenant=principal.tenant,
         job_type=accepted.job_type.name,
@@ -83,6 +79,12 @@ async def submit_job(request: Request) -> Response:
             retry_after=10,
             headers=dict(rate_headers),
         )
+    if created.outcome == "tenant_full":
+        raise TooManyRequests(
+            f"This tenant has {svc.settings.tenant_queue_share} jobs queued, its share of the queue "
+            "(JOBCAST_MAX_QUEUED_PER_TENANT). Submit more once some have started, or cancel some.",
+            headers={**rate_headers, "Retry-After": "10"},
+        )
     assert created.job_id is not None
     if created.outcome == "conflict":
         raise ValidationFailed(
@@ -93,7 +95,7 @@ async def submit_job(request: Request) -> Response:
             ],
         )
     record = created.record or await svc.load_job(created.job_id, principal.tenant)
-    token, expires_at = svc.auth.signer.mint("job", principal.tenant, svc.settings.job_token_ttl_s, record.id)
+    token, expires_at = svc.auth.mint(principal, "job", svc.settings.job_token_ttl_s, record.id)
     response = render_job(record, request, 202, {"token": token, "token_expires_at": rfc3339(expires_at * 10**9)})
     response.headers["Location"] = f"/jobs/{record.id}"
     response.headers["Retry-After"] = POLL_HINT_S
@@ -101,6 +103,34 @@ async def submit_job(request: Request) -> Response:
     if created.outcome == "existing":
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+async def take_submission(svc: Services, tenant: str) -> dict[str, str]:
+    """Count one submission attempt of ``tenant``: its RateLimit headers, or a 429 when none is left."""
+    limiter = svc.rate_limiter
+    if limiter is None:
+        return {}
+    decision = await limiter.take(tenant)
+    if not decision.allowed:
+        raise TooManyRequests(
+            f"This tenant may submit {limiter.limit} jobs per {limiter.window_s:g} s; that is used up. "
+            f"Retry in {decision.retry_after_s} s (see the Retry-After and RateLimit headers).",
+            headers=decision.headers,
+        )
+    return decision.headers
+
+
+async def read_submission(request: Request, svc: Services, tenant: str) -> tuple[AcceptedSubmission, str | None]:
+    """The validated submission and its Idempotency-Key, or the 4xx problem saying what is wrong."""
+    body = await read_json_object(request)
+    try:
+        accepted = await accept_submission(body, tenant=tenant, registry=svc.registry, settings=svc.settings)
+    except InvalidSubmission as exc:
+        raise ValidationFailed(exc.detail, errors=exc.errors, omitted=exc.omitted) from None
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
+        raise BadRequest("The Idempotency-Key header must be 1 to 255 printable ASCII characters.")
+    return accepted, idempotency_key
 
 
 async def list_jobs(request: Request) -> Response:
@@ -122,7 +152,9 @@ async def list_jobs(request: Request) -> Response:
     records, next_id = await svc.store.list_jobs(
         principal.tenant, status=status, job_type=job_type, limit=limit, before=query_cursor(request)
     )
-    return json_response(JobList(items=[job_resource(r) for r in records], next_cursor=next_id))
+    redact = principal.kind != "key"
+    items = [job_resource(r, redact_webhook=redact) for r in records]
+    return json_response(JobList(items=items, next_cursor=next_id))
 
 
 async def get_job(request: Request) -> Response:
@@ -133,8 +165,29 @@ async def get_job(request: Request) -> Response:
     record = await svc.load_job(job_id, principal.tenant)
     seen = matching_etags(request)
     if wait > 0 and not record.terminal and (not seen or etag(record) in seen):
-        record = await wait_for_change(svc, record, wait)
-    return render_job(record, request)
+        # A held long-poll holds a connection as an event stream does: it takes a stream slot.
+        try:
+            slot = await svc.stream_slots.acquire(principal.tenant)
+        except StreamsFull as full:
+            raise long_polls_full(full) from None
+        try:
+            record = await wait_for_change(svc, record, wait)
+        finally:
+            await svc.stream_slots.release(principal.tenant, slot)
+    return render_job(record, request, redact_webhook=principal.kind != "key")
+
+
+def long_polls_full(full: StreamsFull) -> TooManyRequests | Unavailable:
+    if full.scope == "tenant":
+        return TooManyRequests(
+            f"This tenant already has {full.cap} event streams and long-polls (?wait=) open, its limit. "
+            "Retry after the indicated delay, or follow many jobs over one GET /events stream.",
+            headers={"Retry-After": "5"},
+        )
+    return Unavailable(
+        f"This server has {full.cap} event streams and long-polls (?wait=) open, its limit; retry shortly, "
+        "or read the job without ?wait=."
+    )
 
 
 async def wait_for_change(svc: Services, record: JobRecord, wait: float) -> JobRecord:

@@ -15,7 +15,7 @@ from jobcast.worker.clock import rfc3339
 
 from ..metrics import WORKER_LIVE_S
 from ..metrics import render as render_metrics
-from ..problems import PROBLEM_TYPES, NotFound, Unauthorized, Unavailable
+from ..problems import PROBLEM_TYPES, Forbidden, NotFound, Unauthorized, Unavailable
 from ..requests import query_bool
 from ..resources import Health, JobTypeInfo, JobTypeList, StreamToken, json_response
 from ..services import services
@@ -45,21 +45,32 @@ async def list_job_types(request: Request) -> Response:
 async def create_token(request: Request) -> Response:
     svc = services(request)
     principal = await svc.auth.require(request, "write")
-    token, expires_at = svc.auth.signer.mint("stream", principal.tenant, svc.settings.stream_token_ttl_s)
+    token, expires_at = svc.auth.mint(principal, "stream", svc.settings.stream_token_ttl_s)
     return json_response(StreamToken(token=token, expires_at=rfc3339(expires_at * 10**9)), 201)
 
 
 async def metrics(request: Request) -> Response:
+    """Metrics name tenants and job types: with JOBCAST_METRICS_TOKEN they need it, without one they
+    are served only in development or by a server bound to a private address."""
     svc = services(request)
     token = svc.settings.metrics_token
     if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
         raise Unauthorized("GET /metrics needs 'Authorization: Bearer <JOBCAST_METRICS_TOKEN>'.")
+    if not token and not svc.metrics_open:
+        raise Forbidden(
+            "GET /metrics is closed: this production server listens on a public or wildcard address and "
+            "JOBCAST_METRICS_TOKEN is not set. Set it and scrape with 'Authorization: Bearer <token>', or "
+            "bind the server to a private address."
+        )
     body = await render_metrics(svc.store, svc.hub, svc.stream_slots)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def openapi(request: Request) -> Response:
-    return Response(services(request).openapi, media_type="application/json")
+    """Read like ``/job-types``: it describes this deployment's job types and their parameters."""
+    svc = services(request)
+    await svc.auth.require(request, "read")
+    return Response(svc.openapi, media_type="application/json")
 
 
 async def problem_type(request: Request) -> Response:

@@ -1,8 +1,9 @@
 """The webhook endpoints: a job's deliveries, and the tenant's dead letters with their replay.
 
 ``GET /jobs/{id}/deliveries`` is a job read (API key, the job's token, or a stream token of its
-tenant). Dead letters span all of a tenant's jobs and their URLs, so listing and replaying them
-takes the API key; another tenant's dead letter answers 404, like an unknown one.
+tenant); token readers see the URL without its path and query (:func:`jobcast.resources.redact_url`).
+Dead letters span all of a tenant's jobs and their URLs, so listing and replaying them takes the
+API key; another tenant's dead letter answers 404, like an unknown one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from jobcast.worker.webhooks import job_id_of
 
 from ..problems import NotFound
 from ..requests import job_id_param, query_int
-from ..resources import json_response
+from ..resources import json_response, redact_url
 from ..services import services
 
 DEAD_LETTERS_DEFAULT_LIMIT = 100
@@ -26,7 +27,10 @@ async def job_deliveries(request: Request) -> Response:
     job_id = job_id_param(request)
     principal = await svc.auth.require(request, "read", job_id=job_id)
     await svc.load_job(job_id, principal.tenant)
-    return json_response({"items": await svc.webhooks.for_job(job_id)})
+    items = await svc.webhooks.for_job(job_id)
+    if principal.kind != "key":  # a token reader sees where deliveries go, not the URL's secrets
+        items = [{**item, "url": redact_url(item["url"])} for item in items]
+    return json_response({"items": items})
 
 
 async def list_dead_letters(request: Request) -> Response:

@@ -38,7 +38,9 @@ class App {
   }
 
   async boot() {
-    const key = localStorage.getItem(KEY_STORAGE);
+    // The key is kept for this tab only. Versions before 0.2 kept it in localStorage: forget it there.
+    localStorage.removeItem(KEY_STORAGE);
+    const key = sessionStorage.getItem(KEY_STORAGE);
     if (key) await this.signIn(key, { stored: true });
     else this.showSignIn();
   }
@@ -64,12 +66,12 @@ class App {
       types = await api.jobTypes();
     } catch (error) {
       if (error.status === 401) {
-        if (stored) localStorage.removeItem(KEY_STORAGE);
+        if (stored) sessionStorage.removeItem(KEY_STORAGE);
         return this.showSignIn(stored ? "Your saved API key is no longer accepted. Sign in again." : "This API key was not accepted.");
       }
       return this.showSignIn(error.message);
     }
-    localStorage.setItem(KEY_STORAGE, key);
+    sessionStorage.setItem(KEY_STORAGE, key);
     $("api-key").value = "";
     this.session = new Session(this, api, types);
     $("sign-in-view").hidden = true;
@@ -81,7 +83,7 @@ class App {
   signOut(message = "") {
     this.session?.stop();
     this.session = null;
-    localStorage.removeItem(KEY_STORAGE);
+    sessionStorage.removeItem(KEY_STORAGE);
     if (location.hash) history.replaceState(null, "", location.pathname);
     this.showSignIn(message);
   }

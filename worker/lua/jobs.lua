@@ -255,6 +255,11 @@ if op == 'create' then
   if queued >= tonumber(CFG_MAX_QUEUED) then
     return {'full', tostring(queued)}
   end
+  -- Each tenant's share of the queue (0: none), so that one tenant cannot fill it for all.
+  local share = tonumber(CFG_MAX_QUEUED_PER_TENANT)
+  if share > 0 and redis.call('ZCARD', K_INDEX .. tenant .. ':status:queued') >= share then
+    return {'tenant_full', tostring(share)}
+  end
   redis.call('HSET', job_key(id),
     'id', id, 'tenant', tenant, 'type', jtype, 'status', 'queued', 'priority', priority,
     'attempt', 1, 'max_attempts', ARGV[8], 'run', 1, 'params', ARGV[9], 'webhook', ARGV[10],

@@ -1,0 +1,71 @@
+"""What Jobcast's processes write to their logs: never a credential."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from jobcast.worker.logs import configure_logging
+from jobcast.worker.settings import Settings
+
+from .conftest import WebProcess
+
+JOB_TOKEN = "jc1.eyJzIjoiam9iIiwidCI6ImFjbWUifQ.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
+STORED_KEY = "jck_abcdefghij12_" + "S" * 43
+
+
+def wait_for_text(process: WebProcess, text: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (output := process.output()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged within {timeout}s:\n{output}")
+        time.sleep(0.05)
+    return output
+
+
+async def test_tokens_in_urls_are_redacted_in_the_access_log(settings: Settings, redis: Redis, tmp_path: Path) -> None:
+    web = WebProcess(settings, tmp_path / "web.log")
+    try:
+        web.wait_ready()
+        async with httpx.AsyncClient(base_url=web.url) as c:
+            await c.get("/jobs/job_01JDXXXXXXXXXXXXXXXXXXXXXX", params={"token": JOB_TOKEN})
+            await c.get("/events", params={"a": "1", "token": STORED_KEY, "last_event_id": "1-0"})
+            await c.get("/jobs", params={"api_key": "key-acme", "limit": "5"})
+        output = wait_for_text(web, "limit=5")
+    finally:
+        web.close()
+    assert "/jobs/job_01JDXXXXXXXXXXXXXXXXXXXXXX?token=[redacted]" in output, output
+    assert "/events?a=1&token=[redacted]&last_event_id=1-0" in output, output
+    for secret in (JOB_TOKEN, JOB_TOKEN.split(".")[2], "S" * 43, "key-acme"):
+        assert secret not in output, output
+
+
+@pytest.mark.parametrize(
+    ("message", "args", "logged"),
+    [
+        ("GET %s", ("/jobs?token=" + JOB_TOKEN,), "GET /jobs?token=[redacted]"),
+        ("bad credential %s", (JOB_TOKEN,), "bad credential jc1.[redacted]"),
+        ("key %s revoked", (STORED_KEY,), "key jck_abcdefghij12_[redacted] revoked"),
+        ("%s", ("whsec_" + "A" * 40,), "whsec_[redacted]"),
+        ("url %s", ("/x?secret=s3cr3t&password=pw&ok=1",), "url /x?secret=[redacted]&password=[redacted]&ok=1"),
+        ("nothing to hide: %d jobs", (3,), "nothing to hide: 3 jobs"),
+    ],
+)
+def test_every_log_line_is_redacted(
+    settings: Settings, capsys: pytest.CaptureFixture[str], message: str, args: tuple[object, ...], logged: str
+) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(settings)
+        logging.getLogger("anything.at.all").warning(message, *args)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert err.rstrip("\n").endswith(logged), err
