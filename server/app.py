@@ -29,6 +29,7 @@ from .hub import Hub
 from .keys import ApiKeys
 from .limits import RateLimiter, StreamSlots
 from .openapi import build_openapi, enforce_documented_query
+from .overview import OverviewFeed
 from .problems import EXCEPTION_HANDLERS
 from .routes import routes
 from .services import STATE_KEY, Services
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     openapi=openapi,
                     stream_slots=slots,
                     webhooks=WebhookStore(redis, settings),
+                    overview=OverviewFeed(redis),
                 )
             }
         finally:

@@ -20,6 +20,7 @@ from jobcast.worker.webhooks import WebhookStore
 from .auth import Authenticator
 from .hub import Hub
 from .limits import RateLimiter, StreamSlots
+from .overview import OverviewFeed
 from .problems import NotFound
 
 STATE_KEY = "jobcast"
@@ -37,6 +38,7 @@ class Services:
     stream_slots: StreamSlots
     openapi: bytes
     webhooks: WebhookStore
+    overview: OverviewFeed
 
     async def load_job(self, job_id: str, tenant: str) -> JobRecord:
         """The tenant's job, or a 404 that says how to find the right id."""
