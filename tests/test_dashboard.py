@@ -123,8 +123,10 @@ async def browser() -> AsyncIterator[Browser]:
         await browser.close()
 
 
-async def open_dashboard(browser: Browser, url: str, *, key: str = "key-acme") -> Dashboard:
-    context = await browser.new_context(base_url=url, viewport={"width": 1280, "height": 820})
+async def open_dashboard(
+    browser: Browser, url: str, *, key: str = "key-acme", width: int = 1280, height: int = 820
+) -> Dashboard:
+    context = await browser.new_context(base_url=url, viewport={"width": width, "height": height})
     page = await context.new_page()
     dashboard = Dashboard(page)
 
