@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from jobcast.cli.client import StreamEvent, UsageError
 from jobcast.cli.commands import ExitStatus, parse_params
 from jobcast.cli.embedded_redis import free_port
-from jobcast.cli.terminal import Output, TailView, _RunningFor, time_left_text
+from jobcast.cli.terminal import JobClockColumn, Output, TailView, time_left_text
 from jobcast.worker import schema
 from jobcast.worker.main import JobcastWorker
 from jobcast.worker.settings import Settings
@@ -336,7 +336,7 @@ def test_tail_s_clock_ends_on_the_figure_of_its_after_line(capsys: pytest.Captur
                 (task,) = view.progress.tasks
                 assert task.fields["left"][0] == 15.0  # eta - at: what the server estimated
     (task,) = view.progress.tasks
-    clock = _RunningFor().render(task).plain
+    clock = JobClockColumn().render(task).plain
     assert clock == "12.2 s"
     assert capsys.readouterr().out.splitlines()[-1].endswith("after 12.2 s")
 

@@ -57,7 +57,7 @@ class Output:
         self.errors.print(Text(message, style="dim"))
 
 
-class _RunningFor(ProgressColumn):
+class JobClockColumn(ProgressColumn):
     """How long the job has run: from its first start (server time) to now, or to its end."""
 
     def render(self, task: Task) -> Text:
@@ -69,7 +69,7 @@ class _RunningFor(ProgressColumn):
         return Text(format_seconds(max(0.0, seconds)), style="progress.elapsed")
 
 
-class _TimeLeft(ProgressColumn):
+class TimeLeftColumn(ProgressColumn):
     """``about 12 s left``, counted down from the latest estimate."""
 
     def render(self, task: Task) -> Text:
@@ -93,8 +93,8 @@ class TailView:
             BarColumn(bar_width=30),
             TaskProgressColumn(),
             TextColumn("{task.fields[step]}"),
-            _RunningFor(),
-            _TimeLeft(),
+            JobClockColumn(),
+            TimeLeftColumn(),
             console=out.console,
             disable=not self.live,
         )
