@@ -32,6 +32,7 @@ from .hub import Hub
 from .keys import ApiKeys
 from .limits import RateLimiter, StreamSlots
 from .openapi import build_openapi, enforce_documented_query
+from .overview import OverviewFeed
 from .problems import EXCEPTION_HANDLERS
 from .routes import routes
 from .services import STATE_KEY, Services
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                     stream_slots=slots,
                     webhooks=WebhookStore(redis, settings),
                     metrics_open=settings.env == "development" or is_private_bind(bind_host),
+                    overview=OverviewFeed(redis),
                 )
             }
         finally:

@@ -4,6 +4,10 @@ The files are the package ``jobcast.static`` (the repository's ``static/`` folde
 import system so that a wheel install serves them as well as a checkout. Only the dashboard's own
 kinds of file are served: the folder is a Python package, and its ``__init__.py`` and byte-code are
 not assets. Every answer carries :data:`SECURITY_HEADERS` (a strict Content-Security-Policy).
+
+In development mode (``jobcast dev``) with its default key in effect, the page carries
+``<meta name="jobcast-dev-key" content="dev-key">`` and the sign-in form offers that key: a new user
+has nothing to look up. The key is the documented default, never one from ``JOBCAST_API_KEYS``.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import importlib.util
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
+from jobcast.worker.settings import DEV_API_KEYS, Settings
+
 from .problems import NotFound
+from .services import services
 
 PACKAGE = "jobcast.static"
 
@@ -65,12 +72,27 @@ class DashboardFiles:
         await self._files(scope, receive, send_with_headers)
 
 
+def development_key(settings: Settings) -> str | None:
+    """The default key of ``jobcast dev``, when this server runs in development mode and accepts it."""
+    key = DEV_API_KEYS.partition(":")[2]
+    return key if settings.env == "development" and key in settings.tenant_keys else None
+
+
 def routes() -> list[BaseRoute]:
     folder = directory()
     page = folder / "index.html"
 
+    dev_page: str | None = None
+
     async def index(request: Request) -> Response:
-        return FileResponse(page, headers=SECURITY_HEADERS)
+        nonlocal dev_page
+        key = development_key(services(request).settings)
+        if key is None:
+            return FileResponse(page, headers=SECURITY_HEADERS)
+        if dev_page is None:
+            meta = f'<meta name="jobcast-dev-key" content="{key}">'
+            dev_page = page.read_text().replace("<head>\n", f"<head>\n  {meta}\n", 1)
+        return HTMLResponse(dev_page, headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
     return [
         Route("/", index, methods=["GET"]),

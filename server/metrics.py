@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from jobcast.worker import schema
 from jobcast.worker.models import Priority
+from jobcast.worker.overview import WORKER_LIVE_S
 from jobcast.worker.store import Store
 
 from .hub import Hub
@@ -23,7 +24,6 @@ from .limits import StreamSlots
 
 PICKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # as in jobs.lua
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
-WORKER_LIVE_S = 30.0
 
 JOB_COUNTERS = {
     "submitted": "Jobs submitted.",

@@ -157,6 +157,17 @@ class Health(BaseModel):
     workers: int | None = Field(default=None, description="Workers with a heartbeat in the last 30 s.")
 
 
+class OverviewEvent(BaseModel):
+    """The data of an ``overview`` event of ``GET /events``: the dashboard's live header."""
+
+    model_config = ConfigDict(title="Overview")
+
+    counts: dict[JobStatus, int] = Field(description="The tenant's jobs by status (finished ones while kept).")
+    workers: int = Field(description="Workers with a heartbeat in the last 30 s.")
+    queue_depth: int = Field(description="Jobs waiting for a worker, across the service (a number only).")
+    at: str
+
+
 class FieldError(BaseModel):
     loc: list[str | int]
     msg: str
@@ -186,7 +197,7 @@ class ProblemType(BaseModel):
 #: Every model the OpenAPI document publishes as a component schema.
 MODELS: list[type[BaseModel]] = [
     JobResource, JobTicket, JobList, JobTypeList, StreamToken, Health, Problem,
-    DeliveryList, DeadLetterList, Replayed, WebhookSpec, ProblemType,
+    DeliveryList, DeadLetterList, Replayed, WebhookSpec, ProblemType, OverviewEvent,
 ]  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from jobcast.worker.webhooks import WebhookStore
 from .auth import Authenticator
 from .hub import Hub
 from .limits import RateLimiter, StreamSlots
+from .overview import OverviewFeed
 from .problems import NotFound
 
 STATE_KEY = "jobcast"
@@ -37,6 +38,7 @@ class Services:
     stream_slots: StreamSlots
     openapi: bytes
     webhooks: WebhookStore
+    overview: OverviewFeed
     #: Whether GET /metrics answers without JOBCAST_METRICS_TOKEN: in development, or in production
     #: when the server is bound to a private address (jobcast.app.is_private_bind).
     metrics_open: bool = False

@@ -20,6 +20,10 @@ pinging. A stream that receives events therefore touches no timer per event (onl
 send timeout), where a wait timeout re-armed on every event was half the server's CPU in a
 10k-stream fan-out. It keeps sse-starlette's
 wire format (``ServerSentEvent`` encodes the comment lines).
+
+A tenant feed given an :class:`~jobcast.overview.OverviewFeed` also writes ``overview`` events
+(see that module): one after its catch-up, then on a second lazy timer, armed for
+``MIN_INTERVAL_S`` after events went by and for ``REFRESH_S`` otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from jobcast.worker.store import Event, Store
 
 from .hub import TERMINAL, Hub, Item, Subscription, stream_id_key
 from .limits import StreamsFull, StreamSlots
+from .overview import MIN_INTERVAL_S, REFRESH_S, OverviewFeed
 from .problems import TooManyRequests, Unavailable, problem_response
 
 logger = logging.getLogger(__name__)
@@ -102,6 +107,7 @@ class EventStream:
         config: StreamConfig,
         slots: StreamSlots,
         tenant: str,
+        overview: OverviewFeed | None = None,
     ) -> None:
         self.hub = hub
         self.store = store
@@ -117,6 +123,10 @@ class EventStream:
         self._last_write = 0.0
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_due = False
+        self.overview = overview
+        self._overview_timer: asyncio.TimerHandle | None = None
+        self._overview_due = False
+        self._overview_sent = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -151,8 +161,9 @@ class EventStream:
                 self.hub.slow_consumers += 1
                 logger.info("stream %s %s: client too slow to take a write; closed", self.audience, self.key)
             finally:
-                if self._ping_timer is not None:
-                    self._ping_timer.cancel()
+                for timer in (self._ping_timer, self._overview_timer):
+                    if timer is not None:
+                        timer.cancel()
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
@@ -184,6 +195,28 @@ class EventStream:
         self._ping_due = True
         sub.wake()
 
+    def _arm_overview(self, sub: Subscription, at: float) -> None:
+        """Have an overview written at loop time ``at``, unless one is due sooner already."""
+        assert self._loop is not None
+        timer = self._overview_timer
+        if timer is not None:
+            if timer.when() <= at:
+                return
+            timer.cancel()
+        self._overview_timer = self._loop.call_at(at, self._overview_fire, sub)
+
+    def _overview_fire(self, sub: Subscription) -> None:
+        self._overview_timer = None
+        self._overview_due = True
+        sub.wake()
+
+    async def _write_overview(self, send: Send, sub: Subscription) -> None:
+        assert self.overview is not None and self._loop is not None
+        self._overview_due = False
+        await self._write(send, await self.overview.frame(self.tenant))
+        self._overview_sent = self._loop.time()
+        self._arm_overview(sub, self._overview_sent + REFRESH_S)
+
     async def _run(self, send: Send, sub: Subscription) -> None:
         self._loop = asyncio.get_running_loop()
         head = f"retry: {self.config.retry_ms}\n\n".encode()
@@ -204,6 +237,8 @@ class EventStream:
         self._arm_ping(sub)
 
         last_key = await self._catch_up(send, last_key)
+        if self.overview is not None:
+            await self._write_overview(send, sub)
         while not self.ended:
             if sub.closed or sub.overflowed:
                 if sub.overflowed:
@@ -218,6 +253,11 @@ class EventStream:
                 chunk, last_key = self._take(sub, last_key)
                 if chunk:
                     await self._write(send, chunk)
+                    if self.overview is not None:
+                        self._arm_overview(sub, max(self._loop.time(), self._overview_sent + MIN_INTERVAL_S))
+                continue
+            if self._overview_due:
+                await self._write_overview(send, sub)
                 continue
             if self._ping_due:
                 self._ping_due = False

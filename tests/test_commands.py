@@ -18,9 +18,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from jobcast.cli.client import UsageError
+from jobcast.cli.client import StreamEvent, UsageError
 from jobcast.cli.commands import ExitStatus, parse_params
 from jobcast.cli.embedded_redis import free_port
+from jobcast.cli.terminal import JobClockColumn, Output, TailView, time_left_text
 from jobcast.worker import schema
 from jobcast.worker.main import JobcastWorker
 from jobcast.worker.settings import Settings
@@ -111,6 +112,14 @@ async def test_tail_shows_every_step_and_the_result_then_exits_0(
     assert percents == ["20%", "40%", "60%", "80%", "100%"]
     assert "step 5 of 5" in lines[7]
     assert lines[-1] == 'result {"slept": 0.5}'
+    # Time left once the worker has enough signal (two steps after the first), none at 100%.
+    assert [line.endswith(" left)") or line.endswith("(finishing)") for line in lines[3:8]] == [
+        False,
+        False,
+        True,
+        True,
+        False,
+    ]
 
 
 async def test_tail_exits_1_with_the_error_when_the_job_fails(
@@ -298,6 +307,49 @@ async def test_errors_are_one_red_line_with_a_documented_status(
     bad_url = await jobcast("127.0.0.1:8000", "types")
     assert bad_url.status == ExitStatus.USAGE
     assert_one_line_error(bad_url, "http://")
+
+
+async def test_tail_that_never_connects_fails_at_once_like_status() -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    status = await jobcast(nobody, "status", "job_01M8M28EZDA3FPZ9JA168K5YM8")
+    tail = await jobcast(nobody, "tail", "job_01M8M28EZDA3FPZ9JA168K5YM8")
+    wait = await jobcast(nobody, "submit", "sleep", "--wait")
+    assert status.status == tail.status == wait.status == ExitStatus.REQUEST_FAILED
+    assert_one_line_error(tail, "cannot reach", "is the server running?")
+    assert tail.stderr == status.stderr == wait.stderr
+
+
+def test_tail_s_clock_ends_on_the_figure_of_its_after_line(capsys: pytest.CaptureFixture[str]) -> None:
+    events = [
+        ("job.queued", "queued", "2026-12-02T12:00:00.000000Z", None),
+        ("job.processing", "processing", "2026-12-02T12:00:05.000000Z", None),
+        ("job.progress", "processing", "2026-12-02T12:00:10.000000Z", "2026-12-02T12:00:25.000000Z"),
+        ("job.completed", "completed", "2026-12-02T12:00:17.250000Z", None),
+    ]
+    view = TailView(Output(json_mode=False))
+    with view:
+        for index, (name, status, at, eta) in enumerate(events):
+            data = {"job_id": "job_x", "type": "sleep", "status": status, "attempt": 1, "at": at}
+            data["progress"] = {"percent": 50.0 if eta else 0.0, "eta": eta}
+            view.event(StreamEvent(f"1-{index}", name, data))
+            if name == "job.progress":
+                (task,) = view.progress.tasks
+                assert task.fields["left"][0] == 15.0  # eta - at: what the server estimated
+    (task,) = view.progress.tasks
+    clock = JobClockColumn().render(task).plain
+    assert clock == "12.2 s"
+    assert capsys.readouterr().out.splitlines()[-1].endswith("after 12.2 s")
+
+
+def test_time_left_reads_as_an_estimate() -> None:
+    assert [time_left_text(s) for s in (0.4, 12.4, 59.4, 90, 3000, 7200)] == [
+        "finishing",
+        "about 12 s left",
+        "about 59 s left",
+        "about 2 min left",
+        "about 50 min left",
+        "about 2.0 h left",
+    ]
 
 
 async def test_help_documents_the_exit_statuses() -> None:

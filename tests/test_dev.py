@@ -6,6 +6,7 @@ a temporary data dir. Its children are found (and later checked for) through ``/
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -271,3 +272,63 @@ def test_ctrl_c_hands_a_running_job_back_before_redis_stops(start_dev: Callable[
     assert statuses(job) == ["queued", "processing", "queued", "processing"], job
     assert job["attempt"] == 1, job
     assert second.interrupt() == 0, second.output()
+
+
+def jobcast_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m jobcast ...`` with no JOBCAST_* from the outside, as a new user's shell has."""
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("JOBCAST_")}
+    return subprocess.run(
+        [sys.executable, "-m", "jobcast", *args],
+        env={**clean, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.timeout(90)
+def test_keys_finds_the_redis_of_a_running_dev_and_says_so(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    # The default data dir, .jobcast-data in the folder the commands run in, as the README has it.
+    dev = start_dev(tmp_path / ".jobcast-data")
+    created = jobcast_cli("keys", "create", "newcomer", "--json", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert (
+        f"using the Redis of the `jobcast dev` running in .jobcast-data (redis://127.0.0.1:{dev.redis_port()}/0)"
+        in (created.stderr)
+    )
+    key = json.loads(created.stdout)["key"]
+    with httpx.Client(base_url=dev.base_url, timeout=15.0) as client:
+        assert client.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+    assert dev.interrupt() == 0, dev.output()
+    # Stopped: the lock file is left behind, but no longer held, so it is not used.
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    after = jobcast_cli("keys", "list", cwd=tmp_path, env={"JOBCAST_REDIS_URL": unreachable})
+    assert after.returncode == 1
+    assert "using the Redis" not in after.stderr
+
+
+def test_no_command_prints_a_traceback_when_redis_cannot_be_reached(tmp_path: Path) -> None:
+    unreachable = f"redis://:hunter2hunter2@127.0.0.1:{free_port()}/0"
+    for args in (["keys", "list"], ["keys", "create", "acme"], ["worker"]):
+        result = jobcast_cli(*args, cwd=tmp_path, env={"JOBCAST_REDIS_URL": unreachable, "JOBCAST_ENV": "development"})
+        assert result.returncode == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr, args
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("jobcast: cannot reach Redis at redis://:***@127.0.0.1:"), (args, last)
+        assert "Set JOBCAST_REDIS_URL" in last
+        assert "hunter2" not in result.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_embedded_redis_points_at_its_log_file(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    dev = start_dev(tmp_path / "data")
+    (redis,) = [child for child in children_of(dev.process.pid) if role(child) == "redis"]
+
+    os.kill(redis.pid, signal.SIGKILL)
+
+    assert dev.wait_exit() == 1
+    log = tmp_path / "data" / "redis" / "redis.log"
+    assert f"redis exited unexpectedly (signal SIGKILL); its log is {log}" in dev.output()
+    assert log.exists()

@@ -126,8 +126,8 @@ async def test_progress_is_coalesced_and_the_final_100_lands(
     progress = [d for name, d in await log_events(redis, ticket["id"]) if name == "job.progress"]
     # 20,000 calls; at most progress_rate writes a second (+1 for the first, +1 for the drain).
     assert 1 <= len(progress) <= settings.progress_rate * elapsed + 2
-    assert progress[-1]["progress"] == {"percent": 100.0, "message": "call 20000"}
-    assert job["progress"] == {"percent": 100.0, "message": "call 20000"}
+    assert progress[-1]["progress"] == {"percent": 100.0, "eta": None, "message": "call 20000"}
+    assert job["progress"] == {"percent": 100.0, "eta": None, "message": "call 20000"}
 
 
 async def test_large_results_travel_as_a_link_in_events(

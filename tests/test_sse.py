@@ -81,7 +81,7 @@ async def test_a_late_subscriber_gets_the_whole_history_then_the_stream_ends(
     assert [e for _, e, _ in seen] == ["job.queued", "job.processing", "job.progress", "job.completed"]
     assert ids(seen) == log_ids(await redis.xrange(schema.job_log_key(job_id)))
     assert seen[-1][2]["result"] == {"ok": True}
-    assert seen[2][2]["progress"] == {"percent": 50.0, "step": "half"}
+    assert seen[2][2]["progress"] == {"percent": 50.0, "eta": None, "step": "half"}
 
 
 async def test_early_and_late_subscribers_see_the_same_sequence(client: httpx.AsyncClient, store: Store) -> None:

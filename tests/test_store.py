@@ -250,7 +250,12 @@ async def test_progress_never_goes_down_within_an_attempt(redis: Redis, store: S
     assert await store.progress(job_id, 1, 40, "a", None) is True
     assert await store.progress(job_id, 1, 30, "b", None) is False
     assert await store.progress(job_id, 1, 40, "c", "same percent, new step") is True
-    assert (await record(store, job_id)).progress == {"percent": 40.0, "step": "c", "message": "same percent, new step"}
+    assert (await record(store, job_id)).progress == {
+        "percent": 40.0,
+        "eta": None,
+        "step": "c",
+        "message": "same percent, new step",
+    }
     # A new attempt starts from zero again.
     assert await store.retry(job_id, 1, ERR, 0) == "queued"
     assert await store.start(job_id, 2, 10**15) is not None

@@ -5,6 +5,9 @@
 script call: record + both event logs + PUBLISH). A handler may call it in a tight loop, or from a
 thread (``asyncio.to_thread``); intermediate values are coalesced, never the latest one: the runner
 drains the pending value before it records the job's outcome, so a final 100% always lands.
+
+Every call also feeds the attempt's :class:`~jobcast.worker.eta.Estimator`; each write carries its
+estimate as ``progress.eta`` (the wall-clock time of the report plus the time left, or None).
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from .clock import rfc3339
+from .eta import Estimator
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -28,6 +34,14 @@ class _Pending:
     percent: float
     step: str | None
     message: str | None
+    #: Wall-clock time of the report, and the seconds left after it (None: too little signal).
+    at_ns: int
+    remaining_s: float | None
+
+    @property
+    def eta(self) -> str | None:
+        """When the work is expected to be done, as RFC 3339."""
+        return None if self.remaining_s is None else rfc3339(self.at_ns + int(self.remaining_s * 1e9))
 
 
 @dataclass
@@ -48,6 +62,7 @@ class JobContext:
     _last_write: float = field(default=-math.inf, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _draining: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _estimator: Estimator = field(default_factory=Estimator, repr=False)
 
     def progress(self, percent: float, *, step: str | None = None, message: str | None = None) -> None:
         """Report progress of this attempt: ``percent`` in 0..100, never going down.
@@ -62,7 +77,9 @@ class JobContext:
                 logger.debug("job %s: progress %.1f ignored, already at %.1f", self.job_id, percent, self._percent)
                 return
             self._percent = float(percent)
-            self._pending = _Pending(float(percent), step, message)
+            self._estimator.observe(self._percent, time.monotonic())
+            remaining = self._estimator.remaining_s() if percent < 100 else None
+            self._pending = _Pending(float(percent), step, message, time.time_ns(), remaining)
         if threading.get_ident() == self._thread:
             self._kick()
         else:
@@ -86,7 +103,9 @@ class JobContext:
                 return
             self._last_write = self._loop.time()
             try:
-                await self.store.progress(self.job_id, self.run, pending.percent, pending.step, pending.message)
+                await self.store.progress(
+                    self.job_id, self.run, pending.percent, pending.step, pending.message, eta=pending.eta
+                )
             except (RedisError, OSError) as exc:
                 # Progress is advisory; the outcome write that follows is what must not be lost.
                 logger.warning("job %s: progress %.1f not written: %s", self.job_id, pending.percent, exc)

@@ -112,8 +112,25 @@ class JobError(BaseModel):
     attempt: int
 
 
+#: Decimals of a progress percent on the wire: 4.166666666666667 travels as 4.17.
+PERCENT_DECIMALS = 2
+
+
+def transport_percent(percent: float) -> float:
+    """A progress percent as it is stored and sent: rounded, and never 100 before the work is."""
+    rounded = round(float(percent), PERCENT_DECIMALS)
+    return 100 - 10**-PERCENT_DECIMALS if rounded >= 100 > percent else rounded
+
+
 class Progress(BaseModel):
-    percent: float = 0.0
+    percent: float = Field(default=0.0, ge=0, le=100, description="0 to 100, rounded to two decimals.")
+    eta: str | None = Field(
+        default=None,
+        description=(
+            "When the job is expected to finish (RFC 3339), estimated by the worker from the progress "
+            "rate so far; null until there is enough signal, and once the job is no longer running."
+        ),
+    )
     # Left out of the JSON until the job reports them (never sent as null).
     step: str | None = Field(default=None, exclude_if=lambda value: value is None)
     message: str | None = Field(default=None, exclude_if=lambda value: value is None)

@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 from . import schema
 from .clock import now
 from .ids import is_job_id, new_job_id
-from .models import Audience, CancelOutcome, CreateOutcome, JobError, JobStatus, Priority
+from .models import Audience, CancelOutcome, CreateOutcome, JobError, JobStatus, Priority, transport_percent
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class JobRecord:
             run=int(h["run"]),
             version=int(h["version"]),
             params=json_or_none("params") or {},
-            progress=json_or_none("progress") or {"percent": 0.0},
+            progress=json_or_none("progress") or {"percent": 0.0, "eta": None},
             history=json_or_none("history") or [],
             result=json_or_none("result"),
             error=json_or_none("error"),
@@ -176,7 +176,7 @@ class Store:
         record = JobRecord(
             id=job_id, tenant=tenant, type=job_type, status=JobStatus.QUEUED, priority=priority,
             attempt=1, max_attempts=max_attempts, run=1, version=1, params=params,
-            progress={"percent": 0.0}, history=[{"status": "queued", "at": at[0], "attempt": 1}],
+            progress={"percent": 0.0, "eta": None}, history=[{"status": "queued", "at": at[0], "attempt": 1}],
             result=None, error=None, webhook=webhook, created_at=at[0], started_at=None,
             finished_at=None, updated_at=at[0], cancel_requested=False,
         )  # fmt: skip
@@ -311,13 +311,20 @@ class Store:
             return None
         return Started(reply[1], reply[2], int(reply[3]), int(reply[4]))
 
-    async def progress(self, job_id: str, run: int, percent: float, step: str | None, message: str | None) -> bool:
-        body: dict[str, Any] = {"percent": float(percent)}
+    async def progress(
+        self, job_id: str, run: int, percent: float, step: str | None, message: str | None, *, eta: str | None = None
+    ) -> bool:
+        """Record progress of run ``run``: False when ignored (a stale run, or ``percent`` going down).
+
+        ``percent`` travels rounded (:func:`transport_percent`); ``eta`` is an RFC 3339 time or None.
+        """
+        percent = transport_percent(percent)
+        body: dict[str, Any] = {"percent": percent, "eta": eta}
         if step is not None:
             body["step"] = step
         if message is not None:
             body["message"] = message
-        return bool(await self._script("progress", job_id, run, repr(float(percent)), orjson.dumps(body).decode()))
+        return bool(await self._script("progress", job_id, run, repr(percent), orjson.dumps(body).decode()))
 
     async def heartbeat(self, lease_deadline_ms: int, runs: list[tuple[str, int]]) -> dict[str, str]:
         """Renew the leases of ``runs``; returns job id -> ``ok`` | ``cancel`` | ``lost``."""

@@ -10,7 +10,8 @@ connection drops — a server restart, a proxy timeout, a network blip — it re
 ``Last-Event-ID``, so the server sends exactly the events after the last one seen. Events are
 still checked against the last id (ids are ordered positions in the job's log), so even a replay
 from the start (after a ``410 Gone``) yields each event once. It gives up after
-``RECONNECT_GIVE_UP_S`` without a connection.
+``RECONNECT_GIVE_UP_S`` without a connection. A server that never answered at all is not a dropped
+connection but a wrong URL or a server not started: that fails at once, as every other command does.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def _id_key(event_id: str) -> tuple[int, int]:
         return (-1, -1)
 
 
+def _unreachable(base_url: str, exc: httpx.TransportError) -> Unreachable:
+    return Unreachable(f"cannot reach {base_url} ({_describe(exc)}); is the server running?")
+
+
 def _describe(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.ConnectError):
         return "connection refused"
@@ -125,7 +130,7 @@ class Client:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach {self.base_url} ({_describe(exc)}); is the server running?") from None
+            raise _unreachable(self.base_url, exc) from None
         if response.status_code >= 400:
             raise self._failure(response)
         return response
@@ -194,15 +199,18 @@ class Client:
         """Long-poll the job until it is finished, riding out dropped connections like :meth:`follow`."""
         down_since: float | None = None
         delay = RECONNECT_FIRST_S
+        answered = False
         while True:
             try:
                 job = self.job(job_id, wait=WAIT_S)
             except Unreachable:
+                if not answered:
+                    raise
                 down_since = self._check_give_up(down_since)
                 time.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
-            down_since, delay = None, RECONNECT_FIRST_S
+            down_since, delay, answered = None, RECONNECT_FIRST_S, True
             if job["status"] in TERMINAL_STATUSES:
                 return job
 
@@ -219,6 +227,7 @@ class Client:
         last_key = (-1, -1)
         down_since: float | None = None
         delay = RECONNECT_FIRST_S
+        answered = False
         timeout = httpx.Timeout(30.0, connect=10.0, read=STREAM_READ_TIMEOUT_S)
         while True:
             headers = {"Last-Event-ID": last_id} if last_id else {}
@@ -228,6 +237,7 @@ class Client:
                     self._http, "GET", f"/jobs/{job_id}/events", headers=headers, timeout=timeout
                 ) as source:
                     response = source.response
+                    answered = True
                     if response.status_code == 204:
                         return
                     if response.status_code == 410:  # our last id was trimmed: replay, skip what we saw
@@ -250,6 +260,8 @@ class Client:
                             if event.terminal:
                                 return
             except httpx.TransportError as exc:
+                if not answered:
+                    raise _unreachable(self.base_url, exc) from None
                 reason = _describe(exc)
             except SSEError as exc:
                 raise ClientError(f"{self.base_url} did not answer with an event stream ({exc})") from None

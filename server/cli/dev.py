@@ -7,7 +7,9 @@ What runs:
   restart of ``jobcast dev`` on the same data dir. It listens on port 6399 when that is free, so a
   ``redis-cli -p 6399`` keeps working across restarts, else on any free port; the banner says which.
   Persistence depends on the folder, not the port. A lock file in that folder stops a second
-  ``jobcast dev`` from running a second redis-server over the same files.
+  ``jobcast dev`` from running a second redis-server over the same files; while the lock is held the
+  file holds the Redis URL, which is how ``jobcast keys`` run from the same folder finds this Redis
+  (:func:`running_dev_redis`).
 - **The worker and the web server**, as ``python -m jobcast worker|web`` subprocesses (the Procfile's
   two lines), with the inherited environment plus ``JOBCAST_REDIS_URL``, ``JOBCAST_ENV=development``
   (default secret and the API key ``dev-key``) and ``JOBCAST_SHUTDOWN_GRACE_S=10``; the last two only
@@ -54,6 +56,8 @@ from .embedded_redis import RedisNotFound, RedisProcess, free_port
 logger = logging.getLogger(__name__)
 
 PREFERRED_REDIS_PORT = 6399
+#: In ``<data dir>/redis``: held (flock) while a ``jobcast dev`` runs there, and holds its Redis URL.
+LOCK_FILE = "jobcast-dev.lock"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 DEV_SHUTDOWN_GRACE_S = "10"
@@ -100,7 +104,7 @@ def _run(signals: _Signals, settings: Settings, env: dict[str, str], *, host: st
         supervisor = _Supervisor(signals, stop_timeout=max(STOP_TIMEOUT_S, settings.shutdown_grace_s + 5.0))
         stack.callback(supervisor.stop)  # runs before the embedded Redis stops
         if redis is not None and redis.process is not None:
-            supervisor.watch("redis", redis.process)
+            supervisor.watch("redis", redis.process, log=redis.data_dir / "redis.log")
         command = [sys.executable, "-m", "jobcast"]
         supervisor.start("worker", [*command, "worker"], env)
         supervisor.start("web", [*command, "web", "--host", host, "--port", str(port)], env)
@@ -125,10 +129,26 @@ def _settings(env: Mapping[str, str]) -> Settings:
     return Settings.from_env(env=env["JOBCAST_ENV"], shutdown_grace_s=env["JOBCAST_SHUTDOWN_GRACE_S"])
 
 
+def running_dev_redis(data_dir: Path) -> str | None:
+    """The Redis URL of the ``jobcast dev`` running with ``data_dir``, or None when none is."""
+    try:
+        lock = open(data_dir / "redis" / LOCK_FILE)  # noqa: SIM115 - closed below, after the probe
+    except OSError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: that `jobcast dev` is running
+            url = lock.read().strip()
+            return url if url.startswith("redis://") else None
+        return None  # a leftover of a `jobcast dev` that has stopped
+
+
 @contextlib.contextmanager
 def _embedded_redis(folder: Path) -> Iterator[RedisProcess]:
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "jobcast-dev.lock", "w") as lock:
+    # Not opened with "w": that would empty the file of a `jobcast dev` already holding the lock.
+    with open(folder / LOCK_FILE, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -140,6 +160,9 @@ def _embedded_redis(folder: Path) -> Iterator[RedisProcess]:
             redis.start()
         except (RedisNotFound, RuntimeError) as exc:
             raise DevError(f"cannot start the embedded Redis: {exc}") from None
+        lock.truncate(0)
+        lock.write(redis.url + "\n")
+        lock.flush()
         logger.info("embedded Redis on %s, data in %s", redis.url, folder)
         try:
             yield redis
@@ -236,10 +259,13 @@ class _Supervisor:
         self._stop_timeout = stop_timeout
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._watched: dict[str, subprocess.Popen[bytes]] = {}
+        #: Where the log of a process that does not write to our terminal is.
+        self._logs: dict[str, Path] = {}
 
-    def watch(self, name: str, process: subprocess.Popen[bytes]) -> None:
+    def watch(self, name: str, process: subprocess.Popen[bytes], *, log: Path) -> None:
         """Treat the exit of a process someone else stops (the embedded Redis) as a failure."""
         self._watched[name] = process
+        self._logs[name] = log
 
     def start(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
         # Own process group: a terminal's Ctrl-C reaches us only, and we stop children in order.
@@ -252,7 +278,8 @@ class _Supervisor:
         for name, process in (self._watched | self._children).items():
             returncode = process.poll()
             if returncode is not None:
-                raise DevError(f"{name} exited unexpectedly ({_describe(returncode)}); its log is above")
+                where = f"its log is {self._logs[name]}" if name in self._logs else "its log is above"
+                raise DevError(f"{name} exited unexpectedly ({_describe(returncode)}); {where}")
 
     def wait_ready(self, url: str) -> bool:
         """Wait for ``url`` to answer 200: True when it does, False when a stop was asked first."""

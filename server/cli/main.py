@@ -10,8 +10,13 @@ and the client commands of :mod:`jobcast.cli.commands`, which talk to a running 
     jobcast submit TYPE [key=value ...]   jobcast status ID   jobcast list   jobcast cancel ID
     jobcast types                         jobcast tail ID
 
-Configuration errors of dev, web and worker end in a one-line message and exit status 1, never a
-traceback; the client commands have their own exit statuses (``commands.EXIT_STATUSES``).
+Configuration errors of dev, web, worker and keys end in a one-line message and exit status 1, never
+a traceback, and so does a Redis that cannot be reached (the message names the URL, without its
+password, and what to set); the client commands have their own exit statuses
+(``commands.EXIT_STATUSES``).
+
+``jobcast keys`` without ``JOBCAST_REDIS_URL`` uses the Redis of the ``jobcast dev`` running with
+``--data-dir`` (``.jobcast-data`` in this folder by default), and says so on stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobcast.worker.logs import configure_logging
 from jobcast.worker.settings import ConfigError, Settings
@@ -33,6 +43,39 @@ try:
 except ModuleNotFoundError as exc:
     commands = None  # type: ignore[assignment]
     MISSING_FOR_CLIENT = exc.name
+
+DEFAULT_DATA_DIR = ".jobcast-data"
+
+
+class RedisUnreachable(ConfigError):
+    """Redis did not answer: the message says where we looked and what to set."""
+
+    def __init__(self, url: str, reason: object) -> None:
+        super().__init__(
+            f"cannot reach Redis at {redacted(url)} ({reason}). Set JOBCAST_REDIS_URL to the Redis your "
+            "Jobcast server uses, or start one with `jobcast dev` (then run this command in the same folder, "
+            "or pass its --data-dir)"
+        )
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (a Redis URL may carry one)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _keys_settings(data_dir: Path) -> Settings:
+    """Settings for ``jobcast keys``: JOBCAST_REDIS_URL when set, else the Redis of a running ``jobcast dev``."""
+    from .dev import running_dev_redis
+
+    found = None if os.environ.get("JOBCAST_REDIS_URL") else running_dev_redis(data_dir)
+    if found is None:
+        return Settings.from_env(require_secrets=False)
+    print(f"jobcast: using the Redis of the `jobcast dev` running in {data_dir} ({found})", file=sys.stderr)
+    return Settings.from_env(require_secrets=False, redis_url=found)
 
 
 def cmd_web(args: argparse.Namespace) -> None:
@@ -71,8 +114,9 @@ def cmd_keys(args: argparse.Namespace) -> None:
 
     from ..keys import ApiKeyError, ApiKeys
 
+    settings = _keys_settings(Path(args.data_dir))
+
     async def run() -> None:
-        settings = Settings.from_env(require_secrets=False)
         redis = redis_client(settings)
         keys = ApiKeys(redis)
         try:
@@ -94,6 +138,8 @@ def cmd_keys(args: argparse.Namespace) -> None:
                 print(json.dumps(info.__dict__) if args.json else f"Revoked API key {info.id} of {info.tenant}.")
         except ApiKeyError as exc:
             raise ConfigError(str(exc)) from None
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise RedisUnreachable(settings.redis_url, exc) from None
         finally:
             await redis.aclose()
 
@@ -119,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = sub.add_parser("dev", help="run server, worker and an embedded Redis for local development")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    dev.add_argument("--data-dir", default=".jobcast-data", help="where the embedded Redis keeps its files")
+    dev.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where the embedded Redis keeps its files")
     dev.set_defaults(func=cmd_dev)
 
     web = sub.add_parser("web", help="run the HTTP server")
@@ -141,6 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     revoke.add_argument("key_id")
     for p in (create, listing, revoke):
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument(
+            "--data-dir",
+            default=DEFAULT_DATA_DIR,
+            help="without JOBCAST_REDIS_URL: use the Redis of the `jobcast dev` running with this data dir",
+        )
     keys.set_defaults(func=cmd_keys)
 
     if commands is not None:
@@ -166,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         args.func(args)
+    except (RedisConnectionError, RedisTimeoutError) as exc:  # a worker that never reached its Redis
+        print(f"jobcast: {RedisUnreachable(Settings.from_env(require_secrets=False).redis_url, exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
     except ConfigError as exc:
         print(f"jobcast: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

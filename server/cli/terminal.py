@@ -4,17 +4,22 @@
 Everything goes through rich, which drops the colours when stdout is not a terminal (or when
 ``NO_COLOR`` is set). ``tail`` draws a live progress bar only on a terminal; elsewhere it prints a
 line per event, so that its output can be logged and read back.
+
+Times in ``tail`` are the server's: its clock runs from the job's first ``processing`` event and
+stops at the terminal event's time, so it ends on the very figure of the "after N s" line. Time
+left is ``progress.eta - at`` of the latest update (free of clock skew), counted down locally.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import datetime
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Column
 from rich.text import Text
 
@@ -52,6 +57,29 @@ class Output:
         self.errors.print(Text(message, style="dim"))
 
 
+class JobClockColumn(ProgressColumn):
+    """How long the job has run: from its first start (server time) to now, or to its end."""
+
+    def render(self, task: Task) -> Text:
+        started: float | None = task.fields.get("started")
+        ended: float | None = task.fields.get("ended")
+        if started is None:
+            return Text("")
+        seconds = (ended if ended is not None else time.time()) - started
+        return Text(format_seconds(max(0.0, seconds)), style="progress.elapsed")
+
+
+class TimeLeftColumn(ProgressColumn):
+    """``about 12 s left``, counted down from the latest estimate."""
+
+    def render(self, task: Task) -> Text:
+        estimate: tuple[float, float] | None = task.fields.get("left")
+        if estimate is None:
+            return Text("")
+        seconds_left, received = estimate
+        return Text(time_left_text(seconds_left - (time.monotonic() - received)), style="progress.remaining")
+
+
 class TailView:
     """How ``tail`` shows a job: transitions as lines, progress as a live bar on a terminal (a
     line per update elsewhere), then the result or the error. With ``--json``: the events as JSON
@@ -65,7 +93,8 @@ class TailView:
             BarColumn(bar_width=30),
             TaskProgressColumn(),
             TextColumn("{task.fields[step]}"),
-            TimeElapsedColumn(),
+            JobClockColumn(),
+            TimeLeftColumn(),
             console=out.console,
             disable=not self.live,
         )
@@ -97,16 +126,26 @@ class TailView:
         step = " · ".join(str(progress[k]) for k in ("step", "message") if progress.get(k))
         if self.task is None:
             self._print((data["job_id"], "bold"), f"  {data['type']}")
-            self.task = self.progress.add_task(data["status"], total=100, step="")
-        self.progress.update(self.task, completed=percent, step=step, description=data["status"])
+            self.task = self.progress.add_task(data["status"], total=100, step="", started=None, ended=None, left=None)
+        if item.event == "job.processing" and self.started_at is None:
+            self.started_at = data["at"]
+        left = seconds_between(data["at"], progress.get("eta"))
+        self.progress.update(
+            self.task,
+            completed=percent,
+            step=step,
+            description=data["status"],
+            started=parse_time(self.started_at).timestamp() if self.started_at else None,
+            ended=parse_time(data["at"]).timestamp() if item.terminal else None,
+            left=(left, time.monotonic()) if left is not None else None,
+        )
         at = local_time(data["at"])
         name = item.event.removeprefix("job.")
         if item.event == "job.progress":
             if not self.live:
-                self._print(f"{at}  ", f"{name:<11}", f"{percent:3.0f}%", f"  {step}" if step else "")
+                eta = f"  ({time_left_text(left)})" if left is not None else ""
+                self._print(f"{at}  ", f"{name:<11}", f"{percent:3.0f}%", f"  {step}" if step else "", eta)
             return
-        if item.event == "job.processing" and self.started_at is None:
-            self.started_at = data["at"]
         detail = f"attempt {data['attempt']}"
         if item.event == "job.retrying":
             error = data.get("error") or {}
@@ -172,6 +211,17 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours} h {minutes} min"
 
 
+def time_left_text(seconds: float) -> str:
+    """An estimate of time left, as rounded as an estimate deserves: ``about 12 s left``."""
+    if seconds < 1:
+        return "finishing"
+    if seconds < 60:
+        return f"about {seconds:.0f} s left"
+    if seconds < 3600:
+        return f"about {seconds / 60:.0f} min left"
+    return f"about {seconds / 3600:.1f} h left"
+
+
 def duration_text(job: Job) -> str:
     """How long the job ran (or has been running); ``-`` while queued."""
     if not job.get("started_at"):
@@ -209,7 +259,9 @@ def render_job(job: Job) -> Text:
     ]
     progress = job.get("progress") or {}
     step = " · ".join(str(progress[k]) for k in ("step", "message") if progress.get(k))
-    lines.append(("progress", f"{progress.get('percent', 0):.0f}%" + (f"  {step}" if step else "")))
+    left = seconds_between(datetime.now().astimezone().isoformat(), progress.get("eta"))
+    eta = f"  ({time_left_text(left)})" if left is not None else ""
+    lines.append(("progress", f"{progress.get('percent', 0):.0f}%" + (f"  {step}" if step else "") + eta))
     lines.append(("attempt", f"{job['attempt']} of {job['max_attempts']}"))
     lines.append(("priority", job["priority"]))
     lines.append(("params", json.dumps(job.get("params", {}))))

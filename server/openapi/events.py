@@ -36,6 +36,14 @@ def paths() -> dict[str, Any]:
                     param("Last-Event-ID", "header", {"type": "string"}, "Resume after this event id."),
                     LAST_EVENT_ID,
                     TOKEN,
+                    param(
+                        "overview",
+                        "query",
+                        {"type": "boolean", "default": False},
+                        "Also send `overview` events (no id; data: the Overview schema): the tenant's jobs by "
+                        "status, workers alive and queue depth, when the stream opens, at most once a second "
+                        "after job events, and every 10 s.",
+                    ),
                 ],
                 "responses": {
                     "200": {"description": "The event stream.", "content": SSE},

@@ -9,7 +9,7 @@ from starlette.responses import Response
 from jobcast.worker.models import Audience
 
 from ..problems import Forbidden, GoneProblem
-from ..requests import job_id_param, last_event_id
+from ..requests import job_id_param, last_event_id, query_bool
 from ..services import Services, services
 from ..sse import EventStream, Gone, StreamConfig, check_continuity
 
@@ -34,8 +34,9 @@ async def tenant_events(request: Request) -> EventStream:
     if principal.kind == "job":
         raise Forbidden("A job token reads only its own job; use a stream token (POST /tokens) for GET /events.")
     last_id = last_event_id(request)
+    overview = query_bool(request, "overview")
     await _check_resumable(svc, "tenant", principal.tenant, last_id)
-    return event_stream(svc, principal.tenant, "tenant", principal.tenant, last_id)
+    return event_stream(svc, principal.tenant, "tenant", principal.tenant, last_id, overview=overview)
 
 
 async def _check_resumable(svc: Services, audience: Audience, key: str, last_id: str | None) -> None:
@@ -50,8 +51,11 @@ async def _check_resumable(svc: Services, audience: Audience, key: str, last_id:
         ) from None
 
 
-def event_stream(svc: Services, tenant: str, audience: Audience, key: str, last_id: str | None) -> EventStream:
-    """The stream of one job (replayed from its start without a last id) or of a tenant (live)."""
+def event_stream(
+    svc: Services, tenant: str, audience: Audience, key: str, last_id: str | None, *, overview: bool = False
+) -> EventStream:
+    """The stream of one job (replayed from its start without a last id) or of a tenant (live),
+    with ``overview`` events when asked for."""
     return EventStream(
         hub=svc.hub,
         store=svc.store,
@@ -62,4 +66,5 @@ def event_stream(svc: Services, tenant: str, audience: Audience, key: str, last_
         config=StreamConfig(ping_s=svc.settings.sse_ping_s, send_timeout_s=svc.settings.sse_send_timeout_s),
         slots=svc.stream_slots,
         tenant=tenant,
+        overview=svc.overview if overview else None,
     )

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from jobcast.worker.clock import rfc3339
+from jobcast.worker.overview import WORKER_LIVE_S
 
-from ..metrics import WORKER_LIVE_S
 from ..metrics import render as render_metrics
 from ..problems import PROBLEM_TYPES, Forbidden, NotFound, Unauthorized, Unavailable
 from ..requests import query_bool

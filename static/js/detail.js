@@ -7,7 +7,9 @@
 
 import { ApiError } from "./api.js";
 import { h, progressBar, replaceChildren, setProgress, statusBadge } from "./dom.js";
-import { clockTime, dateTime, formatDuration, jobDuration, parseTime, percentText, stepText, TERMINAL } from "./format.js";
+import {
+  clockTime, dateTime, formatDuration, jobDuration, parseTime, percentText, stepText, TERMINAL, timeLeftText,
+} from "./format.js";
 
 export class DetailView {
   constructor({ api, jobs, container, toast, onError }) {
@@ -69,6 +71,7 @@ export class DetailView {
       bar: progressBar(`Progress of job ${id}`, "large"),
       percent: h("span", { class: "detail-percent" }),
       step: h("span", { class: "detail-step" }),
+      left: h("span", { class: "time-left" }),
       facts: h("dl", { class: "facts" }),
       timeline: h("ol", { class: "timeline" }),
       outcome: h("section", { class: "card outcome", "aria-labelledby": "outcome-heading" }),
@@ -98,7 +101,7 @@ export class DetailView {
           "section",
           { class: "card", "aria-labelledby": "progress-heading" },
           h("h2", { id: "progress-heading" }, "Progress"),
-          h("div", { class: "detail-progress" }, p.bar, h("div", { class: "detail-progress-meta" }, p.percent, p.step)),
+          h("div", { class: "detail-progress" }, p.bar, h("div", { class: "detail-progress-meta" }, p.percent, p.step, p.left)),
           p.facts,
         ),
         h(
@@ -139,6 +142,7 @@ export class DetailView {
     setProgress(p.bar, job.progress?.percent, job.status);
     p.percent.textContent = percentText(job.progress);
     p.step.textContent = stepText(job.progress);
+    p.left.textContent = timeLeftText(job);
     this.renderFacts(job);
     this.renderTimeline(job);
     this.renderOutcome(job);
@@ -147,7 +151,9 @@ export class DetailView {
 
   tick() {
     const job = this.id && this.jobs.get(this.id);
-    if (job && !TERMINAL.has(job.status)) this.renderFacts(job);
+    if (!job) return;
+    this.parts.left.textContent = timeLeftText(job);
+    if (!TERMINAL.has(job.status)) this.renderFacts(job);
   }
 
   renderFacts(job) {

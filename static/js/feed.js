@@ -13,6 +13,10 @@
 // same URL: 401/403 means the token expired (get a new one), 410 means our last id is older than
 // the capped log (reload the list and start over without an id), anything else is retried with
 // backoff.
+//
+// The feed asks for overview events too (?overview=true): the live header's counts, workers and
+// queue depth ride on this same EventSource, so the page never polls for them. They carry no id
+// (they are not in the log), so they bypass the id check below.
 
 const EVENT_NAMES = [
   "job.queued", "job.processing", "job.progress", "job.retrying", "job.completed", "job.failed", "job.cancelled",
@@ -33,11 +37,12 @@ export class Feed {
   /**
    * onEvent(name, data, id): an event to apply. onState(state): "connecting" | "live" |
    * "reconnecting" | "offline". onResync(): events may have been missed; reload the state.
-   * onAuthFailed(): the API key itself is no longer accepted.
+   * onAuthFailed(): the API key itself is no longer accepted. onOverview(data): the tenant's
+   * counts by status, workers alive and queue depth.
    */
-  constructor(api, { onEvent, onState, onResync, onAuthFailed }) {
+  constructor(api, { onEvent, onState, onResync, onAuthFailed, onOverview }) {
     this.api = api;
-    this.handlers = { onEvent, onState, onResync, onAuthFailed };
+    this.handlers = { onEvent, onState, onResync, onAuthFailed, onOverview };
     this.source = null;
     this.pending = null;
     this.token = null;
@@ -106,7 +111,7 @@ export class Feed {
   }
 
   url(token, withId) {
-    const query = new URLSearchParams({ token });
+    const query = new URLSearchParams({ token, overview: "true" });
     if (withId && this.lastId) query.set("last_event_id", this.lastId);
     return `/events?${query}`;
   }
@@ -114,6 +119,7 @@ export class Feed {
   open(url) {
     const source = new EventSource(url);
     for (const name of EVENT_NAMES) source.addEventListener(name, (event) => this.receive(source, event));
+    source.addEventListener("overview", (event) => this.overview(source, event));
     source.addEventListener("open", () => this.opened(source));
     source.addEventListener("error", () => this.failed(source));
     return source;
@@ -201,6 +207,17 @@ export class Feed {
       return;
     }
     this.handlers.onEvent(event.type, data, event.lastEventId);
+  }
+
+  overview(source, event) {
+    if (source !== this.source) return;
+    let data;
+    try {
+      data = JSON.parse(event.data);
+    } catch {
+      return; // a malformed overview is skipped; the next one replaces it
+    }
+    this.handlers.onOverview?.(data);
   }
 
   failed(source) {

@@ -56,6 +56,22 @@ export function stepText(progress) {
   return [progress?.step, progress?.message].filter(Boolean).join(" · ");
 }
 
+/**
+ * The worker's estimate of the time left, counted down since it arrived: "about 12 s left".
+ * eta − updated_at is what the server estimated when it wrote the update (both on its clock), and
+ * receivedAt is when this page got it (on ours): no clock skew between the two gets in.
+ */
+export function timeLeftText(job, now = Date.now()) {
+  const eta = parseTime(job?.progress?.eta);
+  const at = parseTime(job?.updated_at);
+  if (eta === null || at === null || job.status !== "processing" || job.receivedAt === undefined) return "";
+  const seconds = (eta - at - (now - job.receivedAt)) / 1000;
+  if (seconds < 1) return "finishing";
+  if (seconds < 60) return `about ${Math.round(seconds)} s left`;
+  if (seconds < 3600) return `about ${Math.round(seconds / 60)} min left`;
+  return `about ${(seconds / 3600).toFixed(1)} h left`;
+}
+
 export function percentText(progress) {
   return `${Math.round(Number(progress?.percent) || 0)}%`;
 }

@@ -2,7 +2,8 @@
 //
 // Both sources say when they were true (a resource's updated_at, an event's at), so whichever
 // arrives late cannot roll a job back: a list loaded while events stream in, or an event
-// replayed after a reconnect, leaves each job at its newest known state.
+// replayed after a reconnect, leaves each job at its newest known state. receivedAt is when the
+// page learnt the job's current state, on the page's clock (for counting down its time left).
 
 import { TERMINAL } from "./format.js";
 
@@ -38,7 +39,9 @@ export class Jobs {
     const known = this.byId.get(resource.id);
     const job = { ...known, ...resource };
     if (known && known.updated_at > resource.updated_at) {
-      for (const field of LIVE_FIELDS) job[field] = known[field];
+      for (const field of [...LIVE_FIELDS, "receivedAt"]) job[field] = known[field];
+    } else {
+      job.receivedAt = Date.now();
     }
     this.byId.set(job.id, job);
     this.emit(job, null);
@@ -56,6 +59,7 @@ export class Jobs {
       attempt: data.attempt,
       progress: data.progress ?? known.progress,
       updated_at: data.at,
+      receivedAt: Date.now(),
     };
     if (name !== "job.progress") {
       const history = known.history ?? [];

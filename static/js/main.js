@@ -11,6 +11,7 @@ import { h } from "./dom.js";
 import { Feed } from "./feed.js";
 import { SubmitForm } from "./form.js";
 import { Jobs } from "./jobs.js";
+import { OverviewBar } from "./overview.js";
 import { JobTable } from "./table.js";
 
 const KEY_STORAGE = "jobcast.apiKey";
@@ -32,9 +33,22 @@ class App {
       this.signIn($("api-key").value.trim());
     });
     $("sign-out").addEventListener("click", () => this.signOut());
+    this.offerDevKey();
     window.addEventListener("hashchange", () => this.route());
     setInterval(() => this.session?.tick(), 1000);
     document.addEventListener("visibilitychange", () => this.session?.tick());
+  }
+
+  /** Under `jobcast dev` the page names its default key (a meta tag the server adds), one click away. */
+  offerDevKey() {
+    const key = document.querySelector('meta[name="jobcast-dev-key"]')?.content;
+    if (!key) return;
+    $("dev-key-value").textContent = key;
+    $("dev-key-hint").hidden = false;
+    $("use-dev-key").addEventListener("click", () => {
+      $("api-key").value = key;
+      this.signIn(key);
+    });
   }
 
   async boot() {
@@ -50,6 +64,7 @@ class App {
     $("dashboard-view").hidden = true;
     $("detail-view").hidden = true;
     $("session-controls").hidden = true;
+    $("overview").hidden = true;
     document.title = "Sign in · Jobcast";
     const error = $("api-key-error");
     error.textContent = message;
@@ -76,6 +91,7 @@ class App {
     this.session = new Session(this, api, types);
     $("sign-in-view").hidden = true;
     $("session-controls").hidden = false;
+    $("overview").hidden = false;
     this.session.start();
     this.route();
   }
@@ -138,9 +154,14 @@ class Session {
     this.form.setTypes(types);
     this.detail = new DetailView({ api, jobs, container: $("detail-view"), toast, onError });
     this.detail.jobTypes = types;
+    this.overview = new OverviewBar($("overview"));
     this.feed = new Feed(api, {
       onEvent: (name, data) => this.event(name, data),
-      onState: (state) => showConnection(state),
+      onOverview: (data) => this.overview.show(data),
+      onState: (state) => {
+        showConnection(state);
+        if (state !== "live") this.overview.stale();
+      },
       onResync: () => this.reload(),
       onAuthFailed: () => app.signOut("Your API key is no longer accepted. Sign in again."),
     });
@@ -156,6 +177,7 @@ class Session {
   stop() {
     this.stopped = true;
     this.feed.stop();
+    this.overview.clear();
     this.lifetime.abort();
     for (const id of ["jobs-body", "submit-form", "detail-view"]) $(id).replaceChildren();
   }

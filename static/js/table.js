@@ -2,7 +2,9 @@
 // updated in place as events arrive (rows are kept by job id, never rebuilt for an update).
 
 import { h, progressBar, replaceChildren, setProgress, statusBadge } from "./dom.js";
-import { dateTime, formatDuration, jobDuration, parseTime, percentText, relativeTime, stepText } from "./format.js";
+import {
+  dateTime, formatDuration, jobDuration, parseTime, percentText, relativeTime, stepText, timeLeftText,
+} from "./format.js";
 
 const PAGE_SIZE = 25;
 
@@ -110,6 +112,7 @@ export class JobTable {
       bar: progressBar(label),
       percent: h("span", { class: "percent" }),
       step: h("span", { class: "step" }),
+      left: h("span", { class: "time-left" }),
       created: h("time", { datetime: job.created_at, title: dateTime(parseTime(job.created_at)) }),
       duration: h("span"),
     };
@@ -128,7 +131,7 @@ export class JobTable {
         "td",
         { class: "col-progress" },
         cells.bar,
-        h("span", { class: "progress-meta" }, cells.percent, cells.step),
+        h("span", { class: "progress-meta" }, cells.percent, cells.step, cells.left),
       ),
       h("td", { class: "col-created" }, cells.created),
       h("td", { class: "col-duration" }, cells.duration),
@@ -167,6 +170,7 @@ export class JobTable {
   tickRow(job, cells, now = Date.now()) {
     cells.created.textContent = relativeTime(parseTime(job.created_at), now);
     cells.duration.textContent = formatDuration(jobDuration(job, now));
+    cells.left.textContent = timeLeftText(job, now);
   }
 
   /** Durations of running jobs and "2 min ago" times move on by themselves. */

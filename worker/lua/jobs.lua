@@ -19,6 +19,8 @@ local now_iso = ARGV[2]
 local now_ms = tonumber(ARGV[3])
 
 local PRIORITY_BOOST = {high = 3e12, normal = 2e12, low = 1e12}
+-- The progress of a job that has not reported any (queued, or a new attempt just started).
+local NO_PROGRESS = '{"percent":0.0,"eta":null}'
 
 local function job_key(id) return K_JOB .. id end
 
@@ -182,8 +184,18 @@ local function small(json, limit)
   return json and json ~= '' and #json <= limit
 end
 
+-- A job that is no longer running has no time left: its progress keeps the percent and step it
+-- reached, and its eta becomes null.
+local function clear_eta(id)
+  local progress = redis.call('HGET', job_key(id), 'progress')
+  if progress then
+    redis.call('HSET', job_key(id), 'progress', (string.gsub(progress, '"eta":"[^"]*"', '"eta":null', 1)))
+  end
+end
+
 -- Move a processing job to a terminal status. `extra` goes into the event.
 local function finish(id, status, extra)
+  clear_eta(id)
   local r = fields(id, 'tenant', 'status', 'attempt', 'type', 'started_ms')
   count(status .. '|' .. r[4])
   if r[2] == 'processing' and r[5] then
@@ -221,7 +233,7 @@ local function requeue(id, old_run, attempt, delay_ms, event, extra)
   arq_forget(id, old_run)
   index_move(r[1], id, 'processing', 'queued')
   touch(id, 'status', 'queued', 'run', run, 'attempt', attempt, 'percent', 0,
-    'progress', '{"percent":0.0}')
+    'progress', NO_PROGRESS)
   append_history(id, 'queued', attempt)
   redis.call('ZREM', K_RUNNING, id)
   release(r[1], id)
@@ -263,7 +275,7 @@ if op == 'create' then
   redis.call('HSET', job_key(id),
     'id', id, 'tenant', tenant, 'type', jtype, 'status', 'queued', 'priority', priority,
     'attempt', 1, 'max_attempts', ARGV[8], 'run', 1, 'params', ARGV[9], 'webhook', ARGV[10],
-    'progress', '{"percent":0.0}', 'percent', 0, 'created_at', now_iso, 'updated_at', now_iso,
+    'progress', NO_PROGRESS, 'percent', 0, 'created_at', now_iso, 'updated_at', now_iso,
     'history', '[' .. history_entry('queued', 1) .. ']', 'version', 1)
   count('submitted|' .. jtype)
   redis.call('ZADD', K_INDEX .. tenant, 0, id)
@@ -300,7 +312,7 @@ elseif op == 'start' then
   if m[2] then observe('pickup|' .. m[1], PICKUP_BUCKETS, math.max(0, now_ms - tonumber(m[2])) / 1000) end
   redis.call('HSET', job_key(id), 'started_ms', now_ms)
   index_move(r[3], id, 'queued', 'processing')
-  touch(id, 'status', 'processing', 'started_at', now_iso, 'percent', 0, 'progress', '{"percent":0.0}')
+  touch(id, 'status', 'processing', 'started_at', now_iso, 'percent', 0, 'progress', NO_PROGRESS)
   append_history(id, 'processing', r[4])
   redis.call('ZADD', K_RUNNING, ARGV[6], id)
   emit(id, EVENT.processing, '')
