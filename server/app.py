@@ -20,6 +20,8 @@ import orjson
 import uvicorn
 from starlette.applications import Starlette
 
+from jobcast.worker.alerts import Alerter
+from jobcast.worker.destinations import DestinationStore
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
 from jobcast.worker.types import load_registry
@@ -61,6 +63,10 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
         app.state.drain = hub.drain
         slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
         refresher = asyncio.create_task(slots.refresh_forever(), name="jobcast-stream-slots")
+        background = [refresher]
+        if settings.alert_webhook_url:
+            alerter = Alerter(redis, settings)
+            background.append(asyncio.create_task(alerter.run_forever(), name="jobcast-alerts"))
         try:
             yield {
                 STATE_KEY: Services(
@@ -76,12 +82,15 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                     webhooks=WebhookStore(redis, settings),
                     metrics_open=settings.env == "development" or is_private_bind(bind_host),
                     overview=OverviewFeed(redis),
+                    destinations=DestinationStore(redis, settings),
                 )
             }
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await hub.stop()
             await redis.aclose()
 

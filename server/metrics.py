@@ -9,10 +9,14 @@ per process (scrape every server process, and sum).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from redis.exceptions import RedisError
 
 from jobcast.worker import schema
 from jobcast.worker.models import Priority
@@ -22,6 +26,10 @@ from jobcast.worker.store import Store
 from .hub import Hub
 from .limits import StreamSlots
 
+logger = logging.getLogger(__name__)
+
+#: A scrape waits this long for Redis before it answers without it.
+REDIS_TIMEOUT_S = 2.0
 PICKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # as in jobs.lua
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
 
@@ -58,7 +66,56 @@ def _histogram(name: str, doc: str, stats: dict[str, str], prefix: str, buckets:
     return family
 
 
+WAIT_REASONS = ("rate_limit", "retry_after", "destination_busy")
+
+
+def _destination_families(waits: dict[str, str], disabled: dict[str, str], later: int) -> list[Metric]:
+    deferred = CounterMetricFamily(
+        "jobcast_webhook_deferrals",
+        "Delivery attempts held back, by reason: the destination's rate, a receiver's Retry-After, "
+        "all of the destination's slots busy.",
+        labels=["reason"],
+    )
+    waited = CounterMetricFamily(
+        "jobcast_webhook_deferred_seconds", "Seconds delivery attempts were held back, by reason.", labels=["reason"]
+    )
+    for reason in WAIT_REASONS:
+        deferred.add_metric([reason], float(waits.get(f"count|{reason}", 0)))
+        waited.add_metric([reason], float(waits.get(f"seconds|{reason}", 0)))
+    tenants: dict[str, int] = {}
+    for entry in disabled:
+        tenant = entry.partition(" ")[0]
+        tenants[tenant] = tenants.get(tenant, 0) + 1
+    off = GaugeMetricFamily(
+        "jobcast_webhook_destinations_disabled", "Destinations disabled after failing too long.", labels=["tenant"]
+    )
+    for tenant, n in sorted(tenants.items()):
+        off.add_metric([tenant], float(n))
+    scheduled = GaugeMetricFamily(
+        "jobcast_webhook_attempts_scheduled", "Delivery attempts queued for later (retries and held back).", value=later
+    )
+    return [deferred, waited, off, scheduled]
+
+
 async def render(store: Store, hub: Hub, slots: StreamSlots) -> bytes:
+    """The whole scrape. Without Redis it still answers: this process's own figures, and
+    ``jobcast_redis_up 0`` (what the Redis-unavailable alert of deploy/prometheus watches)."""
+    try:
+        async with asyncio.timeout(REDIS_TIMEOUT_S):
+            families = await _shared_families(store)
+        redis_up = 1.0
+    except (RedisError, OSError, TimeoutError) as exc:
+        logger.warning("metrics: Redis unavailable (%s); serving this process's figures only", exc)
+        families, redis_up = [], 0.0
+    families.append(GaugeMetricFamily("jobcast_redis_up", "1 when this process reached Redis.", value=redis_up))
+    families.extend(_process_families(hub, slots))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(families))
+    return generate_latest(registry)
+
+
+async def _shared_families(store: Store) -> list[Metric]:
+    """What all processes share, read from Redis."""
     redis = store.redis
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(schema.STATS)
@@ -66,7 +123,10 @@ async def render(store: Store, hub: Hub, slots: StreamSlots) -> bytes:
         pipe.smembers(schema.DEAD_LETTER_TENANTS)
         pipe.zcard(schema.RUNNING)
         pipe.zcard(schema.SCHEDULED)
-        stats, webhook_stats, dead_tenants, running, scheduled = await pipe.execute()
+        pipe.hgetall(schema.WEBHOOK_WAITS)
+        pipe.hgetall(schema.DISABLED_DESTINATIONS)
+        pipe.zcount(schema.WEBHOOK_QUEUE, f"({time.time_ns() // 1_000_000}", "+inf")
+        stats, webhook_stats, dead_tenants, running, scheduled, waits, disabled, later = await pipe.execute()
     async with redis.pipeline(transaction=False) as pipe:
         for tenant in sorted(dead_tenants):
             pipe.zcard(schema.DEAD_LETTERS + tenant)
@@ -119,7 +179,13 @@ async def render(store: Store, hub: Hub, slots: StreamSlots) -> bytes:
     for tenant, value in zip(sorted(dead_tenants), dead_counts, strict=True):
         dead.add_metric([tenant], float(value))
     families.append(dead)
+    families.extend(_destination_families(waits, disabled, later))
+    return families
 
+
+def _process_families(hub: Hub, slots: StreamSlots) -> list[Metric]:
+    """What only this process knows."""
+    families: list[Metric] = []
     families.append(
         GaugeMetricFamily("jobcast_sse_streams_open", "Event streams open on this process.", value=slots.open_streams)
     )
@@ -133,6 +199,4 @@ async def render(store: Store, hub: Hub, slots: StreamSlots) -> bytes:
             "jobcast_sse_slow_consumers_cut", "Streams this process cut off as too slow.", value=hub.slow_consumers
         )
     )
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(families))
-    return generate_latest(registry)
+    return families

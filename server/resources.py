@@ -16,7 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from jobcast.worker.models import (
+    DeadLetterReason,
     DeliveryStatus,
+    DestinationState,
     EventName,
     HistoryEntry,
     JobError,
@@ -24,6 +26,7 @@ from jobcast.worker.models import (
     Priority,
     Progress,
     ResultFormat,
+    WaitReason,
     WebhookSpec,
     job_links,
 )
@@ -103,6 +106,11 @@ class DeliveryResource(BaseModel):
     next_attempt_at: str | None
     finished_at: str | None
     replays: int
+    destination: str | None = Field(description="The URL's scheme://host:port, whose rate and health apply.")
+    wait_reason: WaitReason | None = Field(
+        description="While pending: why next_attempt_at is later than planned (the destination's rate, "
+        "a receiver's Retry-After, or all its slots busy); null otherwise."
+    )
     attempts: list[DeliveryAttempt]
 
 
@@ -117,12 +125,35 @@ class DeadLetter(BaseModel):
     url: str
     attempts: int
     last_error: str | None
+    reason: DeadLetterReason = Field(
+        description="failed: its attempts failed; disabled: not sent, its destination was disabled."
+    )
     dead_at: str | None
     links: dict[str, str]
 
 
 class DeadLetterList(BaseModel):
     items: list[DeadLetter]
+
+
+class Destination(BaseModel):
+    destination: str = Field(description="scheme://host:port")
+    state: DestinationState
+    consecutive_failures: int
+    failing_since: str | None = Field(description="Start of the current streak of failures.")
+    last_success_at: str | None
+    last_failure_at: str | None
+    last_error: str | None
+    disabled_at: str | None
+    delivered: int = Field(description="Successful attempts (2xx, or 410) for this tenant.")
+    failed: int = Field(description="Failed attempts for this tenant.")
+    rate: str = Field(description="N/S: at most N deliveries per S seconds (all tenants together).")
+    paused_until: str | None = Field(description="Set by a receiver's Retry-After: nothing is sent before.")
+    links: dict[str, str]
+
+
+class DestinationList(BaseModel):
+    items: list[Destination]
 
 
 class Replayed(BaseModel):
@@ -197,7 +228,8 @@ class ProblemType(BaseModel):
 #: Every model the OpenAPI document publishes as a component schema.
 MODELS: list[type[BaseModel]] = [
     JobResource, JobTicket, JobList, JobTypeList, StreamToken, Health, Problem,
-    DeliveryList, DeadLetterList, Replayed, WebhookSpec, ProblemType, OverviewEvent,
+    DeliveryList, DeadLetterList, Replayed, WebhookSpec, ProblemType, OverviewEvent, Destination,
+    DestinationList,
 ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from typing import cast
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from jobcast.worker.destinations import DestinationStore
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import JobRecord, Store
 from jobcast.worker.types import Registry
@@ -39,6 +40,7 @@ class Services:
     openapi: bytes
     webhooks: WebhookStore
     overview: OverviewFeed
+    destinations: DestinationStore
     #: Whether GET /metrics answers without JOBCAST_METRICS_TOKEN: in development, or in production
     #: when the server is bound to a private address (jobcast.app.is_private_bind).
     metrics_open: bool = False

@@ -267,6 +267,7 @@ async def test_failures_retry_with_increasing_gaps_then_dead_letter_then_replay(
             "url": receiver.url,
             "attempts": 4,
             "last_error": "HTTP 500",
+            "reason": "failed",
             "dead_at": delivery["finished_at"],
             "links": {"replay": f"/webhooks/dead-letters/{delivery['id']}/replay", "job": f"/jobs/{ticket['id']}"},
         }

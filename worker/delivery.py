@@ -142,10 +142,11 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 class Sender:
     """POSTs through one guarded httpcore pool per worker process (connections reused per origin)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, allow_private: bool | None = None) -> None:
         self.timeout_s = settings.webhook_timeout_s
+        allow_private = settings.webhook_allow_private if allow_private is None else allow_private
         self._pool = httpcore.AsyncConnectionPool(
-            network_backend=egress.GuardedBackend(allow_private=settings.webhook_allow_private),
+            network_backend=egress.GuardedBackend(allow_private=allow_private),
             max_connections=settings.webhook_concurrency,
             keepalive_expiry=KEEPALIVE_S,
         )
@@ -211,6 +212,8 @@ class Dispatcher:
         self.delays = settings.webhook_retry_delays
         #: The longest one attempt can take, its two Redis steps included.
         self.attempt_max_s = attempt_max_s(settings)
+        #: The longest a destination slot is held: an attempt plus its recording.
+        self.slot_s = settings.webhook_timeout_s + 2 * STORE_TIMEOUT_S + 1
 
     async def attempt(self, webhook_id: str, seq: int, *, runs: int = 1) -> None:
         """Attempt ``seq`` of the delivery, its ``runs``-th run; :class:`DeliveryBusy` while another
@@ -246,11 +249,17 @@ class Dispatcher:
                 await self.store.record(delivery, "dead", Attempt(now()[0], 0.0, None, error))
                 logger.error("delivery %s (job %s): %s; dead-lettered", webhook_id, delivery.job_id, error)
                 return
+            if not await self._admitted(delivery):
+                return
         attempt, answer = await self._send(delivery)
         outcome, delay = next_step(answer, delivery.tries + 1, self.delays)
         next_at = rfc3339(time.time_ns() + int(delay * 1e9)) if outcome == "retry" else ""
+        # A receiver's Retry-After holds back everything to it, not only this delivery.
+        pause = min(answer.retry_after_s or 0.0, RETRY_AFTER_MAX_S)
         async with asyncio.timeout(STORE_TIMEOUT_S):
-            await self.store.record(delivery, outcome, attempt, retry_in_s=delay, next_attempt_at=next_at)
+            await self.store.record(
+                delivery, outcome, attempt, retry_in_s=delay, next_attempt_at=next_at, pause_s=pause
+            )
         logger.info(
             "delivery %s (job %s, %s) attempt %d to %s: %s in %.0f ms -> %s%s",
             webhook_id,
@@ -264,6 +273,17 @@ class Dispatcher:
             f" in {delay:.1f} s" if outcome == "retry" else "",
         )
 
+    async def _admitted(self, delivery: Delivery) -> bool:
+        """Whether the attempt may go now (its destination's rate, pause, slots and health allow)."""
+        verdict = await self.store.admit(delivery, self.slot_s)
+        if verdict[0] == "send":
+            return True
+        if verdict[0] == "wait":
+            logger.debug("delivery %s to %s: waits for %s", delivery.id, delivery.destination, verdict[2])
+        elif verdict[0] == "disabled":
+            logger.warning("delivery %s (job %s): dead-lettered unsent: %s", delivery.id, delivery.job_id, verdict[1])
+        return False
+
     async def _send(self, delivery: Delivery) -> tuple[Attempt, Answer]:
         at, _ = now()
         started = time.monotonic()
@@ -271,7 +291,7 @@ class Dispatcher:
         if not keys:
             answer = Answer(error="no signing secret is configured for this tenant (JOBCAST_WEBHOOK_SECRETS)")
         else:
-            body = delivery.body()
+            body = delivery.body(self.settings.public_url)
             timestamp = int(time.time())
             headers = [
                 (b"Content-Type", b"application/json"),

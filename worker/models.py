@@ -151,3 +151,10 @@ CreateOutcome = Literal["created", "existing", "conflict", "full", "tenant_full"
 #: What a cancel request came to (Store.cancel): was queued and is now cancelled; running, asked to
 #: stop; already finished; no such job for the tenant.
 CancelOutcome = Literal["cancelled", "requested", "terminal", "missing"]
+#: Why a delivery is a dead letter: its attempts failed (or were refused), or it was not sent
+#: because its destination is disabled for the tenant.
+DeadLetterReason = Literal["failed", "disabled"]
+#: A webhook destination's state for one tenant.
+DestinationState = Literal["enabled", "disabled"]
+#: Why a pending delivery's next attempt is later than planned.
+WaitReason = Literal["rate_limit", "retry_after", "destination_busy"]

@@ -31,6 +31,15 @@ key                                    type     holds
 ``jobcast:dead-letter-tenants``        set      tenants that have (had) dead letters
 ``jobcast:workers``                    zset     worker ids scored by their last heartbeat (ms)
 ``jobcast:webhooks``                   zset     arq's queue of delivery attempts (``{wid}.{seq}``)
+``jobcast:destination:{d}``            hash     destination ``{d}``'s rate state (``tat``) and pause
+``jobcast:destination-slots:{d}``      zset     its attempts in flight (``{wid}.{seq}``), by expiry (ms)
+``jobcast:destination-waiting:{d}``    zset     deliveries waiting for one of its slots
+``jobcast:destination-health:{t}:{d}`` hash     its health for tenant ``t`` (failures, last success, state)
+``jobcast:destinations:{t}``           zset     the tenant's destinations, by last use (ms)
+``jobcast:disabled-destinations``      hash     ``{t} {d}`` -> when it was disabled (ms)
+``jobcast:webhook-waits``              hash     deferred attempts and their waits, by reason
+``jobcast:alerts``                     hash     operator alert state, by ``{kind}|{tenant}``
+``jobcast:alerts:lock``                string   which server process evaluates alerts this round
 =====================================  =======  ===============================================
 
 Channels: ``jobcast:events`` (every event; the server's hub is its only subscriber per process),
@@ -88,6 +97,15 @@ STATS = PREFIX + "stats"
 DEAD_LETTER_TENANTS = PREFIX + "dead-letter-tenants"
 WORKERS = PREFIX + "workers"
 WEBHOOK_DOORBELL_CHANNEL = PREFIX + "webhooks:doorbell"
+DESTINATION = PREFIX + "destination:"
+DESTINATION_SLOTS = PREFIX + "destination-slots:"
+DESTINATION_WAITING = PREFIX + "destination-waiting:"
+DESTINATION_HEALTH = PREFIX + "destination-health:"
+TENANT_DESTINATIONS = PREFIX + "destinations:"
+DISABLED_DESTINATIONS = PREFIX + "disabled-destinations"
+WEBHOOK_WAITS = PREFIX + "webhook-waits"
+ALERTS = PREFIX + "alerts"
+ALERTS_LOCK = PREFIX + "alerts:lock"
 
 ARQ_QUEUE = default_queue_name
 ARQ_FUNCTION = "jobcast.run"
@@ -158,7 +176,31 @@ def dead_letters_key(tenant: str) -> str:
     return DEAD_LETTERS + tenant
 
 
+def destination_key(destination: str) -> str:
+    return DESTINATION + destination
+
+
+def destination_health_key(tenant: str, destination: str) -> str:
+    return f"{DESTINATION_HEALTH}{tenant}:{destination}"
+
+
+def tenant_destinations_key(tenant: str) -> str:
+    return TENANT_DESTINATIONS + tenant
+
+
+def _lua_literal(value: Any) -> str:
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, dict):  # keys and values are checked configuration (no quotes in them)
+        return "{" + ", ".join(f"[{_lua_literal(k)}] = {_lua_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, tuple):
+        return "{" + ", ".join(_lua_literal(v) for v in value) + "}"
+    return repr(value)
+
+
 def _prelude(settings: Settings) -> str:
+    rate = settings.webhook_rate_default
+    rates = {name: (r.interval_ms, r.tau_ms) for name, r in settings.webhook_rate_overrides.items()}
     constants: dict[str, Any] = {
         "K_JOB": JOB,
         "K_JOB_LOG": JOB_LOG,
@@ -185,6 +227,13 @@ def _prelude(settings: Settings) -> str:
         "K_DEAD_LETTER_TENANTS": DEAD_LETTER_TENANTS,
         "K_WEBHOOK_QUEUE": WEBHOOK_QUEUE,
         "K_WEBHOOK_DOORBELL_CHANNEL": WEBHOOK_DOORBELL_CHANNEL,
+        "K_DESTINATION": DESTINATION,
+        "K_DESTINATION_SLOTS": DESTINATION_SLOTS,
+        "K_DESTINATION_WAITING": DESTINATION_WAITING,
+        "K_DESTINATION_HEALTH": DESTINATION_HEALTH,
+        "K_TENANT_DESTINATIONS": TENANT_DESTINATIONS,
+        "K_DISABLED_DESTINATIONS": DISABLED_DESTINATIONS,
+        "K_WEBHOOK_WAITS": WEBHOOK_WAITS,
         "CFG_ARQ_FUNCTION": ARQ_FUNCTION,
         "CFG_DELIVER_FUNCTION": DELIVER_FUNCTION,
         "CFG_ATTEMPTS_KEPT": ATTEMPTS_KEPT,
@@ -195,11 +244,12 @@ def _prelude(settings: Settings) -> str:
         "CFG_MAX_QUEUED_PER_TENANT": settings.tenant_queue_share,
         "CFG_TENANT_CONCURRENCY": settings.tenant_concurrency,
         "CFG_INLINE_MAX": INLINE_MAX,
+        "CFG_WEBHOOK_RATE": (rate.interval_ms, rate.tau_ms),
+        "CFG_WEBHOOK_RATES": rates,
+        "CFG_DESTINATION_CONCURRENCY": settings.webhook_destination_concurrency,
+        "CFG_DISABLE_AFTER_MS": int(settings.webhook_disable_after_s * 1000),
     }
-    lines = []
-    for name, value in constants.items():
-        literal = f"'{value}'" if isinstance(value, str) else str(value)
-        lines.append(f"local {name} = {literal}")
+    lines = [f"local {name} = {_lua_literal(value)}" for name, value in constants.items()]
     # The event names of models.py, so the script spells none of its own: EVENT.progress,
     # EVENT[status] for the event of entering a status.
     events = ", ".join(f"{event.value.removeprefix('job.')} = '{event.value}'" for event in EventName)

@@ -20,6 +20,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .rates import Rate, parse_delivery_rate, parse_rates
 from .signatures import SecretFormatError, decode_secret
 
 DEV_SECRET_KEY = "jobcast-development-secret-do-not-use-in-production"
@@ -149,6 +150,30 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)
     #: Worker: deliveries one worker process makes at once, on their own queue beside the jobs.
     webhook_concurrency: int = Field(default=20, ge=1)
+    #: Webhooks: deliveries to one destination (scheme://host:port), N per S seconds, across all workers;
+    #: the excess waits its turn. Per destination: JOBCAST_WEBHOOK_RATES='https://a.example=10/1,...'.
+    webhook_rate: str = "50/1"
+    webhook_rates: str = ""
+    #: Webhooks: attempts in flight to one destination at once, across all workers.
+    webhook_destination_concurrency: int = Field(default=5, ge=1)
+    #: Webhooks: a destination with nothing but failures for this long is disabled for its tenant (0: never).
+    webhook_disable_after_s: float = Field(default=5 * 24 * 3600, ge=0)
+    #: The API's public base URL (https://jobs.example.com); webhook and alert links are absolute when set.
+    public_url: str = ""
+
+    #: Operator alerts are POSTed here (Slack-compatible "text" plus structured fields); empty: none.
+    alert_webhook_url: str = ""
+    #: Signs alerts like deliveries (whsec_...); JOBCAST_WEBHOOK_SECRET when empty.
+    alert_webhook_secret: str = ""
+    #: At most one alert per kind and tenant per this many seconds (resolutions are always sent).
+    alert_window_s: float = Field(default=3600.0, gt=0)
+    #: Seconds between evaluations of the alert conditions.
+    alert_check_s: float = Field(default=15.0, gt=0)
+    #: Alert when jobs wait and no worker has been alive for this many seconds.
+    alert_no_worker_s: float = Field(default=120.0, gt=0)
+    #: Alert when more than this many jobs stay queued for JOBCAST_ALERT_QUEUE_FOR_S (0: never).
+    alert_queue_threshold: int = Field(default=10_000, ge=0)
+    alert_queue_for_s: float = Field(default=300.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     #: "text" for people, "json" (one object per line) for log pipelines.
@@ -161,6 +186,9 @@ class Settings(BaseSettings):
     _webhook_keys: dict[str | None, list[bytes]] = PrivateAttr(default_factory=dict)
     _retry_delays: list[float] = PrivateAttr(default_factory=list)
     _submit_rate: tuple[int, float] | None = PrivateAttr(default=None)
+    _webhook_rate: Rate = PrivateAttr(default=Rate(50, 1.0))
+    _webhook_rates: dict[str, Rate] = PrivateAttr(default_factory=dict)
+    _alert_keys: list[bytes] = PrivateAttr(default_factory=list)
 
     @classmethod
     def from_env(cls, *, require_secrets: bool = True, **overrides: Any) -> Settings:
@@ -192,6 +220,13 @@ class Settings(BaseSettings):
         parse_schedule(value)
         return value
 
+    @field_validator("public_url", "alert_webhook_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+            raise ValueError(f"{value[:100]!r} is not an absolute http(s) URL without query, e.g. https://jobs.example.com")
+        return value.rstrip("/") if value else value
+
     @model_validator(mode="after")
     def _parse(self) -> Settings:
         if self.env == "development":
@@ -204,7 +239,28 @@ class Settings(BaseSettings):
         self._webhook_keys = _parse_webhook_keys(self.webhook_secret, self.webhook_secrets)
         self._retry_delays = parse_schedule(self.webhook_retry_schedule)
         self._submit_rate = parse_rate(self.submit_rate)
+        try:
+            self._webhook_rate = parse_delivery_rate(self.webhook_rate, "JOBCAST_WEBHOOK_RATE")
+            self._webhook_rates = parse_rates(self.webhook_rates)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._alert_keys = self._parse_alert_keys()
         return self
+
+    def _parse_alert_keys(self) -> list[bytes]:
+        if self.alert_webhook_secret:
+            try:
+                keys = [decode_secret(self.alert_webhook_secret)]
+            except SecretFormatError as exc:
+                raise ConfigError(f"JOBCAST_ALERT_WEBHOOK_SECRET: {exc}") from None
+        else:
+            keys = self._webhook_keys.get(None, [])
+        if self.alert_webhook_url and not keys:
+            raise ConfigError(
+                "JOBCAST_ALERT_WEBHOOK_URL is set but nothing would sign the alerts: set "
+                "JOBCAST_ALERT_WEBHOOK_SECRET='whsec_...' (or JOBCAST_WEBHOOK_SECRET)."
+            )
+        return keys
 
     def check_production(self) -> None:
         """Raise :class:`ConfigError` when production mode lacks what it cannot default."""
@@ -256,6 +312,23 @@ class Settings(BaseSettings):
     @property
     def webhook_retry_delays(self) -> list[float]:
         return self._retry_delays
+
+    def webhook_rate_for(self, destination: str) -> Rate:
+        """The rate of deliveries to ``destination``: its own (JOBCAST_WEBHOOK_RATES), else JOBCAST_WEBHOOK_RATE."""
+        return self._webhook_rates.get(destination) or self._webhook_rate
+
+    @property
+    def webhook_rate_default(self) -> Rate:
+        return self._webhook_rate
+
+    @property
+    def webhook_rate_overrides(self) -> dict[str, Rate]:
+        return self._webhook_rates
+
+    @property
+    def alert_keys(self) -> list[bytes]:
+        """What signs alerts: JOBCAST_ALERT_WEBHOOK_SECRET, else the fallback webhook secret."""
+        return self._alert_keys
 
     @property
     def job_module_names(self) -> list[str]:

@@ -43,7 +43,7 @@ import orjson
 from redis.asyncio import Redis
 
 from . import egress, schema
-from .clock import now
+from .clock import now, rfc3339
 from .models import DeliveryStatus, WebhookSpec, job_links
 from .settings import Settings
 
@@ -156,6 +156,10 @@ class Delivery:
     next_attempt_at: str | None
     finished_at: str | None
     last_error: str | None
+    destination: str | None = None  # scheme://host:port (worker.destinations)
+    wait_reason: str | None = None  # why the next attempt is later than planned: rate_limit, ...
+    progress: str | None = None  # JSON of the job's progress, for job.progress deliveries
+    dead_reason: str | None = None  # "disabled" when dead-lettered unsent, its destination disabled
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Delivery:
@@ -175,21 +179,24 @@ class Delivery:
             attempts=int(h["attempts"]),
             replays=int(h.get("replays", 0)),
             deferrals=int(h.get(f"deferrals.{h['seq']}", 0)),
-            next_attempt_at=h.get("next_attempt_at"),
+            next_attempt_at=rfc3339(int(h["due_ms"]) * 1_000_000) if h.get("due_ms") else h.get("next_attempt_at"),
             finished_at=h.get("finished_at"),
             last_error=h.get("last_error") or None,
+            destination=h.get("destination"),
+            wait_reason=h.get("wait_reason") or None,
+            progress=h.get("progress"),
+            dead_reason=h.get("dead_reason"),
         )
 
-    def body(self) -> bytes:
+    def body(self, public_url: str = "") -> bytes:
         """The thin body of docs/API.md, the same bytes on every attempt: nothing a receiver should fetch
-        through an authenticated call instead (no params, no result)."""
-        return orjson.dumps(
-            {
-                "type": self.event,
-                "timestamp": self.timestamp,
-                "data": {"job_id": self.job_id, "status": self.job_status, "links": job_links(self.job_id)},
-            }
-        )
+        through an authenticated call instead (no params, no result); ``job.progress`` adds the
+        percent and step. Links are absolute when ``public_url`` (JOBCAST_PUBLIC_URL) is set."""
+        links = {name: public_url + path for name, path in job_links(self.job_id).items()}
+        data: dict[str, Any] = {"job_id": self.job_id, "status": self.job_status, "links": links}
+        if self.progress:
+            data["progress"] = orjson.loads(self.progress)
+        return orjson.dumps({"type": self.event, "timestamp": self.timestamp, "data": data})
 
     def resource(self, attempts: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -201,6 +208,8 @@ class Delivery:
             "next_attempt_at": self.next_attempt_at,
             "finished_at": self.finished_at,
             "replays": self.replays,
+            "destination": self.destination,
+            "wait_reason": self.wait_reason if self.status is DeliveryStatus.PENDING else None,
             "attempts": attempts,
         }
 
@@ -212,6 +221,7 @@ class Delivery:
             "url": self.url,
             "attempts": self.attempts,
             "last_error": self.last_error,
+            "reason": self.dead_reason or "failed",
             "dead_at": self.finished_at,
             "links": {"replay": f"/webhooks/dead-letters/{self.id}/replay", "job": f"/jobs/{self.job_id}"},
         }
@@ -260,9 +270,11 @@ class WebhookStore:
         *,
         retry_in_s: float = 0.0,
         next_attempt_at: str = "",
+        pause_s: float = 0.0,
     ) -> str | None:
         """Record ``outcome`` (``delivered``, ``retry``, ``dead``, ``gone``) of attempt ``delivery.seq``
-        and, for ``retry``, queue the next attempt. None when that attempt is no longer current."""
+        and, for ``retry``, queue the next attempt; ``pause_s`` pauses the whole destination (a
+        receiver's Retry-After). None when that attempt is no longer current."""
         reply = await self._script(
             "attempted",
             delivery.id,
@@ -272,13 +284,29 @@ class WebhookStore:
             (attempt.error or f"HTTP {attempt.status_code}") if attempt else "",
             int(retry_in_s * 1000),
             next_attempt_at,
+            int(pause_s * 1000),
         )
         if reply[0] != "ok":
             logger.warning(
                 "delivery %s attempt %s: outcome not recorded, delivery is %s", delivery.id, delivery.seq, reply[1]
             )
             return None
+        if reply[2] == "disabled":
+            logger.error(
+                "destination %s disabled for tenant %s: nothing but failures for %g s (last: %s)",
+                delivery.destination,
+                delivery.tenant,
+                self.settings.webhook_disable_after_s,
+                attempt.error if attempt else "",
+            )
         return str(reply[1])
+
+    async def admit(self, delivery: Delivery, slot_s: float) -> list[str]:
+        """May attempt ``delivery.seq`` go now (``["send"]``, holding a destination slot for at most
+        ``slot_s``)? Else ``["wait", due_ms, reason]`` (queued again for later), ``["disabled",
+        error]`` (dead-lettered unsent) or ``["stale", state]``. See ``admit`` in ``lua/jobs.lua``."""
+        reply = await self._script("admit", delivery.id, delivery.seq, int(slot_s * 1000))
+        return [str(part) for part in reply]
 
     async def for_job(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
         """The job's deliveries (the latest ``limit``), oldest first, each with its attempts."""

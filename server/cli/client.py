@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from httpx_sse import SSEError, connect_sse
@@ -194,6 +195,15 @@ class Client:
     def job_types(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self._request("GET", "/job-types").json()["items"]
         return items
+
+    def destinations(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._request("GET", "/webhooks/destinations").json()["items"]
+        return items
+
+    def enable_destination(self, destination: str) -> dict[str, Any]:
+        path = f"/webhooks/destinations/{quote(destination, safe='')}/enable"
+        enabled: dict[str, Any] = self._request("POST", path).json()
+        return enabled
 
     def wait(self, job_id: str) -> Job:
         """Long-poll the job until it is finished, riding out dropped connections like :meth:`follow`."""

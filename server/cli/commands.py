@@ -1,4 +1,5 @@
-"""The client commands of ``jobcast``: submit, status, list, cancel, types and tail.
+"""The client commands of ``jobcast``: submit, status, list, cancel, types, tail, and the webhook
+destinations (``destinations``, ``enable-destination``).
 
 They talk to a running server through :mod:`jobcast.cli.client`, configured by ``JOBCAST_URL`` and
 ``JOBCAST_API_KEY`` (or ``--url`` / ``--api-key``), and show what they get with
@@ -106,6 +107,10 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
     tail = command("tail", "follow a job live until it ends", cmd_tail)
     tail.add_argument("id", help="job id")
+
+    command("destinations", "list your webhook destinations and their health", cmd_destinations)
+    enable = command("enable-destination", "enable a disabled webhook destination again", cmd_enable_destination)
+    enable.add_argument("destination", help="scheme://host[:port], as `jobcast destinations` shows it")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -300,7 +305,40 @@ def follow_job(client: Client, job_id: str, out: Output) -> int:
     return OUTCOMES.get(JobStatus(final["status"]), ExitStatus.OK)
 
 
-CLIENT_COMMANDS = frozenset({cmd_submit, cmd_status, cmd_list, cmd_cancel, cmd_types, cmd_tail})
+def cmd_destinations(args: argparse.Namespace) -> int:
+    out = Output(json_mode=args.json)
+    with _client(args) as client:
+        items = client.destinations()
+    if out.json:
+        out.document({"items": items})
+        return ExitStatus.OK
+    table = Table(box=None, pad_edge=False)
+    for column in ("DESTINATION", "STATE", "FAILURES", "LAST SUCCESS", "LAST ERROR"):
+        table.add_column(column)
+    for d in items:
+        state = Text(d["state"], style="red" if d["state"] == "disabled" else "green")
+        last = local_time(d["last_success_at"], with_date=True) if d["last_success_at"] else "never"
+        table.add_row(d["destination"], state, str(d["consecutive_failures"]), last, d["last_error"] or "")
+    out.console.print(table if items else Text("no webhook destinations yet", style="dim"))
+    return ExitStatus.OK
+
+
+def cmd_enable_destination(args: argparse.Namespace) -> int:
+    out = Output(json_mode=args.json)
+    with _client(args) as client:
+        enabled = client.enable_destination(args.destination)
+    if out.json:
+        out.document(enabled)
+    else:
+        out.console.print(
+            Text.assemble((enabled["destination"], "bold"), " enabled; replay its dead letters to send them")
+        )
+    return ExitStatus.OK
+
+
+CLIENT_COMMANDS = frozenset(
+    {cmd_submit, cmd_status, cmd_list, cmd_cancel, cmd_types, cmd_tail, cmd_destinations, cmd_enable_destination}
+)
 
 
 def run(args: argparse.Namespace) -> int:

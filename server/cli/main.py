@@ -9,6 +9,7 @@ and the client commands of :mod:`jobcast.cli.commands`, which talk to a running 
 
     jobcast submit TYPE [key=value ...]   jobcast status ID   jobcast list   jobcast cancel ID
     jobcast types                         jobcast tail ID
+    jobcast destinations                  jobcast enable-destination DESTINATION
 
 Configuration errors of dev, web, worker and keys end in a one-line message and exit status 1, never
 a traceback, and so does a Redis that cannot be reached (the message names the URL, without its
@@ -37,7 +38,7 @@ from .. import __version__
 
 #: The client commands (submit, tail, ...) need the ``cli`` extra (httpx, rich); a server install
 #: without it still runs web, worker and keys, and says how to get the rest.
-CLIENT_COMMAND_NAMES = ("submit", "status", "list", "cancel", "types", "tail")
+CLIENT_COMMAND_NAMES = ("submit", "status", "list", "cancel", "types", "tail", "destinations", "enable-destination")
 try:
     from . import commands
 except ModuleNotFoundError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,6 +11,8 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Route
 
 from ..problems import BadRequest
+
+CONVERTOR_RE = re.compile(r":[a-z]+}")
 
 
 def documented_query_params(document: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
@@ -33,7 +36,8 @@ def enforce_documented_query(routes: list[BaseRoute], document: dict[str, Any]) 
         if not isinstance(route, Route) or route.methods is None:
             checked.append(route)
             continue
-        per_method = {m: allowed[(m, route.path)] for m in route.methods if (m, route.path) in allowed}
+        template = CONVERTOR_RE.sub("}", route.path)  # "{destination:path}" is "{destination}" in the document
+        per_method = {m: allowed[(m, template)] for m in route.methods if (m, template) in allowed}
         if "GET" in per_method:
             per_method["HEAD"] = per_method["GET"]
         checked.append(

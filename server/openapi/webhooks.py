@@ -1,4 +1,4 @@
-"""The operations of deliveries and dead letters (:mod:`jobcast.routes.webhooks`)."""
+"""The operations of deliveries, dead letters and destinations (:mod:`jobcast.routes.webhooks`)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,41 @@ def paths() -> dict[str, Any]:
                 "parameters": [param("webhook_id", "path", {"type": "string"}, "The delivery's id.", required=True)],
                 "responses": {
                     "202": {"description": "Queued for delivery.", "content": json_content("Replayed")},
+                    **problems("401", "403", "404"),
+                },
+            }
+        },
+        "/webhooks/destinations": {
+            "get": {
+                "summary": "The tenant's webhook destinations with their health",
+                "operationId": "listDestinations",
+                "parameters": [
+                    param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}, "At most this many."),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Destinations, most recently used first.",
+                        "content": json_content("DestinationList"),
+                    },
+                    **problems("400", "401", "403"),
+                },
+            }
+        },
+        "/webhooks/destinations/{destination}/enable": {
+            "post": {
+                "summary": "Enable a destination again (its deliveries are sent again; replay its dead letters)",
+                "operationId": "enableDestination",
+                "parameters": [
+                    param(
+                        "destination",
+                        "path",
+                        {"type": "string"},
+                        "scheme://host:port, percent-encoded or not; the default port may be left out.",
+                        required=True,
+                    )
+                ],
+                "responses": {
+                    "200": {"description": "Enabled.", "content": json_content("Destination")},
                     **problems("401", "403", "404"),
                 },
             }

@@ -2,7 +2,8 @@
 
     jobs       /jobs, /jobs/{id}, /jobs/{id}/cancel, /jobs/{id}/result
     events     /jobs/{id}/events, /events
-    webhooks   /jobs/{id}/deliveries, /webhooks/dead-letters, .../{webhook_id}/replay
+    webhooks   /jobs/{id}/deliveries, /webhooks/dead-letters, .../{webhook_id}/replay,
+               /webhooks/destinations, .../{destination}/enable
     service    /job-types, /tokens, /healthz, /readyz, /metrics, /openapi.json, /problems/{slug}
 
 :mod:`jobcast.openapi` documents each of them, module by module.
@@ -26,6 +27,8 @@ def routes() -> list[BaseRoute]:
         Route("/jobs/{job_id}/deliveries", webhooks.job_deliveries, methods=["GET"]),
         Route("/webhooks/dead-letters", webhooks.list_dead_letters, methods=["GET"]),
         Route("/webhooks/dead-letters/{webhook_id}/replay", webhooks.replay_dead_letter, methods=["POST"]),
+        Route("/webhooks/destinations", webhooks.list_destinations, methods=["GET"]),
+        Route("/webhooks/destinations/{destination:path}/enable", webhooks.enable_destination, methods=["POST"]),
         Route("/job-types", service.list_job_types, methods=["GET"]),
         Route("/tokens", service.create_token, methods=["POST"]),
         Route("/healthz", service.healthz, methods=["GET"]),

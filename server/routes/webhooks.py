@@ -1,16 +1,25 @@
-"""The webhook endpoints: a job's deliveries, and the tenant's dead letters with their replay.
+"""The webhook endpoints: a job's deliveries, the tenant's dead letters with their replay, and the
+tenant's destinations with their re-enabling.
 
 ``GET /jobs/{id}/deliveries`` is a job read (API key, the job's token, or a stream token of its
 tenant); token readers see the URL without its path and query (:func:`jobcast.resources.redact_url`).
 Dead letters span all of a tenant's jobs and their URLs, so listing and replaying them takes the
-API key; another tenant's dead letter answers 404, like an unknown one.
+API key; another tenant's dead letter answers 404, like an unknown one. Destinations likewise: a
+tenant sees and re-enables only its own (health is kept per tenant).
+
+A destination in a path is ``scheme://host:port``, percent-encoded or not
+(``/webhooks/destinations/https%3A%2F%2Fhooks.example.com%3A443/enable`` or
+``/webhooks/destinations/https://hooks.example.com/enable``); the default port may be left out.
 """
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 from starlette.requests import Request
 from starlette.responses import Response
 
+from jobcast.worker.destinations import MAX_DESTINATION_LENGTH, destination_of
 from jobcast.worker.webhooks import job_id_of
 
 from ..problems import NotFound
@@ -20,6 +29,8 @@ from ..services import services
 
 DEAD_LETTERS_DEFAULT_LIMIT = 100
 DEAD_LETTERS_MAX_LIMIT = 500
+DESTINATIONS_DEFAULT_LIMIT = 100
+DESTINATIONS_MAX_LIMIT = 1000
 
 
 async def job_deliveries(request: Request) -> Response:
@@ -56,3 +67,27 @@ async def replay_dead_letter(request: Request) -> Response:
         202,
         headers={"Location": deliveries},
     )
+
+
+async def list_destinations(request: Request) -> Response:
+    svc = services(request)
+    principal = await svc.auth.require(request, "write")
+    limit = query_int(request, "limit", DESTINATIONS_DEFAULT_LIMIT, 1, DESTINATIONS_MAX_LIMIT)
+    return json_response({"items": await svc.destinations.for_tenant(principal.tenant, limit)})
+
+
+async def enable_destination(request: Request) -> Response:
+    svc = services(request)
+    principal = await svc.auth.require(request, "write")
+    raw = unquote(str(request.path_params["destination"]))
+    try:
+        name = destination_of(raw) if len(raw) <= MAX_DESTINATION_LENGTH else ""
+    except ValueError:
+        name = ""
+    enabled = await svc.destinations.enable(principal.tenant, name) if name else None
+    if enabled is None:
+        raise NotFound(
+            f"No destination {raw[:100]!r} for this tenant. A destination is scheme://host:port of a webhook "
+            "URL your jobs delivered to; GET /webhooks/destinations lists them."
+        )
+    return json_response(enabled)

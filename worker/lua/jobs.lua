@@ -89,9 +89,45 @@ local function delivery_enqueue(wid, seq, due_ms)
   redis.call('PUBLISH', K_WEBHOOK_DOORBELL_CHANNEL, wid)
 end
 
+-- Destinations (scheme://host:port, see worker/destinations.py): a rate, kept as GCRA reservations
+-- (K_DESTINATION: 'tat', the theoretical arrival time, in ms), a pause set by a receiver's
+-- Retry-After, in-flight slots, and per tenant, health.
+local function destination_of(url)
+  local scheme, rest = string.match(url, '^(%a[%w+.-]*)://(.*)$')
+  scheme = string.lower(scheme)
+  local authority = string.lower((string.gsub(string.match(rest, '^([^/?#]*)'), '^.*@', '')))
+  if not string.match(authority, ':%d+$') then
+    authority = authority .. ':' .. ((scheme == 'https') and '443' or '80')
+  end
+  return scheme .. '://' .. authority
+end
+
+local function health_key(tenant, dest) return K_DESTINATION_HEALTH .. tenant .. ':' .. dest end
+
+-- Reserve the next moment at or after `t` when one more delivery to `dest` may leave: never
+-- refused, only later. Reservations are handed out in call order, so they keep that order.
+local function reserve(dest, t)
+  local key = K_DESTINATION .. dest
+  local s = redis.call('HMGET', key, 'tat', 'paused_until')
+  local paused = tonumber(s[2] or 0)
+  if paused > t then t = paused end
+  local rate = CFG_WEBHOOK_RATES[dest] or CFG_WEBHOOK_RATE
+  local tat = math.max(tonumber(s[1] or 0), t)
+  local due = math.floor(math.max(t, tat - rate[2]))
+  redis.call('HSET', key, 'tat', string.format('%.3f', tat + rate[1]))
+  redis.call('PEXPIRE', key, math.floor(tat + rate[1] - now_ms) + 86400000)
+  return due
+end
+
+local function waited(reason, due_ms)
+  redis.call('HINCRBY', K_WEBHOOK_WAITS, 'count|' .. reason, 1)
+  redis.call('HINCRBYFLOAT', K_WEBHOOK_WAITS, 'seconds|' .. reason, (due_ms - now_ms) / 1000)
+end
+
 -- When job `id`'s webhook (JSON `webhook`) asks for `event`, record a delivery of it and queue its
--- first attempt. Its webhook-id derives from the event's position in the job's log: unique, stable.
-local function webhook_enqueue(id, tenant, status, event, job_sid, webhook)
+-- first attempt at the moment its destination's rate reserves for it. Its webhook-id derives from
+-- the event's position in the job's log: unique, stable.
+local function webhook_enqueue(id, tenant, status, event, job_sid, webhook, progress)
   local wanted = false
   local spec = cjson.decode(webhook)
   for _, name in ipairs(spec.events) do
@@ -99,11 +135,19 @@ local function webhook_enqueue(id, tenant, status, event, job_sid, webhook)
   end
   if not wanted then return end
   local wid = 'msg_' .. string.sub(id, 5) .. '_' .. job_sid
+  local dest = destination_of(spec.url)
+  local due, reason = now_ms, ''
+  -- A disabled destination's deliveries are dead-lettered when they come up: at once, not in turn.
+  if redis.call('HGET', health_key(tenant, dest), 'state') ~= 'disabled' then due = reserve(dest, now_ms) end
+  if due > now_ms then reason = 'rate_limit'; waited(reason, due) end
   redis.call('HSET', delivery_key(wid), 'id', wid, 'tenant', tenant, 'job_id', id, 'event', event,
     'job_status', status, 'url', spec.url, 'timestamp', now_iso, 'created_at', now_iso, 'updated_at', now_iso,
-    'state', 'pending', 'seq', 1, 'tries', 0, 'attempts', 0, 'next_attempt_at', now_iso)
+    'state', 'pending', 'seq', 1, 'tries', 0, 'attempts', 0, 'next_attempt_at', now_iso,
+    'destination', dest, 'due_ms', due, 'reserved', 1, 'wait_reason', reason)
+  if event == 'job.progress' then redis.call('HSET', delivery_key(wid), 'progress', progress) end
+  redis.call('ZADD', K_TENANT_DESTINATIONS .. tenant, now_ms, dest)
   redis.call('RPUSH', K_JOB_DELIVERIES .. id, wid)
-  delivery_enqueue(wid, 1, now_ms)
+  delivery_enqueue(wid, 1, due)
 end
 
 -- Build the event payload from the record (after it was updated), append it to both logs, ring the
@@ -119,7 +163,7 @@ local function emit(id, event, extra)
   count('events')
   redis.call('PUBLISH', K_EVENTS_CHANNEL,
     job_sid .. '\n' .. tenant_sid .. '\n' .. r[1] .. '\n' .. id .. '\n' .. event .. '\n' .. data)
-  if r[6] and r[6] ~= '' and not r[7] then webhook_enqueue(id, r[1], r[3], event, job_sid, r[6]) end
+  if r[6] and r[6] ~= '' and not r[7] then webhook_enqueue(id, r[1], r[3], event, job_sid, r[6], r[5]) end
   return job_sid
 end
 
@@ -243,6 +287,81 @@ local function requeue(id, old_run, attempt, delay_ms, event, extra)
     arq_enqueue(id, run, r[2])
   end
   emit(id, event, extra)
+end
+
+-- Delivery `wid` (attempt `seq`) waits until `due_ms` for `reason`: its next attempt, seq + 1, is
+-- queued then. `keep_reservation`: the rate was already paid for, the next attempt need not pay again.
+local function defer(wid, seq, due_ms, reason, keep_reservation)
+  local key = delivery_key(wid)
+  local next_seq = tonumber(seq) + 1
+  redis.call('HSET', key, 'seq', next_seq, 'due_ms', due_ms, 'wait_reason', reason, 'updated_at', now_iso)
+  if keep_reservation then redis.call('HSET', key, 'reserved', next_seq) end
+  waited(reason, due_ms)
+  delivery_enqueue(wid, next_seq, due_ms)
+  return {'wait', tostring(due_ms), reason}
+end
+
+-- An attempt to `dest` ended: free its slot and let the first delivery waiting for one go now.
+local function release_slot(dest, rid)
+  local slots = K_DESTINATION_SLOTS .. dest
+  redis.call('ZREM', slots, rid)
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)
+  if redis.call('ZCARD', slots) >= CFG_DESTINATION_CONCURRENCY then return end
+  for _ = 1, 10 do
+    local first = redis.call('ZPOPMIN', K_DESTINATION_WAITING .. dest)
+    if not first[1] then return end
+    local d = redis.call('HMGET', delivery_key(first[1]), 'state', 'seq')
+    local queued = first[1] .. '.' .. (d[2] or '')
+    if d[1] == 'pending' and redis.call('ZSCORE', K_WEBHOOK_QUEUE, queued) then
+      redis.call('ZADD', K_WEBHOOK_QUEUE, 'XX', now_ms, queued)
+      redis.call('HSET', delivery_key(first[1]), 'due_ms', now_ms)
+      redis.call('PUBLISH', K_WEBHOOK_DOORBELL_CHANNEL, first[1])
+      return
+    end
+  end
+end
+
+-- Health of `dest` for `tenant` after an attempt: a success ends a failure streak; a streak longer
+-- than CFG_DISABLE_AFTER_MS disables the destination for the tenant. Returns 'disabled' then.
+local function record_health(tenant, dest, ok, error_text)
+  local key = health_key(tenant, dest)
+  redis.call('ZADD', K_TENANT_DESTINATIONS .. tenant, now_ms, dest)
+  redis.call('EXPIRE', key, CFG_RETENTION_S)
+  if ok then
+    redis.call('HSET', key, 'failures', 0, 'last_success_at', now_iso)
+    redis.call('HDEL', key, 'failing_since', 'failing_since_ms')
+    redis.call('HINCRBY', key, 'delivered', 1)
+    return ''
+  end
+  redis.call('HINCRBY', key, 'failures', 1)
+  redis.call('HINCRBY', key, 'failed', 1)
+  redis.call('HSET', key, 'last_failure_at', now_iso, 'last_error', error_text)
+  local h = redis.call('HMGET', key, 'failing_since_ms', 'state')
+  local since = tonumber(h[1])
+  if not since then
+    since = now_ms
+    redis.call('HSET', key, 'failing_since_ms', now_ms, 'failing_since', now_iso)
+  end
+  if CFG_DISABLE_AFTER_MS > 0 and now_ms - since >= CFG_DISABLE_AFTER_MS and h[2] ~= 'disabled' then
+    redis.call('HSET', key, 'state', 'disabled', 'disabled_at', now_iso)
+    redis.call('HSET', K_DISABLED_DESTINATIONS, tenant .. ' ' .. dest, now_ms)
+    return 'disabled'
+  end
+  return ''
+end
+
+-- Delivery `wid` ends as `outcome` ('dead' or 'gone') now.
+local function delivery_finish(wid, tenant, outcome)
+  local key = delivery_key(wid)
+  redis.call('HSET', key, 'state', outcome, 'finished_at', now_iso)
+  redis.call('HDEL', key, 'next_attempt_at', 'due_ms', 'wait_reason')
+  -- Pending deliveries never expire (a retry may be a day away); finished ones are kept as long as jobs.
+  redis.call('EXPIRE', key, CFG_RETENTION_S)
+  redis.call('EXPIRE', key .. ':attempts', CFG_RETENTION_S)
+  if outcome == 'dead' then
+    redis.call('ZADD', K_DEAD_LETTERS .. tenant, now_ms, wid)
+    redis.call('SADD', K_DEAD_LETTER_TENANTS, tenant)
+  end
 end
 
 ----------------------------------------------------------------------------------------------------
@@ -455,13 +574,30 @@ elseif op == 'promote' then
 -- dead -> pending again on a replay (fresh schedule, same webhook-id).
 
 elseif op == 'attempted' then
-  -- wid seq outcome attempt_json last_error delay_ms next_attempt_iso -> {'ok', state} | {'stale', state}
+  -- wid seq outcome attempt_json last_error delay_ms next_attempt_iso pause_ms
+  --   -> {'ok', state, health} | {'stale', state}
   -- outcome: 'delivered' | 'retry' (queue attempt seq+1 in delay_ms) | 'dead' | 'gone'.
   -- An empty attempt_json records the outcome without an attempt (a delivery skipped as gone).
+  -- pause_ms > 0: the receiver asked (Retry-After) that nothing more be sent to it for that long.
+  -- health is 'disabled' when this attempt disabled the destination for the tenant.
   local wid, seq, outcome, attempt = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
   local key = delivery_key(wid)
-  local d = redis.call('HMGET', key, 'state', 'seq', 'tenant', 'job_id')
+  local d = redis.call('HMGET', key, 'state', 'seq', 'tenant', 'job_id', 'destination')
   if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
+  local health = ''
+  if d[5] then
+    release_slot(d[5], wid .. '.' .. seq)
+    local pause_ms = tonumber(ARGV[11] or 0)
+    if pause_ms > 0 then
+      local dkey = K_DESTINATION .. d[5]
+      local paused = math.max(tonumber(redis.call('HGET', dkey, 'paused_until') or 0), now_ms + pause_ms)
+      redis.call('HSET', dkey, 'paused_until', paused)
+      redis.call('PEXPIRE', dkey, paused - now_ms + 86400000)
+    end
+    if attempt ~= '' then
+      health = record_health(d[3], d[5], outcome == 'delivered' or outcome == 'gone', ARGV[8])
+    end
+  end
   if attempt ~= '' then
     redis.call('RPUSH', key .. ':attempts', attempt)
     redis.call('LTRIM', key .. ':attempts', -CFG_ATTEMPTS_KEPT, -1)
@@ -473,23 +609,74 @@ elseif op == 'attempted' then
   redis.call('HSET', key, 'updated_at', now_iso)
   if outcome == 'retry' then
     local next_seq = tonumber(seq) + 1
-    redis.call('HSET', key, 'seq', next_seq, 'next_attempt_at', ARGV[10])
-    delivery_enqueue(wid, next_seq, now_ms + tonumber(ARGV[9]))
-    return {'ok', 'pending'}
+    local due = now_ms + tonumber(ARGV[9])
+    redis.call('HSET', key, 'seq', next_seq, 'next_attempt_at', ARGV[10], 'due_ms', due, 'wait_reason', '')
+    delivery_enqueue(wid, next_seq, due)
+    return {'ok', 'pending', health}
   end
-  redis.call('HSET', key, 'state', outcome, 'finished_at', now_iso)
-  redis.call('HDEL', key, 'next_attempt_at')
-  -- Pending deliveries never expire (a retry may be a day away); finished ones are kept as long as jobs.
-  redis.call('EXPIRE', key, CFG_RETENTION_S)
-  redis.call('EXPIRE', key .. ':attempts', CFG_RETENTION_S)
-  if outcome == 'dead' then
-    redis.call('ZADD', K_DEAD_LETTERS .. d[3], now_ms, wid)
-    redis.call('SADD', K_DEAD_LETTER_TENANTS, d[3])
-  elseif outcome == 'gone' and redis.call('EXISTS', job_key(d[4])) == 1 then
+  delivery_finish(wid, d[3], outcome)
+  if outcome == 'gone' and redis.call('EXISTS', job_key(d[4])) == 1 then
     -- The receiver said 410 Gone: no later event of this job is sent to it.
     redis.call('HSET', job_key(d[4]), 'webhook_gone', '1')
   end
-  return {'ok', outcome}
+  return {'ok', outcome, health}
+
+elseif op == 'admit' then
+  -- wid seq slot_ms -> {'send'} | {'wait', due_ms, reason} | {'disabled', error} | {'stale', state}
+  -- May attempt `seq` of delivery `wid` go now? Not to a destination disabled for the tenant (the
+  -- delivery is dead-lettered at once), nor while it is paused, over its rate or out of slots (the
+  -- attempt is deferred, never dropped). 'send' holds one of the destination's slots for slot_ms.
+  local wid, seq, slot_ms = ARGV[4], ARGV[5], tonumber(ARGV[6])
+  local key = delivery_key(wid)
+  local d = redis.call('HMGET', key, 'state', 'seq', 'tenant', 'destination', 'reserved')
+  if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
+  local tenant, dest = d[3], d[4]
+  if not dest then return {'send'} end  -- queued by a version without destinations
+  local h = redis.call('HMGET', health_key(tenant, dest), 'state', 'failing_since')
+  if h[1] == 'disabled' then
+    local err = 'not sent: destination ' .. dest .. ' is disabled for this tenant (nothing but failures since '
+      .. (h[2] or '?') .. '); re-enable it with POST /webhooks/destinations/{destination}/enable, then replay'
+    redis.call('HSET', key, 'last_error', err, 'dead_reason', 'disabled', 'updated_at', now_iso)
+    redis.call('HINCRBY', K_WEBHOOK_STATS, 'disabled', 1)
+    redis.call('ZADD', K_TENANT_DESTINATIONS .. tenant, now_ms, dest)
+    redis.call('EXPIRE', health_key(tenant, dest), CFG_RETENTION_S)
+    delivery_finish(wid, tenant, 'dead')
+    return {'disabled', err}
+  end
+  local paused = tonumber(redis.call('HGET', K_DESTINATION .. dest, 'paused_until') or 0)
+  if paused > now_ms then return defer(wid, seq, paused, 'retry_after', false) end
+  if d[5] ~= seq then  -- a retry or a replay: it takes its turn now
+    local due = reserve(dest, now_ms)
+    if due > now_ms then return defer(wid, seq, due, 'rate_limit', true) end
+  end
+  local slots = K_DESTINATION_SLOTS .. dest
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)
+  if redis.call('ZCARD', slots) >= CFG_DESTINATION_CONCURRENCY then
+    -- Released by the next attempt to end (release_slot); at the latest when a slot would lapse.
+    redis.call('ZADD', K_DESTINATION_WAITING .. dest, now_ms, wid)
+    -- Nothing is lost if it lapses: every waiting delivery also has its fallback attempt queued.
+    redis.call('PEXPIRE', K_DESTINATION_WAITING .. dest, 2 * slot_ms)
+    return defer(wid, seq, now_ms + slot_ms, 'destination_busy', true)
+  end
+  redis.call('ZADD', slots, now_ms + slot_ms, wid .. '.' .. seq)
+  redis.call('PEXPIRE', slots, slot_ms)
+  -- The attempt stays on arq's queue until it ends (that is how a killed worker's attempt is taken
+  -- up again), but no longer at its front: workers read the first due entries, as many as they have
+  -- free slots, and hanging attempts there would hide everything behind them. It falls due again
+  -- when its in-progress lock lapses (delivery.py: slot + 1 s).
+  redis.call('ZADD', K_WEBHOOK_QUEUE, 'XX', now_ms + slot_ms + 1000, wid .. '.' .. seq)
+  redis.call('HSET', key, 'wait_reason', '')
+  return {'send'}
+
+elseif op == 'enable' then
+  -- tenant destination -> 'ok' | 'missing'
+  local tenant, dest = ARGV[4], ARGV[5]
+  local key = health_key(tenant, dest)
+  if redis.call('EXISTS', key) == 0 then return 'missing' end
+  redis.call('HSET', key, 'state', 'enabled', 'failures', 0)
+  redis.call('HDEL', key, 'failing_since', 'failing_since_ms', 'disabled_at')
+  redis.call('HDEL', K_DISABLED_DESTINATIONS, tenant .. ' ' .. dest)
+  return 'ok'
 
 elseif op == 'replay' then
   -- wid tenant -> 'ok' | 'missing' (not a dead letter of this tenant)
@@ -501,7 +688,9 @@ elseif op == 'replay' then
   local d = redis.call('HMGET', key, 'state', 'seq', 'tenant')
   if d[1] ~= 'dead' or d[3] ~= tenant then return 'missing' end  -- its record expired: drop the entry
   local seq = tonumber(d[2]) + 1
-  redis.call('HSET', key, 'state', 'pending', 'seq', seq, 'tries', 0, 'updated_at', now_iso, 'next_attempt_at', now_iso)
+  redis.call('HSET', key, 'state', 'pending', 'seq', seq, 'tries', 0, 'updated_at', now_iso, 'next_attempt_at', now_iso,
+    'due_ms', now_ms)
+  redis.call('HDEL', key, 'dead_reason')
   redis.call('HINCRBY', key, 'replays', 1)
   redis.call('HDEL', key, 'finished_at')
   redis.call('PERSIST', key)

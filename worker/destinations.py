@@ -1,0 +1,117 @@
+"""Webhook destinations: what one is, how fast it may be sent to, and its health per tenant.
+
+A **destination** is a webhook URL's scheme, host and port (``https://hooks.example.com:443``):
+what a receiver's capacity is shared by. ``lua/jobs.lua`` computes the same string
+(``destination_of``) when it records a delivery; :func:`destination_of` here is its twin, and a test
+holds the two to the same answers.
+
+**Rate** (``JOBCAST_WEBHOOK_RATE``, per destination overrides in ``JOBCAST_WEBHOOK_RATES``): N
+deliveries per S seconds, as a burst of up to N that refills evenly — the GCRA of the submission
+limit, but *reserving*: a delivery over the rate is not refused, it is queued for the moment its
+turn comes. A first attempt reserves its moment when its event is written, inside the same script
+call, so a job's deliveries leave in the order of its events; retries and replays reserve theirs
+when they fall due. A receiver's 429 or 503 with Retry-After pauses the whole destination until
+then. At most ``JOBCAST_WEBHOOK_DESTINATION_CONCURRENCY`` attempts to one destination are in flight
+at once, across all workers, so a slow receiver holds a few delivery slots, never all of them; the
+deliveries that find it busy wait their turn in a queue of their own (``destination-waiting``) and
+are released one by one as attempts end.
+
+**Health** is kept per tenant and destination (one tenant's failing receiver never disables
+another tenant's deliveries): consecutive failures, since when, the last success. After
+``JOBCAST_WEBHOOK_DISABLE_AFTER_S`` of nothing but failures the destination is disabled for that
+tenant: its deliveries go to the dead letters at once, with ``reason: "disabled"``, until an
+operator re-enables it (:meth:`DestinationStore.enable`). Health is forgotten after
+``JOBCAST_RETENTION_S`` without any delivery to the destination.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from redis.asyncio import Redis
+
+from . import schema
+from .clock import now, rfc3339
+from .rates import MAX_DESTINATION_LENGTH, Rate, destination_of
+from .settings import Settings
+
+
+def rate_for(settings: Settings, destination: str) -> Rate:
+    return settings.webhook_rate_for(destination)
+
+
+__all__ = ["MAX_DESTINATION_LENGTH", "DestinationStore", "Rate", "destination_of", "rate_for"]
+
+
+def _iso_of_ms(raw: str | None) -> str | None:
+    return rfc3339(int(float(raw)) * 1_000_000) if raw else None
+
+
+class DestinationStore:
+    """A tenant's destinations as ``GET /webhooks/destinations`` lists them, and their re-enabling."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._script = schema.JobsScript(redis, settings)
+
+    async def for_tenant(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The tenant's destinations, most recently used first."""
+        index = schema.tenant_destinations_key(tenant)
+        await self.redis.zremrangebyscore(index, "-inf", now()[1] - self.settings.retention_s * 1000)
+        names: list[str] = await self.redis.zrevrange(index, 0, limit - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(schema.destination_health_key(tenant, name))
+            pipe.hget(schema.destination_key(name), "paused_until")
+        replies = await pipe.execute()
+        return [
+            self.resource(name, health, paused)
+            for name, health, paused in zip(names, replies[::2], replies[1::2], strict=True)
+            if health
+        ]
+
+    def resource(self, name: str, health: dict[str, str], paused_until: str | None) -> dict[str, Any]:
+        paused = _iso_of_ms(paused_until) if paused_until and float(paused_until) > now()[1] else None
+        return {
+            "destination": name,
+            "state": health.get("state", "enabled"),
+            "consecutive_failures": int(health.get("failures", 0)),
+            "failing_since": health.get("failing_since"),
+            "last_success_at": health.get("last_success_at"),
+            "last_failure_at": health.get("last_failure_at"),
+            "last_error": health.get("last_error") or None,
+            "disabled_at": health.get("disabled_at"),
+            "delivered": int(health.get("delivered", 0)),
+            "failed": int(health.get("failed", 0)),
+            "rate": str(rate_for(self.settings, name)),
+            "paused_until": paused,
+            "links": {"enable": f"/webhooks/destinations/{quote(name, safe='')}/enable"},
+        }
+
+    async def get(self, tenant: str, name: str) -> dict[str, Any] | None:
+        health: dict[str, str] = await self.redis.hgetall(schema.destination_health_key(tenant, name))  # type: ignore[misc]
+        if not health:
+            return None
+        return self.resource(name, health, await self.redis.hget(schema.destination_key(name), "paused_until"))  # type: ignore[misc]
+
+    async def enable(self, tenant: str, name: str) -> dict[str, Any] | None:
+        """Enable (again) the tenant's destination, clearing its failure streak; None when unknown."""
+        if str(await self._script("enable", tenant, name)) != "ok":
+            return None
+        return await self.get(tenant, name)
+
+    async def disabled(self) -> dict[str, list[str]]:
+        """Disabled destinations by tenant, across all tenants (for metrics and alerts)."""
+        entries: dict[str, str] = await self.redis.hgetall(schema.DISABLED_DESTINATIONS)  # type: ignore[misc]
+        by_tenant: dict[str, list[str]] = {}
+        for entry in sorted(entries):
+            tenant, _, name = entry.partition(" ")
+            by_tenant.setdefault(tenant, []).append(name)
+        return by_tenant
+
+    async def wait_counts(self) -> dict[str, float]:
+        """Deferred attempts by reason (``count|<reason>``) and the seconds they waited (``seconds|<reason>``)."""
+        raw: dict[str, str] = await self.redis.hgetall(schema.WEBHOOK_WAITS)  # type: ignore[misc]
+        return {name: float(value) for name, value in raw.items()}
