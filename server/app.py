@@ -17,6 +17,7 @@ from types import FrameType
 import orjson
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
@@ -25,18 +26,18 @@ from jobcast.worker.webhooks import WebhookStore
 
 from . import dashboard
 from .auth import Authenticator
-from .hub import Hub
+from .hub import Hub, StreamConfig
 from .keys import ApiKeys
 from .limits import RateLimiter, StreamSlots, parse_rate
-from .openapi import build_openapi, enforce_documented_query
+from .openapi import build_openapi, documented_query_params, enforce_documented_query
 from .problems import EXCEPTION_HANDLERS
-from .routes import routes
+from .routes import events, routes
 from .services import STATE_KEY, Services
 from .tokens import TokenSigner
 
 logger = logging.getLogger(__name__)
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> JobcastApp:
     settings = settings if settings is not None else Settings()
     settings.check_production()
     registry = load_registry(settings)
@@ -47,10 +48,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         redis = redis_client(settings)
-        hub = Hub(redis)
+        slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
+        config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
+        hub = Hub(redis, config, on_connect=slots.open_script.load)
         await hub.start()
         app.state.drain = hub.drain
-        slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
         refresher = asyncio.create_task(slots.refresh_forever(), name="jobcast-stream-slots")
         try:
             yield {
@@ -74,7 +76,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await hub.stop()
             await redis.aclose()
 
-    app = Starlette(
+    app = JobcastApp(
         routes=[
             *enforce_documented_query(routes(), document),
             *dashboard.routes(),
@@ -82,7 +84,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    app.stream_query = documented_query_params(document)
     return app
+
+
+class JobcastApp(Starlette):
+    """Starlette, with the two event-stream routes served before its middleware stack (see
+    :mod:`jobcast.routes.events`): the hub writes to a stream through uvicorn's own ``send``."""
+
+    #: The query parameters each operation declares (set by create_app).
+    stream_query: dict[tuple[str, str], frozenset[str]]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            matched = events.match(scope["path"])
+            if matched is not None:
+                endpoint, params = matched
+                scope["app"] = self
+                scope["path_params"] = params
+                template = "/events" if not params else "/jobs/{job_id}/events"
+                await events.serve(endpoint, self.stream_query[("GET", template)], scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

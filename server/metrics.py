@@ -133,6 +133,15 @@ async def render(store: Store, hub: Hub, slots: StreamSlots) -> bytes:
             "jobcast_sse_slow_consumers_cut", "Streams this process cut off as too slow.", value=hub.slow_consumers
         )
     )
+    writes = CounterMetricFamily(
+        "jobcast_sse_writes",
+        "Writes to event streams by this process: 'direct' made at once by the hub, 'deferred' finished "
+        "by the stream's own writer because the client's connection was not taking data.",
+        labels=["path"],
+    )
+    writes.add_metric(["direct"], float(hub.direct_writes))
+    writes.add_metric(["deferred"], float(hub.deferred_writes))
+    families.append(writes)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(families))
     return generate_latest(registry)

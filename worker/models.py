@@ -41,8 +41,14 @@ class EventName(StrEnum):
     FAILED = "job.failed"
     CANCELLED = "job.cancelled"
 
+    @classmethod
+    def entering(cls, status: JobStatus) -> EventName:
+        """The event a job's entering ``status`` emits (``job.<status>``)."""
+        return cls(f"job.{status.value}")
 
-TERMINAL_EVENTS = (EventName.COMPLETED, EventName.FAILED, EventName.CANCELLED)
+
+#: The events that end a job, one per terminal status (as strings they compare equal to the wire names).
+TERMINAL_EVENTS = tuple(EventName.entering(status) for status in JobStatus if status.terminal)
 
 
 class DeliveryStatus(StrEnum):

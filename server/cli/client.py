@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from jobcast.worker.models import TERMINAL_EVENTS
+from jobcast import streamids
+from jobcast.worker.models import TERMINAL, TERMINAL_EVENTS
 
 Job = dict[str, Any]
 
@@ -36,8 +37,7 @@ RECONNECT_MAX_S = 5.0
 RECONNECT_GIVE_UP_S = 300.0
 #: How long one long-poll (GET /jobs/{id}?wait=) holds; the API allows up to 60.
 WAIT_S = 30
-TERMINAL = frozenset(e.value for e in TERMINAL_EVENTS)
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_EVENT_NAMES = frozenset(TERMINAL_EVENTS)
 
 
 class ClientError(Exception):
@@ -71,7 +71,7 @@ class StreamEvent:
 
     @property
     def terminal(self) -> bool:
-        return self.event in TERMINAL
+        return self.event in TERMINAL_EVENT_NAMES
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,9 @@ class Disconnected:
     delay_s: float
 
 
-def _id_key(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return (-1, -1)
+def _id_order(event_id: str) -> streamids.Order:
+    """A frame whose id is not an event id orders before every event (it is skipped)."""
+    return streamids.parse(event_id) or streamids.BEFORE_ALL
 
 
 def _describe(exc: httpx.TransportError) -> str:
@@ -202,7 +199,7 @@ class Client:
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
             down_since, delay = None, RECONNECT_FIRST_S
-            if job["status"] in TERMINAL_STATUSES:
+            if job["status"] in TERMINAL:
                 return job
 
     # --- the event stream -------------------------------------------------------------------------
@@ -215,7 +212,7 @@ class Client:
         yields :class:`Disconnected`.
         """
         last_id: str | None = None
-        last_key = (-1, -1)
+        last_key = streamids.BEFORE_ALL
         down_since: float | None = None
         delay = RECONNECT_FIRST_S
         timeout = httpx.Timeout(30.0, connect=10.0, read=STREAM_READ_TIMEOUT_S)
@@ -241,9 +238,9 @@ class Client:
                     else:
                         down_since, delay = None, RECONNECT_FIRST_S
                         for sse in source.iter_sse():
-                            if not sse.data or _id_key(sse.id) <= last_key:
+                            if not sse.data or _id_order(sse.id) <= last_key:
                                 continue
-                            last_id, last_key = sse.id, _id_key(sse.id)
+                            last_id, last_key = sse.id, _id_order(sse.id)
                             event = StreamEvent(sse.id, sse.event, json.loads(sse.data))
                             yield event
                             if event.terminal:
