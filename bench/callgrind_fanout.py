@@ -4,10 +4,10 @@ repeatable CPU-per-event figure on a shared machine, for comparing two versions 
     .venv/bin/python bench/callgrind_fanout.py                    # this checkout
     .venv/bin/python bench/callgrind_fanout.py --streams 500 --events 20
 
-The server (``bench.serve jobcast``) runs under ``valgrind --tool=callgrind --collect-atstart=no``;
+The server (``bench.serve jobcast``) runs under ``valgrind --tool=callgrind --instr-atstart=no``;
 the load client (:mod:`bench.sse_client`, in a process of its own) opens N streams on one running
-job; collection is switched on (``callgrind_control -i on``), 20 ``Store.progress()`` events are
-published and read by every stream, and collection is switched off before the dump. The figure is
+job; instrumentation is switched on (``callgrind_control -i on``), 20 ``Store.progress()`` events are
+published and read by every stream, and switched off before the dump. The figure is
 the server's instructions (Ir) over that window divided by N x events. Run it from each checkout
 to compare (both use that checkout's server code).
 """
@@ -45,7 +45,7 @@ def main() -> None:
         port = free_port()
         out = folder / "callgrind.out"
         command = [
-            "valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out}",
+            "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
             sys.executable, "-m", "bench.serve", "jobcast", "--port", str(port),
         ]  # fmt: skip
         web = procs.start("web", command, harness.jobcast_env(redis_server.url))

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import Enum
+from types import CoroutineType
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -75,7 +76,7 @@ def frame(event: Event) -> bytes:
 
 def as_coroutine(awaitable: Awaitable[None]) -> Coroutine[Any, Any, None]:
     """uvicorn's ``send`` is a coroutine function; another server's might return another awaitable."""
-    if isinstance(awaitable, Coroutine):
+    if type(awaitable) is CoroutineType or isinstance(awaitable, Coroutine):  # the first test is the fast one
         return awaitable
 
     async def wrapped() -> None:
@@ -338,24 +339,13 @@ class Stream:
 
     # --- the request's own task ------------------------------------------------------------------
 
-    async def serve(self, receive: Receive, send: Send, head: bytes, replay: list[Event], more: bool) -> None:
-        """Write the head and the replay, hand the stream to the hub, and wait for the client to
-        go away (or for the stream to end)."""
+    async def serve(self, receive: Receive, send: Send, opening: Callable[[], tuple[bytes, list[Event], bool]]) -> None:
+        """Write the head and the replay (``opening()`` hands them over), hand the stream to the hub,
+        and wait for the client to go away (or for the stream to end)."""
         self.send = send
         self.task = asyncio.current_task()
         try:
-            try:
-                async with asyncio.timeout(self.hub.config.send_timeout_s):
-                    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-                await self._send(head)
-                await self.write_events(replay)
-                if more:
-                    await self.catch_up()
-                await self._flush()
-            except (TimeoutError, TooSlow):
-                self._too_slow()
-            except LogUnreadable:
-                await self._end_unreadable()
+            await self._open(*opening())
             if not self.cut_off:
                 while (await receive())["type"] != "http.disconnect":
                     pass
@@ -366,3 +356,18 @@ class Stream:
         finally:
             self.close()
             await self.slots.release(self.tenant, self.slot)
+
+    async def _open(self, head: bytes, replay: list[Event], more: bool) -> None:
+        assert self.send is not None
+        try:
+            async with asyncio.timeout(self.hub.config.send_timeout_s):
+                await self.send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            await self._send(head)
+            await self.write_events(replay)
+            if more:
+                await self.catch_up()
+            await self._flush()
+        except (TimeoutError, TooSlow):
+            self._too_slow()
+        except LogUnreadable:
+            await self._end_unreadable()

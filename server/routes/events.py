@@ -58,9 +58,13 @@ class StreamResponse:
     def __init__(self, stream: Stream, head: bytes, replay: list[Event]) -> None:
         self.stream, self.head, self.replay = stream, head, replay
 
+    def take(self) -> tuple[bytes, list[Event], bool]:
+        """The head and the first replay page, once (a stream lives for hours: not kept)."""
+        head, replay, self.head, self.replay = self.head, self.replay, b"", []
+        return head, replay, len(replay) >= REPLAY_PAGE
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        more = len(self.replay) >= REPLAY_PAGE
-        await self.stream.serve(receive, send, self.head, self.replay, more)
+        await self.stream.serve(receive, send, self.take)
 
 
 async def job_events(request: Request) -> StreamResponse | Response:
@@ -190,15 +194,21 @@ async def serve(
     endpoint: Endpoint, query: frozenset[str], scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Serve one stream request outside Starlette's stack, with the answers its handlers would give."""
+    response = await _answer(endpoint, query, scope, receive)
+    await response(scope, receive, send)
+
+
+async def _answer(
+    endpoint: Endpoint, query: frozenset[str], scope: Scope, receive: Receive
+) -> StreamResponse | Response:
+    # A frame of its own: the Request is not kept for the stream's lifetime.
     request = Request(scope, receive)
-    response: StreamResponse | Response
     try:
         refuse_undocumented(request, query)
-        response = await endpoint(request)
+        return await endpoint(request)
     except Problem as exc:
-        response = problem_response(exc)
+        return problem_response(exc)
     except (RedisError, OSError) as exc:
-        response = await handle_redis_error(request, exc)
+        return await handle_redis_error(request, exc)
     except Exception as exc:
-        response = await handle_unexpected(request, exc)
-    await response(scope, receive, send)
+        return await handle_unexpected(request, exc)
