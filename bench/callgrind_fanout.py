@@ -80,8 +80,8 @@ def main() -> None:
     total = 0
     for dump in dumps:
         text = dump.read_text(errors="replace")
-        match = re.search(r"^summary: (\d+)", text, re.MULTILINE) or re.search(r"^totals: (\d+)", text, re.MULTILINE)
-        if match:
+        # "summary:" may be written as 0 before the costs, and "totals:" after them: take the largest.
+        for match in re.finditer(r"^(?:summary|totals): (\d+)", text, re.MULTILINE):
             total = max(total, int(match[1]))
     delivered = run.received
     print(f"streams {run.connected}, events {args.events}, delivered {delivered}, duplicates {run.duplicates}")

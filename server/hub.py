@@ -40,6 +40,8 @@ from .frames import event_frame
 logger = logging.getLogger(__name__)
 
 RECONNECT_MAX_S = 5.0
+#: Published messages dispatched together at most, when they arrive faster than they are handed out.
+BURST_MAX = 256
 #: Event names that end a job (and its stream).
 TERMINAL = frozenset(TERMINAL_EVENTS)
 
@@ -72,6 +74,9 @@ class Listener(Protocol):
     def deliver(self, item: Item, now: float) -> None:
         """Take one event (``now``: the loop's time, read once per event for all listeners)."""
 
+    def deliver_many(self, items: list[Item], now: float) -> None:
+        """Take several events at once, in order (a burst the hub read in one go)."""
+
     def flag(self, *, resync: bool = False, closed: bool = False) -> None:
         """``resync``: events may have been missed; ``closed``: the server is draining."""
 
@@ -93,6 +98,9 @@ class Subscription:
     def deliver(self, item: Item, now: float) -> None:
         self.dirty = True
         self._wake()
+
+    def deliver_many(self, items: list[Item], now: float) -> None:
+        self.deliver(items[-1], now)
 
     def flag(self, *, resync: bool = False, closed: bool = False) -> None:
         self.resync = self.resync or resync
@@ -197,22 +205,35 @@ class Hub:
     def subscriber_count(self) -> int:
         return sum(len(listeners) for table in self._tables.values() for listeners in table.values())
 
-    def dispatch(self, raw: str) -> None:
-        try:
-            job_sid, tenant_sid, tenant, job_id, event, data = raw.split("\n", 5)
-        except ValueError:
-            logger.warning("hub: ignoring malformed event message %r", raw[:200])
-            return
-        terminal = event in TERMINAL
+    def dispatch(self, raws: list[str]) -> None:
+        """Hand a burst of published messages to the listeners: each event encoded once per
+        audience, and each listener given all of its events of the burst together (one write)."""
+        bursts: dict[tuple[Audience, str], list[Item]] = {}
+        for raw in raws:
+            try:
+                job_sid, tenant_sid, tenant, job_id, event, data = raw.split("\n", 5)
+            except ValueError:
+                logger.warning("hub: ignoring malformed event message %r", raw[:200])
+                continue
+            terminal = event in TERMINAL
+            for audience, key, stream_id in (("job", job_id, job_sid), ("tenant", tenant, tenant_sid)):
+                if key in self._tables[audience]:  # type: ignore[index]
+                    item = Item(stream_id, event_frame(stream_id, event, data), job_id, terminal)
+                    bursts.setdefault((audience, key), []).append(item)  # type: ignore[arg-type]
         now = asyncio.get_running_loop().time()
-        for audience, key, stream_id in (("job", job_id, job_sid), ("tenant", tenant, tenant_sid)):
-            listeners = self._tables[audience].get(key)  # type: ignore[index]
-            if listeners:
-                item = Item(stream_id, event_frame(stream_id, event, data), job_id, terminal)
-                self.delivered += len(listeners)
-                # A copy: a listener whose stream ends here leaves the set.
+        for (audience, key), items in bursts.items():
+            listeners = self._tables[audience].get(key)
+            if not listeners:
+                continue
+            self.delivered += len(listeners) * len(items)
+            # A copy: a listener whose stream ends here leaves the set.
+            if len(items) == 1:
+                item = items[0]
                 for listener in tuple(listeners):
                     listener.deliver(item, now)
+            else:
+                for listener in tuple(listeners):
+                    listener.deliver_many(items, now)
 
     def _flag_all(self, *, resync: bool = False, closed: bool = False) -> None:
         for table in self._tables.values():
@@ -247,9 +268,20 @@ class Hub:
                     logger.info("hub: reconnected to Redis")
                     self._flag_all(resync=True)
                 first, delay = False, 0.1
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        self.dispatch(message["data"])
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is None or message["type"] != "message":
+                        continue
+                    # What else has already arrived goes out with it: a server that fell behind
+                    # catches up with one write per stream per burst, not per event.
+                    burst = [message["data"]]
+                    while len(burst) < BURST_MAX:
+                        more = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                        if more is None:
+                            break
+                        if more["type"] == "message":
+                            burst.append(more["data"])
+                    self.dispatch(burst)
             except (RedisError, OSError) as exc:
                 self.connected.clear()
                 self._flag_all(resync=True)

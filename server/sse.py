@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from enum import Enum
-from types import CoroutineType
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -39,6 +38,7 @@ from starlette.types import Message, Receive, Send
 from jobcast.worker.store import Event, Store
 
 from . import streamids
+from .coroutines import as_coroutine, finish
 from .frames import PING, event_frame
 from .hub import TERMINAL, Audience, Hub, Item
 from .limits import StreamSlots
@@ -72,36 +72,6 @@ class LogUnreadable(Exception):
 
 def frame(event: Event) -> bytes:
     return event_frame(event.id, event.event, event.data)
-
-
-def as_coroutine(awaitable: Awaitable[None]) -> Coroutine[Any, Any, None]:
-    """uvicorn's ``send`` is a coroutine function; another server's might return another awaitable."""
-    if type(awaitable) is CoroutineType or isinstance(awaitable, Coroutine):  # the first test is the fast one
-        return awaitable
-
-    async def wrapped() -> None:
-        await awaitable
-
-    return wrapped()
-
-
-async def finish(step: Coroutine[Any, Any, None], waiting: Any) -> None:
-    """Run to its end a coroutine that was started by hand (``step.send(None)``) and suspended,
-    yielding ``waiting`` (the future it waits for, or None for a bare yield)."""
-    try:
-        while True:
-            if waiting is None:
-                await asyncio.sleep(0)
-            else:
-                # What asyncio's Task does with a future its coroutine yields: take it over
-                # (the flag says a Task has not yet taken it), then wait for it ourselves.
-                waiting._asyncio_future_blocking = False
-                await waiting
-            waiting = step.send(None)
-    except StopIteration:
-        return
-    finally:
-        step.close()
 
 
 class Stream:
@@ -162,6 +132,15 @@ class Stream:
                 self._cut(f"fell more than {BACKLOG_MAX} events behind")
             else:
                 self.backlog.append(item)
+
+    def deliver_many(self, items: list[Item], now: float) -> None:
+        if self.phase is not Phase.IDLE:
+            for item in items:
+                self.deliver(item, now)
+            return
+        body, last = self._newer(items)
+        if body:
+            self._write_now(body, now, last=last)
 
     def flag(self, *, resync: bool = False, closed: bool = False) -> None:
         self.resync = self.resync or resync
@@ -257,18 +236,22 @@ class Stream:
 
     async def _write_backlog(self) -> None:
         items, self.backlog = self.backlog, []
+        body, last = self._newer(items)
+        if body or last:
+            await self._send(body, last=last)
+
+    def _newer(self, items: list[Item]) -> tuple[bytes, bool]:
+        """The frames of ``items`` newer than the last one sent, as one body (the last id moves
+        on); and whether they end the stream (a job's terminal event: nothing after it is taken)."""
         parts: list[bytes] = []
-        last = False
         for item in items:
             if item.key <= self.last_key:
                 continue
             parts.append(item.frame)
             self.last_key = item.key
             if item.terminal and self.audience == "job":
-                last = True
-                break
-        if parts or last:
-            await self._send(b"".join(parts), last=last)
+                return b"".join(parts), True
+        return b"".join(parts), False
 
     async def catch_up(self) -> None:
         """Send the log after the last id sent, page by page (one write per page)."""

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from jobcast.cli.embedded_redis import RedisProcess
-from jobcast.sse import finish
+from jobcast.coroutines import finish
 from jobcast.worker import schema
 from jobcast.worker.models import Priority
 from jobcast.worker.settings import Settings
@@ -203,6 +203,8 @@ async def test_streams_send_retry_and_keep_alive_pings(redis_server: RedisProces
                         break
         assert raw.startswith(b"retry: 2000\n\n")
         assert raw.count(b": ping\r\n\r\n") + raw.count(b": ping\n\n") >= 2
+        # One line separator in every frame: events, the retry head and pings alike.
+        assert b"\r" not in raw and raw.count(b": ping\n\n") >= 2
     finally:
         await handle.stop()
 
