@@ -272,16 +272,18 @@ class Hub:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                     if message is None or message["type"] != "message":
                         continue
-                    # What else has already arrived goes out with it: a server that fell behind
+                    self.dispatch([message["data"]])  # at once: a lone event waits for nothing
+                    # What else has already arrived goes out together: a server that fell behind
                     # catches up with one write per stream per burst, not per event.
-                    burst = [message["data"]]
+                    burst: list[str] = []
                     while len(burst) < BURST_MAX:
                         more = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
                         if more is None:
                             break
                         if more["type"] == "message":
                             burst.append(more["data"])
-                    self.dispatch(burst)
+                    if burst:
+                        self.dispatch(burst)
             except (RedisError, OSError) as exc:
                 self.connected.clear()
                 self._flag_all(resync=True)
