@@ -134,14 +134,22 @@ class Processes:
         self._redis.append(server)
         return server
 
-    def jobcast_web(self, redis_url: str, name: str = "web", **env: str) -> tuple[Proc, int]:
-        """A Jobcast server as ``jobcast web`` runs it (uvloop, httptools), minus access log and INFO logs."""
-        port = free_port()
+    def jobcast_web(
+        self, redis_url: str, name: str = "web", *, processes: int = 1, port: int | None = None, **env: str
+    ) -> tuple[Proc, int]:
+        """A Jobcast server as ``jobcast web`` runs it (uvloop, httptools), minus access log and INFO
+        logs; with ``processes`` > 1, that many sharing the port (see :func:`server_pids`)."""
+        port = port if port is not None else free_port()
         env = {"BENCH_GC_LOG": "1", **env}
-        proc = self.start(
-            name, [sys.executable, "-m", "bench.serve", "jobcast", "--port", str(port)], jobcast_env(redis_url, **env)
-        )
+        command = [sys.executable, "-m", "bench.serve", "jobcast", "--port", str(port), "--processes", str(processes)]
+        proc = self.start(name, command, jobcast_env(redis_url, **env))
         wait_http(port, proc)
+        if processes > 1:
+            deadline = time.monotonic() + 30
+            while len(server_pids(proc.pid)) < processes and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for _ in range(20 * processes):  # until each has answered (the kernel spreads connections)
+                wait_http(port, proc)
         return proc, port
 
     def bare_web(self, redis_url: str, name: str = "bare") -> tuple[Proc, int]:
@@ -214,6 +222,16 @@ def machine_busy_s() -> float:
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return (sum(fields[:8]) - idle) / CLOCK_TICKS
+
+
+def server_pids(pid: int) -> list[int]:
+    """The server processes of a ``bench.serve`` process: its children when it supervises some."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except OSError:
+        children = []
+    return children or [pid]
 
 
 class CpuMeter:

@@ -86,7 +86,7 @@ def find() -> tuple[str, Path] | None:
     return nginx, module
 
 
-def start(procs: Processes, *, workers: int = 1) -> tuple[Proc, int]:
+def start(procs: Processes, *, workers: int | str = 1) -> tuple[Proc, int]:
     """Start nginx+nchan; returns the master process and the port."""
     found = find()
     if found is None:

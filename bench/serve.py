@@ -3,6 +3,10 @@
     python -m bench.serve jobcast --port P   what ``jobcast web`` runs: create_app() under uvicorn with
                                              uvloop and httptools, JobcastServer (drain on SIGTERM);
                                              but log level warning and no access log
+    python -m bench.serve jobcast --port P --processes N
+                                             N such servers sharing the port (SO_REUSEPORT), as
+                                             ``jobcast web --processes N`` runs them; this process
+                                             waits for them and passes SIGTERM on
     python -m bench.serve bare --port P      the reference for the submission rate: a bare Starlette
                                              ``POST /jobs`` that reads the body, does one Redis SET
                                              and answers 202, under the same uvicorn settings
@@ -21,6 +25,8 @@ import argparse
 import gc
 import itertools
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +39,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobcast.app import JobcastServer, create_app, tune_gc_for_streaming
+from jobcast.cli.web import reuse_port_socket
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import redis_client
 
@@ -75,11 +82,30 @@ def log_slow_collections(threshold_s: float = 0.005) -> None:
     gc.callbacks.append(callback)
 
 
+def supervise(port: int, processes: int) -> None:
+    command = [sys.executable, "-m", "bench.serve", "jobcast", "--port", str(port), "--shared-port"]
+    children = [subprocess.Popen(command) for _ in range(processes)]
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("app", choices=["jobcast", "bare"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--shared-port", action="store_true")
     args = parser.parse_args()
+    if args.processes > 1:
+        supervise(args.port, args.processes)
+        return
 
     if args.app == "jobcast":
         tune_gc_for_streaming()  # as `jobcast web` does
@@ -101,7 +127,8 @@ def main() -> None:
         timeout_graceful_shutdown=5,
     )
     if args.app == "jobcast":
-        JobcastServer(config, app).run()
+        sockets = [reuse_port_socket("127.0.0.1", args.port)] if args.shared_port else None
+        JobcastServer(config, app).run(sockets=sockets)
     else:
         uvicorn.Server(config).run()
 

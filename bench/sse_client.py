@@ -7,6 +7,9 @@ commands on a pipe:
     ("connect",)                          open every stream; answer when all have their 200 headers
     ("collect", per_stream, deadline)     wait until each stream saw ``per_stream`` marked events, or
                                           the deadline (epoch seconds) passes; answer with the figures
+    ("reconnect", port)                   reopen every stream the server closed, on ``port``, with
+                                          ``Last-Event-ID`` (its last id), retrying refused connects;
+                                          answer when all have their 200 headers again
     ("close",)                            close everything and exit
 
 A marked event is a ``job.progress`` event whose data carries ``bseq=<n> t=<epoch ns>``, written by
@@ -80,6 +83,45 @@ class Client:
         t1 = time.time_ns()
         return {"connected": len(self.streams), "failed": sum(errors.values()), "errors": errors, "t0": t0, "t1": t1}
 
+    async def reconnect(self, port: int) -> dict[str, Any]:
+        """Resume every closed stream (a reconnect storm); ``seen`` carries over, so a repeated
+        event counts as a duplicate and a skipped one stays missing."""
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Semaphore(self.connect_concurrency)
+        self.port = port
+        errors: dict[str, int] = {}
+        resumed = 0
+
+        async def one(old: Stream) -> None:
+            nonlocal resumed
+            header = b"Last-Event-ID: " + old.last_id + b"\r\n" if old.last_id else b""
+            request = old.request[:-2] + header + b"\r\n"
+            for _ in range(200):
+                async with gate:
+                    stream = Stream(self, request, old.seen, old.last_id)
+                    stream.duplicates = old.duplicates
+                    try:
+                        await loop.create_connection(lambda s=stream: s, self.host, port)  # type: ignore[misc]
+                        async with asyncio.timeout(30):
+                            status = await stream.headers
+                        if status != 200:
+                            raise ConnectionError(f"status {status}")
+                    except (OSError, TimeoutError) as exc:
+                        key = type(exc).__name__ + ": " + str(exc)[:80]
+                        errors[key] = errors.get(key, 0) + 1
+                        if stream.transport is not None:
+                            stream.transport.close()
+                        await asyncio.sleep(0.05)
+                        continue
+                self.streams[self.streams.index(old)] = stream
+                resumed += 1
+                return
+
+        t0 = time.time_ns()
+        await asyncio.gather(*(one(s) for s in list(self.streams) if s.lost))
+        t1 = time.time_ns()
+        return {"resumed": resumed, "errors": errors, "t0": t0, "t1": t1}
+
     async def collect(self, per_stream: int, deadline: float) -> dict[str, Any]:
         self.expected = per_stream
         self.complete = sum(1 for s in self.streams if len(s.seen) >= per_stream)
@@ -107,14 +149,15 @@ class Client:
 
 
 class Stream(asyncio.Protocol):
-    def __init__(self, client: Client, request: bytes) -> None:
+    def __init__(self, client: Client, request: bytes, seen: set[int] | None = None, last_id: bytes = b"") -> None:
         self.client = client
         self.request = request
         self.transport: asyncio.Transport | None = None
         self.headers: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._head = b""
         self._tail = b""
-        self.seen: set[int] = set()
+        self.seen: set[int] = seen if seen is not None else set()
+        self.last_id = last_id  # of the last complete event block, for Last-Event-ID
         self.duplicates = 0
         self.lost = False
 
@@ -138,6 +181,9 @@ class Stream(asyncio.Protocol):
             self._tail = buf[-TAIL_MAX:]
             return
         self._tail = buf[cut + 2 :]
+        id_at = buf.rfind(b"id: ", 0, cut)
+        if id_at >= 0 and (id_at == 0 or buf[id_at - 1] == 10):  # at the start of a line
+            self.last_id = buf[id_at + 4 : buf.index(b"\n", id_at)]
         for match in MARK.finditer(buf, 0, cut):
             seq = int(match[1])
             if seq in self.seen:
@@ -180,6 +226,8 @@ def run(conn: Connection, host: str, port: int, paths: list[str], headers: dict[
                 conn.send(await client.connect())
             elif command[0] == "collect":
                 conn.send(await client.collect(command[1], command[2]))
+            elif command[0] == "reconnect":
+                conn.send(await client.reconnect(command[1]))
             else:
                 client.close()
                 await asyncio.sleep(0.1)

@@ -179,26 +179,28 @@ def settle_rss(pids: list[int], seconds: float = 1.0) -> int:
 # --- (a) fan-out ----------------------------------------------------------------------------------
 
 
+async def new_running_job(settings: Settings) -> str:
+    """A job in status processing (run 1), as a worker would have started it."""
+    redis = redis_client(settings)
+    store = Store(redis, settings)
+    created = await store.create(
+        tenant=TENANT, job_type="bench.noop", params={}, priority=Priority.NORMAL, max_attempts=1
+    )
+    assert created.job_id is not None
+    assert await store.start(created.job_id, 1, 10**15) is not None
+    await redis.aclose()
+    return created.job_id
+
+
 def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path) -> Run:
     run = Run("Jobcast", streams)
     with Processes(folder) as procs:
         redis_server = procs.redis()
-        web, port = procs.jobcast_web(redis_server.url)
+        web, port = procs.jobcast_web(redis_server.url, processes=args.processes)
+        servers = harness.server_pids(web.pid)
         settings = Settings(redis_url=redis_server.url)
-
-        async def new_running_job() -> str:
-            redis = redis_client(settings)
-            store = Store(redis, settings)
-            created = await store.create(
-                tenant=TENANT, job_type="bench.noop", params={}, priority=Priority.NORMAL, max_attempts=1
-            )
-            assert created.job_id is not None
-            assert await store.start(created.job_id, 1, 10**15) is not None
-            await redis.aclose()
-            return created.job_id
-
-        job_id = asyncio.run(new_running_job())
-        rss_before = settle_rss([web.pid], 0.5)
+        job_id = asyncio.run(new_running_job(settings))
+        rss_before = settle_rss(servers, 0.5)
         clients = Clients(args.clients, port, [f"/jobs/{job_id}/events"] * streams, {"Authorization": AUTH}, 200)
         try:
             say(f"Jobcast: opening {streams} streams")
@@ -207,8 +209,9 @@ def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path) -> Run:
             if profiler is not None:
                 profiler.stop()
                 run.profiles.append(profiler.report(f"Jobcast server while {streams} streams connect"))
-            run.kib_per_stream = (settle_rss([web.pid]) - rss_before) / max(run.connected, 1)
-            meter = harness.CpuMeter({"server": web.pid, "redis": redis_server.process.pid, **clients.pids})  # type: ignore[union-attr]
+            run.kib_per_stream = (settle_rss(servers) - rss_before) / max(run.connected, 1)
+            server_cpu = {f"server{i}": pid for i, pid in enumerate(servers)}
+            meter = harness.CpuMeter({**server_cpu, "redis": redis_server.process.pid, **clients.pids})  # type: ignore[union-attr]
             say(f"Jobcast: {run.connected} streams open; publishing {FANOUT_EVENTS} events at {FANOUT_RATE:g}/s")
             profiler = harness.Profiler(web.pid, folder / "publish.pyspy") if args.profile else None
             run.gc_connect = web.gc_pauses()
@@ -251,7 +254,7 @@ def fanout_nchan(args: argparse.Namespace, streams: int, folder: Path) -> Run:
             say(f"nchan: opening {streams} streams")
             clients.connect(run)
             run.kib_per_stream = (settle_rss(workers) - rss_before) / max(run.connected, 1)
-            meter = harness.CpuMeter({"server": workers[0], **clients.pids})
+            meter = harness.CpuMeter({**{f"server{i}": pid for i, pid in enumerate(workers)}, **clients.pids})
             say(f"nchan: {run.connected} streams open; publishing {FANOUT_EVENTS} events at {FANOUT_RATE:g}/s")
             meter.start()
             deadline = time.time() + FANOUT_EVENTS / FANOUT_RATE + DRAIN_S
@@ -412,7 +415,7 @@ def summary(run: Run) -> dict[str, float]:
         "p99": percentile(ordered, 99),
         "max": ordered[-1] if ordered else float("nan"),
         "kib": run.kib_per_stream,
-        "server_cpu": run.cpu.get("server", float("nan")),
+        "server_cpu": sum(v for k, v in run.cpu.items() if k.startswith("server")) if run.cpu else float("nan"),
         "client_cpu": sum(v for k, v in run.cpu.items() if k.startswith("client")),
     }
 
@@ -528,7 +531,8 @@ def main() -> None:
     parser.add_argument("--streams", default="1000,10000", help="comma-separated stream counts for (a)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side per scenario, alternating")
     parser.add_argument("--clients", type=int, default=2, help="load-client processes (default 2)")
-    parser.add_argument("--nginx-workers", type=int, default=1)
+    parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes (a number, or auto)")
+    parser.add_argument("--processes", type=int, default=1, help="Jobcast server processes sharing the port")
     parser.add_argument("--skip-fanout", action="store_true", help="skip (a)")
     parser.add_argument("--skip-spread", action="store_true", help="skip (b)")
     parser.add_argument("--only", choices=["jobcast", "nchan"], help="run one side only (no ratios)")

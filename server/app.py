@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from jobcast.worker.alerts import Alerter
 from jobcast.worker.destinations import DestinationStore
@@ -30,20 +31,20 @@ from jobcast.worker.webhooks import WebhookStore
 from . import dashboard
 from .auth import Authenticator
 from .http_guard import guarded_protocol
-from .hub import Hub
+from .hub import Hub, StreamConfig
 from .keys import ApiKeys
 from .limits import RateLimiter, StreamSlots
-from .openapi import build_openapi, enforce_documented_query
+from .openapi import build_openapi, documented_query_params, enforce_documented_query
 from .overview import OverviewFeed
 from .problems import EXCEPTION_HANDLERS
-from .routes import routes
+from .routes import events, routes
 from .services import STATE_KEY, Services
 from .tokens import TokenSigner
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, bind_host: str | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, *, bind_host: str | None = None) -> JobcastApp:
     """The application; ``bind_host`` is the address the server listens on (``jobcast web --host``),
     which decides whether ``GET /metrics`` may answer without a token in production."""
     if settings is None:
@@ -58,12 +59,14 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         redis = redis_client(settings)
-        hub = Hub(redis)
+        slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
+        config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
+        hub = Hub(redis, config, on_connect=slots.open_script.load)
         await hub.start()
         app.state.drain = hub.drain
-        slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
+        overview = OverviewFeed(redis)
         refresher = asyncio.create_task(slots.refresh_forever(), name="jobcast-stream-slots")
-        background = [refresher]
+        background = [refresher, asyncio.create_task(overview.run_forever(), name="jobcast-overviews")]
         if settings.alert_webhook_url:
             alerter = Alerter(redis, settings)
             background.append(asyncio.create_task(alerter.run_forever(), name="jobcast-alerts"))
@@ -81,7 +84,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                     stream_slots=slots,
                     webhooks=WebhookStore(redis, settings),
                     metrics_open=settings.env == "development" or is_private_bind(bind_host),
-                    overview=OverviewFeed(redis),
+                    overview=overview,
                     destinations=DestinationStore(redis, settings),
                 )
             }
@@ -94,7 +97,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
             await hub.stop()
             await redis.aclose()
 
-    app = Starlette(
+    app = JobcastApp(
         routes=[
             *enforce_documented_query(routes(), document),
             *dashboard.routes(),
@@ -102,6 +105,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    app.stream_query = documented_query_params(document)
     return app
 
 
@@ -127,6 +131,26 @@ def is_private_bind(host: str | None) -> bool:
     except ValueError:
         return False
     return not address.is_unspecified and (address.is_loopback or address.is_private)
+
+
+class JobcastApp(Starlette):
+    """Starlette, with the two event-stream routes served before its middleware stack (see
+    :mod:`jobcast.routes.events`): the hub writes to a stream through uvicorn's own ``send``."""
+
+    #: The query parameters each operation declares (set by create_app).
+    stream_query: dict[tuple[str, str], frozenset[str]]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            matched = events.match(scope["path"])
+            if matched is not None:
+                endpoint, params = matched
+                scope["app"] = self
+                scope["path_params"] = params
+                template = "/events" if not params else "/jobs/{job_id}/events"
+                await events.serve(endpoint, self.stream_query[("GET", template)], scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

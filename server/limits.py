@@ -70,12 +70,15 @@ class StreamsFull(Exception):
 
 class StreamSlots:
     """Caps on open event streams, and on held long-polls (``GET /jobs/{id}?wait=``, which hold a
-    connection the same way): per server process (in memory) and per tenant (in Redis, so the cap
-    holds across processes).
+    connection the same way): per server process (in memory, no Redis) and per tenant (in Redis, so
+    the cap holds across processes).
 
-    Each open stream holds a member of the tenant's zset whose score is an expiry; this process
-    pushes its members' expiry forward every ``REFRESH_S`` (one ZADD per tenant), so the slots of
-    a process that died free themselves within ``TTL_S``.
+    The process cap is taken by :meth:`reserve`, which checks and counts without awaiting anything:
+    concurrent connects cannot all pass a check made before any of them counted. The tenant's slot
+    is taken by the script that opens a stream (``worker/lua/streams.lua``, in the same round trip
+    as the log read): each open stream holds a member of the tenant's zset whose score is an
+    expiry, and this process pushes its members' expiry forward every ``REFRESH_S`` (one ZADD per
+    tenant), so the slots of a process that died free themselves within ``TTL_S``.
     """
 
     TTL_S = 60.0
@@ -87,39 +90,62 @@ class StreamSlots:
         self.per_tenant = per_tenant
         self._open: dict[str, set[str]] = {}
         self._count = 0
-        self._script = schema.StreamSlotScript(redis)
+        #: Opens a stream: takes the tenant's slot in the round trip that reads the log.
+        self.open_script = schema.StreamOpenScript(redis)
 
     @property
     def open_streams(self) -> int:
         return self._count
 
-    async def acquire(self, tenant: str) -> str:
-        """A slot id for a new stream of ``tenant``; raises :class:`StreamsFull`."""
+    def reserve(self) -> None:
+        """Count one more stream in this process; raises :class:`StreamsFull` at the cap."""
         if self._count >= self.per_process:
             raise StreamsFull("process", self.per_process)
-        slot = secrets.token_hex(8)
-        if self.per_tenant:
-            now_ms = int(time.time() * 1000)
-            taken = await self._script(
-                schema.streams_key(tenant), now_ms, int(self.TTL_S * 1000), self.per_tenant, slot
-            )
-            if not taken:
-                raise StreamsFull("tenant", self.per_tenant)
-        self._open.setdefault(tenant, set()).add(slot)
         self._count += 1
+
+    def unreserve(self) -> None:
+        self._count -= 1
+
+    @staticmethod
+    def new_slot() -> str:
+        return secrets.token_hex(8)
+
+    def opened(self, tenant: str, slot: str) -> None:
+        """The tenant's slot ``slot`` was taken in Redis: keep its expiry fresh until released."""
+        if self.per_tenant:
+            self._open.setdefault(tenant, set()).add(slot)
+
+    async def acquire(self, tenant: str) -> str:
+        """A place for a held long-poll: this process's cap, then the tenant's, taken by the same
+        script that opens a tenant feed (live, so it reads nothing but the log's tip); its slot id.
+        Raises :class:`StreamsFull`; :meth:`release` gives the place back."""
+        self.reserve()
+        slot = self.new_slot()
+        try:
+            if self.per_tenant:
+                log = schema.tenant_log_key(tenant)
+                now_ms, ttl_ms = int(time.time() * 1000), int(self.TTL_S * 1000)
+                args: list[str | int] = ["tenant", tenant, "", "live", 0, now_ms, ttl_ms, self.per_tenant, slot, 0]
+                outcome, _, _ = await self.open_script([log, schema.streams_key(tenant), log], args)
+                if outcome == "full":
+                    raise StreamsFull("tenant", self.per_tenant)
+        except BaseException:
+            self.unreserve()
+            raise
+        self.opened(tenant, slot)
         return slot
 
     async def release(self, tenant: str, slot: str) -> None:
+        """The stream that reserved a place and opened ``slot`` ended."""
+        self.unreserve()
         slots = self._open.get(tenant)
         if slots is None or slot not in slots:
             return
         slots.discard(slot)
         if not slots:
             del self._open[tenant]
-        self._count -= 1
-        if self.per_tenant:
-            with contextlib.suppress(RedisError, OSError):  # it expires by itself otherwise
-                await self.redis.zrem(schema.streams_key(tenant), slot)
+        with contextlib.suppress(RedisError, OSError):  # it expires by itself otherwise
+            await self.redis.zrem(schema.streams_key(tenant), slot)
 
     async def refresh_forever(self) -> None:
         while True:

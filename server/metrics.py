@@ -199,4 +199,13 @@ def _process_families(hub: Hub, slots: StreamSlots) -> list[Metric]:
             "jobcast_sse_slow_consumers_cut", "Streams this process cut off as too slow.", value=hub.slow_consumers
         )
     )
+    writes = CounterMetricFamily(
+        "jobcast_sse_writes",
+        "Writes to event streams by this process: 'direct' made at once by the hub, 'deferred' finished "
+        "by the stream's own writer because the client's connection was not taking data.",
+        labels=["path"],
+    )
+    writes.add_metric(["direct"], float(hub.direct_writes))
+    writes.add_metric(["deferred"], float(hub.deferred_writes))
+    families.append(writes)
     return families

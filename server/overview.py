@@ -9,32 +9,81 @@ An overview is computed at most once per ``MIN_INTERVAL_S`` per tenant in a proc
 all of that tenant's streams (:class:`OverviewFeed`), so ten thousand dashboards of one tenant cost
 one Redis round trip a second, not ten thousand. Overview events carry no ``id:`` line: they are
 not in the event log, and a client's Last-Event-ID stays the last job event it saw.
+
+Like pings, overviews come from one schedule per process (:meth:`OverviewFeed.run_forever`), not a
+timer per stream: every ``MIN_INTERVAL_S`` it writes to each following stream that is idle and saw
+job events since its last overview, or has had none for ``REFRESH_S``. A stream busy writing (its
+client is slow) is skipped and served on a later tick: an overview is a snapshot, the next one
+supersedes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from jobcast.worker.clock import now
 from jobcast.worker.overview import read_overview
 
+from .frames import unnumbered_frame
 from .resources import OverviewEvent
+
+logger = logging.getLogger(__name__)
 
 EVENT_NAME = "overview"
 MIN_INTERVAL_S = 1.0
 REFRESH_S = 10.0
 
 
+class Follower(Protocol):
+    """A stream that asked for overviews (:class:`jobcast.sse.Stream`)."""
+
+    tenant: str
+
+    def overview_wanted(self, now: float) -> bool: ...
+
+    def write_overview(self, frame: bytes, now: float) -> None: ...
+
+
 class OverviewFeed:
-    """Encoded ``overview`` frames per tenant, each reused for ``MIN_INTERVAL_S``."""
+    """Encoded ``overview`` frames per tenant, each reused for ``MIN_INTERVAL_S``, and the schedule
+    that writes them to the streams following them."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._frames: dict[str, tuple[float, bytes]] = {}
         self._reading: dict[str, asyncio.Task[bytes]] = {}
+        self._followers: set[Follower] = set()
+
+    def follow(self, stream: Follower) -> None:
+        self._followers.add(stream)
+
+    def unfollow(self, stream: Follower) -> None:
+        self._followers.discard(stream)
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(MIN_INTERVAL_S)
+            now = loop.time()
+            due: dict[str, list[Follower]] = {}
+            for stream in self._followers:
+                if stream.overview_wanted(now):
+                    due.setdefault(stream.tenant, []).append(stream)
+            for tenant, streams in due.items():
+                try:
+                    frame = await self.frame(tenant)
+                except (RedisError, OSError) as exc:
+                    logger.warning("overview of %s not read: %s", tenant, exc)
+                    continue
+                now = loop.time()
+                for stream in streams:
+                    stream.write_overview(frame, now)
 
     async def frame(self, tenant: str) -> bytes:
         cached = self._frames.get(tenant)
@@ -58,6 +107,6 @@ class OverviewFeed:
         event = OverviewEvent(
             counts=overview.counts, workers=overview.workers, queue_depth=overview.queue_depth, at=now()[0]
         )
-        frame = f"event: {EVENT_NAME}\ndata: {event.model_dump_json()}\n\n".encode()
+        frame = unnumbered_frame(EVENT_NAME, event.model_dump_json())
         self._frames[tenant] = (time.monotonic(), frame)
         return frame

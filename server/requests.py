@@ -14,8 +14,8 @@ from starlette.requests import Request
 
 from jobcast.worker.ids import is_job_id
 
+from . import streamids
 from .problems import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from .sse import valid_stream_id
 
 MAX_BODY = 1024 * 1024
 MAX_WAIT_S = 60
@@ -112,7 +112,7 @@ def last_event_id(request: Request) -> str | None:
     value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if value is None or value == "":
         return None
-    if not valid_stream_id(value):
+    if not streamids.valid(value):
         raise BadRequest(
             f"Last-Event-ID {value[:60]!r} is not an event id of this stream (ids look like "
             "'1732896301123-0'). Reconnect without it to start over."

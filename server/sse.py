@@ -1,304 +1,395 @@
-"""Server-Sent Event streams: one job's (``GET /jobs/{id}/events``) or one tenant's (``GET /events``).
+"""One open Server-Sent Event stream: a job's (``GET /jobs/{id}/events``) or a tenant's (``GET /events``).
 
-Exactly-once replay. A stream first subscribes to the hub (so nothing published from then on is
-missed), then reads the event log after the client's last id and sends it, then sends what the hub
-buffered meanwhile, dropping every event whose id is not greater than the last one sent. Log and
-pub/sub are written by one Lua call, so the two together hold every event: none missing, none
-repeated, in order. When the hub reports a gap (Redis reconnect), the stream reads the log again
-from its last id.
+**The hub writes.** An idle stream has no task of its own waiting for events: the hub calls
+:meth:`Stream.deliver`, which starts the ASGI ``send`` of the frame right there. uvicorn's ``send``
+writes to the transport and returns without suspending unless the transport is paused (the client
+is not reading); only then does the stream get a writer task of its own, which finishes that write
+and then whatever queued up behind it (its bounded backlog, in order), under ``send_timeout_s`` per
+write, and hands the stream back to the hub once the backlog is empty. So the common path costs no
+task wake-up, no future and no timer per write; a slow client costs a task and a timer while it is
+slow. A backlog beyond ``BACKLOG_MAX`` events, or a write that takes longer than the send timeout,
+cuts the client off: its stream ends and it resumes with ``Last-Event-ID``, losing nothing.
 
-Why not sse-starlette's ``EventSourceResponse``: it runs four tasks per connection (stream, ping,
-disconnect listener, shutdown watcher), keeps a process-global shutdown state, and leaves
-``send_timeout`` off by default, with pings outside it. At ten thousand streams that is ~45 KB and
-a scheduler queue four times longer than needed. This response runs two tasks (the stream and a
-disconnect listener), pings when nothing was written for ``ping_s``, puts every write — pings
-included — under ``send_timeout``, and ends on the hub's drain (graceful shutdown).
+**One coroutine per stream.** The request's own task opens the stream (see
+:mod:`jobcast.routes.events`), writes the head and the replay, then waits for the client to
+disconnect — the only thing it waits for. Pings come from the hub's one schedule. The stream ends
+by writing its last chunk (terminal event, server drain), which completes the response and so
+returns that wait (uvicorn answers ``receive()`` with ``http.disconnect`` once the response is
+complete); a client cut off is woken by cancelling that wait.
 
-The ping timer is lazy: one timer per stream, armed for ``ping_s`` after the last write it knows
-of; when it fires after later writes it re-arms for ``ping_s`` after the newest one instead of
-pinging. A stream that receives events therefore touches no timer per event (only the write's
-send timeout), where a wait timeout re-armed on every event was half the server's CPU in a
-10k-stream fan-out. It keeps sse-starlette's
-wire format (``ServerSentEvent`` encodes the comment lines).
-
-A tenant feed given an :class:`~jobcast.overview.OverviewFeed` also writes ``overview`` events
-(see that module): one after its catch-up, then on a second lazy timer, armed for
-``MIN_INTERVAL_S`` after events went by and for ``REFRESH_S`` otherwise.
+**Exactly-once replay.** A stream subscribes to the hub (as ``OPENING``: events queue in its
+backlog) before it reads the log, then sends the log after the client's last id, then the backlog,
+dropping every event whose id is not greater than the last one sent. Log and pub/sub are written by
+one Lua call, so the two together hold every event: none missing, none repeated, in order. When the
+hub reports a gap (Redis reconnect), the stream re-reads the log from its last id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from enum import Enum
+from typing import Any
 
 from redis.exceptions import RedisError
-from sse_starlette.event import ServerSentEvent
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Send
 
 from jobcast.worker.models import Audience
 from jobcast.worker.store import Event, Store
 
-from .hub import TERMINAL, Hub, Item, Subscription, stream_id_key
-from .limits import StreamsFull, StreamSlots
+from . import streamids
+from .coroutines import as_coroutine, finish
+from .frames import PING, event_frame
+from .hub import TERMINAL, Hub, Item
+from .limits import StreamSlots
 from .overview import MIN_INTERVAL_S, REFRESH_S, OverviewFeed
-from .problems import TooManyRequests, Unavailable, problem_response
 
 logger = logging.getLogger(__name__)
 
-STREAM_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 REPLAY_PAGE = 500
+#: Events a stream may have queued while its client is not reading before it is cut off.
+BACKLOG_MAX = 512
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),  # nginx in front must not buffer the stream
 ]
-PING = ServerSentEvent(comment="ping").encode()
 
 
-class Gone(Exception):
-    """The client's last id is older than the retained log: events after it were trimmed."""
+class Phase(Enum):
+    OPENING = "opening"  # the request's task writes the replay; events queue
+    IDLE = "idle"  # the hub writes each event at once
+    BUSY = "busy"  # a writer task finishes a stalled write, then the backlog; events queue
+    ENDED = "ended"
 
 
-@dataclass(frozen=True)
-class StreamConfig:
-    ping_s: float = 15.0
-    send_timeout_s: float = 10.0
-    retry_ms: int = 2000
+class TooSlow(Exception):
+    """A write to the client did not complete within the send timeout."""
 
 
-MAX_PART = 2**64 - 1
-
-
-def valid_stream_id(value: str) -> bool:
-    """Of the form of a Redis stream id, within its range, and with room for an event after it."""
-    if not STREAM_ID_RE.fullmatch(value):
-        return False
-    ms, seq = (int(part) for part in value.split("-"))
-    return ms <= MAX_PART and seq <= MAX_PART and (ms, seq) != (MAX_PART, MAX_PART)
+class LogUnreadable(Exception):
+    """The event log could not be read (Redis)."""
 
 
 def frame(event: Event) -> bytes:
-    return f"id: {event.id}\nevent: {event.event}\ndata: {event.data}\n\n".encode()
+    return event_frame(event.id, event.event, event.data)
 
 
-async def check_continuity(store: Store, audience: Audience, key: str, last_id: str) -> None:
-    """Raise :class:`Gone` when events after ``last_id`` may have been trimmed from the log."""
-    floor = await store.log_floor(audience, key)
-    if floor is not None and stream_id_key(last_id) < stream_id_key(floor):
-        raise Gone()
+class Stream:
+    """One open event stream: a hub listener that writes to its client."""
 
-
-class EventStream:
-    """The ASGI response of one stream. ``end_on_terminal``: the per-job stream ends after its
-    job's terminal event; the tenant feed never does."""
+    __slots__ = (
+        "audience",
+        "backlog",
+        "cut_off",
+        "ending",
+        "hub",
+        "key",
+        "last_key",
+        "last_write",
+        "overview",
+        "overview_key",
+        "overview_sent",
+        "phase",
+        "resync",
+        "send",
+        "slot",
+        "slots",
+        "store",
+        "task",
+        "tenant",
+        "writer",
+    )
 
     def __init__(
         self,
         *,
         hub: Hub,
         store: Store,
+        slots: StreamSlots,
         audience: Audience,
         key: str,
-        last_id: str | None,
-        replay: bool,
-        config: StreamConfig,
-        slots: StreamSlots,
         tenant: str,
+        slot: str,
         overview: OverviewFeed | None = None,
     ) -> None:
         self.hub = hub
         self.store = store
+        self.slots = slots
         self.audience = audience
         self.key = key
-        self.last_id = last_id
-        self.replay = replay
-        self.config = config
-        self.slots = slots
         self.tenant = tenant
-        self.ended = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_write = 0.0
-        self._ping_timer: asyncio.TimerHandle | None = None
-        self._ping_due = False
+        self.slot = slot
+        self.phase = Phase.OPENING
+        self.backlog: list[Item] = []
+        self.last_key = streamids.BEFORE_ALL
+        self.last_write = 0.0
+        self.resync = False
+        self.ending = hub.draining
+        self.cut_off = False
+        self.send: Send | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.writer: asyncio.Task[None] | None = None
+        #: The tenant's overview events, when asked for (GET /events?overview=true), and when the
+        #: last one was written (loop time) at which event (its last_key then).
         self.overview = overview
-        self._overview_timer: asyncio.TimerHandle | None = None
-        self._overview_due = False
-        self._overview_sent = 0.0
+        self.overview_sent = 0.0
+        self.overview_key = streamids.BEFORE_ALL
+        hub.attach(audience, key, self)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            slot = await self.slots.acquire(self.tenant)
-        except StreamsFull as full:
-            problem = (
-                TooManyRequests(
-                    f"This tenant already has {full.cap} event streams open, its limit. Close some, or "
-                    "follow many jobs over one GET /events stream.",
-                    headers={"Retry-After": "5"},
-                )
-                if full.scope == "tenant"
-                else Unavailable(f"This server has {full.cap} event streams open, its limit; retry shortly.")
-            )
-            await problem_response(problem)(scope, receive, send)
+    # --- what the hub calls --------------------------------------------------------------------
+
+    def deliver(self, item: Item, now: float) -> None:
+        if self.phase is Phase.IDLE:
+            if item.key <= self.last_key:
+                return
+            self.last_key = item.key
+            self._write_now(item.frame, now, last=item.terminal and self.audience == "job")
+        elif self.phase is not Phase.ENDED:
+            if len(self.backlog) >= BACKLOG_MAX:
+                self._cut(f"fell more than {BACKLOG_MAX} events behind")
+            else:
+                self.backlog.append(item)
+
+    def deliver_many(self, items: list[Item], now: float) -> None:
+        if self.phase is not Phase.IDLE:
+            for item in items:
+                self.deliver(item, now)
             return
+        body, last = self._newer(items)
+        if body:
+            self._write_now(body, now, last=last)
+
+    def flag(self, *, resync: bool = False, closed: bool = False) -> None:
+        self.resync = self.resync or resync
+        self.ending = self.ending or closed
+        if self.phase is Phase.IDLE:
+            if self.resync:
+                self._start_writer(None, None)
+            elif self.ending:
+                self._write_now(b"", asyncio.get_running_loop().time(), last=True)
+
+    def ping(self, now: float, quiet_since: float) -> None:
+        if self.phase is Phase.IDLE and self.last_write < quiet_since:
+            self._write_now(PING, now)
+
+    # --- what the overview schedule calls (jobcast.overview) ------------------------------------
+
+    def overview_wanted(self, now: float) -> bool:
+        """Idle, and job events went by since the last overview, or it is time for a refresh."""
+        if self.phase is not Phase.IDLE:
+            return False
+        since = now - self.overview_sent
+        return since >= REFRESH_S or (self.last_key != self.overview_key and since >= MIN_INTERVAL_S)
+
+    def write_overview(self, frame: bytes, now: float) -> None:
+        if self.phase is Phase.IDLE:
+            self.overview_sent, self.overview_key = now, self.last_key
+            self._write_now(frame, now)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def _message(self, body: bytes, last: bool) -> Message:
+        return {"type": "http.response.body", "body": body, "more_body": not last}
+
+    def _write_now(self, body: bytes, now: float, *, last: bool = False) -> None:
+        """Write from the caller's own stack; hand the write to a writer task if it must wait."""
+        assert self.send is not None
+        step = as_coroutine(self.send(self._message(body, last)))
         try:
-            await self._serve(scope, receive, send)
+            waiting = step.send(None)
+        except StopIteration:
+            self.hub.direct_writes += 1
+            self.last_write = now
+            if last:
+                self._end()
+            return
+        except (OSError, RuntimeError) as exc:  # the connection is gone, or the response complete
+            logger.info("stream %s %s: write failed (%s); closed", self.audience, self.key, exc)
+            self._end()
+            return
+        self.hub.deferred_writes += 1
+        self._start_writer(step, waiting, last=last)
+
+    def _start_writer(self, step: Coroutine[Any, Any, None] | None, waiting: Any, *, last: bool = False) -> None:
+        self.phase = Phase.BUSY
+        self.writer = asyncio.create_task(self._write_later(step, waiting, last))
+
+    async def _write_later(self, step: Coroutine[Any, Any, None] | None, waiting: Any, last: bool) -> None:
+        """The writer task: finish the stalled write, then the backlog; then back to the hub."""
+        try:
+            if step is not None:
+                try:
+                    async with asyncio.timeout(self.hub.config.send_timeout_s):
+                        await finish(step, waiting)
+                except TimeoutError:
+                    raise TooSlow() from None
+                self.last_write = asyncio.get_running_loop().time()
+                if last:
+                    self._end()
+                    return
+            await self._flush()
+        except TooSlow:
+            self._too_slow()
+        except LogUnreadable:
+            await self._end_unreadable()
         finally:
-            await self.slots.release(self.tenant, slot)
+            if self.writer is asyncio.current_task():
+                self.writer = None
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        with self.hub.subscribe(self.audience, self.key) as sub:
-            watcher = asyncio.create_task(self._watch_disconnect(receive, sub))
-            try:
-                await self._run(send, sub)
-            except (RedisError, OSError) as exc:
-                # The log cannot be read: end the stream; the client reconnects (with its last id)
-                # and gets a 503 until Redis is back, then exactly what it missed.
-                logger.warning("stream %s %s: Redis unavailable (%s); closed", self.audience, self.key, exc)
-            except TimeoutError:
-                self.hub.slow_consumers += 1
-                logger.info("stream %s %s: client too slow to take a write; closed", self.audience, self.key)
-            finally:
-                for timer in (self._ping_timer, self._overview_timer):
-                    if timer is not None:
-                        timer.cancel()
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+    async def _send(self, body: bytes, *, last: bool = False) -> None:
+        assert self.send is not None
+        try:
+            async with asyncio.timeout(self.hub.config.send_timeout_s):
+                await self.send(self._message(body, last))
+        except TimeoutError:
+            raise TooSlow() from None
+        self.last_write = asyncio.get_running_loop().time()
+        if last:
+            self._end()
 
-    async def _watch_disconnect(self, receive: Receive, sub: Subscription) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                sub.flag(closed=True)
+    async def _flush(self) -> None:
+        """Write what queued (re-reading the log first after a gap), then hand the stream to the
+        hub; or end it, after its terminal event or when the server drains."""
+        while self.phase is not Phase.ENDED:
+            if self.resync:
+                self.resync = False
+                self.backlog = []
+                await self.catch_up()
+                continue
+            if self.backlog:
+                await self._write_backlog()
+                continue
+            if self.ending:
+                await self._send(b"", last=True)
                 return
-
-    async def _write(self, send: Send, body: bytes, *, more: bool = True) -> None:
-        async with asyncio.timeout(self.config.send_timeout_s):
-            await send({"type": "http.response.body", "body": body, "more_body": more})
-        assert self._loop is not None
-        self._last_write = self._loop.time()
-
-    def _arm_ping(self, sub: Subscription) -> None:
-        assert self._loop is not None
-        self._ping_timer = self._loop.call_at(self._last_write + self.config.ping_s, self._ping_check, sub)
-
-    def _ping_check(self, sub: Subscription) -> None:
-        """The ping timer: ping when nothing was written for ``ping_s``, else look again then."""
-        assert self._loop is not None
-        if self._loop.time() < self._last_write + self.config.ping_s - 0.005:
-            self._arm_ping(sub)
+            self.phase = Phase.IDLE  # nothing awaited since the backlog was found empty
             return
-        self._ping_timer = None
-        self._ping_due = True
-        sub.wake()
 
-    def _arm_overview(self, sub: Subscription, at: float) -> None:
-        """Have an overview written at loop time ``at``, unless one is due sooner already."""
-        assert self._loop is not None
-        timer = self._overview_timer
-        if timer is not None:
-            if timer.when() <= at:
-                return
-            timer.cancel()
-        self._overview_timer = self._loop.call_at(at, self._overview_fire, sub)
+    async def _write_backlog(self) -> None:
+        items, self.backlog = self.backlog, []
+        body, last = self._newer(items)
+        if body or last:
+            await self._send(body, last=last)
 
-    def _overview_fire(self, sub: Subscription) -> None:
-        self._overview_timer = None
-        self._overview_due = True
-        sub.wake()
-
-    async def _write_overview(self, send: Send, sub: Subscription) -> None:
-        assert self.overview is not None and self._loop is not None
-        self._overview_due = False
-        await self._write(send, await self.overview.frame(self.tenant))
-        self._overview_sent = self._loop.time()
-        self._arm_overview(sub, self._overview_sent + REFRESH_S)
-
-    async def _run(self, send: Send, sub: Subscription) -> None:
-        self._loop = asyncio.get_running_loop()
-        head = f"retry: {self.config.retry_ms}\n\n".encode()
-        last_key = (-1, -1)
-        if self.last_id is not None:
-            last_key = stream_id_key(self.last_id)
-        elif not self.replay:
-            # Live only (tenant feed without a last id): from the log's tip as it is now that we
-            # are subscribed — before the response starts, so a client that sees the headers
-            # sees every later event. The "id:" line alone tells the client where it resumes.
-            tip = await self.store.log_tip(self.audience, self.key)
-            if tip is not None:
-                last_key = stream_id_key(tip)
-                head += f"id: {tip}\n\n".encode()
-        async with asyncio.timeout(self.config.send_timeout_s):
-            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        await self._write(send, head)
-        self._arm_ping(sub)
-
-        last_key = await self._catch_up(send, last_key)
-        if self.overview is not None:
-            await self._write_overview(send, sub)
-        while not self.ended:
-            if sub.closed or sub.overflowed:
-                if sub.overflowed:
-                    self.hub.slow_consumers += 1
-                    logger.info("stream %s %s: subscriber fell behind; closed", self.audience, self.key)
-                break
-            if sub.resync:
-                sub.reset()
-                last_key = await self._catch_up(send, last_key)
-                continue
-            if sub.items:
-                chunk, last_key = self._take(sub, last_key)
-                if chunk:
-                    await self._write(send, chunk)
-                    if self.overview is not None:
-                        self._arm_overview(sub, max(self._loop.time(), self._overview_sent + MIN_INTERVAL_S))
-                continue
-            if self._overview_due:
-                await self._write_overview(send, sub)
-                continue
-            if self._ping_due:
-                self._ping_due = False
-                await self._write(send, PING)
-                self._arm_ping(sub)
-                continue
-            await sub.wait(None)  # woken by the hub, or by the ping timer
-        # End the response (a no-op if the client is already gone).
-        with contextlib.suppress(TimeoutError):
-            await self._write(send, b"", more=False)
-
-    def _take(self, sub: Subscription, last_key: tuple[int, int]) -> tuple[bytes, tuple[int, int]]:
-        """Concatenate the buffered frames newer than ``last_key`` (one write for a burst)."""
+    def _newer(self, items: list[Item]) -> tuple[bytes, bool]:
+        """The frames of ``items`` newer than the last one sent, as one body (the last id moves
+        on); and whether they end the stream (a job's terminal event: nothing after it is taken)."""
         parts: list[bytes] = []
-        items = sub.items
-        while items:
-            item: Item = items.popleft()
-            if item.key <= last_key:
+        for item in items:
+            if item.key <= self.last_key:
                 continue
             parts.append(item.frame)
-            last_key = item.key
+            self.last_key = item.key
             if item.terminal and self.audience == "job":
-                self.ended = True
-                break
-        return b"".join(parts), last_key
+                return b"".join(parts), True
+        return b"".join(parts), False
 
-    async def _catch_up(self, send: Send, last_key: tuple[int, int]) -> tuple[int, int]:
-        """Send the log after ``last_key``, page by page; returns the new last key."""
-        after = "-" if last_key < (0, 0) else f"{last_key[0]}-{last_key[1]}"
-        while True:
-            events = await self.store.log_events(self.audience, self.key, after=after, count=REPLAY_PAGE)
-            if not events:
-                return last_key
-            parts = []
-            for event in events:
-                parts.append(frame(event))
-                after = event.id
-                last_key = stream_id_key(event.id)
-                if self.audience == "job" and event.event in TERMINAL:
-                    self.ended = True
-                    break
-            await self._write(send, b"".join(parts))
-            if self.ended or len(events) < REPLAY_PAGE:
-                return last_key
+    async def catch_up(self) -> None:
+        """Send the log after the last id sent, page by page (one write per page)."""
+        while self.phase is not Phase.ENDED:
+            try:
+                events = await self.store.log_events(
+                    self.audience, self.key, after=self._after(), count=REPLAY_PAGE
+                )
+            except (RedisError, OSError) as exc:
+                raise LogUnreadable(str(exc)) from None
+            await self.write_events(events)
+            if len(events) < REPLAY_PAGE:
+                return
+
+    async def write_events(self, events: list[Event]) -> None:
+        """Write events read from the log (one write); ends a job's stream at its terminal event."""
+        parts: list[bytes] = []
+        last = False
+        for event in events:
+            parts.append(frame(event))
+            self.last_key = streamids.order(event.id)
+            if self.audience == "job" and event.event in TERMINAL:
+                last = True
+                break
+        if parts or last:
+            await self._send(b"".join(parts), last=last)
+
+    def _after(self) -> str:
+        return "-" if self.last_key == streamids.BEFORE_ALL else streamids.render(self.last_key)
+
+    # --- ending ----------------------------------------------------------------------------------
+
+    def _end(self) -> None:
+        self.phase = Phase.ENDED
+        self.hub.detach(self.audience, self.key, self)
+        if self.overview is not None:
+            self.overview.unfollow(self)
+
+    def _too_slow(self) -> None:
+        self._cut(f"too slow to take a write within {self.hub.config.send_timeout_s}s")
+
+    def _cut(self, why: str) -> None:
+        """Stop writing to a client that does not read; its connection is closed."""
+        if self.phase is not Phase.BUSY and self.phase is not Phase.OPENING:
+            return
+        self.hub.slow_consumers += 1
+        logger.info("stream %s %s: client %s; cut off", self.audience, self.key, why)
+        self._end()
+        self.cut_off = True
+        current = asyncio.current_task()
+        if self.writer is not None and self.writer is not current:
+            self.writer.cancel()
+        if self.task is not None and self.task is not current:
+            self.task.cancel()  # returns the request's task from its wait (see serve)
+
+    async def _end_unreadable(self) -> None:
+        logger.warning("stream %s %s: Redis unavailable; closed", self.audience, self.key)
+        try:
+            await self._send(b"", last=True)
+        except TooSlow:
+            self._too_slow()
+
+    def close(self) -> None:
+        """The request is over (client gone, stream ended or cut off): let go of everything."""
+        if self.phase is not Phase.ENDED:
+            self._end()
+        if self.writer is not None and self.writer is not asyncio.current_task():
+            self.writer.cancel()
+        self.writer = None
+
+    # --- the request's own task ------------------------------------------------------------------
+
+    async def serve(self, receive: Receive, send: Send, opening: Callable[[], tuple[bytes, list[Event], bool]]) -> None:
+        """Write the head and the replay (``opening()`` hands them over), hand the stream to the hub,
+        and wait for the client to go away (or for the stream to end)."""
+        self.send = send
+        self.task = asyncio.current_task()
+        try:
+            await self._open(*opening())
+            if self.overview is not None and self.phase is Phase.IDLE:
+                # The first overview, right after the catch-up; then the schedule's.
+                self.write_overview(await self.overview.frame(self.tenant), asyncio.get_running_loop().time())
+                self.overview.follow(self)
+            if not self.cut_off:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+        except asyncio.CancelledError:
+            # Our own cancellation (see _cut) is the end of the stream; anyone else's propagates.
+            if not self.cut_off or self.task is None or self.task.uncancel() > 0:
+                raise
+        finally:
+            self.close()
+            await self.slots.release(self.tenant, self.slot)
+
+    async def _open(self, head: bytes, replay: list[Event], more: bool) -> None:
+        assert self.send is not None
+        try:
+            async with asyncio.timeout(self.hub.config.send_timeout_s):
+                await self.send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            await self._send(head)
+            await self.write_events(replay)
+            if more:
+                await self.catch_up()
+            await self._flush()
+        except (TimeoutError, TooSlow):
+            self._too_slow()
+        except LogUnreadable:
+            await self._end_unreadable()

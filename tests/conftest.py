@@ -61,6 +61,7 @@ def make_settings(redis_url: str, **overrides: Any) -> Settings:
         "secret_key": SECRET,
         "job_modules": "tests.jobtypes",
         "webhook_secrets": f"acme:{WEBHOOK_SECRET_ACME},globex:{WEBHOOK_SECRET_GLOBEX}",
+        "web_processes": 1,  # one server process per `jobcast web` unless a test asks for more
         **FAST,
     }
     values.update(overrides)
@@ -177,6 +178,7 @@ def process_env(settings: Settings, **extra_env: str) -> dict[str, str]:
             "JOBCAST_WEBHOOK_ALLOW_PRIVATE": "1" if settings.webhook_allow_private else "0",
             "JOBCAST_WEBHOOK_RETRY_SCHEDULE": settings.webhook_retry_schedule,
             "JOBCAST_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
+            "JOBCAST_WEB_PROCESSES": str(settings.web_processes),
             "PYTHONPATH": str(ROOT),
             **extra_env,
         }

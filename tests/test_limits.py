@@ -294,3 +294,22 @@ async def test_the_per_tenant_share_can_be_set_or_switched_off(redis_server: Red
     async with serving(make_settings(redis_server.url, max_queued=3, max_queued_per_tenant=0)) as c:
         codes = [(await c.post("/jobs", json={"type": "sleep"})).status_code for _ in range(4)]
         assert codes == [202, 202, 202, 503]
+
+
+async def test_the_process_stream_cap_holds_against_concurrent_connects(
+    redis_server: RedisProcess, redis: Redis
+) -> None:
+    # The tenant cap (in Redis) is on, so each connect awaits Redis after the process cap's check:
+    # a check-then-await-then-count cap lets every one of them through.
+    handle = ServerHandle(make_settings(redis_server.url, sse_max_streams=8, sse_max_streams_per_tenant=1000))
+    await handle.start()
+    try:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME, timeout=30, limits=limits) as c:
+            opened = await asyncio.gather(*(_open_stream(c, "/events") for _ in range(40)))
+            statuses = sorted(response.status_code for _, response in opened)
+            assert statuses == [200] * 8 + [503] * 32
+            for context, _ in opened:
+                await context.__aexit__(None, None, None)
+    finally:
+        await handle.stop()

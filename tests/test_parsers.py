@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobcast.hub import stream_id_key
 from jobcast.problems import BadRequest
 from jobcast.requests import decode_cursor
-from jobcast.sse import valid_stream_id
+from jobcast.streamids import order, parse
+from jobcast.streamids import valid as valid_stream_id
 from jobcast.worker.ids import is_job_id, new_job_id
 
 
@@ -33,13 +33,13 @@ def test_last_event_ids_are_validated_before_use(raw: str) -> None:
     well_formed = bool(dash) and all(p.isascii() and p.isdigit() and len(p) <= 20 for p in (left, right))
     assert valid_stream_id(raw) == well_formed
     if well_formed:
-        assert stream_id_key(raw) == (int(left), int(right))
+        assert parse(raw) == order(raw) == (int(left), int(right))
 
 
 @given(st.integers(0, 2**63), st.integers(0, 2**63), st.integers(0, 2**63), st.integers(0, 2**63))
 def test_stream_ids_order_numerically(a_ms: int, a_seq: int, b_ms: int, b_seq: int) -> None:
     a, b = f"{a_ms}-{a_seq}", f"{b_ms}-{b_seq}"
-    assert (stream_id_key(a) < stream_id_key(b)) == ((a_ms, a_seq) < (b_ms, b_seq))
+    assert (order(a) < order(b)) == ((a_ms, a_seq) < (b_ms, b_seq))
 
 
 @pytest.mark.parametrize("raw", ["", "1", "1-", "-1", "a-1", "1-a", "1-2-3", "1 -2", "\u0661-\u0662"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -17,12 +19,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.coroutines import finish
 from jobcast.worker import schema
 from jobcast.worker.models import Priority
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 
-from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, make_settings
+from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, make_settings, wait_until
 
 Seen = list[tuple[str, str, dict[str, Any]]]
 
@@ -200,6 +203,8 @@ async def test_streams_send_retry_and_keep_alive_pings(redis_server: RedisProces
                         break
         assert raw.startswith(b"retry: 2000\n\n")
         assert raw.count(b": ping\r\n\r\n") + raw.count(b": ping\n\n") >= 2
+        # One line separator in every frame: events, the retry head and pings alike.
+        assert b"\r" not in raw and raw.count(b": ping\n\n") >= 2
     finally:
         await handle.stop()
 
@@ -395,6 +400,18 @@ async def test_two_server_processes_serve_one_job_s_events(settings: Settings, s
         b.close()
 
 
+async def _finish_job_and_check_every_reader(
+    store: Store, redis: Redis, job_id: str, readers: list[asyncio.Task[Seen]]
+) -> None:
+    """Ten more events and the end; every reader saw the job's whole log, no gap, no duplicate."""
+    for percent in range(11, 21):
+        await store.progress(job_id, 1, percent, None, None)
+    await store.complete(job_id, 1, "1")
+    results = await asyncio.gather(*readers)
+    expected = log_ids(await redis.xrange(schema.job_log_key(job_id)))
+    assert all(ids(seen) == expected for seen in results)
+
+
 async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server(
     settings: Settings, store: Store, redis: Redis, tmp_path: Any
 ) -> None:
@@ -416,12 +433,7 @@ async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server
         assert await asyncio.to_thread(web.wait, 10) == -signal.SIGTERM
         # Streams never end by themselves: a prompt exit means they were drained, not waited out.
         assert time.monotonic() - signalled < 3
-        for percent in range(11, 21):
-            await store.progress(job_id, 1, percent, None, None)
-        await store.complete(job_id, 1, "1")
-        results = await asyncio.gather(*readers)
-        expected = log_ids(await redis.xrange(schema.job_log_key(job_id)))
-        assert all(ids(seen) == expected for seen in results)
+        await _finish_job_and_check_every_reader(store, redis, job_id, readers)
     finally:
         web.close()
         await backup.stop()
@@ -454,3 +466,167 @@ async def test_a_thousand_streams_resume_across_a_server_restart(
     assert len(expected) == 2 + 30 + 1
     # Every client checks its sequence against the job's log: no gap, no duplicate.
     assert sum(ids(seen) == expected for seen in results) == 1000
+
+
+async def _metric(client: httpx.AsyncClient, name: str) -> float:
+    """The value of one sample of this server's /metrics (``name`` with its labels, if any)."""
+    text = (await client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_a_write_that_times_out_is_a_slow_consumer_not_a_redis_outage(
+    redis_server: RedisProcess, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobcast")
+    settings = make_settings(redis_server.url, sse_send_timeout_s=0.5)
+    handle = ServerHandle(settings)
+    await handle.start()
+    job_id = await new_running_job(store)
+    try:
+        async with httpx.AsyncClient(base_url=handle.url, headers=ACME, timeout=30) as c:
+            # A client that opens the stream and never reads from it.
+            _reader, writer = await asyncio.open_connection("127.0.0.1", handle.port)
+            writer.write(
+                f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-acme\r\n\r\n".encode()
+            )
+            await writer.drain()
+            await wait_until(lambda: _is(c, "jobcast_sse_streams_open", 1))
+            # ~12 MB in fewer events than a backlog holds: the writes stall, and time out.
+            blob = "x" * 60_000
+            for i in range(1, 201):
+                await store.progress(job_id, 1, i / 4, blob, None)
+            await wait_until(lambda: _is(c, "jobcast_sse_slow_consumers_cut_total", 1), timeout=30)
+            await wait_until(lambda: _is(c, "jobcast_sse_streams_open", 0), timeout=30)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert "too slow" in caplog.text
+        assert "Redis unavailable" not in caplog.text
+    finally:
+        await handle.stop()
+
+
+async def _is(client: httpx.AsyncClient, name: str, value: float) -> bool:
+    return await _metric(client, name) == value
+
+
+async def test_a_last_event_id_ahead_of_the_log_is_a_400_and_a_finished_job_s_stream_is_over(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    job_id = await new_running_job(store)
+    ahead = {"Last-Event-ID": "99999999999999-0"}
+    async with asyncio.timeout(10):  # before the fix these streams opened and never ended
+        for url in ("/events", f"/jobs/{job_id}/events"):
+            response = await client.get(url, headers=ahead)
+            assert response.status_code == 400
+            assert response.headers["content-type"] == "application/problem+json"
+            assert "ahead of this stream" in response.json()["detail"]
+        await store.complete(job_id, 1, "1")
+        # A finished job's stream is over whatever id the client sends.
+        assert (await client.get(f"/jobs/{job_id}/events", headers=ahead)).status_code == 204
+        # An id from the log's past replays what follows it, up to the terminal event, and ends.
+        seen = await collect(client, f"/jobs/{job_id}/events", headers={"Last-Event-ID": "1-0"})
+        assert [e for _, e, _ in seen] == ["job.queued", "job.processing", "job.completed"]
+
+
+async def test_stream_routes_refuse_unknown_query_parameters_as_problems(client: httpx.AsyncClient) -> None:
+    response = await client.get("/events", params={"limt": "5"})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "Unknown query parameter" in response.json()["detail"]
+    assert (await client.post("/events")).status_code == 405
+
+
+async def test_the_hub_writes_live_events_without_a_task_per_stream(client: httpx.AsyncClient, store: Store) -> None:
+    """Live events reach an idle, reading stream by the hub's direct write (uvicorn's ``send``
+    completes without suspending): if an upgrade made every write suspend, this fails."""
+    job_id = await new_running_job(store)
+    before = await _metric(client, 'jobcast_sse_writes_total{path="direct"}')
+    async with aconnect_sse(client, "GET", f"/jobs/{job_id}/events") as source:
+        events = dispatched(source.aiter_sse())
+        assert [(await anext(events)).event for _ in range(2)] == ["job.queued", "job.processing"]
+        for i in range(1, 6):
+            await store.progress(job_id, 1, i, None, None)
+            assert (await anext(events)).event == "job.progress"
+    after = await _metric(client, 'jobcast_sse_writes_total{path="direct"}')
+    assert after - before >= 5
+
+
+async def test_finish_completes_a_send_started_by_hand() -> None:
+    """The hub starts a send by hand and, if it suspends, lets a task finish it (jobcast.sse.finish,
+    which takes over the future the way asyncio's Task does): fails loudly if asyncio changes that."""
+    writable = asyncio.Event()
+    written: list[bytes] = []
+
+    async def send(body: bytes) -> None:
+        await writable.wait()
+        written.append(body)
+
+    step = send(b"frame")
+    waiting = step.send(None)
+    assert asyncio.isfuture(waiting)
+    task = asyncio.create_task(finish(step, waiting))
+    await asyncio.sleep(0)
+    assert not task.done() and written == []
+    writable.set()
+    async with asyncio.timeout(5):
+        await task
+    assert written == [b"frame"]
+
+
+def _established(pid: int, port: int) -> int:
+    """Connections to ``port`` that process ``pid`` holds open (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+async def _serving_both(servers: list[int], port: int) -> bool:
+    return all(_established(pid, port) > 0 for pid in servers)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+async def test_jobcast_web_runs_processes_that_share_the_port_and_drains_them_all_on_sigterm(
+    settings: Settings, store: Store, redis: Redis, tmp_path: Any
+) -> None:
+    web = WebProcess(settings.model_copy(update={"web_processes": 2}), tmp_path / "web.log")
+    backup = ServerHandle(settings)
+    try:
+        await asyncio.to_thread(web.wait_ready)
+        servers = _children(web.process.pid)
+        assert len(servers) == 2
+        job_id = await new_running_job(store)
+        urls = [web.url]
+        readers = [asyncio.create_task(_stream_with_resume(urls, job_id, 0)) for _ in range(40)]
+        # Both serve the port: the kernel spreads the connections over them.
+        await wait_until(lambda: _serving_both(servers, web.port), timeout=30)
+        for percent in range(1, 11):
+            await store.progress(job_id, 1, percent, None, None)
+        await backup.start()
+        urls[0] = backup.url
+        web.signal(signal.SIGTERM)
+        # Like one uvicorn, the supervisor exits by the signal, once every server process has drained.
+        assert await asyncio.to_thread(web.wait, 15) == -signal.SIGTERM
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in servers)
+        await _finish_job_and_check_every_reader(store, redis, job_id, readers)
+    finally:
+        web.close()
+        await backup.stop()

@@ -43,15 +43,14 @@ class EventName(StrEnum):
     FAILED = "job.failed"
     CANCELLED = "job.cancelled"
 
-
     @classmethod
-    def of_status(cls, status: JobStatus) -> EventName:
-        """The event a job emits on entering ``status``: ``job.<status>``."""
+    def entering(cls, status: JobStatus) -> EventName:
+        """The event a job's entering ``status`` emits (``job.<status>``)."""
         return cls(f"job.{status.value}")
 
 
-#: The events that end a job's stream, in JobStatus order.
-TERMINAL_EVENTS = tuple(EventName.of_status(status) for status in JobStatus if status.terminal)
+#: The events that end a job, one per terminal status (as strings they compare equal to the wire names).
+TERMINAL_EVENTS = tuple(EventName.entering(status) for status in JobStatus if status.terminal)
 
 
 class DeliveryStatus(StrEnum):

@@ -272,14 +272,22 @@ class RateLimitScript:
         return [int(x) for x in reply]
 
 
-class StreamSlotScript:
-    """``lua/streams.lua``: take a stream slot for a tenant if one is free."""
+class StreamOpenScript:
+    """``lua/streams.lua``: open an event stream in one round trip (checks, the tenant's stream slot,
+    the first page of the log); see the script for its arguments and outcomes."""
 
     def __init__(self, redis: Redis) -> None:
+        self._redis = redis
         self._script = redis.register_script(_lua("streams.lua"))
 
-    async def __call__(self, key: str, now_ms: int, ttl_ms: int, cap: int, stream_id: str) -> bool:
-        return bool(await self._script(keys=[key], args=[now_ms, ttl_ms, cap, stream_id]))
+    async def load(self) -> None:
+        """Load the script now (a Redis that restarted has none): otherwise a storm of reconnecting
+        streams would each pay a failed EVALSHA and a SCRIPT LOAD first."""
+        await self._redis.script_load(self._script.script)
+
+    async def __call__(self, keys: list[str], args: list[str | int]) -> tuple[str, str, list[Any]]:
+        outcome, tip, entries = await self._script(keys=keys, args=args)
+        return str(outcome), str(tip), list(entries)
 
 
 class JobsScript:

@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     #: Server: seconds one write to an event stream may take before the client is cut off.
     sse_send_timeout_s: float = Field(default=10.0, gt=0)
 
+    #: Server: ``jobcast web`` server processes sharing the port (0: one per core in production,
+    #: one in development).
+    web_processes: int = Field(default=0, ge=0, le=256)
     #: Server: open event streams allowed in one server process (503 beyond).
     sse_max_streams: int = Field(default=20_000, ge=1)
     #: Open event streams allowed per tenant, across all server processes (429 beyond; 0: no cap).

@@ -26,8 +26,8 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from jobcast.worker.models import TERMINAL as TERMINAL_STATUS_SET
-from jobcast.worker.models import TERMINAL_EVENTS
+from jobcast import streamids
+from jobcast.worker.models import TERMINAL, TERMINAL_EVENTS
 
 Job = dict[str, Any]
 
@@ -39,8 +39,8 @@ RECONNECT_MAX_S = 5.0
 RECONNECT_GIVE_UP_S = 300.0
 #: How long one long-poll (GET /jobs/{id}?wait=) holds; the API allows up to 60.
 WAIT_S = 30
-TERMINAL = frozenset(e.value for e in TERMINAL_EVENTS)
-TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL_STATUS_SET)
+TERMINAL_EVENT_NAMES = frozenset(TERMINAL_EVENTS)
+TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
 
 
 class ClientError(Exception):
@@ -74,7 +74,7 @@ class StreamEvent:
 
     @property
     def terminal(self) -> bool:
-        return self.event in TERMINAL
+        return self.event in TERMINAL_EVENT_NAMES
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,9 @@ class Disconnected:
     delay_s: float
 
 
-def _id_key(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return (-1, -1)
+def _id_order(event_id: str) -> streamids.Order:
+    """A frame whose id is not an event id orders before every event (it is skipped)."""
+    return streamids.parse(event_id) or streamids.BEFORE_ALL
 
 
 def _unreachable(base_url: str, exc: httpx.TransportError) -> Unreachable:
@@ -234,7 +231,7 @@ class Client:
         yields :class:`Disconnected`.
         """
         last_id: str | None = None
-        last_key = (-1, -1)
+        last_key = streamids.BEFORE_ALL
         down_since: float | None = None
         delay = RECONNECT_FIRST_S
         answered = False
@@ -262,9 +259,9 @@ class Client:
                     else:
                         down_since, delay = None, RECONNECT_FIRST_S
                         for sse in source.iter_sse():
-                            if not sse.data or _id_key(sse.id) <= last_key:
+                            if not sse.data or _id_order(sse.id) <= last_key:
                                 continue
-                            last_id, last_key = sse.id, _id_key(sse.id)
+                            last_id, last_key = sse.id, _id_order(sse.id)
                             event = StreamEvent(sse.id, sse.event, json.loads(sse.data))
                             yield event
                             if event.terminal:

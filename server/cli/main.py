@@ -80,22 +80,18 @@ def _keys_settings(data_dir: Path) -> Settings:
 
 
 def cmd_web(args: argparse.Namespace) -> None:
-    from ..app import JobcastServer, create_app, server_config, tune_gc_for_streaming
+    from .web import process_count, serve, supervise
 
     settings = Settings.from_env()
     configure_logging(settings)
-    app = create_app(settings, bind_host=args.host)
-    config = server_config(
-        app,
-        settings,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        timeout_graceful_shutdown=10,
-        log_config=None,  # our handlers (worker.logs), so JOBCAST_LOG_FORMAT applies to uvicorn's lines too
-    )
-    tune_gc_for_streaming()
-    JobcastServer(config, app).run()
+    if args.shared_port:  # one of the processes of a supervisor (see jobcast.cli.web)
+        serve(settings, args.host, args.port, shared_port=True)
+        return
+    processes = process_count(settings, args.processes)
+    if processes == 1:
+        serve(settings, args.host, args.port, shared_port=False)
+    else:
+        supervise(args.host, args.port, processes)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -172,6 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     web = sub.add_parser("web", help="run the HTTP server")
     web.add_argument("--host", default="0.0.0.0")
     web.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    web.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="server processes sharing the port (default: JOBCAST_WEB_PROCESSES; 0 = one per core in production)",
+    )
+    web.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)
     web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="run a worker")

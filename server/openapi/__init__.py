@@ -19,9 +19,9 @@ from jobcast.worker.types import Registry
 from ..resources import MODELS
 from . import events, jobs, service, webhooks
 from .common import REF, problems
-from .query import enforce_documented_query
+from .query import documented_query_params, enforce_documented_query, refuse_undocumented
 
-__all__ = ["build_openapi", "enforce_documented_query"]
+__all__ = ["build_openapi", "documented_query_params", "enforce_documented_query", "refuse_undocumented"]
 
 
 def build_openapi(registry: Registry) -> dict[str, Any]:

@@ -6,6 +6,11 @@ from typing import Any
 
 from .common import JOB_ID, LAST_EVENT_ID, READ_SECURITY, SSE, TOKEN, param, problems
 
+RESUME = (
+    "Resume after this event id (one this stream sent). Malformed, or ahead of the stream's newest "
+    "event: 400; older than the log keeps: 410."
+)
+
 
 def paths() -> dict[str, Any]:
     return {
@@ -16,13 +21,16 @@ def paths() -> dict[str, Any]:
                 "security": READ_SECURITY,
                 "parameters": [
                     JOB_ID,
-                    param("Last-Event-ID", "header", {"type": "string"}, "Resume after this event id."),
+                    param("Last-Event-ID", "header", {"type": "string"}, RESUME),
                     LAST_EVENT_ID,
                     TOKEN,
                 ],
                 "responses": {
                     "200": {"description": "The event stream.", "content": SSE},
-                    "204": {"description": "The stream already ended (terminal event seen)."},
+                    "204": {
+                        "description": "The stream already ended: the job is finished and nothing follows "
+                        "Last-Event-ID (an id ahead of the log included)."
+                    },
                     **problems("400", "401", "403", "404", "410", "429", "503"),
                 },
             }
@@ -33,7 +41,7 @@ def paths() -> dict[str, Any]:
                 "operationId": "tenantEvents",
                 "security": READ_SECURITY,
                 "parameters": [
-                    param("Last-Event-ID", "header", {"type": "string"}, "Resume after this event id."),
+                    param("Last-Event-ID", "header", {"type": "string"}, RESUME),
                     LAST_EVENT_ID,
                     TOKEN,
                     param(

@@ -46,17 +46,20 @@ def enforce_documented_query(routes: list[BaseRoute], document: dict[str, Any]) 
     return checked
 
 
+def refuse_undocumented(request: Request, names: frozenset[str]) -> None:
+    """Raise the 400 for query parameters not in ``names``."""
+    unknown = sorted(set(request.query_params.keys()) - names)
+    if unknown:
+        takes = ", ".join(sorted(names - {"token"})) or "none"
+        raise BadRequest(f"Unknown query parameter(s): {', '.join(map(repr, unknown))}. This endpoint takes: {takes}.")
+
+
 def _checking(endpoint: Callable[[Request], Awaitable[Any]], per_method: dict[str, frozenset[str]]) -> Any:
     @functools.wraps(endpoint)
     async def checked(request: Request) -> Any:
         names = per_method.get(request.method)
         if names is not None:
-            unknown = sorted(set(request.query_params.keys()) - names)
-            if unknown:
-                takes = ", ".join(sorted(names - {"token"})) or "none"
-                raise BadRequest(
-                    f"Unknown query parameter(s): {', '.join(map(repr, unknown))}. This endpoint takes: {takes}."
-                )
+            refuse_undocumented(request, names)
         return await endpoint(request)
 
     return checked

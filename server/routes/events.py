@@ -1,70 +1,224 @@
 """The event streams: ``/jobs/{id}/events`` (one job, replayed from its start) and ``/events``
-(the tenant's feed, live), both resumable with Last-Event-ID."""
+(the tenant's feed, live), both resumable with Last-Event-ID.
+
+Both are served as raw ASGI before Starlette's middleware stack (:func:`match` and :func:`serve`,
+called by :class:`jobcast.app.JobcastApp`): a stream lives for hours, and every write of every
+stream would otherwise go through two send wrappers. Their Starlette routes remain for the methods
+the raw path does not take (HEAD, and the 405 of the others). Answers before the stream starts are
+the same problem+json either way.
+
+Opening a stream costs one Redis round trip (``worker/lua/streams.lua``): the job's existence, the
+client's last id against the log (trimmed past it: 410; past its newest event: 400; a finished job
+with nothing after it: 204), the tenant's stream cap (429) and the first page of the replay. The
+process's own cap (503) needs no Redis.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from jobcast.worker.models import Audience
+from jobcast.worker import schema
+from jobcast.worker.ids import is_job_id
+from jobcast.worker.models import TERMINAL, Audience
+from jobcast.worker.store import Event
 
-from ..problems import Forbidden, GoneProblem
+from .. import streamids
+from ..frames import position_frame, retry_frame
+from ..limits import StreamsFull
+from ..openapi import refuse_undocumented
+from ..problems import (
+    BadRequest,
+    Forbidden,
+    GoneProblem,
+    Problem,
+    TooManyRequests,
+    Unavailable,
+    handle_redis_error,
+    handle_unexpected,
+    problem_response,
+)
 from ..requests import job_id_param, last_event_id, query_bool
-from ..services import Services, services
-from ..sse import EventStream, Gone, StreamConfig, check_continuity
+from ..services import Services, job_not_found, services
+from ..sse import REPLAY_PAGE, Stream
+
+Endpoint = Callable[[Request], Awaitable["StreamResponse | Response"]]
+TERMINAL_STATUSES = [status.value for status in TERMINAL]
 
 
-async def job_events(request: Request) -> Response | EventStream:
+class StreamResponse:
+    """The ASGI app of an opened stream: writes what the opening read, then lives as :class:`Stream`."""
+
+    def __init__(self, stream: Stream, head: bytes, replay: list[Event]) -> None:
+        self.stream, self.head, self.replay = stream, head, replay
+
+    def take(self) -> tuple[bytes, list[Event], bool]:
+        """The head and the first replay page, once (a stream lives for hours: not kept)."""
+        head, replay, self.head, self.replay = self.head, self.replay, b"", []
+        return head, replay, len(replay) >= REPLAY_PAGE
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.stream.serve(receive, send, self.take)
+
+
+async def job_events(request: Request) -> StreamResponse | Response:
     svc = services(request)
     job_id = job_id_param(request)
     principal = await svc.auth.require(request, "read", job_id=job_id)
     last_id = last_event_id(request)
-    record = await svc.load_job(job_id, principal.tenant)
-    await _check_resumable(svc, "job", job_id, last_id)
-    if record.terminal and last_id is not None:
-        later = await svc.store.log_events("job", job_id, after=last_id, count=1)
-        if not later:
-            return Response(status_code=204)  # the stream is over; EventSource stops reconnecting
-    return event_stream(svc, principal.tenant, "job", job_id, last_id)
+    if not is_job_id(job_id):
+        raise job_not_found(job_id)
+    return await open_stream(svc, principal.tenant, "job", job_id, last_id)
 
 
-async def tenant_events(request: Request) -> EventStream:
+async def tenant_events(request: Request) -> StreamResponse | Response:
     svc = services(request)
     principal = await svc.auth.require(request, "read")
     if principal.kind == "job":
         raise Forbidden("A job token reads only its own job; use a stream token (POST /tokens) for GET /events.")
     last_id = last_event_id(request)
     overview = query_bool(request, "overview")
-    await _check_resumable(svc, "tenant", principal.tenant, last_id)
-    return event_stream(svc, principal.tenant, "tenant", principal.tenant, last_id, overview=overview)
+    return await open_stream(svc, principal.tenant, "tenant", principal.tenant, last_id, overview=overview)
 
 
-async def _check_resumable(svc: Services, audience: Audience, key: str, last_id: str | None) -> None:
-    if last_id is None:
-        return
-    try:
-        await check_continuity(svc.store, audience, key, last_id)
-    except Gone:
-        raise GoneProblem(
-            f"Events after {last_id} are no longer in the log (it is capped). Reconnect without "
-            "Last-Event-ID, after reloading the current state with GET /jobs."
-        ) from None
-
-
-def event_stream(
+async def open_stream(
     svc: Services, tenant: str, audience: Audience, key: str, last_id: str | None, *, overview: bool = False
-) -> EventStream:
-    """The stream of one job (replayed from its start without a last id) or of a tenant (live),
-    with ``overview`` events when asked for."""
-    return EventStream(
+) -> StreamResponse | Response:
+    """Subscribe, then check and read in one round trip; the stream's answer, or the problem.
+    ``overview``: the tenant feed also carries ``overview`` events (:mod:`jobcast.overview`)."""
+    slots = svc.stream_slots
+    try:
+        slots.reserve()
+    except StreamsFull as full:
+        raise Unavailable(f"This server has {full.cap} event streams open, its limit; retry shortly.") from None
+    slot = slots.new_slot()
+    # Subscribed before the log is read: what is published meanwhile waits in the stream's backlog.
+    stream = Stream(
         hub=svc.hub,
         store=svc.store,
+        slots=slots,
         audience=audience,
         key=key,
-        last_id=last_id,
-        replay=audience == "job",
-        config=StreamConfig(ping_s=svc.settings.sse_ping_s, send_timeout_s=svc.settings.sse_send_timeout_s),
-        slots=svc.stream_slots,
         tenant=tenant,
+        slot=slot,
         overview=svc.overview if overview else None,
     )
+    opened = False
+    try:
+        log_key = schema.job_log_key(key) if audience == "job" else schema.tenant_log_key(key)
+        log_max = svc.settings.job_log_max if audience == "job" else svc.settings.tenant_log_max
+        outcome, tip, entries = await slots.open_script(
+            [log_key, schema.streams_key(tenant), schema.job_key(key) if audience == "job" else log_key],
+            [
+                audience,
+                tenant,
+                last_id or "",
+                "replay" if audience == "job" else "live",
+                REPLAY_PAGE,
+                int(time.time() * 1000),
+                int(slots.TTL_S * 1000),
+                slots.per_tenant,
+                slot,
+                log_max,
+                *TERMINAL_STATUSES,
+            ],
+        )
+        if outcome == "over":
+            return Response(status_code=204)  # the stream is over; EventSource stops reconnecting
+        if outcome != "ok":
+            raise _refusal(outcome, audience, key, last_id, tip, slots.per_tenant)
+        opened = True
+    finally:
+        if not opened:
+            stream.close()
+            slots.unreserve()
+    slots.opened(tenant, slot)
+    head = retry_frame(svc.hub.config.retry_ms)
+    if last_id is None and audience == "tenant" and tip:
+        # Live from the log's tip as it is now that we are subscribed — sent before any event, so
+        # a client that sees the headers sees every later event; the id alone says where it resumes.
+        head += position_frame(tip)
+    replay = [Event(sid, fields["event"], fields["data"], fields.get("job", key)) for sid, fields in _pairs(entries)]
+    if last_id is not None:
+        stream.last_key = _order(last_id)
+    return StreamResponse(stream, head, replay)
+
+
+def _pairs(entries: list[list[object]]) -> list[tuple[str, dict[str, str]]]:
+    pairs = []
+    for sid, flat in entries:
+        values = [str(v) for v in flat]  # type: ignore[attr-defined]
+        pairs.append((str(sid), dict(zip(values[::2], values[1::2], strict=True))))
+    return pairs
+
+
+def _order(last_id: str) -> streamids.Order:
+    order = streamids.parse(last_id)
+    assert order is not None  # last_event_id() validated it
+    return order
+
+
+def _refusal(outcome: str, audience: Audience, key: str, last_id: str | None, tip: str, cap: int) -> Problem:
+    if outcome == "missing":
+        return job_not_found(key)
+    if outcome == "gone":
+        return GoneProblem(
+            f"Events after {last_id} are no longer in the log (it is capped). Reconnect without "
+            "Last-Event-ID, after reloading the current state with GET /jobs."
+        )
+    if outcome == "ahead":
+        newest = f"its newest event is {tip}" if tip else "it has no events yet"
+        return BadRequest(
+            f"Last-Event-ID {last_id} is ahead of this stream ({newest}): it is not an id this stream sent. "
+            "Reconnect with the id of the last event you received, or without Last-Event-ID."
+        )
+    if outcome == "full":
+        return TooManyRequests(
+            f"This tenant already has {cap} event streams open, its limit. Close some, or "
+            "follow many jobs over one GET /events stream.",
+            headers={"Retry-After": "5"},
+        )
+    raise AssertionError(f"unknown stream opening outcome {outcome!r} ({audience} {key})")
+
+
+# --- raw ASGI dispatch ------------------------------------------------------------------------------
+
+
+def match(path: str) -> tuple[Endpoint, dict[str, str]] | None:
+    """The stream endpoint of a GET ``path`` and its path parameters, if it is a stream route."""
+    if path == "/events":
+        return tenant_events, {}
+    if path.startswith("/jobs/") and path.endswith("/events"):
+        job_id = path[6:-7]
+        if job_id and "/" not in job_id:
+            return job_events, {"job_id": job_id}
+    return None
+
+
+async def serve(
+    endpoint: Endpoint, query: frozenset[str], scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Serve one stream request outside Starlette's stack, with the answers its handlers would give."""
+    response = await _answer(endpoint, query, scope, receive)
+    await response(scope, receive, send)
+
+
+async def _answer(
+    endpoint: Endpoint, query: frozenset[str], scope: Scope, receive: Receive
+) -> StreamResponse | Response:
+    # A frame of its own: the Request is not kept for the stream's lifetime.
+    request = Request(scope, receive)
+    try:
+        refuse_undocumented(request, query)
+        return await endpoint(request)
+    except Problem as exc:
+        return problem_response(exc)
+    except (RedisError, OSError) as exc:
+        return await handle_redis_error(request, exc)
+    except Exception as exc:
+        return await handle_unexpected(request, exc)

@@ -1,12 +1,82 @@
--- Take a slot for one event stream of a tenant, if the tenant has fewer than `cap` open.
--- KEYS[1] the tenant's zset of open streams (member: stream id, score: expiry in ms);
--- ARGV: now_ms, ttl_ms, cap, stream id. Entries of processes that died expire on their own:
--- live processes push their streams' expiry forward (see server/limits.py).
-local now, ttl, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= cap then
-  return 0
+-- Open an event stream, in one round trip: check the job (job streams), check the client's last id
+-- against the log, take a slot among the tenant's open streams, and read the first page of what the
+-- stream sends. Nothing is written unless the outcome is 'ok'.
+--
+-- KEYS[1] the log (the job's or the tenant's), KEYS[2] the tenant's zset of open streams (member: a
+-- stream's slot id, score: its expiry in ms), KEYS[3] the job's record (job streams; else KEYS[1]).
+-- ARGV[1] 'job' or 'tenant'; ARGV[2] tenant; ARGV[3] the client's last id ('' when none); ARGV[4]
+-- without a last id: 'replay' (from the start) or 'live' (from the tip); ARGV[5] page size;
+-- ARGV[6] now_ms, ARGV[7] slot ttl_ms, ARGV[8] the tenant's cap (0: none), ARGV[9] slot id;
+-- ARGV[10] the log's cap (Redis 6 has no entries-added: a log at its cap counts as trimmed);
+-- ARGV[11..] the terminal statuses.
+--
+-- Reply {outcome, tip, entries}: outcome 'ok', 'missing' (no such job for this tenant), 'gone'
+-- (events after the last id were trimmed), 'over' (the job ended and nothing follows the last id),
+-- 'ahead' (the last id is past the log's newest event: not an id of this stream), 'full' (the
+-- tenant's cap). tip: the newest id ('' if the log is empty or was not needed). entries: XRANGE's.
+local log, slots, record = KEYS[1], KEYS[2], KEYS[3]
+local audience, tenant, after, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local page = tonumber(ARGV[5])
+
+-- Event ids compare as two decimal numbers of up to 20 digits: too long for Lua's doubles, so by
+-- length, then digits, with leading zeros dropped.
+local function number_less(a, b)
+  a, b = string.gsub(a, '^0+(%d)', '%1'), string.gsub(b, '^0+(%d)', '%1')
+  if #a ~= #b then return #a < #b end
+  return a < b
 end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ttl)
-return 1
+local function id_less(a, b)
+  local a_ms, a_seq = string.match(a, '^(%d+)%-(%d+)$')
+  local b_ms, b_seq = string.match(b, '^(%d+)%-(%d+)$')
+  if a_ms ~= b_ms and (number_less(a_ms, b_ms) or number_less(b_ms, a_ms)) then
+    return number_less(a_ms, b_ms)
+  end
+  return number_less(a_seq, b_seq)
+end
+
+local terminal = false
+if audience == 'job' then
+  local fields = redis.call('HMGET', record, 'tenant', 'status')
+  if fields[1] ~= tenant or not fields[2] then return {'missing', '', {}} end
+  for i = 11, #ARGV do
+    if fields[2] == ARGV[i] then terminal = true end
+  end
+end
+
+local tip = ''
+local entries
+if after ~= '' then
+  if redis.call('EXISTS', log) == 1 then
+    local raw = redis.call('XINFO', 'STREAM', log)
+    local info = {}
+    for i = 1, #raw, 2 do info[raw[i]] = raw[i + 1] end
+    local trimmed
+    if info['entries-added'] then
+      trimmed = tonumber(info['entries-added']) > tonumber(info['length'])
+    else
+      trimmed = tonumber(info['length']) >= tonumber(ARGV[10])
+    end
+    local first, last = info['first-entry'], info['last-entry']
+    if trimmed and first and id_less(after, first[1]) then return {'gone', '', {}} end
+    if last then tip = last[1] end
+  end
+  entries = redis.call('XRANGE', log, '(' .. after, '+', 'COUNT', page)
+  if terminal and #entries == 0 then return {'over', tip, {}} end
+  if tip == '' or id_less(tip, after) then return {'ahead', tip, {}} end
+elseif mode == 'replay' then
+  entries = redis.call('XRANGE', log, '-', '+', 'COUNT', page)
+else
+  entries = {}
+  local newest = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  if newest[1] then tip = newest[1][1] end
+end
+
+local cap = tonumber(ARGV[8])
+if cap > 0 then
+  local now, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if redis.call('ZCARD', slots) >= cap then return {'full', tip, {}} end
+  redis.call('ZADD', slots, now + ttl, ARGV[9])
+  redis.call('PEXPIRE', slots, ttl)
+end
+return {'ok', tip, entries}

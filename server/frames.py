@@ -1,0 +1,31 @@
+"""The bytes of an event stream: every frame Jobcast sends is encoded here, by sse-starlette's
+``ServerSentEvent``, with one line separator (``\\n``) for events, pings and the ``retry`` head alike."""
+
+from __future__ import annotations
+
+from sse_starlette.event import ServerSentEvent
+
+#: The line separator of every frame (the SSE grammar allows \r\n, \r or \n; one is used throughout).
+SEPARATOR = "\n"
+
+
+def event_frame(event_id: str, event: str, data: str) -> bytes:
+    return ServerSentEvent(data, event=event, id=event_id, sep=SEPARATOR).encode()
+
+
+def unnumbered_frame(event: str, data: str) -> bytes:
+    """An event without an id (not in the log, never replayed: ``overview``)."""
+    return ServerSentEvent(data, event=event, sep=SEPARATOR).encode()
+
+
+def position_frame(event_id: str) -> bytes:
+    """A frame with an id and nothing else: where a live stream starts, for the client's Last-Event-ID."""
+    return ServerSentEvent(id=event_id, sep=SEPARATOR).encode()
+
+
+def retry_frame(retry_ms: int) -> bytes:
+    return ServerSentEvent(retry=retry_ms, sep=SEPARATOR).encode()
+
+
+#: The keep-alive comment written to a stream that was silent for ``sse_ping_s``.
+PING = ServerSentEvent(comment="ping", sep=SEPARATOR).encode()
