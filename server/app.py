@@ -18,6 +18,7 @@ import orjson
 import uvicorn
 from starlette.applications import Starlette
 
+from jobcast.worker.archive import Archive
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
 from jobcast.worker.types import load_registry
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         redis = redis_client(settings)
+        archive = Archive(settings.archive_url)  # connects on first use
         hub = Hub(redis)
         await hub.start()
         app.state.drain = hub.drain
@@ -57,14 +59,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 STATE_KEY: Services(
                     settings=settings,
                     redis=redis,
-                    store=Store(redis, settings),
+                    store=Store(redis, settings, archive),
                     hub=hub,
                     registry=registry,
                     auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key), ApiKeys(redis)),
                     rate_limiter=RateLimiter(redis, rate) if rate else None,
                     openapi=openapi,
                     stream_slots=slots,
-                    webhooks=WebhookStore(redis, settings),
+                    webhooks=WebhookStore(redis, settings, archive),
                 )
             }
         finally:
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await refresher
             await hub.stop()
             await redis.aclose()
+            await archive.close()
 
     app = Starlette(
         routes=[

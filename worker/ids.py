@@ -45,3 +45,9 @@ def new_job_id() -> str:
 
 def is_job_id(value: str) -> bool:
     return bool(JOB_ID_RE.fullmatch(value))
+
+
+def id_floor(millis: int) -> str:
+    """The smallest job id of millisecond ``millis``: ids ``>=`` it were made at or after it,
+    ids ``<`` it before (what ``created_after`` and ``created_before`` compare with)."""
+    return "job_" + _encode(max(0, min(millis, 2**48 - 1)), 10) + "0" * 16

@@ -12,6 +12,7 @@ key                                    type     holds
 ``jobcast:jobs:{t}:status:{s}``        zset     ... with status ``s``
 ``jobcast:jobs:{t}:type:{type}``       zset     ... of job type ``type``
 ``jobcast:idem:{t}:{sha256(key)}``     string   ``{id}|{sha256(body)}`` for Idempotency-Key, 24 h
+``jobcast:finished``                   zset     finished job ids scored by finish time (ms): the archiver's queue
 ``jobcast:running``                    zset     processing job ids scored by lease deadline (ms)
 ``jobcast:scheduled``                  zset     run ids waiting for a retry, scored by due time (ms)
 ``jobcast:rate:submit:{t}``            string   the tenant's submission rate limiter (GCRA state)
@@ -65,6 +66,7 @@ TENANT_LOG = PREFIX + "log:tenant:"
 INDEX = PREFIX + "jobs:"
 IDEMPOTENCY = PREFIX + "idem:"
 RUNNING = PREFIX + "running"
+FINISHED = PREFIX + "finished"
 RATE = PREFIX + "rate:submit:"
 TENANT_RUNNING = PREFIX + "tenant-running:"
 TENANT_WAITING = PREFIX + "tenant-waiting:"
@@ -158,6 +160,7 @@ def _prelude(settings: Settings) -> str:
         "K_TENANT_LOG": TENANT_LOG,
         "K_INDEX": INDEX,
         "K_RUNNING": RUNNING,
+        "K_FINISHED": FINISHED,
         "K_SCHEDULED": SCHEDULED,
         "K_TENANT_RUNNING": TENANT_RUNNING,
         "K_TENANT_WAITING": TENANT_WAITING,
