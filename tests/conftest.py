@@ -176,6 +176,10 @@ def process_env(settings: Settings, **extra_env: str) -> dict[str, str]:
             "JOBCAST_WEBHOOK_ALLOW_PRIVATE": "1" if settings.webhook_allow_private else "0",
             "JOBCAST_WEBHOOK_RETRY_SCHEDULE": settings.webhook_retry_schedule,
             "JOBCAST_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
+            "JOBCAST_ARCHIVE_URL": settings.archive_url,
+            "JOBCAST_ARCHIVE_AFTER_S": str(settings.archive_after_s),
+            "JOBCAST_ARCHIVE_BATCH": str(settings.archive_batch),
+            "JOBCAST_RETENTION_S": str(settings.retention_s),
             "PYTHONPATH": str(ROOT),
             **extra_env,
         }

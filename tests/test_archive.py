@@ -5,6 +5,7 @@ once), and that the tiered store reads one history."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from redis.asyncio import Redis
 
 from jobcast.worker import schema
-from jobcast.worker.archive import Archive, tables
+from jobcast.worker.archive import Archive, ArchiveUnavailable, tables
 from jobcast.worker.archive.engine import create_engine
 from jobcast.worker.archiver import Archiver
 from jobcast.worker.history import JobQuery
@@ -353,3 +354,34 @@ async def test_archived_record_is_the_redis_hash_verbatim(
     await archiver.move_once()
     assert await archive.get(job_id, "acme") == raw
     assert orjson.loads(raw["params"])["note"] == "ünïcode ✓"
+
+
+def test_jobcast_migrate_creates_then_finds_the_schema_up_to_date(tmp_path: Path) -> None:
+    from .sqldb import postgres_database
+
+    with postgres_database() as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
+        env["JOBCAST_ARCHIVE_URL"] = url
+        first = subprocess.run([sys.executable, "-m", "jobcast", "migrate"], env=env, capture_output=True, timeout=60)
+        assert first.returncode == 0, first.stderr.decode()
+        assert "schema empty -> 0001" in first.stdout.decode()
+        second = subprocess.run([sys.executable, "-m", "jobcast", "migrate"], env=env, capture_output=True, timeout=60)
+        assert second.returncode == 0 and "up to date (schema 0001)" in second.stdout.decode()
+
+
+async def test_an_unmigrated_postgresql_archive_says_to_run_jobcast_migrate(redis: Redis, settings: Settings) -> None:
+    from .conftest import serving
+    from .sqldb import postgres_database
+
+    with postgres_database() as url:
+        archive = Archive(url)
+        try:
+            with pytest.raises(ArchiveUnavailable, match="run `jobcast migrate`"):
+                await archive.get("job_01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        finally:
+            await archive.close()
+        async with serving(make_settings(settings.redis_url, archive_url=url)) as client:
+            response = await client.get("/jobs/job_01ARZ3NDEKTSV4RRFFQ69G5FAV")
+            assert response.status_code == 503
+            assert response.json()["type"] == "/problems/unavailable"
+            assert "archive" in response.json()["detail"] and "postgres" not in response.json()["detail"]

@@ -5,7 +5,7 @@ writes). The mover is :mod:`jobcast.worker.archiver`; the tiered reads are
 :class:`jobcast.worker.store.Store`'s.
 """
 
-from .engine import ArchiveUnavailable
-from .store import Archive, ArchivedJob
+from .engine import ArchiveUnavailable, display_url
+from .store import Archive, ArchivedJob, migrate_now
 
-__all__ = ["Archive", "ArchiveUnavailable", "ArchivedJob"]
+__all__ = ["Archive", "ArchiveUnavailable", "ArchivedJob", "display_url", "migrate_now"]

@@ -10,6 +10,7 @@ Writes are idempotent upserts keyed by the job id, stream ids and webhook-ids: c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -285,4 +286,17 @@ class Archive:
         return int(rows[0].n) if rows else 0
 
 
-__all__ = ["Archive", "ArchiveUnavailable", "ArchivedJob"]
+
+
+def migrate_now(url: str) -> tuple[str | None, str]:
+    """Migrate the archive at ``url`` from a command (its own event loop): ``jobcast migrate``,
+    ``jobcast dev``. Returns (revision before, revision after)."""
+
+    async def run() -> tuple[str | None, str]:
+        archive = Archive(url)
+        try:
+            return await archive.migrate()
+        finally:
+            await archive.close()
+
+    return asyncio.run(run())

@@ -1,0 +1,193 @@
+"""Archived jobs over HTTP, against a real server and a real worker whose archiver moves every
+finished job at once (``JOBCAST_ARCHIVE_AFTER_S=0``): the API reads one history across the tiers."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from jobcast.worker import schema
+from jobcast.worker.archive import Archive
+from jobcast.worker.main import JobcastWorker
+from jobcast.worker.settings import Settings
+
+from .conftest import GLOBEX, ServerHandle, make_settings, running_worker, submit, wait_for_status, wait_until
+from .receiver import Receiver
+from .sqldb import archive_url
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_server: Any) -> Iterator[Settings]:
+    with archive_url(request.param, tmp_path) as url:
+        yield make_settings(redis_server.url, archive_url=url, archive_after_s=0, webhook_allow_private=True)
+
+
+@pytest.fixture
+async def archive(settings: Settings) -> AsyncIterator[Archive]:
+    archive = Archive(settings.archive_url)
+    await archive.migrate()  # as `jobcast migrate` does (SQLite would migrate itself)
+    yield archive
+    await archive.close()
+
+
+@pytest.fixture
+async def server(settings: Settings, redis: Redis, archive: Archive) -> AsyncIterator[ServerHandle]:
+    handle = ServerHandle(settings)
+    await handle.start()
+    yield handle
+    await handle.stop()
+
+
+@pytest.fixture
+async def worker(settings: Settings, redis: Redis, archive: Archive) -> AsyncIterator[JobcastWorker]:
+    async with running_worker(settings) as w:
+        yield w
+
+
+async def archived(redis: Redis, archive: Archive, job_id: str) -> None:
+    """Wait until the worker's archiver has moved the job (copied, then evicted)."""
+
+    async def moved() -> bool:
+        return not await redis.exists(schema.job_key(job_id)) and await archive.get(job_id) is not None
+
+    await wait_until(moved, timeout=20)
+
+
+def sse_events(body: str) -> list[tuple[str, str]]:
+    """(id, event) of each event of an SSE body."""
+    found = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "event" in fields:
+            found.append((fields["id"], fields["event"]))
+    return found
+
+
+async def test_an_archived_job_reads_as_it_did_live(
+    client: httpx.AsyncClient, worker: JobcastWorker, redis: Redis, archive: Archive
+) -> None:
+    ticket = await submit(client, "report", params={"rows": 200, "seed": 3})
+    live = await wait_for_status(client, ticket["id"], "completed")
+    await archived(redis, archive, ticket["id"])
+
+    job = await client.get(f"/jobs/{ticket['id']}")
+    assert job.status_code == 200
+    assert job.json() == live
+    # A job token reads it too, and ?wait= returns at once (it is finished).
+    as_job = await client.get(
+        f"/jobs/{ticket['id']}", params={"wait": 30}, headers={"Authorization": f"Bearer {ticket['token']}"}
+    )
+    assert as_job.status_code == 200 and as_job.json()["status"] == "completed"
+
+    result = await client.get(f"/jobs/{ticket['id']}/result")
+    assert result.status_code == 200 and result.json() == live["result"]
+    as_csv = await client.get(f"/jobs/{ticket['id']}/result", headers={"Accept": "text/csv"})
+    assert as_csv.status_code == 200 and as_csv.headers["content-type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(as_csv.text)))
+    assert rows[-1][0] == "TOTAL" and int(rows[-1][2]) == 200
+
+    events = await client.get(f"/jobs/{ticket['id']}/events")
+    assert events.status_code == 200
+    replayed = sse_events(events.text)
+    assert replayed[0][1] == "job.queued"
+    assert replayed[-1][1] == "job.completed"
+    middle_id = replayed[1][0]
+    resumed = await client.get(f"/jobs/{ticket['id']}/events", headers={"Last-Event-ID": middle_id})
+    assert sse_events(resumed.text) == replayed[2:]
+    after_end = await client.get(f"/jobs/{ticket['id']}/events", headers={"Last-Event-ID": replayed[-1][0]})
+    assert after_end.status_code == 204
+
+    cancel = await client.post(f"/jobs/{ticket['id']}/cancel")
+    assert cancel.status_code == 409 and cancel.json()["job_status"] == "completed"
+
+
+async def test_another_tenant_gets_404_for_an_archived_job(
+    client: httpx.AsyncClient, server: ServerHandle, worker: JobcastWorker, redis: Redis, archive: Archive
+) -> None:
+    ticket = await submit(client, params={"seconds": 0, "steps": 1})
+    await wait_for_status(client, ticket["id"], "completed")
+    await archived(redis, archive, ticket["id"])
+    async with httpx.AsyncClient(base_url=server.url, headers=GLOBEX, timeout=30) as globex:
+        for path in ("", "/result", "/events", "/deliveries"):
+            assert (await globex.get(f"/jobs/{ticket['id']}{path}")).status_code == 404, path
+        listing = await globex.get("/jobs")
+        assert listing.status_code == 200 and listing.json()["items"] == []
+        assert (await globex.post(f"/jobs/{ticket['id']}/cancel")).status_code == 404
+
+
+async def test_deliveries_of_an_archived_job_are_kept(
+    client: httpx.AsyncClient, worker: JobcastWorker, redis: Redis, archive: Archive
+) -> None:
+    receiver = await Receiver().start()
+    try:
+        ticket = await submit(client, params={"seconds": 0, "steps": 1}, webhook={"url": receiver.url})
+        await wait_for_status(client, ticket["id"], "completed")
+        await receiver.wait_for(1)
+        await archived(redis, archive, ticket["id"])  # only once its delivery is settled
+    finally:
+        await receiver.stop()
+    response = await client.get(f"/jobs/{ticket['id']}/deliveries")
+    assert response.status_code == 200
+    (delivery,) = response.json()["items"]
+    assert delivery["status"] == "delivered" and delivery["event"] == "job.completed"
+    assert [a["status_code"] for a in delivery["attempts"]] == [200]
+
+
+async def test_listing_filters_by_creation_time_and_text_across_tiers(
+    client: httpx.AsyncClient, worker: JobcastWorker, redis: Redis, archive: Archive
+) -> None:
+    old = await submit(client, params={"seconds": 0, "steps": 1})
+    await wait_for_status(client, old["id"], "completed")
+    await archived(redis, archive, old["id"])
+    old_job = (await client.get(f"/jobs/{old['id']}")).json()
+    new = await submit(client, "report", params={"rows": 10, "seed": 99})
+    await wait_for_status(client, new["id"], "completed")
+    new_job = (await client.get(f"/jobs/{new['id']}")).json()
+
+    async def ids(**params: Any) -> list[str]:
+        response = await client.get("/jobs", params=params)
+        assert response.status_code == 200, response.text
+        return [item["id"] for item in response.json()["items"]]
+
+    assert await ids() == [new["id"], old["id"]]
+    assert await ids(q="REPORT") == [new["id"]]
+    assert await ids(q='"steps":1') == [old["id"]]
+    assert await ids(created_after=new_job["created_at"]) == [new["id"]]
+    assert await ids(created_before=new_job["created_at"]) == [old["id"]]
+    assert await ids(created_after=old_job["created_at"], created_before="2999-01-01T00:00:00+00:00") == [
+        new["id"],
+        old["id"],
+    ]
+    assert await ids(status="completed", type="sleep") == [old["id"]]
+    page = (await client.get("/jobs", params={"limit": 1})).json()
+    assert [i["id"] for i in page["items"]] == [new["id"]]
+    rest = (await client.get("/jobs", params={"limit": 1, "cursor": page["next_cursor"]})).json()
+    assert [i["id"] for i in rest["items"]] == [old["id"]]
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"created_after": "yesterday"}, "created_after"),
+        ({"created_before": "2026-12-02T10:00:00"}, "offset"),
+        ({"q": "ab"}, "3 to 200"),
+        ({"q": "x" * 201}, "3 to 200"),
+        ({"q": "tab\there"}, "printable"),
+    ],
+)
+async def test_bad_listing_filters_are_400_saying_what_to_send(
+    client: httpx.AsyncClient, params: dict[str, str], words: str
+) -> None:
+    response = await client.get("/jobs", params=params)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert words in response.json()["detail"]
