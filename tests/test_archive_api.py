@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from playwright.async_api import Browser
 from redis.asyncio import Redis
 
 from jobcast.worker import schema
 from jobcast.worker.archive import Archive
+from jobcast.worker.archiver import Archiver
 from jobcast.worker.main import JobcastWorker
 from jobcast.worker.settings import Settings
+from jobcast.worker.store import Store
 
 from .conftest import GLOBEX, ServerHandle, make_settings, running_worker, submit, wait_for_status, wait_until
 from .receiver import Receiver
 from .sqldb import archive_url
+from .test_dashboard import CHROMIUM, open_dashboard
+
+# The browser fixture, used by name.
+from .test_dashboard import browser as browser
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -191,3 +199,60 @@ async def test_bad_listing_filters_are_400_saying_what_to_send(
     assert response.status_code == 400
     assert response.headers["content-type"].startswith("application/problem+json")
     assert words in response.json()["detail"]
+
+
+async def test_the_cli_lists_and_opens_archived_jobs(
+    server: ServerHandle, client: httpx.AsyncClient, worker: JobcastWorker, redis: Redis, archive: Archive
+) -> None:
+    from .test_commands import jobcast
+
+    ticket = await submit(client, params={"seconds": 0, "steps": 1, "fail_times": 0})
+    await wait_for_status(client, ticket["id"], "completed")
+    await archived(redis, archive, ticket["id"])
+    listing = (await jobcast(server.url, "list", "--search", "fail_times", "--json")).json()
+    assert [j["id"] for j in listing["items"]] == [ticket["id"]]
+    assert (await jobcast(server.url, "list", "--search", "absent", "--json")).json()["items"] == []
+    status = (await jobcast(server.url, "status", ticket["id"], "--json")).json()
+    assert status["status"] == "completed" and status["result"] == {"slept": 0}
+    events = (await jobcast(server.url, "tail", ticket["id"], "--json")).json_lines()
+    assert [e["event"] for e in events] == ["job.queued", "job.processing", "job.progress", "job.completed"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="the dashboard tests drive Debian's Chromium at /usr/bin/chromium")
+async def test_the_dashboard_pages_past_redis_searches_and_opens_archived_jobs(
+    browser: Browser,
+    server: ServerHandle,
+    client: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    archive: Archive,
+) -> None:
+    from playwright.async_api import expect
+
+    from .test_archive import finished_job
+
+    store = Store(redis, settings, archive)
+    tags = ["needle-4" if i == 4 else "hay" for i in range(27)]
+    old = [await finished_job(store, params={"seconds": 0, "tag": tag}) for tag in tags]
+    archiver = Archiver(redis, settings, archive)
+    while await archiver.move_once():
+        pass
+    assert not await redis.exists(*(schema.job_key(job_id) for job_id in old))
+    live = [(await submit(client, params={"seconds": 5}))["id"] for _ in range(2)]  # no worker: they stay queued
+
+    dashboard = await open_dashboard(browser, server.url)
+    page = dashboard.page
+    rows = page.locator("#jobs-body tr")
+    await expect(rows).to_have_count(25)
+    await page.get_by_role("button", name="Load older jobs").click()
+    await expect(rows).to_have_count(29)
+    assert [await r.get_attribute("data-job-id") for r in await rows.all()] == [*live[::-1], *old[::-1]]
+
+    await page.get_by_label("Search type and parameters").fill("NEEDLE")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_have_attribute("data-job-id", old[4])
+    await dashboard.row(old[4]).get_by_role("link").click()
+    await expect(page).to_have_url(re.compile(f"#/jobs/{old[4]}$"))
+    await expect(page.locator(".timeline-item")).to_have_count(3)
+    await expect(page.locator(".outcome")).to_contain_text('"ok": true')
+    dashboard.check_clean()

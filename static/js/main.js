@@ -128,6 +128,7 @@ class Session {
       loadMore: $("load-more"),
       statusFilter: $("filter-status"),
       typeFilter: $("filter-type"),
+      searchFilter: $("filter-search"),
       onError,
       signal,
     });
