@@ -385,3 +385,18 @@ async def test_an_unmigrated_postgresql_archive_says_to_run_jobcast_migrate(redi
             assert response.status_code == 503
             assert response.json()["type"] == "/problems/unavailable"
             assert "archive" in response.json()["detail"] and "postgres" not in response.json()["detail"]
+
+
+async def test_search_text_is_plain_text_whatever_query_syntax_it_holds(tiered: Store, archiver: Archiver) -> None:
+    tricky = 'a"b*c(d) OR e:f %_\\ NEAR^'
+    job_id = await finished_job(tiered, params={"seconds": 0, "expr": tricky})
+    await archiver.move_once()
+
+    async def found(text: str) -> bool:
+        page, _ = await tiered.list_jobs("acme", query=JobQuery(search=text))
+        return [r.id for r in page] == [job_id]
+
+    for text in ('b*c(d) OR', "e:f %_", "%_\\\\", "NEAR^", "near^", '\\"b*'):
+        assert await found(text), text
+    for text in ('" OR "', "%%%", "___", "b c", "NEAR*"):
+        assert not await found(text), text

@@ -32,6 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .tables import VERSION_TABLE
 
+POOL_RECYCLE_S = 600
+
 #: How long a SQLite writer waits for another's lock before giving up (ms).
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -61,7 +63,10 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(async_url(url), pool_pre_ping=url.startswith("postgres"))
+    # No pre-ping (a round trip on every checkout, a third of an archived read): a connection the
+    # server dropped fails its query, SQLAlchemy discards the pool's connections, and the read
+    # answers 503 once; connections are also renewed every POOL_RECYCLE_S.
+    engine = create_async_engine(async_url(url), pool_recycle=POOL_RECYCLE_S)
     if sqlite_path(url) is not None:
 
         @event.listens_for(engine.sync_engine, "connect")
