@@ -4,8 +4,8 @@
     .venv/bin/python bench/archive.py --jobs 100000 --backends postgresql
 
 Everything runs on 127.0.0.1: a fresh redis-server per backend, a SQLite file in a temporary folder
-or a PostgreSQL database created for the run and dropped after it (``BENCH_POSTGRES``, default
-``postgresql://postgres@127.0.0.1:5432/postgres``, names the server's maintenance database).
+or a PostgreSQL database created for the run and dropped after it (as the tests make theirs:
+``tests/sqldb.py``; ``JOBCAST_TEST_POSTGRES`` names another server's maintenance database).
 
 1. move       N finished jobs (each with its 3 events: queued, processing, completed) are made by
               the store's own Lua calls (create, start, complete) from 32 tasks: the reference
@@ -29,14 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import asyncio
 import contextlib
-import os
 import random
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 from redis.asyncio import Redis
 
 from bench.harness import AUTH, TENANT, Processes, machine, percentile, ratio, say, section, table
@@ -46,6 +43,7 @@ from jobcast.worker.archiver import Archiver
 from jobcast.worker.models import Priority
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
+from tests.sqldb import archive_url
 
 MOVE_HEADERS = [
     "archive",
@@ -55,22 +53,13 @@ MOVE_HEADERS = [
     "archive/reference",
     "Redis MiB: empty/full/after",
 ]
-ADMIN_URL = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @contextlib.contextmanager
 def database(backend: str, folder: Path) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{folder / 'archive.sqlite3'}"
-        return
-    name = f"jobcast_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """The test suite's own: a SQLite file, or a PostgreSQL database made and dropped for the run."""
+    with archive_url(backend, folder) as url:
+        yield url
 
 
 async def finish_jobs(store: Store, count: int, tasks: int = 32) -> list[str]:
