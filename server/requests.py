@@ -115,9 +115,9 @@ def query_search(request: Request) -> str | None:
     raw = request.query_params.get("q")
     if raw is None:
         return None
-    if not MIN_SEARCH <= len(raw) <= MAX_SEARCH or not raw.isprintable():
+    if not MIN_SEARCH <= len(raw) <= MAX_SEARCH or "\x00" in raw:
         raise BadRequest(
-            f"Query parameter 'q' must be {MIN_SEARCH} to {MAX_SEARCH} printable characters: "
+            f"Query parameter 'q' must be {MIN_SEARCH} to {MAX_SEARCH} characters (NUL excluded): "
             "a piece of text to find in the job's type or params."
         )
     return raw

@@ -398,5 +398,15 @@ async def test_search_text_is_plain_text_whatever_query_syntax_it_holds(tiered: 
 
     for text in ('b*c(d) OR', "e:f %_", "%_\\\\", "NEAR^", "near^", '\\"b*'):
         assert await found(text), text
-    for text in ('" OR "', "%%%", "___", "b c", "NEAR*"):
+    for text in ('" OR "', "%%%", "___", "b c", "NEAR*", "\x0e\u009aJ\U000fa839"):
         assert not await found(text), text
+
+
+def test_settings_refuse_an_archive_that_would_come_after_retention_or_an_unknown_url(settings: Settings) -> None:
+    from jobcast.worker.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=r"JOBCAST_ARCHIVE_AFTER_S \(3600\) must be less than JOBCAST_RETENTION_S"):
+        make_settings(settings.redis_url, retention_s=3600)
+    with pytest.raises(ConfigError, match="JOBCAST_ARCHIVE_URL must start with sqlite:/// or postgresql://"):
+        make_settings(settings.redis_url, archive_url="mysql://db/jobs")
+    assert make_settings(settings.redis_url, retention_s=3601).archive_after_s == 3600

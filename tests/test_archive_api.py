@@ -189,7 +189,7 @@ async def test_listing_filters_by_creation_time_and_text_across_tiers(
         ({"created_before": "2026-12-02T10:00:00"}, "offset"),
         ({"q": "ab"}, "3 to 200"),
         ({"q": "x" * 201}, "3 to 200"),
-        ({"q": "tab\there"}, "printable"),
+        ({"q": "nul\x00here"}, "NUL excluded"),
     ],
 )
 async def test_bad_listing_filters_are_400_saying_what_to_send(

@@ -18,7 +18,7 @@ PROBLEM_DESCRIPTIONS = {
     "415": "The body is not JSON.",
     "422": "The body is well-formed but invalid; errors lists each field.",
     "429": "The tenant's submission rate, or its number of open event streams, is used up.",
-    "503": "At capacity, or Redis unreachable.",
+    "503": "At capacity, or Redis (or the archive of finished jobs) unreachable.",
 }
 SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 READ_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"token": []}]

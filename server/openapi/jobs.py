@@ -60,7 +60,7 @@ def paths(registry: Registry) -> dict[str, Any]:
                     param(
                         "q",
                         "query",
-                        {"type": "string", "minLength": 3, "maxLength": 200},
+                        {"type": "string", "minLength": 3, "maxLength": 200, "pattern": "^[^\\x00]*$"},
                         "Text to find in the job's type or params (their JSON), case-insensitive.",
                     ),
                     TOKEN,
@@ -90,7 +90,7 @@ def paths(registry: Registry) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "The job.", "content": json_content("JobResource")},
                     "304": {"description": "Not modified since the given ETag."},
-                    **problems("400", "401", "403", "404"),
+                    **problems("400", "401", "403", "404", "503"),
                 },
             }
         },
@@ -102,7 +102,7 @@ def paths(registry: Registry) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "Was queued: now cancelled.", "content": json_content("JobResource")},
                     "202": {"description": "Running: cancellation requested.", "content": json_content("JobResource")},
-                    **problems("401", "403", "404", "409"),
+                    **problems("401", "403", "404", "409", "503"),
                 },
             }
         },
@@ -117,7 +117,7 @@ def paths(registry: Registry) -> dict[str, Any]:
                         "description": "The result.",
                         "content": {"application/json": {"schema": {}}, "text/csv": {"schema": {"type": "string"}}},
                     },
-                    **problems("401", "403", "404", "406", "409"),
+                    **problems("401", "403", "404", "406", "409", "503"),
                 },
             }
         },
