@@ -17,6 +17,10 @@ or a PostgreSQL database created for the run and dropped after it (as the tests 
               and archived ones, interleaved: p50 and p99, ratio archived/live.
 3. keyset     ``GET /jobs?limit=20`` for page 1 and for a page deep in the archive (cursor at the
               N-40th newest job): p50, ratio deep/first.
+4. steady     ``--steady-jobs`` no-op jobs submitted (queue kept under 1,000) to one real
+              ``jobcast worker`` whose own archiver moves them ``--after`` (5) s after they
+              finished: the worker's completion rate, how long after the last completion the archive
+              held every job, and Redis memory along the run (flat means the archive keeps up).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from redis.asyncio import Redis
 
 from bench.harness import AUTH, TENANT, Processes, machine, percentile, ratio, say, section, table
 from bench.http_client import Connection
+from jobcast.worker import schema
 from jobcast.worker.archive import Archive
 from jobcast.worker.archiver import Archiver
 from jobcast.worker.models import Priority
@@ -165,17 +170,84 @@ async def run_backend(backend: str, args: argparse.Namespace, folder: Path) -> d
     return rows
 
 
+async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[object]:
+    """Jobs through a real ``jobcast worker`` whose own archiver moves them ``--after`` s after
+    they finished: the worker's completion rate, the archiver's, Redis memory along the run."""
+    with Processes(folder / f"steady-{backend}") as procs, database(backend, folder) as url:
+        redis_server = procs.redis()
+        settings = Settings(redis_url=redis_server.url, archive_url=url, env="development", log_level="WARNING")
+        archive = Archive(url)
+        await archive.migrate()
+        procs.jobcast_worker(
+            redis_server.url,
+            JOBCAST_ARCHIVE_URL=url,
+            JOBCAST_ARCHIVE_AFTER_S=str(args.after),
+            JOBCAST_MAINTENANCE_S="1",
+        )
+        redis = Redis.from_url(redis_server.url, decode_responses=True)
+        store = Store(redis, settings, archive)
+        memory: list[float] = []
+        submitted = 0
+
+        async def submit(lane: int) -> None:
+            nonlocal submitted
+            while submitted < args.steady_jobs:
+                if await store.queued_count() > 1000:  # keep the queue short: what is measured is the flow
+                    await asyncio.sleep(0.05)
+                    continue
+                submitted += 1
+                await store.create(
+                    tenant=TENANT, job_type="bench.noop", params={}, priority=Priority.NORMAL, max_attempts=1
+                )
+
+        async def sample() -> None:
+            while True:
+                memory.append(int((await redis.info("memory"))["used_memory"]) / 2**20)
+                await asyncio.sleep(2)
+
+        try:
+            sampler = asyncio.create_task(sample())
+            t0 = time.perf_counter()
+            await asyncio.gather(*(submit(lane) for lane in range(8)))
+            while (
+                await redis.zcard(schema.index_key(TENANT, status="completed")) + await archive.count()
+                < args.steady_jobs
+            ):
+                await asyncio.sleep(0.5)
+            completed_s = time.perf_counter() - t0
+            while await archive.count() < args.steady_jobs:
+                await asyncio.sleep(0.5)
+            archived_s = time.perf_counter() - t0
+            sampler.cancel()
+            quarters = [memory[min(len(memory) - 1, len(memory) * q // 4)] for q in (1, 2, 3, 4)]
+            return [
+                backend,
+                args.steady_jobs,
+                f"{args.steady_jobs / completed_s:,.0f}",
+                f"{archived_s - completed_s:.1f}",
+                " / ".join(f"{m:.1f}" for m in quarters),
+                f"{int((await redis.info('memory'))['used_memory']) / 2**20:.1f}",
+            ]
+        finally:
+            await redis.aclose()
+            await archive.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the read samples")
+    parser.add_argument("--steady-jobs", type=int, default=30_000, help="jobs through a worker (part 4; 0: skip)")
+    parser.add_argument("--after", type=int, default=5, help="JOBCAST_ARCHIVE_AFTER_S of part 4")
     args = parser.parse_args()
     print(table(["", ""], list(machine().items())))
     results = []
     with tempfile.TemporaryDirectory(prefix="jobcast-bench-archive-") as tmp:
         for backend in args.backends.split(","):
             results.append(asyncio.run(run_backend(backend, args, Path(tmp))))
+            if args.steady_jobs:
+                results[-1]["steady"] = asyncio.run(steady(backend, args, Path(tmp)))
     with section("1. The bulk move"):
         print(table(MOVE_HEADERS, [r["move"] for r in results]))
     with section("2. GET /jobs/{id}, ms (p50 / p99)"):
@@ -183,6 +255,17 @@ def main() -> None:
     with section("3. Keyset pages, GET /jobs?limit=20, p50 ms"):
         headers = ["archive", "page 1", f"page {args.jobs // 20 - 2} (by cursor)", "deep/first"]
         print(table(headers, [r["keyset"] for r in results]))
+    if args.steady_jobs:
+        with section(f"4. Through one worker, archived {args.after} s after finishing"):
+            headers = [
+                "archive",
+                "jobs",
+                "worker: completed/s",
+                "archive lag at the end, s",
+                "Redis MiB at 25/50/75/100% of the run",
+                "Redis MiB once all archived",
+            ]
+            print(table(headers, [r["steady"] for r in results]))
 
 
 if __name__ == "__main__":
