@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from jobcast.worker import schema
+from jobcast.worker.clock import now
 from jobcast.worker.models import Priority
 from jobcast.worker.store import Store
 
@@ -66,7 +67,9 @@ async def render(store: Store, hub: Hub, slots: StreamSlots) -> bytes:
         pipe.smembers(schema.DEAD_LETTER_TENANTS)
         pipe.zcard(schema.RUNNING)
         pipe.zcard(schema.SCHEDULED)
-        stats, webhook_stats, dead_tenants, running, scheduled = await pipe.execute()
+        pipe.zcard(schema.FINISHED)
+        pipe.zcount(schema.FINISHED, "-inf", now()[1] - store.settings.archive_after_s * 1000)
+        stats, webhook_stats, dead_tenants, running, scheduled, finished, due = await pipe.execute()
     async with redis.pipeline(transaction=False) as pipe:
         for tenant in sorted(dead_tenants):
             pipe.zcard(schema.DEAD_LETTERS + tenant)
@@ -89,6 +92,17 @@ async def render(store: Store, hub: Hub, slots: StreamSlots) -> bytes:
     families.append(GaugeMetricFamily("jobcast_jobs_running", "Jobs processing now.", value=float(running)))
     families.append(
         GaugeMetricFamily("jobcast_retries_waiting", "Retries waiting for their backoff.", value=float(scheduled))
+    )
+    families.append(
+        GaugeMetricFamily("jobcast_finished_in_redis", "Finished jobs not moved to the archive yet.", value=finished)
+    )
+    families.append(
+        GaugeMetricFamily(
+            "jobcast_archive_backlog",
+            "Finished jobs past JOBCAST_ARCHIVE_AFTER_S still in Redis: the archive's lag (a job whose webhook "
+            "delivery is pending or dead waits too). Alert when it grows.",
+            value=due,
+        )
     )
     families.append(
         GaugeMetricFamily(

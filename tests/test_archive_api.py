@@ -256,3 +256,24 @@ async def test_the_dashboard_pages_past_redis_searches_and_opens_archived_jobs(
     await expect(page.locator(".timeline-item")).to_have_count(3)
     await expect(page.locator(".outcome")).to_contain_text('"ok": true')
     dashboard.check_clean()
+
+
+async def test_metrics_show_the_archive_backlog(
+    client: httpx.AsyncClient, redis: Redis, settings: Settings, archive: Archive
+) -> None:
+    from .test_archive import finished_job
+
+    store = Store(redis, settings, archive)
+    await finished_job(store)
+    await finished_job(store)
+
+    async def gauge(name: str) -> float:
+        text = (await client.get("/metrics")).text
+        (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+        return float(line.split()[1])
+
+    assert await gauge("jobcast_archive_backlog") == 2.0  # no worker runs here: nothing archives them
+    assert await gauge("jobcast_finished_in_redis") == 2.0
+    await Archiver(redis, settings, archive).move_once()
+    assert await gauge("jobcast_archive_backlog") == 0.0
+    assert await gauge("jobcast_finished_in_redis") == 0.0
