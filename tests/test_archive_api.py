@@ -277,3 +277,27 @@ async def test_metrics_show_the_archive_backlog(
     await Archiver(redis, settings, archive).move_once()
     assert await gauge("jobcast_archive_backlog") == 0.0
     assert await gauge("jobcast_finished_in_redis") == 0.0
+
+
+async def test_two_worker_processes_archive_side_by_side_and_lose_nothing(
+    client: httpx.AsyncClient, worker_processes: Any, redis: Redis, archive: Archive
+) -> None:
+    worker_processes()
+    worker_processes()
+    tickets = [await submit(client, params={"seconds": 0, "steps": 1}) for _ in range(30)]
+
+    async def all_archived() -> bool:
+        return await archive.count() == 30 and await redis.zcard(schema.FINISHED) == 0
+
+    await wait_until(all_archived, timeout=60, interval=0.2)
+    for ticket in tickets:
+        assert not await redis.exists(schema.job_key(ticket["id"]), schema.job_log_key(ticket["id"]))
+        events = await client.get(f"/jobs/{ticket['id']}/events")
+        assert [name for _, name in sse_events(events.text)] == [
+            "job.queued",
+            "job.processing",
+            "job.progress",
+            "job.completed",
+        ]
+    listing = (await client.get("/jobs", params={"limit": 200})).json()
+    assert [item["id"] for item in listing["items"]] == [t["id"] for t in reversed(tickets)]
