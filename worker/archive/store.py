@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import engine as engines
+from .bulk import copy_upsert
 from .engine import ArchiveUnavailable
 from .tables import deliveries, events, jobs
 
@@ -159,16 +160,19 @@ class Archive:
         delivery_rows: list[dict[str, Any]],
     ) -> None:
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        stmt = insert(jobs)
-        await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[jobs.c.id],
-                set_={c: stmt.excluded[c] for c in ("status", "version", "finished_ms", "search", "record")},
-            ),
-            job_rows,
-        )
-        if event_rows:
-            await conn.execute(insert(events).on_conflict_do_nothing(), event_rows)
+        if self.dialect == "postgresql":
+            await copy_upsert(conn, job_rows, event_rows)
+        else:
+            stmt = insert(jobs)
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[jobs.c.id],
+                    set_={c: stmt.excluded[c] for c in ("status", "version", "finished_ms", "search", "record")},
+                ),
+                job_rows,
+            )
+            if event_rows:
+                await conn.execute(insert(events).on_conflict_do_nothing(), event_rows)
         if delivery_rows:
             dstmt = insert(deliveries)
             await conn.execute(
