@@ -5,6 +5,7 @@ once), and that the tiered store reads one history."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 from jobcast.worker.webhooks import Attempt, WebhookStore
 
-from .conftest import ROOT, make_settings
+from .conftest import ROOT, make_settings, wait_until
 from .sqldb import archive_url
 
 pytestmark = pytest.mark.timeout(90)
@@ -410,3 +411,44 @@ def test_settings_refuse_an_archive_that_would_come_after_retention_or_an_unknow
     with pytest.raises(ConfigError, match="JOBCAST_ARCHIVE_URL must start with sqlite:/// or postgresql://"):
         make_settings(settings.redis_url, archive_url="mysql://db/jobs")
     assert make_settings(settings.redis_url, retention_s=3601).archive_after_s == 3600
+
+
+async def rename_table(archive: Archive, old: str, new: str) -> None:
+    engine = create_engine(archive.url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f"ALTER TABLE {old} RENAME TO {new}"))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_copy_that_fails_leaves_redis_as_it_was_and_the_archiver_retries(
+    redis: Redis, tiered: Store, archive: Archive, archiver: Archiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await finished_job(tiered)
+    live = await tiered.get(job_id)
+    await rename_table(archive, "archive_events", "archive_events_away")  # the copy's second table fails
+    with pytest.raises(ArchiveUnavailable):
+        await archiver.move_once()
+    assert await in_redis(redis, job_id) and await redis.zscore(schema.FINISHED, job_id) is not None
+    assert await archive.get(job_id) is None  # the transaction took nothing
+    assert await tiered.get(job_id) == live
+
+    task = asyncio.create_task(archiver.run_forever())
+    try:
+        await wait_until(lambda: _logged(caplog, "archiver: "), timeout=20)
+        await rename_table(archive, "archive_events_away", "archive_events")
+
+        async def moved() -> bool:
+            return not await in_redis(redis, job_id)
+
+        await wait_until(moved, timeout=30)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert await tiered.get(job_id) == live
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .engine import ArchiveUnavailable
 
 JOB_COLUMNS = ("id", "tenant", "type", "status", "version", "finished_ms", "search", "record")
 EVENT_COLUMNS = ("job_id", "ms", "seq", "event", "data")
@@ -43,7 +46,15 @@ _UPSERT_EVENTS = (
 
 
 async def copy_upsert(conn: AsyncConnection, job_rows: list[dict[str, Any]], event_rows: list[dict[str, Any]]) -> None:
-    """Upsert the rows (dicts keyed by column) within ``conn``'s transaction."""
+    """Upsert the rows (dicts keyed by column) within ``conn``'s transaction. The driver's own
+    errors (a lost connection, a deadlock) are :class:`ArchiveUnavailable`, as SQLAlchemy's are."""
+    try:
+        await _copy_upsert(conn, job_rows, event_rows)
+    except psycopg.Error as exc:
+        raise ArchiveUnavailable(f"The archive could not take the batch: {exc}") from None
+
+
+async def _copy_upsert(conn: AsyncConnection, job_rows: list[dict[str, Any]], event_rows: list[dict[str, Any]]) -> None:
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     assert driver is not None
