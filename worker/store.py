@@ -186,9 +186,17 @@ class Store:
         feed is live and stays in Redis."""
         start = f"({after}" if after != "-" else "-"
         log_key = self._log_key(audience, key)
-        entries = await self.redis.xrange(log_key, start, "+", count=count)
-        if not entries and audience == "job" and self.archive is not None and not await self.redis.exists(log_key):
-            return [Event(sid, event, data, key) for sid, event, data in await self.archive.events(key, after, count)]
+        if audience == "job" and self.archive is not None:
+            # Whether the log exists comes in the same round trip: a stream's catch-up at the tip
+            # (nothing new) must not cost a second one.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xrange(log_key, start, "+", count=count)
+                pipe.exists(log_key)
+                entries, exists = await pipe.execute()
+            if not entries and not exists:
+                return [Event(sid, name, data, key) for sid, name, data in await self.archive.events(key, after, count)]
+        else:
+            entries = await self.redis.xrange(log_key, start, "+", count=count)
         return [Event(sid, f["event"], f["data"], f.get("job", key)) for sid, f in entries]
 
     async def log_tip(self, audience: str, key: str) -> str | None:
