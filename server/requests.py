@@ -7,7 +7,7 @@ says what was wrong and how to send it instead; nothing is read twice or written
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -92,6 +92,7 @@ def query_bool(request: Request, name: str) -> bool:
 
 
 MIN_SEARCH, MAX_SEARCH = 3, 200
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def query_time(request: Request, name: str) -> int | None:
@@ -108,7 +109,7 @@ def query_time(request: Request, name: str) -> int | None:
             f"Query parameter '{name}' must be an RFC 3339 date-time with its offset, "
             "e.g. 2026-12-02T10:00:00Z or 2026-12-02T12:00:00+02:00."
         )
-    return max(0, int(value.timestamp() * 1000))
+    return max(0, (value - EPOCH) // timedelta(milliseconds=1))  # exact: no float rounding
 
 
 def query_search(request: Request) -> str | None:

@@ -452,3 +452,20 @@ async def test_a_copy_that_fails_leaves_redis_as_it_was_and_the_archiver_retries
 
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in record.getMessage() for record in caplog.records)
+
+
+async def test_a_job_id_carries_the_millisecond_of_its_created_at(store: Store) -> None:
+    """created_after/created_before compare ids: a job's own created_at must select it (after)
+    and exclude it (before), so the id's time is created_at's millisecond, every time."""
+    from datetime import UTC, datetime, timedelta
+
+    from jobcast.worker.ids import id_floor
+
+    for _ in range(300):
+        created = await store.create(
+            tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1
+        )
+        assert created.job_id is not None and created.record is not None
+        created_at = datetime.fromisoformat(created.record.created_at)
+        millis = (created_at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+        assert id_floor(millis) <= created.job_id < id_floor(millis + 1), (created.job_id, created.record.created_at)

@@ -99,9 +99,9 @@ class Store:
         idempotency_key: str | None = None,
         fingerprint: str = "",
     ) -> Created:
-        job_id = new_job_id()
-        idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
         at = now()
+        job_id = new_job_id(at[1])  # the id's time is created_at's millisecond
+        idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
         args = [
             job_id,
             tenant,
