@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from jobcast.worker.alerts import Alerter
+from jobcast.worker.archive import Archive
 from jobcast.worker.destinations import DestinationStore
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         redis = redis_client(settings)
+        archive = Archive(settings.archive_url)  # connects on first use
         slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
         config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
         hub = Hub(redis, config, on_connect=slots.open_script.load)
@@ -75,14 +77,14 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                 STATE_KEY: Services(
                     settings=settings,
                     redis=redis,
-                    store=Store(redis, settings),
+                    store=Store(redis, settings, archive),
                     hub=hub,
                     registry=registry,
                     auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key), ApiKeys(redis)),
                     rate_limiter=RateLimiter(redis, rate) if rate else None,
                     openapi=openapi,
                     stream_slots=slots,
-                    webhooks=WebhookStore(redis, settings),
+                    webhooks=WebhookStore(redis, settings, archive),
                     metrics_open=settings.env == "development" or is_private_bind(bind_host),
                     overview=overview,
                     destinations=DestinationStore(redis, settings),
@@ -96,6 +98,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                     await task
             await hub.stop()
             await redis.aclose()
+            await archive.close()
 
     app = JobcastApp(
         routes=[

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis.exceptions import RedisError
 
 from jobcast.worker import schema
+from jobcast.worker.clock import now
 from jobcast.worker.models import Priority
 from jobcast.worker.overview import WORKER_LIVE_S
 from jobcast.worker.store import Store
@@ -126,7 +127,11 @@ async def _shared_families(store: Store) -> list[Metric]:
         pipe.hgetall(schema.WEBHOOK_WAITS)
         pipe.hgetall(schema.DISABLED_DESTINATIONS)
         pipe.zcount(schema.WEBHOOK_QUEUE, f"({time.time_ns() // 1_000_000}", "+inf")
-        stats, webhook_stats, dead_tenants, running, scheduled, waits, disabled, later = await pipe.execute()
+        pipe.zcard(schema.FINISHED)
+        pipe.zcount(schema.FINISHED, "-inf", now()[1] - store.settings.archive_after_s * 1000)
+        stats, webhook_stats, dead_tenants, running, scheduled, waits, disabled, later, finished, due = (
+            await pipe.execute()
+        )
     async with redis.pipeline(transaction=False) as pipe:
         for tenant in sorted(dead_tenants):
             pipe.zcard(schema.DEAD_LETTERS + tenant)
@@ -149,6 +154,17 @@ async def _shared_families(store: Store) -> list[Metric]:
     families.append(GaugeMetricFamily("jobcast_jobs_running", "Jobs processing now.", value=float(running)))
     families.append(
         GaugeMetricFamily("jobcast_retries_waiting", "Retries waiting for their backoff.", value=float(scheduled))
+    )
+    families.append(
+        GaugeMetricFamily("jobcast_finished_in_redis", "Finished jobs not moved to the archive yet.", value=finished)
+    )
+    families.append(
+        GaugeMetricFamily(
+            "jobcast_archive_backlog",
+            "Finished jobs past JOBCAST_ARCHIVE_AFTER_S still in Redis: the archive's lag (a job whose webhook "
+            "delivery is pending or dead waits too). Alert when it grows.",
+            value=due,
+        )
     )
     families.append(
         GaugeMetricFamily(

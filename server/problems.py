@@ -32,6 +32,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from jobcast.worker.archive import ArchiveUnavailable
+
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -170,7 +172,8 @@ class HeaderTooLarge(Problem):
 
 
 class Unavailable(Problem):
-    """At capacity, or the job store (Redis) does not answer; Retry-After says when to try again."""
+    """At capacity, or the job store (Redis) or the archive (SQL) does not answer; Retry-After says
+    when to try again."""
 
     status, title, slug = 503, "Service Unavailable", "unavailable"
 
@@ -234,6 +237,14 @@ async def handle_client_gone(request: Request, exc: Exception) -> Response:
     return problem_response(BadRequest("The connection was closed before the request body was complete."))
 
 
+async def handle_archive_unavailable(request: Request, exc: Exception) -> Response:
+    # The message names the archive's URL (password masked) and the fix; it stays in the log.
+    logger.warning("archive unavailable during %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        Unavailable("The job archive (SQL) is not reachable right now. Retry after the indicated delay.")
+    )
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
     return problem_response(Problem("An unexpected error occurred; it has been logged. Try again later."))
@@ -265,6 +276,7 @@ EXCEPTION_HANDLERS = {
     HTTPException: handle_http_exception,
     ClientDisconnect: handle_client_gone,
     RedisError: handle_redis_error,
+    ArchiveUnavailable: handle_archive_unavailable,
     OSError: handle_redis_error,
     Exception: handle_unexpected,
 }

@@ -7,6 +7,7 @@ says what was wrong and how to send it instead; nothing is read twice or written
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -88,6 +89,39 @@ def query_bool(request: Request, name: str) -> bool:
     if raw not in ("true", "false"):
         raise BadRequest(f"Query parameter '{name}' must be true or false.")
     return raw == "true"
+
+
+MIN_SEARCH, MAX_SEARCH = 3, 200
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def query_time(request: Request, name: str) -> int | None:
+    """An RFC 3339 date-time with its offset (``2026-12-02T10:00:00Z``) as epoch milliseconds."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise BadRequest(
+            f"Query parameter '{name}' must be an RFC 3339 date-time with its offset, "
+            "e.g. 2026-12-02T10:00:00Z or 2026-12-02T12:00:00+02:00."
+        )
+    return max(0, (value - EPOCH) // timedelta(milliseconds=1))  # exact: no float rounding
+
+
+def query_search(request: Request) -> str | None:
+    raw = request.query_params.get("q")
+    if raw is None:
+        return None
+    if not MIN_SEARCH <= len(raw) <= MAX_SEARCH or "\x00" in raw:
+        raise BadRequest(
+            f"Query parameter 'q' must be {MIN_SEARCH} to {MAX_SEARCH} characters (NUL excluded): "
+            "a piece of text to find in the job's type or params."
+        )
+    return raw
 
 
 def query_cursor(request: Request) -> str | None:

@@ -30,7 +30,7 @@ from jobcast.worker.models import (
     WebhookSpec,
     job_links,
 )
-from jobcast.worker.store import JobRecord
+from jobcast.worker.records import JobRecord
 
 #: Idempotency keys: printable ASCII (they travel in a header).
 IDEMPOTENCY_KEY_PATTERN = r"^[ -~]{1,255}$"

@@ -13,8 +13,9 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 
 from jobcast.worker.destinations import DestinationStore
+from jobcast.worker.records import JobRecord
 from jobcast.worker.settings import Settings
-from jobcast.worker.store import JobRecord, Store
+from jobcast.worker.store import Store
 from jobcast.worker.types import Registry
 from jobcast.worker.webhooks import WebhookStore
 

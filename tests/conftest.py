@@ -179,6 +179,10 @@ def process_env(settings: Settings, **extra_env: str) -> dict[str, str]:
             "JOBCAST_WEBHOOK_RETRY_SCHEDULE": settings.webhook_retry_schedule,
             "JOBCAST_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
             "JOBCAST_WEB_PROCESSES": str(settings.web_processes),
+            "JOBCAST_ARCHIVE_URL": settings.archive_url,
+            "JOBCAST_ARCHIVE_AFTER_S": str(settings.archive_after_s),
+            "JOBCAST_ARCHIVE_BATCH": str(settings.archive_batch),
+            "JOBCAST_RETENTION_S": str(settings.retention_s),
             "PYTHONPATH": str(ROOT),
             **extra_env,
         }

@@ -6,10 +6,12 @@ a temporary data dir. Its children are found (and later checked for) through ``/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -332,3 +334,28 @@ def test_a_dead_embedded_redis_points_at_its_log_file(start_dev: Callable[..., D
     log = tmp_path / "data" / "redis" / "redis.log"
     assert f"redis exited unexpectedly (signal SIGKILL); its log is {log}" in dev.output()
     assert log.exists()
+
+
+def archived_ids(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {row[0] for row in db.execute("SELECT id FROM archive_jobs")}
+
+
+@pytest.mark.timeout(90)
+def test_dev_archives_into_a_migrated_sqlite_file_in_its_data_dir(
+    start_dev: Callable[..., Dev], tmp_path: Path
+) -> None:
+    dev = start_dev(tmp_path / "data", {"JOBCAST_ARCHIVE_AFTER_S": "0"})
+    path = tmp_path / "data" / "archive.sqlite3"
+    assert f"Archive  sqlite:///{path}  (migrated empty -> 0001)" in dev.output()
+    job = run_sleep_job(dev)
+    deadline = time.monotonic() + JOB_WAIT_S
+    while job["id"] not in archived_ids(path):
+        assert time.monotonic() < deadline, f"job {job['id']} was not archived:\n{dev.output()}"
+        time.sleep(0.1)
+    with httpx.Client(base_url=dev.base_url, headers=AUTH, timeout=15.0) as client:
+        response = client.get(f"/jobs/{job['id']}")
+        listed = client.get("/jobs").json()["items"]
+    assert response.status_code == 200 and response.json()["result"] == {"slept": 0.2}
+    assert [item["id"] for item in listed] == [job["id"]]
+    assert dev.interrupt() == 0, dev.output()

@@ -15,8 +15,9 @@ from redis.asyncio import Redis
 
 from jobcast.worker import schema
 from jobcast.worker.models import JobError, JobStatus, Priority
+from jobcast.worker.records import JobRecord
 from jobcast.worker.settings import Settings
-from jobcast.worker.store import JobRecord, Store, redis_client
+from jobcast.worker.store import Store, redis_client
 
 ALLOWED = {
     ("queued", "processing"),

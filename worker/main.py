@@ -4,7 +4,8 @@ Jobcast's enqueue script PUBLISHes on ``jobcast:doorbell``; this process keeps o
 connection, and an idle worker waits for the doorbell instead of sleeping, so pickup takes
 milliseconds. The same connection carries ``cancel {id}`` messages for running jobs and the webhook
 doorbell of the delivery worker that runs beside the jobs, on its own queue
-(:mod:`jobcast.worker.delivery`, which says why it is not a process of its own).
+(:mod:`jobcast.worker.delivery`, which says why it is not a process of its own). The process also moves
+finished jobs to the archive (:mod:`jobcast.worker.archiver`).
 
 A departure from arq's defaults, deliberate: every job run gets its own arq id (``{job id}.{run}``,
 see ``lua/jobs.lua``), and arq's own retry and abort machinery is not used: retries, cancellation
@@ -28,6 +29,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from . import schema
+from .archive import Archive
+from .archiver import Archiver
 from .delivery import DeliveryWorker
 from .doorbell import RECONNECT_MAX_S, DoorbellWorker
 from .runner import Runner
@@ -67,6 +70,7 @@ class JobcastWorker(DoorbellWorker):
         self._background: list[asyncio.Task[None]] = []
         self._redis: Redis | None = None
         self.deliveries: DeliveryWorker | None = None
+        self._archive: Archive | None = None
         #: In-flight deliveries get this long to finish when the worker stops (jobs had their grace).
         self._delivery_grace_s = min(settings.shutdown_grace_s, settings.webhook_timeout_s)
 
@@ -79,11 +83,14 @@ class JobcastWorker(DoorbellWorker):
         await store.worker_seen(self.worker_id)
         ctx["runner"] = runner
         self.deliveries = DeliveryWorker(self.settings, redis=self._redis, pool=self.pool)
+        self._archive = Archive(self.settings.archive_url)
+        archiver = Archiver(self._redis, self.settings, self._archive)
         self._background = [
             asyncio.create_task(runner.heartbeat_forever(), name="jobcast-heartbeat"),
             asyncio.create_task(runner.maintain_forever(), name="jobcast-maintenance"),
             asyncio.create_task(self._listen(runner, self.deliveries), name="jobcast-doorbell"),
             asyncio.create_task(self.deliveries.async_run(), name="jobcast-webhooks"),
+            asyncio.create_task(archiver.run_forever(), name="jobcast-archiver"),
         ]
         logger.info(
             "worker %s ready: %d job types (%s), concurrency %d, webhook deliveries %d",
@@ -104,6 +111,8 @@ class JobcastWorker(DoorbellWorker):
                 await task
         if self._redis is not None:
             await self._redis.aclose()
+        if self._archive is not None:
+            await self._archive.close()
         logger.info("worker %s stopped", self.worker_id)
 
     # --- the doorbell ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ key                                    type     holds
 ``jobcast:jobs:{t}:status:{s}``        zset     ... with status ``s``
 ``jobcast:jobs:{t}:type:{type}``       zset     ... of job type ``type``
 ``jobcast:idem:{t}:{sha256(key)}``     string   ``{id}|{sha256(body)}`` for Idempotency-Key, 24 h
+``jobcast:finished``                   zset     finished job ids scored by finish time (ms): the archiver's queue
 ``jobcast:running``                    zset     processing job ids scored by lease deadline (ms)
 ``jobcast:scheduled``                  zset     run ids waiting for a retry, scored by due time (ms)
 ``jobcast:rate:submit:{t}``            string   the tenant's submission rate limiter (GCRA state)
@@ -65,7 +66,7 @@ from arq.constants import (
 from redis.asyncio import Redis
 
 from .clock import now
-from .models import EventName
+from .models import EventName, JobStatus
 from .settings import Settings
 
 PREFIX = "jobcast:"
@@ -75,6 +76,7 @@ TENANT_LOG = PREFIX + "log:tenant:"
 INDEX = PREFIX + "jobs:"
 IDEMPOTENCY = PREFIX + "idem:"
 RUNNING = PREFIX + "running"
+FINISHED = PREFIX + "finished"
 RATE = PREFIX + "rate:submit:"
 TENANT_RUNNING = PREFIX + "tenant-running:"
 TENANT_WAITING = PREFIX + "tenant-waiting:"
@@ -207,6 +209,7 @@ def _prelude(settings: Settings) -> str:
         "K_TENANT_LOG": TENANT_LOG,
         "K_INDEX": INDEX,
         "K_RUNNING": RUNNING,
+        "K_FINISHED": FINISHED,
         "K_SCHEDULED": SCHEDULED,
         "K_TENANT_RUNNING": TENANT_RUNNING,
         "K_TENANT_WAITING": TENANT_WAITING,
@@ -250,10 +253,12 @@ def _prelude(settings: Settings) -> str:
         "CFG_DISABLE_AFTER_MS": int(settings.webhook_disable_after_s * 1000),
     }
     lines = [f"local {name} = {_lua_literal(value)}" for name, value in constants.items()]
-    # The event names of models.py, so the script spells none of its own: EVENT.progress,
-    # EVENT[status] for the event of entering a status.
+    # The event names and the terminal statuses of models.py, so the script spells none of its own:
+    # EVENT.progress, EVENT[status] for the event of entering a status, TERMINAL[status].
     events = ", ".join(f"{event.value.removeprefix('job.')} = '{event.value}'" for event in EventName)
     lines.append(f"local EVENT = {{{events}}}")
+    terminal = ", ".join(f"{status.value} = true" for status in JobStatus if status.terminal)
+    lines.append(f"local TERMINAL = {{{terminal}}}")
     return "\n".join(lines) + "\n"
 
 

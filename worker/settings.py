@@ -31,6 +31,10 @@ DEV_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"jobcast-development-webhook-k
 STANDARD_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,50400,72000,86400"
 
 
+#: The archive of the Procfile's processes when JOBCAST_ARCHIVE_URL is not set: a SQLite file in
+#: the working directory (beside Redis's dump.rdb). Production sets a PostgreSQL URL.
+DEFAULT_ARCHIVE_URL = "sqlite:///jobcast-archive.sqlite3"
+
 #: What a tenant may be called: it becomes part of Redis keys and event messages.
 TENANT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -110,8 +114,16 @@ class Settings(BaseSettings):
     #: Seconds a job token stays valid, and a stream token.
     job_token_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     stream_token_ttl_s: int = Field(default=3600, ge=1)
-    #: Seconds a finished job (record, event log, index entries) is kept.
+    #: Seconds a finished job (record, event log, index entries) is kept: in Redis until it is
+    #: archived, then in the archive, whose older rows are deleted in batches.
     retention_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Where finished jobs go (SQLAlchemy-style URL): ``sqlite:///path`` (relative to the working
+    #: directory; ``jobcast dev`` puts it in its data directory) or ``postgresql://user@host/db``.
+    archive_url: str = DEFAULT_ARCHIVE_URL
+    #: Seconds after it finished that a job moves from Redis to the archive (less than retention_s).
+    archive_after_s: int = Field(default=3600, ge=0)
+    #: Worker: jobs moved to the archive per batch (one SQL transaction, one eviction script call).
+    archive_batch: int = Field(default=500, ge=1, le=10_000)
     #: Entries kept in one job's event log and in a tenant's event log (approximate trimming).
     job_log_max: int = Field(default=10_000, ge=100)
     tenant_log_max: int = Field(default=100_000, ge=1_000)
@@ -248,6 +260,18 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._alert_keys = self._parse_alert_keys()
+        if self.archive_after_s >= self.retention_s:
+            raise ConfigError(
+                f"JOBCAST_ARCHIVE_AFTER_S ({self.archive_after_s}) must be less than JOBCAST_RETENTION_S "
+                f"({self.retention_s}): a finished job would expire from Redis before it is archived. "
+                "Lower JOBCAST_ARCHIVE_AFTER_S (default 3600) or raise JOBCAST_RETENTION_S."
+            )
+        if not self.archive_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ConfigError(
+                f"JOBCAST_ARCHIVE_URL must start with sqlite:/// or postgresql://, not {self.archive_url[:40]!r}; "
+                f"e.g. JOBCAST_ARCHIVE_URL='{DEFAULT_ARCHIVE_URL}' or "
+                "JOBCAST_ARCHIVE_URL='postgresql://jobcast@db.internal/jobcast'."
+            )
         return self
 
     def _parse_alert_keys(self) -> list[bytes]:

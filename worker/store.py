@@ -4,6 +4,10 @@ Every write is one call of ``lua/jobs.lua`` (see :mod:`jobcast.worker.schema`), 
 history entry, both event-log entries, the index moves, the arq queue entry and the PUBLISH happen
 together or not at all. Reads are plain Redis reads of the record hash and the streams.
 
+Finished jobs move on to the archive (SQL, :mod:`worker.archive`, moved by :mod:`worker.archiver`);
+the reads here look in Redis first, then in the archive, so a caller sees one history and never
+knows which tier answered (:mod:`worker.history` says why the order makes listings exact).
+
 The methods used by workers take the job's *run* (fencing number, see ``jobs.lua``): a call for a
 run that is no longer current changes nothing and reports ``stale``.
 """
@@ -19,74 +23,18 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import schema
+from . import history, schema
+from .archive import Archive
 from .clock import now
+from .history import JobQuery
 from .ids import is_job_id, new_job_id
 from .models import Audience, CancelOutcome, CreateOutcome, JobError, JobStatus, Priority, transport_percent
+from .records import JobRecord
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_S = 24 * 3600
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A job as stored; the server turns it into the API's job resource."""
-
-    id: str
-    tenant: str
-    type: str
-    status: JobStatus
-    priority: Priority
-    attempt: int
-    max_attempts: int
-    run: int
-    version: int
-    params: Any
-    progress: dict[str, Any]
-    history: list[dict[str, Any]]
-    result: Any
-    error: dict[str, Any] | None
-    webhook: dict[str, Any] | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    updated_at: str
-    cancel_requested: bool
-
-    @classmethod
-    def from_hash(cls, h: dict[str, str]) -> JobRecord:
-        def json_or_none(field: str) -> Any:
-            raw = h.get(field)
-            return orjson.loads(raw) if raw else None
-
-        return cls(
-            id=h["id"],
-            tenant=h["tenant"],
-            type=h["type"],
-            status=JobStatus(h["status"]),
-            priority=Priority(h["priority"]),
-            attempt=int(h["attempt"]),
-            max_attempts=int(h["max_attempts"]),
-            run=int(h["run"]),
-            version=int(h["version"]),
-            params=json_or_none("params") or {},
-            progress=json_or_none("progress") or {"percent": 0.0, "eta": None},
-            history=json_or_none("history") or [],
-            result=json_or_none("result"),
-            error=json_or_none("error"),
-            webhook=json_or_none("webhook"),
-            created_at=h["created_at"],
-            started_at=h.get("started_at"),
-            finished_at=h.get("finished_at"),
-            updated_at=h["updated_at"],
-            cancel_requested=bool(h.get("cancel")),
-        )
-
-    @property
-    def terminal(self) -> bool:
-        return self.status.terminal
 
 
 @dataclass(frozen=True)
@@ -132,9 +80,10 @@ def redis_client(settings: Settings) -> Redis:
 
 
 class Store:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, archive: Archive | None = None) -> None:
         self.redis = redis
         self.settings = settings
+        self.archive = archive
         self._script = schema.JobsScript(redis, settings)
 
     # --- submission and reads (server side) ------------------------------------------------------
@@ -151,11 +100,10 @@ class Store:
         idempotency_key: str | None = None,
         fingerprint: str = "",
     ) -> Created:
-        job_id = new_job_id()
-        idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
         at = now()
-        outcome, ident = await self._script(
-            "create",
+        job_id = new_job_id(at[1])  # the id's time is created_at's millisecond
+        idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
+        args = [
             job_id,
             tenant,
             job_type,
@@ -166,8 +114,13 @@ class Store:
             idem,
             fingerprint,
             IDEMPOTENCY_TTL_S,
-            at=at,
-        )
+        ]
+        outcome, ident = await self._script("create", *args, "0", at=at)
+        if outcome == "vanished":
+            # The key's job left Redis: archived (a replay of it), or expired (create anew).
+            if await self._archived(ident, tenant) is not None:
+                return Created("existing", ident)
+            outcome, ident = await self._script("create", *args, "1", at=at)
         outcome = cast(CreateOutcome, outcome)
         if outcome != "created":
             return Created(outcome, ident if outcome not in ("full", "tenant_full") else None)
@@ -188,82 +141,38 @@ class Store:
             return None
         raw: dict[str, str] = await self.redis.hgetall(schema.job_key(job_id))  # type: ignore[misc]
         if not raw or "status" not in raw:
-            return None
+            return await self._archived(job_id, tenant)
         record = JobRecord.from_hash(raw)
         if tenant is not None and record.tenant != tenant:
             return None
         return record
 
+    async def _archived(self, job_id: str, tenant: str | None) -> JobRecord | None:
+        if self.archive is None:
+            return None
+        raw = await self.archive.get(job_id, tenant)
+        return None if raw is None else JobRecord.from_hash(raw)
+
     async def list_jobs(
         self,
         tenant: str,
         *,
-        status: JobStatus | None = None,
-        job_type: str | None = None,
+        query: JobQuery | None = None,
         limit: int = 50,
         before: str | None = None,
     ) -> tuple[list[JobRecord], str | None]:
-        """A page of the tenant's jobs, newest first, strictly older than job id ``before``.
-
-        Returns the records and the cursor for the next page: the last id returned when another
-        match exists, else None. With both filters the status index is read and filtered by type.
-        Work is bounded (20 index reads); past that the cursor is the last id examined, so a
-        sparse filter still pages on instead of scanning the whole index in one request.
-        Index entries whose record expired are dropped on the way.
-        """
-        key = schema.index_key(tenant, status=status.value if status else None, job_type=job_type)
-        batch = max(limit + 1, 50)
-        items: list[JobRecord] = []
-        cursor = before
-        for _ in range(20):
-            ids: list[str] = await self.redis.zrange(
-                key,
-                f"({cursor}" if cursor else "+",  # type: ignore[arg-type]
-                "-",  # type: ignore[arg-type]
-                desc=True,
-                bylex=True,
-                offset=0,
-                num=batch,
-            )
-            if not ids:
-                return items, None
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hgetall(schema.job_key(job_id))
-                hashes = await pipe.execute()
-            expired = []
-            for job_id, h in zip(ids, hashes, strict=True):
-                cursor = job_id
-                if not h or "status" not in h:
-                    expired.append(job_id)
-                    continue
-                record = JobRecord.from_hash(h)
-                if (job_type is not None and record.type != job_type) or (
-                    status is not None and record.status != status
-                ):
-                    continue
-                if len(items) == limit:
-                    await self._forget_index_entries(tenant, key, expired)
-                    return items, items[-1].id
-                items.append(record)
-            await self._forget_index_entries(tenant, key, expired)
-            if len(ids) < batch:
-                return items, None
-        return items, cursor
-
-    async def _forget_index_entries(self, tenant: str, key: str, job_ids: list[str]) -> None:
-        if not job_ids:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for index in {key, schema.index_key(tenant)} | {schema.index_key(tenant, status=s) for s in JobStatus}:
-                pipe.zrem(index, *job_ids)
-            await pipe.execute()
+        """A page of the tenant's jobs, newest first, strictly older than job id ``before``, from
+        Redis and then the archive: see :func:`worker.history.list_jobs`."""
+        return await history.list_jobs(self.redis, self.archive, tenant, query or JobQuery(), limit, before)
 
     async def cancel(self, job_id: str, tenant: str) -> tuple[CancelOutcome, str | None]:
         """``cancelled`` (was queued), ``requested`` (running), ``terminal`` (+ status), ``missing``."""
         if not is_job_id(job_id):
             return "missing", None
         reply = await self._script("cancel", job_id, tenant)
+        if reply[0] == "missing":
+            archived = await self._archived(job_id, tenant)
+            return ("terminal", archived.status.value) if archived is not None else ("missing", None)
         if reply[0] in ("cancelled", "requested"):
             logger.info("job %s cancel: %s", job_id, reply[0])
         return cast(CancelOutcome, reply[0]), (reply[1] if len(reply) > 1 else None)
@@ -274,9 +183,22 @@ class Store:
 
     async def log_events(self, audience: Audience, key: str, after: str = "-", count: int = 1000) -> list[Event]:
         """Events of one job's log (``audience="job"``) or one tenant's, strictly after stream id
-        ``after`` (``-``: from the start), oldest first."""
+        ``after`` (``-``: from the start), oldest first. A job's log that is not in Redis is read
+        from the archive (every live job's log holds at least its job.queued event); the tenant's
+        feed is live and stays in Redis."""
         start = f"({after}" if after != "-" else "-"
-        entries = await self.redis.xrange(self._log_key(audience, key), start, "+", count=count)
+        log_key = self._log_key(audience, key)
+        if audience == "job" and self.archive is not None:
+            # Whether the log exists comes in the same round trip: a stream's catch-up at the tip
+            # (nothing new) must not cost a second one.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xrange(log_key, start, "+", count=count)
+                pipe.exists(log_key)
+                entries, exists = await pipe.execute()
+            if not entries and not exists:
+                return [Event(sid, name, data, key) for sid, name, data in await self.archive.events(key, after, count)]
+        else:
+            entries = await self.redis.xrange(log_key, start, "+", count=count)
         return [Event(sid, f["event"], f["data"], f.get("job", key)) for sid, f in entries]
 
     async def log_tip(self, audience: Audience, key: str) -> str | None:

@@ -43,6 +43,7 @@ import orjson
 from redis.asyncio import Redis
 
 from . import egress, schema
+from .archive import Archive
 from .clock import now, rfc3339
 from .models import DeliveryStatus, WebhookSpec, job_links
 from .settings import Settings
@@ -230,9 +231,10 @@ class Delivery:
 class WebhookStore:
     """Deliveries on Redis: outcomes are written by ``lua/jobs.lua`` (fenced by ``seq``), reads are plain."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, archive: Archive | None = None) -> None:
         self.redis = redis
         self.settings = settings
+        self.archive = archive
         self._script = schema.JobsScript(redis, settings)
         self._unlock = redis.register_script(UNLOCK)
 
@@ -309,8 +311,14 @@ class WebhookStore:
         return [str(part) for part in reply]
 
     async def for_job(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
-        """The job's deliveries (the latest ``limit``), oldest first, each with its attempts."""
+        """The job's deliveries (the latest ``limit``), oldest first, each with its attempts; an
+        archived job's from the archive."""
         ids: list[str] = await self.redis.lrange(schema.job_deliveries_key(job_id), -limit, -1)  # type: ignore[misc]
+        if not ids and self.archive is not None and not await self.redis.exists(schema.job_key(job_id)):
+            return [
+                Delivery.from_hash(raw).resource([orjson.loads(a) for a in attempts])
+                for raw, attempts in await self.archive.deliveries(job_id, limit)
+            ]
         pipe = self.redis.pipeline(transaction=False)
         for webhook_id in ids:
             pipe.hgetall(schema.delivery_key(webhook_id))

@@ -177,8 +177,19 @@ class Client:
         job_type: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        created_after: str | None = None,
+        created_before: str | None = None,
+        search: str | None = None,
     ) -> dict[str, Any]:
-        query = {"status": status, "type": job_type, "limit": limit, "cursor": cursor}
+        query = {
+            "status": status,
+            "type": job_type,
+            "limit": limit,
+            "cursor": cursor,
+            "created_after": created_after,
+            "created_before": created_before,
+            "q": search,
+        }
         page: dict[str, Any] = self._request(
             "GET", "/jobs", params={k: v for k, v in query.items() if v is not None}
         ).json()

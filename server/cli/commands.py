@@ -99,6 +99,11 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     listing.add_argument("--type", help="only jobs of this type")
     listing.add_argument("--limit", type=int, default=20, help="jobs per page, 1 to 200 (default 20)")
     listing.add_argument("--cursor", help="the next page: the cursor printed under the previous one")
+    listing.add_argument(
+        "--created-after", metavar="TIME", help="jobs created at or after TIME (RFC 3339, e.g. 2026-12-02T10:00:00Z)"
+    )
+    listing.add_argument("--created-before", metavar="TIME", help="jobs created before TIME (RFC 3339)")
+    listing.add_argument("--search", metavar="TEXT", help="jobs whose type or params contain TEXT (3+ characters)")
 
     cancel = command("cancel", "cancel a job", cmd_cancel)
     cancel.add_argument("id", help="job id")
@@ -194,7 +199,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not 1 <= args.limit <= 200:
         raise UsageError(f"--limit must be from 1 to 200 (got {args.limit})")
     with _client(args) as client:
-        page = client.jobs(status=args.status, job_type=args.type, limit=args.limit, cursor=args.cursor)
+        page = client.jobs(
+            status=args.status,
+            job_type=args.type,
+            limit=args.limit,
+            cursor=args.cursor,
+            created_after=args.created_after,
+            created_before=args.created_before,
+            search=args.search,
+        )
     if out.json:
         out.document(page)
         return ExitStatus.OK

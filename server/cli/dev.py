@@ -49,6 +49,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from jobcast.worker.archive import display_url, migrate_now
 from jobcast.worker.settings import Settings
 
 from .embedded_redis import RedisNotFound, RedisProcess, free_port
@@ -99,6 +102,7 @@ def _run(signals: _Signals, settings: Settings, env: dict[str, str], *, host: st
             redis = stack.enter_context(_embedded_redis(data_dir / "redis"))
             env["JOBCAST_REDIS_URL"] = redis.url
             redis_note = f"embedded, data in {redis.data_dir}"
+        archive_note = _prepare_archive(env, data_dir)
         if signals.stops:
             return
         supervisor = _Supervisor(signals, stop_timeout=max(STOP_TIMEOUT_S, settings.shutdown_grace_s + 5.0))
@@ -112,8 +116,23 @@ def _run(signals: _Signals, settings: Settings, env: dict[str, str], *, host: st
         if not supervisor.wait_ready(f"{base_url}/readyz"):
             return  # stopped while starting
         api_key = next(iter(settings.tenant_keys), None)
-        _print_banner(base_url, api_key, env["JOBCAST_REDIS_URL"], redis_note)
+        _print_banner(base_url, api_key, env["JOBCAST_REDIS_URL"], redis_note, archive_note)
         supervisor.wait_for_stop()
+
+
+def _prepare_archive(env: dict[str, str], data_dir: Path) -> str:
+    """The archive of ``jobcast dev``: a SQLite file in the data directory unless
+    ``JOBCAST_ARCHIVE_URL`` says otherwise, migrated before the children start."""
+    if not env.get("JOBCAST_ARCHIVE_URL"):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        env["JOBCAST_ARCHIVE_URL"] = f"sqlite:///{data_dir / 'archive.sqlite3'}"
+    url = env["JOBCAST_ARCHIVE_URL"]
+    try:
+        before, after = migrate_now(url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise DevError(f"the archive at {display_url(url)} cannot be migrated: {exc}") from None
+    migrated = f"migrated {before or 'empty'} -> {after}" if before != after else f"schema {after}"
+    return f"{display_url(url)}  ({migrated})"
 
 
 def _child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -194,7 +213,7 @@ def _describe(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _print_banner(base_url: str, api_key: str | None, redis_url: str, redis_note: str) -> None:
+def _print_banner(base_url: str, api_key: str | None, redis_url: str, redis_note: str, archive_note: str) -> None:
     key = api_key or "<none: set JOBCAST_API_KEYS>"
     body = '{"type":"sleep","params":{"seconds":3}}'
     print(
@@ -202,6 +221,7 @@ def _print_banner(base_url: str, api_key: str | None, redis_url: str, redis_note
         f"Jobcast is ready at {base_url}  (dashboard: {base_url}/, API: {base_url}/openapi.json)\n"
         f"  API key  {key}\n"
         f"  Redis    {redis_url}  ({redis_note})\n"
+        f"  Archive  {archive_note}\n"
         f"  Try      curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
         f"                -X POST {base_url}/jobs -d '{body}'\n"
         "  Stop     Ctrl-C\n",

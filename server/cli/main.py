@@ -143,6 +143,23 @@ def cmd_keys(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+def cmd_migrate(args: argparse.Namespace) -> None:
+    """``jobcast migrate``: bring the archive's schema (JOBCAST_ARCHIVE_URL) to this version's."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from jobcast.worker.archive import display_url, migrate_now
+
+    url = Settings.from_env(require_secrets=False).archive_url
+    try:
+        before, after = migrate_now(url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise ConfigError(f"the archive at {display_url(url)} cannot be migrated: {exc}") from None
+    if before == after:
+        print(f"The archive at {display_url(url)} is up to date (schema {after}).")
+    else:
+        print(f"Migrated the archive at {display_url(url)}: schema {before or 'empty'} -> {after}.")
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from .dev import run_dev
 
@@ -180,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
 
     worker = sub.add_parser("worker", help="run a worker")
     worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the archive's schema (JOBCAST_ARCHIVE_URL)")
+    migrate.set_defaults(func=cmd_migrate)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys stored in Redis")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -19,7 +19,7 @@ PROBLEM_DESCRIPTIONS = {
     "422": "The body is well-formed but invalid; errors lists each field.",
     "429": "The tenant's submission rate, queue share, or open event streams and long-polls are used up.",
     "431": "The request head is larger than JOBCAST_HTTP_MAX_HEAD_BYTES; the connection is closed.",
-    "503": "At capacity, or Redis unreachable.",
+    "503": "At capacity, or Redis (or the archive of finished jobs) unreachable.",
 }
 SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 READ_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"token": []}]

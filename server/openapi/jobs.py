@@ -45,11 +45,29 @@ def paths(registry: Registry) -> dict[str, Any]:
                         {"type": "string", "pattern": JOB_ID_PATTERN},
                         "next_cursor of the previous page.",
                     ),
+                    param(
+                        "created_after",
+                        "query",
+                        {"type": "string", "format": "date-time"},
+                        "Jobs created at or after this time (RFC 3339 with offset; millisecond precision).",
+                    ),
+                    param(
+                        "created_before",
+                        "query",
+                        {"type": "string", "format": "date-time"},
+                        "Jobs created strictly before this time.",
+                    ),
+                    param(
+                        "q",
+                        "query",
+                        {"type": "string", "minLength": 3, "maxLength": 200, "pattern": "^[^\\x00]*$"},
+                        "Text to find in the job's type or params (their JSON), case-insensitive.",
+                    ),
                     TOKEN,
                 ],
                 "responses": {
                     "200": {"description": "A page of jobs.", "content": json_content("JobList")},
-                    **problems("400", "401", "403"),
+                    **problems("400", "401", "403", "503"),
                 },
             },
         },
@@ -84,7 +102,7 @@ def paths(registry: Registry) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "Was queued: now cancelled.", "content": json_content("JobResource")},
                     "202": {"description": "Running: cancellation requested.", "content": json_content("JobResource")},
-                    **problems("401", "403", "404", "409"),
+                    **problems("401", "403", "404", "409", "503"),
                 },
             }
         },
@@ -99,7 +117,7 @@ def paths(registry: Registry) -> dict[str, Any]:
                         "description": "The result.",
                         "content": {"application/json": {"schema": {}}, "text/csv": {"schema": {"type": "string"}}},
                     },
-                    **problems("401", "403", "404", "406", "409"),
+                    **problems("401", "403", "404", "406", "409", "503"),
                 },
             }
         },

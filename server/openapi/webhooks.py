@@ -17,7 +17,7 @@ def paths() -> dict[str, Any]:
                 "parameters": [JOB_ID, TOKEN],
                 "responses": {
                     "200": {"description": "Deliveries, oldest first.", "content": json_content("DeliveryList")},
-                    **problems("401", "403", "404"),
+                    **problems("401", "403", "404", "503"),
                 },
             }
         },

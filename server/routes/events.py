@@ -130,6 +130,11 @@ async def open_stream(
         )
         if outcome == "over":
             return Response(status_code=204)  # the stream is over; EventSource stops reconnecting
+        if outcome == "missing" and audience == "job":
+            archived = await _archived_stream(svc, stream, tenant, key, last_id)
+            if archived is not None:
+                opened = isinstance(archived, StreamResponse)  # a 204 lets go of the stream (finally)
+                return archived
         if outcome != "ok":
             raise _refusal(outcome, audience, key, last_id, tip, slots.per_tenant)
         opened = True
@@ -147,6 +152,22 @@ async def open_stream(
     if last_id is not None:
         stream.last_key = _order(last_id)
     return StreamResponse(stream, head, replay)
+
+
+async def _archived_stream(
+    svc: Services, stream: Stream, tenant: str, job_id: str, last_id: str | None
+) -> StreamResponse | Response | None:
+    """The stream of a job that left Redis for the archive (finished): its log, replayed from the
+    archive after ``last_id``, then the end; 204 when nothing follows ``last_id``. None: no such job
+    for the tenant in the archive either. (It holds no tenant slot: it ends once written.)"""
+    if await svc.store.get(job_id, tenant) is None:
+        return None
+    replay = await svc.store.log_events("job", job_id, after=last_id or "-", count=REPLAY_PAGE)
+    if last_id is not None and not replay:
+        return Response(status_code=204)
+    if last_id is not None:
+        stream.last_key = _order(last_id)
+    return StreamResponse(stream, retry_frame(svc.hub.config.retry_ms), replay)
 
 
 def _pairs(entries: list[list[object]]) -> list[tuple[str, dict[str, str]]]:

@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from jobcast.worker.clock import rfc3339
+from jobcast.worker.history import JobQuery
 from jobcast.worker.models import JobStatus
-from jobcast.worker.store import JobRecord
+from jobcast.worker.records import JobRecord
 from jobcast.worker.submissions import AcceptedSubmission, InvalidSubmission, accept_submission
 
 from ..limits import StreamsFull
@@ -29,7 +30,15 @@ from ..problems import (
     Unavailable,
     ValidationFailed,
 )
-from ..requests import job_id_param, query_cursor, query_int, query_wait, read_json_object
+from ..requests import (
+    job_id_param,
+    query_cursor,
+    query_int,
+    query_search,
+    query_time,
+    query_wait,
+    read_json_object,
+)
 from ..resources import (
     IDEMPOTENCY_KEY_PATTERN,
     POLL_HINT_S,
@@ -149,9 +158,15 @@ async def list_jobs(request: Request) -> Response:
         known = ", ".join(t.name for t in svc.registry)
         raise BadRequest(f"Query parameter 'type' must be a registered job type: {known}.")
     limit = query_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    records, next_id = await svc.store.list_jobs(
-        principal.tenant, status=status, job_type=job_type, limit=limit, before=query_cursor(request)
+    query = JobQuery(
+        status=status,
+        job_type=job_type,
+        created_after_ms=query_time(request, "created_after"),
+        created_before_ms=query_time(request, "created_before"),
+        search=query_search(request),
     )
+    before = query_cursor(request)
+    records, next_id = await svc.store.list_jobs(principal.tenant, query=query, limit=limit, before=before)
     redact = principal.kind != "key"
     items = [job_resource(r, redact_webhook=redact) for r in records]
     return json_response(JobList(items=items, next_cursor=next_id))

@@ -49,10 +49,11 @@ export class Api {
     return this.json("GET", "/job-types").then((body) => body.items);
   }
 
-  listJobs({ status, type, cursor, limit = 25 } = {}) {
+  listJobs({ status, type, q, cursor, limit = 25 } = {}) {
     const query = new URLSearchParams({ limit: String(limit) });
     if (status) query.set("status", status);
     if (type) query.set("type", type);
+    if (q) query.set("q", q);
     if (cursor) query.set("cursor", cursor);
     return this.json("GET", `/jobs?${query}`);
   }

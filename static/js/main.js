@@ -146,6 +146,7 @@ class Session {
       loadMore: $("load-more"),
       statusFilter: $("filter-status"),
       typeFilter: $("filter-type"),
+      searchFilter: $("filter-search"),
       onError,
       signal,
     });

@@ -1,5 +1,6 @@
-// The jobs table: newest first, filtered by status and type, paginated with next_cursor, and
-// updated in place as events arrive (rows are kept by job id, never rebuilt for an update).
+// The jobs table: newest first, filtered by status, type and a search over type and params,
+// paginated with next_cursor (across live and archived jobs: the server merges them), and updated
+// in place as events arrive (rows are kept by job id, never rebuilt for an update).
 
 import { h, progressBar, replaceChildren, setProgress, statusBadge } from "./dom.js";
 import {
@@ -7,10 +8,12 @@ import {
 } from "./format.js";
 
 const PAGE_SIZE = 25;
+const SEARCH_MIN = 3; // the server's minimum for ?q=
+const SEARCH_DELAY_MS = 300;
 
 export class JobTable {
-  constructor({ api, jobs, body, empty, loadMore, statusFilter, typeFilter, onError, signal }) {
-    Object.assign(this, { api, jobs, body, empty, loadMore, statusFilter, typeFilter, onError });
+  constructor({ api, jobs, body, empty, loadMore, statusFilter, typeFilter, searchFilter, onError, signal }) {
+    Object.assign(this, { api, jobs, body, empty, loadMore, statusFilter, typeFilter, searchFilter, onError });
     this.order = [];
     this.rows = new Map();
     this.nextCursor = null;
@@ -18,6 +21,20 @@ export class JobTable {
     this.generation = 0;
     statusFilter.addEventListener("change", () => this.reload(), { signal });
     typeFilter.addEventListener("change", () => this.reload(), { signal });
+    let searchTimer = null;
+    let searched = "";
+    searchFilter.addEventListener(
+      "input",
+      () => {
+        clearTimeout(searchTimer);
+        searchTimer = setTimeout(() => {
+          if (this.filters.q === searched) return; // e.g. a 1-2 character search: not sent
+          searched = this.filters.q;
+          this.reload();
+        }, SEARCH_DELAY_MS);
+      },
+      { signal },
+    );
     loadMore.addEventListener("click", () => this.more(), { signal });
     jobs.subscribe((job) => this.update(job));
   }
@@ -33,12 +50,19 @@ export class JobTable {
   }
 
   get filters() {
-    return { status: this.statusFilter.value, type: this.typeFilter.value };
+    const text = this.searchFilter.value.trim();
+    return {
+      status: this.statusFilter.value,
+      type: this.typeFilter.value,
+      q: text.length >= SEARCH_MIN ? text : "",
+    };
   }
 
   matches(job) {
-    const { status, type } = this.filters;
-    return (!status || job.status === status) && (!type || job.type === type);
+    const { status, type, q } = this.filters;
+    // The same text the server searches: the type, a space, the params as compact JSON.
+    const text = `${job.type} ${JSON.stringify(job.params ?? {})}`.toLowerCase();
+    return (!status || job.status === status) && (!type || job.type === type) && (!q || text.includes(q.toLowerCase()));
   }
 
   /** Load the first page again (filters changed, or events may have been missed). */

@@ -252,6 +252,7 @@ local function finish(id, status, extra)
   redis.call('ZREM', K_RUNNING, id)
   release(r[1], id)
   local sid = emit(id, EVENT[status], extra)
+  redis.call('ZADD', K_FINISHED, now_ms, id)  -- the archiver takes it from here after ARCHIVE_AFTER
   redis.call('EXPIRE', job_key(id), CFG_RETENTION_S)
   redis.call('EXPIRE', K_JOB_LOG .. id, CFG_RETENTION_S)
   redis.call('EXPIRE', K_JOB_DELIVERIES .. id, CFG_RETENTION_S)
@@ -377,6 +378,10 @@ if op == 'create' then
       local seen_id, seen_hash = string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)
       if seen_hash == idem_value and redis.call('EXISTS', job_key(seen_id)) == 1 then
         return {'existing', seen_id}
+      elseif seen_hash == idem_value and ARGV[14] ~= '1' then
+        -- Not in Redis: archived, or expired. The caller asks the archive, and calls again with
+        -- ARGV[14] = '1' (create anew) only when the archive does not have it either.
+        return {'vanished', seen_id}
       elseif seen_hash ~= idem_value then
         return {'conflict', seen_id}
       end
@@ -568,6 +573,43 @@ elseif op == 'promote' then
   end
   local next_due = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')
   return {moved, next_due[2] or '-1'}
+
+elseif op == 'evict' then
+  -- (id version last_sid deliveries)... -> for each: 'evicted' | 'changed' | 'missing'
+  -- The second half of the move to the archive (worker/archiver.py): the archiver copied the job
+  -- as it read it (version, last event id, number of deliveries); delete it from Redis only if it
+  -- is still exactly that, finished, with no delivery that may still change.
+  local out = {}
+  for i = 4, #ARGV, 4 do
+    local id, version, last_sid, ndeliveries = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+    local r = fields(id, 'status', 'version', 'tenant', 'type')
+    local verdict = 'evicted'
+    if not r[1] then
+      verdict = 'missing'
+    elseif not TERMINAL[r[1]] or r[2] ~= version then
+      verdict = 'changed'
+    else
+      local tip = redis.call('XREVRANGE', K_JOB_LOG .. id, '+', '-', 'COUNT', 1)
+      local wids = redis.call('LRANGE', K_JOB_DELIVERIES .. id, 0, -1)
+      if (tip[1] and tip[1][1] or '') ~= last_sid or #wids ~= ndeliveries then verdict = 'changed' end
+      for _, wid in ipairs(wids) do
+        local state = redis.call('HGET', delivery_key(wid), 'state')
+        if state == 'pending' or state == 'dead' then verdict = 'changed' end
+      end
+      if verdict == 'evicted' then
+        for _, wid in ipairs(wids) do
+          redis.call('DEL', delivery_key(wid), delivery_key(wid) .. ':attempts')
+        end
+        redis.call('DEL', job_key(id), K_JOB_LOG .. id, K_JOB_DELIVERIES .. id)
+        redis.call('ZREM', K_INDEX .. r[3], id)
+        redis.call('ZREM', K_INDEX .. r[3] .. ':status:' .. r[1], id)
+        redis.call('ZREM', K_INDEX .. r[3] .. ':type:' .. r[4], id)
+      end
+    end
+    if verdict ~= 'changed' then redis.call('ZREM', K_FINISHED, id) end
+    out[#out + 1] = verdict
+  end
+  return out
 
 ----------------------------------------------------------------------------------------------------
 -- Webhook deliveries. States: pending -> delivered | gone (410) | dead (dead-letter list);

@@ -1,0 +1,1 @@
+"""Alembic migrations of the archive (``jobcast migrate``; automatic for SQLite)."""
