@@ -35,6 +35,7 @@ from starlette.routing import Route
 from jobcast.app import JobcastServer, create_app, tune_gc_for_streaming
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import redis_client
+from jobcast.ws import UVICORN_WS_OPTIONS
 
 BACKLOG = 4096
 
@@ -99,6 +100,7 @@ def main() -> None:
         access_log=False,
         backlog=BACKLOG,
         timeout_graceful_shutdown=5,
+        **UVICORN_WS_OPTIONS,  # type: ignore[arg-type]  # as `jobcast web` serves /ws
     )
     if args.app == "jobcast":
         JobcastServer(config, app).run()
