@@ -42,6 +42,7 @@ from jobcast.app import JobcastServer, create_app, tune_gc_for_streaming
 from jobcast.cli.web import reuse_port_socket
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import redis_client
+from jobcast.ws import UVICORN_WS_OPTIONS
 
 BACKLOG = 4096
 
@@ -125,6 +126,7 @@ def main() -> None:
         access_log=False,
         backlog=BACKLOG,
         timeout_graceful_shutdown=5,
+        **UVICORN_WS_OPTIONS,  # type: ignore[arg-type]  # as `jobcast web` serves /ws
     )
     if args.app == "jobcast":
         sockets = [reuse_port_socket("127.0.0.1", args.port)] if args.shared_port else None

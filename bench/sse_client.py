@@ -28,6 +28,7 @@ import asyncio
 import re
 import time
 from array import array
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -39,7 +40,7 @@ TAIL_MAX = 64 * 1024
 
 
 class Client:
-    def __init__(self, host: str, port: int, requests: list[bytes], connect_concurrency: int) -> None:
+    def __init__(self, host: str, port: int, requests: list[Any], connect_concurrency: int) -> None:
         self.host = host
         self.port = port
         self.requests = requests
@@ -57,6 +58,10 @@ class Client:
             if self.complete == len(self.streams) and self.done is not None and not self.done.done():
                 self.done.set_result(None)
 
+    def protocol(self, request: Any) -> Any:
+        """The connection's protocol: a Stream; its ``headers`` future gives the status (200: in)."""
+        return Stream(self, request)
+
     async def connect(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         gate = asyncio.Semaphore(self.connect_concurrency)
@@ -64,7 +69,7 @@ class Client:
 
         async def one(request: bytes) -> None:
             async with gate:
-                stream = Stream(self, request)
+                stream = self.protocol(request)
                 try:
                     await loop.create_connection(lambda: stream, self.host, self.port)
                     async with asyncio.timeout(30):
@@ -208,6 +213,11 @@ def request_bytes(host: str, port: int, path: str, headers: dict[str, str]) -> b
 
 def run(conn: Connection, host: str, port: int, paths: list[str], headers: dict[str, str], concurrency: int) -> None:
     """Process entry point: obey the commands on ``conn`` until ``("close",)``."""
+    serve(conn, lambda: Client(host, port, [request_bytes(host, port, p, headers) for p in paths], concurrency))
+
+
+def serve(conn: Connection, make_client: Callable[[], Client]) -> None:
+    """Obey the commands on ``conn`` with the client ``make_client`` builds (in the event loop)."""
     import resource
 
     import uvloop
@@ -217,7 +227,7 @@ def run(conn: Connection, host: str, port: int, paths: list[str], headers: dict[
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        client = Client(host, port, [request_bytes(host, port, p, headers) for p in paths], concurrency)
+        client = make_client()
         while True:
             # A thread reads the pipe: the loop's add_reader would make it non-blocking, and a
             # large answer (all latencies) must be sent whole.

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench import harness, nchan, sse_client
+from bench import harness, nchan, sse_client, ws_client
 from bench.harness import AUTH, TENANT, Processes, percentile, ratio, say, table
 from bench.http_client import Connection
 from bench.jobtypes import TICK_START_KEY
@@ -94,14 +94,24 @@ class Run:
 class Clients:
     """``count`` load-client processes sharing the streams round-robin."""
 
-    def __init__(self, count: int, port: int, paths: list[str], headers: dict[str, str], concurrency: int) -> None:
+    def __init__(
+        self,
+        count: int,
+        port: int,
+        paths: list[str],
+        headers: dict[str, str],
+        concurrency: int,
+        target: Callable[..., None] = sse_client.run,
+    ) -> None:
+        """``target``: :func:`bench.sse_client.run` (``paths`` are URL paths) or
+        :func:`bench.ws_client.run` (``paths`` are /ws channels)."""
         ctx = multiprocessing.get_context("spawn")
         self.pipes = []
         self.procs = []
         for i in range(count):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=sse_client.run,
+                target=target,
                 args=(child, "127.0.0.1", port, paths[i::count], headers, concurrency),
                 name=f"sse-client-{i}",
             )
@@ -192,8 +202,10 @@ async def new_running_job(settings: Settings) -> str:
     return created.job_id
 
 
-def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path) -> Run:
-    run = Run("Jobcast", streams)
+def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path, transport: str = "sse") -> Run:
+    """``transport``: "sse" (``GET /jobs/{id}/events``) or "ws" (``GET /ws``, one socket per client
+    subscribed to ``job:<id>``; :mod:`bench.ws_fanout`)."""
+    run = Run("Jobcast" if transport == "sse" else "Jobcast WS", streams)
     with Processes(folder) as procs:
         redis_server = procs.redis()
         web, port = procs.jobcast_web(redis_server.url, processes=args.processes)
@@ -201,9 +213,14 @@ def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path) -> Run:
         settings = Settings(redis_url=redis_server.url)
         job_id = asyncio.run(new_running_job(settings))
         rss_before = settle_rss(servers, 0.5)
-        clients = Clients(args.clients, port, [f"/jobs/{job_id}/events"] * streams, {"Authorization": AUTH}, 200)
+        if transport == "sse":
+            clients = Clients(args.clients, port, [f"/jobs/{job_id}/events"] * streams, {"Authorization": AUTH}, 200)
+        else:
+            clients = Clients(
+                args.clients, port, [f"job:{job_id}"] * streams, {"Authorization": AUTH}, 200, ws_client.run
+            )
         try:
-            say(f"Jobcast: opening {streams} streams")
+            say(f"{run.server}: opening {streams} streams")
             profiler = harness.Profiler(web.pid, folder / "connect.pyspy") if args.profile else None
             clients.connect(run)
             if profiler is not None:
@@ -212,7 +229,7 @@ def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path) -> Run:
             run.kib_per_stream = (settle_rss(servers) - rss_before) / max(run.connected, 1)
             server_cpu = {f"server{i}": pid for i, pid in enumerate(servers)}
             meter = harness.CpuMeter({**server_cpu, "redis": redis_server.process.pid, **clients.pids})  # type: ignore[union-attr]
-            say(f"Jobcast: {run.connected} streams open; publishing {FANOUT_EVENTS} events at {FANOUT_RATE:g}/s")
+            say(f"{run.server}: {run.connected} streams open; publishing {FANOUT_EVENTS} events at {FANOUT_RATE:g}/s")
             profiler = harness.Profiler(web.pid, folder / "publish.pyspy") if args.profile else None
             run.gc_connect = web.gc_pauses()
             gc_mark = web.log_size()
@@ -448,9 +465,9 @@ def row(run: Run, round_no: int) -> list[object]:
     ]
 
 
-def ratio_row(ours: dict[str, float], ref: dict[str, float]) -> list[object]:
+def ratio_row(ours: dict[str, float], ref: dict[str, float], label: str = "Jobcast/nchan") -> list[object]:
     return [
-        "**Jobcast/nchan** (medians)",
+        f"**{label}** (medians)",
         "",
         "",
         ratio(ours["connect"], ref["connect"]),
@@ -502,7 +519,9 @@ def compare(title: str, sides: dict[str, Callable[[int], Run]], rounds: int) -> 
                 results[name].append(sides[name](i))
         rows = [row(r, i + 1) for runs in results.values() for i, r in enumerate(runs)]
         if len(sides) == 2:
-            rows.append(ratio_row(medians(results["jobcast"]), medians(results["nchan"])))
+            ours, ref = list(sides)
+            label = "Jobcast/nchan" if (ours, ref) == ("jobcast", "nchan") else f"{ours}/{ref}"
+            rows.append(ratio_row(medians(results[ours]), medians(results[ref]), label))
         print(table(HEAD, rows))
         print("\nMedian latency (ms) by event number, first round (growth = the server falls behind):")
         for runs in results.values():

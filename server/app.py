@@ -30,6 +30,7 @@ from jobcast.worker.types import load_registry
 from jobcast.worker.webhooks import WebhookStore
 
 from . import dashboard
+from .asyncapi import render as render_asyncapi
 from .auth import Authenticator
 from .http_guard import guarded_protocol
 from .hub import Hub, StreamConfig
@@ -41,6 +42,8 @@ from .problems import EXCEPTION_HANDLERS
 from .routes import events, routes
 from .services import STATE_KEY, Services
 from .tokens import TokenSigner
+from .ws import UVICORN_WS_OPTIONS
+from .ws.registry import Sockets
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
     rate = settings.submit_rate_limit
     document = build_openapi(registry)
     openapi = orjson.dumps(document)
+    asyncapi = render_asyncapi()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -65,13 +69,22 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
         config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
         hub = Hub(redis, config, on_connect=slots.open_script.load)
         await hub.start()
-        app.state.drain = hub.drain
+        sockets = Sockets()
+
+        def drain() -> None:
+            hub.drain()
+            sockets.drain()
+
+        app.state.drain = drain
         overview = OverviewFeed(redis)
         refresher = asyncio.create_task(slots.refresh_forever(), name="jobcast-stream-slots")
         background = [refresher, asyncio.create_task(overview.run_forever(), name="jobcast-overviews")]
         if settings.alert_webhook_url:
             alerter = Alerter(redis, settings)
             background.append(asyncio.create_task(alerter.run_forever(), name="jobcast-alerts"))
+        background.append(
+            asyncio.create_task(sockets.watch_writes(settings.sse_send_timeout_s), name="jobcast-ws-watchdog")
+        )
         try:
             yield {
                 STATE_KEY: Services(
@@ -88,6 +101,8 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                     metrics_open=settings.env == "development" or is_private_bind(bind_host),
                     overview=overview,
                     destinations=DestinationStore(redis, settings),
+                    asyncapi=asyncapi,
+                    sockets=sockets,
                 )
             }
         finally:
@@ -114,11 +129,12 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
 
 def server_config(app: Starlette, settings: Settings, *, host: str, port: int, **options: Any) -> uvicorn.Config:
     """uvicorn's configuration for a Jobcast server: request heads bounded in time and size
-    (:mod:`jobcast.http_guard`); ``options`` are further ``uvicorn.Config`` arguments."""
+    (:mod:`jobcast.http_guard`), the WebSocket options of ``/ws`` (:data:`jobcast.ws.UVICORN_WS_OPTIONS`);
+    ``options`` are further ``uvicorn.Config`` arguments."""
     protocol = guarded_protocol(
         head_timeout_s=settings.http_head_timeout_s, max_head_bytes=settings.http_max_head_bytes
     )
-    return uvicorn.Config(app, host=host, port=port, http=protocol, **options)
+    return uvicorn.Config(app, host=host, port=port, http=protocol, **{**UVICORN_WS_OPTIONS, **options})
 
 
 def is_private_bind(host: str | None) -> bool:

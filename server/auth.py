@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
 from .keys import PREFIX as KEY_PREFIX
 from .keys import ApiKeys
@@ -57,7 +57,7 @@ class Authenticator:
             return await self.stored_keys.tenant_of_id(ident) == tenant
         return self._key_refs.get(key_ref) == tenant
 
-    def _credential(self, request: Request) -> tuple[str, bool]:
+    def _credential(self, request: HTTPConnection) -> tuple[str, bool]:
         """The presented credential and whether it came from the query string."""
         header = request.headers.get("authorization")
         if header is not None:
@@ -72,7 +72,7 @@ class Authenticator:
             return token, True
         raise Unauthorized("No credentials: send 'Authorization: Bearer <api key>' (or ?token=<token> for reads).")
 
-    async def authenticate(self, request: Request) -> Principal:
+    async def authenticate(self, request: HTTPConnection) -> Principal:
         credential, from_query = self._credential(request)
         if not from_query:
             configured = self._keys.get(_digest(credential))
@@ -98,7 +98,7 @@ class Authenticator:
             )
         return Principal(token.tenant, token.scope, token.job_id, key_ref=token.key)
 
-    async def require(self, request: Request, access: Access, *, job_id: str | None = None) -> Principal:
+    async def require(self, request: HTTPConnection, access: Access, *, job_id: str | None = None) -> Principal:
         """Authenticate and check scope: writes need an API key; reads accept a stream token,
         or a job token for its own job."""
         principal = await self.authenticate(request)

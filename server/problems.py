@@ -9,6 +9,7 @@
      ├── GoneProblem           410: a Last-Event-ID older than the (capped) event log
      ├── PayloadTooLarge       413
      ├── ValidationFailed      422: the body is well-formed but wrong; ``errors`` lists each field
+     ├── UpgradeRequired       426: a plain HTTP request to the WebSocket endpoint
      ├── TooManyRequests       429: the tenant's submission rate is used up (Retry-After, RateLimit)
      ├── HeaderTooLarge        431: a request head over the limit (answered by jobcast.http_guard)
      └── Unavailable           503: at capacity or Redis away; with Retry-After
@@ -138,6 +139,19 @@ class UnsupportedMediaType(Problem):
     """The body is not sent as JSON ('Content-Type: application/json')."""
 
     status, title, slug = 415, "Unsupported Media Type", "unsupported-media-type"
+
+
+class UpgradeRequired(Problem):
+    """GET /ws is a WebSocket: open it with a WebSocket client (the Upgrade: websocket handshake), not a plain HTTP
+    request.
+    """
+
+    status, title, slug = 426, "Upgrade Required", "upgrade-required"
+
+    def __init__(self, detail: str, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.headers.setdefault("Upgrade", "websocket")
+        self.headers.setdefault("Connection", "Upgrade")
 
 
 class ValidationFailed(Problem):

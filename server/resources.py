@@ -225,6 +225,47 @@ class ProblemType(BaseModel):
     description: str
 
 
+class EventData(BaseModel):
+    """The ``data`` of one job event (SSE ``data:`` line, WebSocket event frame). Written by the
+    state-machine script, not rendered from this model: the tests check real events against it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    type: str = Field(description="The job's type (not the event name).")
+    status: JobStatus = Field(description="The job's status after the event.")
+    attempt: int = Field(ge=1)
+    progress: Progress
+    at: str = Field(description="When it happened (RFC 3339).")
+    result: Any = Field(default=None, description="job.completed: the result, when its JSON is at most 4,096 bytes.")
+    result_url: str | None = Field(default=None, description="job.completed: instead of result when that is larger.")
+    error: JobError | None = Field(default=None, description="job.failed and job.retrying: the failed attempt's error.")
+    retry_in_s: float | None = Field(
+        default=None, description="job.retrying: seconds until the next attempt may start."
+    )
+
+
+class WebhookData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    status: JobStatus
+    links: dict[str, str] = Field(
+        description="The job's self, events, cancel and result links (absolute with JOBCAST_PUBLIC_URL)."
+    )
+    progress: Progress | None = Field(default=None, description="job.progress deliveries: the job's progress.")
+
+
+class WebhookBody(BaseModel):
+    """The body of a webhook delivery (Standard Webhooks), the same bytes on every attempt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: EventName
+    timestamp: str = Field(description="When the event happened (RFC 3339), not when it was sent.")
+    data: WebhookData
+
+
 #: Every model the OpenAPI document publishes as a component schema.
 MODELS: list[type[BaseModel]] = [
     JobResource, JobTicket, JobList, JobTypeList, StreamToken, Health, Problem,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
 from jobcast.worker.destinations import DestinationStore
 from jobcast.worker.records import JobRecord
@@ -24,6 +24,7 @@ from .hub import Hub
 from .limits import RateLimiter, StreamSlots
 from .overview import OverviewFeed
 from .problems import NotFound
+from .ws.registry import Sockets
 
 STATE_KEY = "jobcast"
 
@@ -42,6 +43,9 @@ class Services:
     webhooks: WebhookStore
     overview: OverviewFeed
     destinations: DestinationStore
+    asyncapi: bytes
+    #: The open WebSockets of this process (``GET /ws``).
+    sockets: Sockets
     #: Whether GET /metrics answers without JOBCAST_METRICS_TOKEN: in development, or in production
     #: when the server is bound to a private address (jobcast.app.is_private_bind).
     metrics_open: bool = False
@@ -54,7 +58,7 @@ class Services:
         return record
 
 
-def services(request: Request) -> Services:
+def services(request: HTTPConnection) -> Services:
     return cast(Services, getattr(request.state, STATE_KEY))
 
 

@@ -5,7 +5,8 @@ Every answer must be documented (status, content type, body schema), nothing may
 is bounded (``FUZZ_EXAMPLES`` per operation); ``pytest -m fuzz_long`` runs many more.
 
 The two event streams are left out: a stream that is valid never ends by itself, which is not
-something a request/response fuzzer can wait for. tests/test_sse.py covers them.
+something a request/response fuzzer can wait for. tests/test_sse.py covers them. So is ``GET /ws``,
+a WebSocket handshake (its frames are fuzzed by tests/test_ws_faults.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ FUZZ_EXAMPLES = 30
 LONG_EXAMPLES = 1000
 
 REGISTRY = load_registry(Settings(env="development", job_modules="tests.jobtypes"))
-schema = schemathesis.openapi.from_dict(build_openapi(REGISTRY)).exclude(path_regex=r"events$")
+schema = schemathesis.openapi.from_dict(build_openapi(REGISTRY)).exclude(path_regex=r"(events|/ws)$")
 # Credentials are ours to send (below); their absence and misuse are tested in tests/test_api.py.
 schema.config.generation.with_security_parameters = False
 

@@ -160,6 +160,8 @@ class Settings(BaseSettings):
     http_head_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     #: Server: the largest request head accepted, in bytes (431 and closed beyond).
     http_max_head_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: Server: channels one WebSocket (``GET /ws``) may be subscribed to at once.
+    ws_max_subscriptions: int = Field(default=1_000, ge=1)
     #: Webhooks: seconds one delivery attempt may take, everything included (resolving the host,
     #: connecting, sending, the answer's status and headers).
     webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)

@@ -17,6 +17,7 @@ PROBLEM_DESCRIPTIONS = {
     "413": "The body is larger than 1 MiB.",
     "415": "The body is not JSON.",
     "422": "The body is well-formed but invalid; errors lists each field.",
+    "426": "A plain HTTP request to the WebSocket endpoint (no Upgrade: websocket handshake).",
     "429": "The tenant's submission rate, queue share, or open event streams and long-polls are used up.",
     "431": "The request head is larger than JOBCAST_HTTP_MAX_HEAD_BYTES; the connection is closed.",
     "503": "At capacity, or Redis (or the archive of finished jobs) unreachable.",

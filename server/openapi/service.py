@@ -85,6 +85,26 @@ def paths() -> dict[str, Any]:
                 },
             }
         },
+        "/asyncapi.json": {
+            "get": {
+                "summary": "The AsyncAPI 3.0 document of the event channels (SSE, WebSocket, webhooks)",
+                "operationId": "asyncapi",
+                "security": [],
+                "responses": {"200": {"description": "AsyncAPI 3.0.", "content": {"application/json": {}}}},
+            }
+        },
+        "/ws": {
+            "get": {
+                "summary": "WebSocket: many jobs, resume and cancel over one socket (frames: /asyncapi.json)",
+                "operationId": "websocket",
+                "security": READ_SECURITY,
+                "parameters": [TOKEN],
+                "responses": {
+                    "101": {"description": "Switching Protocols: the socket is open (a WebSocket handshake)."},
+                    **problems("401", "426", "429", "503"),
+                },
+            }
+        },
         "/problems/{slug}": {
             "get": {
                 "summary": "What a problem type URI names (the 'type' of every error response)",

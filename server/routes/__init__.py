@@ -4,15 +4,18 @@
     events     /jobs/{id}/events, /events
     webhooks   /jobs/{id}/deliveries, /webhooks/dead-letters, .../{webhook_id}/replay,
                /webhooks/destinations, .../{destination}/enable
-    service    /job-types, /tokens, /healthz, /readyz, /metrics, /openapi.json, /problems/{slug}
+    service    /job-types, /tokens, /healthz, /readyz, /metrics, /openapi.json, /asyncapi.json,
+               /problems/{slug}
+    (ws)       /ws, the WebSocket (:mod:`jobcast.ws`)
 
 :mod:`jobcast.openapi` documents each of them, module by module.
 """
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from ..ws.endpoint import upgrade_required, websocket_endpoint
 from . import events, jobs, service, webhooks
 
 
@@ -34,6 +37,9 @@ def routes() -> list[BaseRoute]:
         Route("/healthz", service.healthz, methods=["GET"]),
         Route("/readyz", service.readyz, methods=["GET"]),
         Route("/openapi.json", service.openapi, methods=["GET"]),
+        Route("/asyncapi.json", service.asyncapi, methods=["GET"]),
         Route("/problems/{slug}", service.problem_type, methods=["GET"]),
         Route("/metrics", service.metrics, methods=["GET"]),
+        WebSocketRoute("/ws", websocket_endpoint),
+        Route("/ws", upgrade_required, methods=["GET"]),  # the same path, without the handshake
     ]

@@ -147,7 +147,10 @@ async def open_stream(
     if last_id is None and audience == "tenant" and tip:
         # Live from the log's tip as it is now that we are subscribed — sent before any event, so
         # a client that sees the headers sees every later event; the id alone says where it resumes.
+        # Events up to the tip that the hub hands over late (published before the subscription,
+        # still on their way) are older than it: dropped, as the client was told.
         head += position_frame(tip)
+        stream.last_key = streamids.order(tip)
     replay = [Event(sid, fields["event"], fields["data"], fields.get("job", key)) for sid, fields in _pairs(entries)]
     if last_id is not None:
         stream.last_key = _order(last_id)

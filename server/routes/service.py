@@ -73,6 +73,11 @@ async def openapi(request: Request) -> Response:
     return Response(svc.openapi, media_type="application/json")
 
 
+async def asyncapi(request: Request) -> Response:
+    """The AsyncAPI 3.0 document of the event channels (SSE, WebSocket, webhooks)."""
+    return Response(services(request).asyncapi, media_type="application/json")
+
+
 async def problem_type(request: Request) -> Response:
     """What a problem's ``type`` URI names: its status, title and when it happens."""
     slug = str(request.path_params["slug"])
