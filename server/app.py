@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
+from jobcast.worker.supervision import supervise
 from jobcast.worker.types import load_registry
 from jobcast.worker.webhooks import WebhookStore
 
@@ -51,7 +52,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await hub.start()
         app.state.drain = hub.drain
         slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
-        refresher = asyncio.create_task(slots.refresh_forever(), name="jobcast-stream-slots")
+        refresher = supervise("jobcast-stream-slots", slots.refresh_forever)
         try:
             yield {
                 STATE_KEY: Services(
@@ -68,11 +69,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 )
             }
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
-            await hub.stop()
-            await redis.aclose()
+            try:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+                await hub.stop()
+            finally:
+                await redis.aclose()  # whatever happened above: no connection left to the collector
 
     app = Starlette(
         routes=[

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from jobcast.worker import schema
 from jobcast.worker.models import TERMINAL_EVENTS
+from jobcast.worker.supervision import supervise
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,9 @@ class Hub:
         self.slow_consumers = 0
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="jobcast-hub")
+        # Supervised: should the loop ever die of a bug, it is logged and runs again, and every
+        # stream re-reads its log (events may have been published while nobody listened).
+        self._task = supervise("jobcast-hub", self._run, rerun=lambda: self._run(resync=True))
 
     async def stop(self) -> None:
         self.drain()
@@ -199,9 +202,9 @@ class Hub:
                 for sub in subs:
                     sub.flag(resync=resync, closed=closed)
 
-    async def _run(self) -> None:
+    async def _run(self, *, resync: bool = False) -> None:
         delay = 0.1
-        first = True
+        first = not resync
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:

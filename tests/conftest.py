@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -44,6 +45,14 @@ FAST = {
     "progress_rate": 50.0,
     "shutdown_grace_s": 2,
 }
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_each_test() -> Iterator[None]:
+    """A connection left to the garbage collector fails the test that left it (its finalizer's
+    ResourceWarning is an error), not some later test or the end of the run."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
