@@ -22,7 +22,7 @@ from jobcast.worker.models import Priority
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 
-from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, make_settings
+from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, hub_of, make_settings, wait_until
 
 Seen = list[tuple[str, str, dict[str, Any]]]
 
@@ -32,6 +32,16 @@ async def new_running_job(store: Store, tenant: str = "acme") -> str:
     assert created.job_id is not None
     assert await store.start(created.job_id, 1, 10**15) is not None
     return created.job_id
+
+
+async def subscribed(server: ServerHandle, count: int, timeout: float = 20.0) -> None:
+    """Wait until ``count`` streams (or long-polls) of ``server`` are subscribed to its hub."""
+    hub = hub_of(server)
+
+    async def enough() -> bool:
+        return hub.subscriber_count >= count
+
+    await wait_until(enough, timeout=timeout)
 
 
 async def dispatched(events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
@@ -84,10 +94,12 @@ async def test_a_late_subscriber_gets_the_whole_history_then_the_stream_ends(
     assert seen[2][2]["progress"] == {"percent": 50.0, "step": "half"}
 
 
-async def test_early_and_late_subscribers_see_the_same_sequence(client: httpx.AsyncClient, store: Store) -> None:
+async def test_early_and_late_subscribers_see_the_same_sequence(
+    client: httpx.AsyncClient, store: Store, server: ServerHandle
+) -> None:
     job_id = await new_running_job(store)
     early = asyncio.create_task(collect(client, f"/jobs/{job_id}/events"))
-    await asyncio.sleep(0.2)
+    await subscribed(server, 1)
     for percent in (10, 20, 30, 40):
         await store.progress(job_id, 1, percent, None, None)
     await store.complete(job_id, 1, "1")
@@ -142,7 +154,7 @@ async def test_five_hundred_streams_on_one_job_receive_the_identical_sequence(
     limits = httpx.Limits(max_connections=600, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=server.url, headers=ACME, limits=limits, timeout=60) as many:
         readers = [asyncio.create_task(collect(many, f"/jobs/{job_id}/events", timeout=60)) for _ in range(500)]
-        await asyncio.sleep(1.0)  # let them connect; the ones still connecting replay from the log
+        await subscribed(server, 500, timeout=60)  # all connected: what follows is live delivery
         for percent in range(10, 101, 10):
             await store.progress(job_id, 1, percent, None, None)
         await store.complete(job_id, 1, "1")
@@ -152,11 +164,11 @@ async def test_five_hundred_streams_on_one_job_receive_the_identical_sequence(
 
 
 async def test_the_tenant_feed_carries_only_the_tenant_s_jobs_and_resumes(
-    client: httpx.AsyncClient, store: Store
+    client: httpx.AsyncClient, store: Store, server: ServerHandle
 ) -> None:
     feed: Seen = []
     reader = asyncio.create_task(collect(client, "/events", until=4))
-    await asyncio.sleep(0.2)
+    await subscribed(server, 1)  # live only: it sees what is published once it is subscribed
     a = await new_running_job(store, "acme")  # queued + processing
     await new_running_job(store, "globex")  # not for acme
     b = await new_running_job(store, "acme")
@@ -349,7 +361,7 @@ async def test_streams_resume_across_a_redis_restart(
     readers = [asyncio.create_task(_stream_with_resume([server.url], job_id, 0, timeout=40)) for _ in range(10)]
     for percent in range(1, 11):
         await store.progress(job_id, 1, percent, None, None)
-    await asyncio.sleep(0.3)
+    await subscribed(server, 10)  # every reader is on the stream when Redis goes
     redis_server.stop()  # graceful: the append-only file is flushed
     await asyncio.sleep(0.5)
     redis_server.start()

@@ -13,15 +13,13 @@ import pytest
 from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 
-from jobcast.hub import Hub
-from jobcast.services import STATE_KEY
 from jobcast.worker import doorbell, schema
 from jobcast.worker.main import JobcastWorker, build_worker
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 from jobcast.worker.supervision import supervise
 
-from .conftest import ServerHandle, running_worker, submit, wait_for_status, wait_until
+from .conftest import ServerHandle, hub_of, running_worker, submit, wait_for_status, wait_until
 from .test_sse import new_running_job
 
 
@@ -66,11 +64,6 @@ async def test_a_loop_that_cannot_be_run_again_stops_its_owner(caplog: pytest.Lo
     await supervise("test-fatal", doomed, on_death=deaths.append)
     assert runs == 1 and [str(d) for d in deaths] == ["fatal"]
     assert any(r.levelno == logging.CRITICAL and "test-fatal died" in r.getMessage() for r in caplog.records)
-
-
-def hub_of(server: ServerHandle) -> Hub:
-    hub: Hub = server.server.lifespan.state[STATE_KEY].hub
-    return hub
 
 
 async def test_the_hub_comes_back_after_a_bug_and_its_streams_miss_nothing(
