@@ -27,6 +27,7 @@ import os
 import re
 import statistics
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -200,8 +201,18 @@ async def hold(size: Size, settings: Settings, redis: Redis, tmp_path: Path) -> 
             submitting: set[asyncio.Task[None]] = set()
 
             async def submit_and_follow() -> None:
-                response = await c.post("/jobs", json={"type": "sleep", "params": {"seconds": job_s, "steps": 2}})
-                assert response.status_code == 202, response.text
+                # Retried with the same Idempotency-Key when the connection drops mid-request (a
+                # keep-alive connection the server closed as the client reused it): one job either way.
+                key = {"Idempotency-Key": uuid.uuid4().hex}
+                body = {"type": "sleep", "params": {"seconds": job_s, "steps": 2}}
+                for attempt in range(3):
+                    try:
+                        response = await c.post("/jobs", json=body, headers=key)
+                        break
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            raise
+                assert response.status_code in (200, 202), response.text
                 job_id = response.json()["id"]
                 streams[job_id] = asyncio.create_task(follow("127.0.0.1", web.port, job_id, figures))
 
