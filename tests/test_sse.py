@@ -439,6 +439,20 @@ async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server
         await backup.stop()
 
 
+# Known leak, not yet fixed: on a loaded machine the first server needs uvicorn's graceful-shutdown
+# timeout to end its 1000 streams; uvicorn then cancels them mid Redis call and a Redis connection
+# (its socket, transport or StreamWriter) is left to the garbage collector. Found by collecting after
+# every test (conftest); the four global filters are gone, this test alone keeps them.
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function AbstractConnection.__del__:pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function _SelectorTransport.__del__:pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function StreamWriter.__del__:pytest.PytestUnraisableExceptionWarning"
+)
 async def test_a_thousand_streams_resume_across_a_server_restart(
     settings: Settings, store: Store, redis: Redis
 ) -> None:
