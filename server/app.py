@@ -26,6 +26,7 @@ from jobcast.worker.archive import Archive
 from jobcast.worker.destinations import DestinationStore
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
+from jobcast.worker.supervision import supervise
 from jobcast.worker.types import load_registry
 from jobcast.worker.webhooks import WebhookStore
 
@@ -77,14 +78,12 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
 
         app.state.drain = drain
         overview = OverviewFeed(redis)
-        refresher = asyncio.create_task(slots.refresh_forever(), name="jobcast-stream-slots")
-        background = [refresher, asyncio.create_task(overview.run_forever(), name="jobcast-overviews")]
+        refresher = supervise("jobcast-stream-slots", slots.refresh_forever)
+        background = [refresher, supervise("jobcast-overviews", overview.run_forever)]
         if settings.alert_webhook_url:
             alerter = Alerter(redis, settings)
-            background.append(asyncio.create_task(alerter.run_forever(), name="jobcast-alerts"))
-        background.append(
-            asyncio.create_task(sockets.watch_writes(settings.sse_send_timeout_s), name="jobcast-ws-watchdog")
-        )
+            background.append(supervise("jobcast-alerts", alerter.run_forever))
+        background.append(supervise("jobcast-ws-watchdog", lambda: sockets.watch_writes(settings.sse_send_timeout_s)))
         try:
             yield {
                 STATE_KEY: Services(
@@ -106,14 +105,16 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                 )
             }
         finally:
-            for task in background:
-                task.cancel()
-            for task in background:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await hub.stop()
-            await redis.aclose()
-            await archive.close()
+            try:
+                for task in background:
+                    task.cancel()
+                for task in background:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await hub.stop()
+            finally:
+                await redis.aclose()  # whatever happened above: no connection left to the collector
+                await archive.close()
 
     app = JobcastApp(
         routes=[

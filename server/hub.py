@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from jobcast.worker import schema
 from jobcast.worker.models import TERMINAL_EVENTS, Audience
+from jobcast.worker.supervision import supervise
 
 from . import streamids
 from .frames import event_frame
@@ -161,9 +162,11 @@ class Hub:
         self.deferred_writes = 0
 
     async def start(self) -> None:
+        # Supervised: should a loop ever die of a bug, it is logged and runs again; the hub's rerun
+        # makes every stream re-read its log (events may have been published while nobody listened).
         self._tasks = [
-            asyncio.create_task(self._run(), name="jobcast-hub"),
-            asyncio.create_task(self._ping_forever(), name="jobcast-hub-pings"),
+            supervise("jobcast-hub", self._run, rerun=lambda: self._run(resync=True)),
+            supervise("jobcast-hub-pings", self._ping_forever),
         ]
 
     async def stop(self) -> None:
@@ -254,9 +257,9 @@ class Hub:
                     for listener in tuple(listeners):
                         listener.ping(now, quiet_since)
 
-    async def _run(self) -> None:
+    async def _run(self, *, resync: bool = False) -> None:
         delay = 0.1
-        first = True
+        first = not resync
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:

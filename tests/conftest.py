@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,8 @@ from redis.asyncio import Redis
 
 from jobcast.app import JobcastServer, create_app, server_config
 from jobcast.cli.embedded_redis import RedisProcess, free_port
+from jobcast.hub import Hub
+from jobcast.services import STATE_KEY
 from jobcast.worker.main import JobcastWorker, build_worker
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
@@ -43,6 +47,14 @@ FAST = {
     "progress_rate": 50.0,
     "shutdown_grace_s": 2,
 }
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_each_test() -> Iterator[None]:
+    """A connection left to the garbage collector fails the test that left it (its finalizer's
+    ResourceWarning is an error), not some later test or the end of the run."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -89,10 +101,16 @@ async def store(redis: Redis, settings: Settings) -> Store:
 
 
 class ServerHandle:
-    """A real uvicorn on 127.0.0.1; ``bind_host`` is the address the app is told it is bound to."""
+    """An in-process uvicorn on a port it holds from the start: its socket is bound here (port 0
+    unless ``port`` is given, as a restart does) and handed to uvicorn, so no other run can take
+    the port between its choice and its use. ``bind_host`` is the address the app is told it is
+    bound to."""
 
-    def __init__(self, settings: Settings, *, bind_host: str = "127.0.0.1") -> None:
-        self.port = free_port()
+    def __init__(self, settings: Settings, *, port: int = 0, bind_host: str = "127.0.0.1") -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", port))
+        self.port = int(self.socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings, bind_host=bind_host)
         config = server_config(
@@ -102,7 +120,7 @@ class ServerHandle:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.task = asyncio.create_task(self.server.serve())
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
         while not self.server.started:
             if self.task.done():
                 self.task.result()
@@ -113,8 +131,11 @@ class ServerHandle:
         shuts down. (Calling handle_exit itself would make uvicorn re-raise SIGTERM in pytest.)"""
         self.app.state.drain()
         self.server.should_exit = True
-        if self.task is not None:
-            await self.task
+        try:
+            if self.task is not None:
+                await self.task
+        finally:
+            self.socket.close()
 
 
 @pytest.fixture
@@ -263,6 +284,27 @@ def worker_processes(settings: Settings, tmp_path: Path) -> Iterator[Any]:
     yield start
     for proc in started:
         proc.close()
+
+
+def hub_of(server: ServerHandle) -> Hub:
+    """The event hub of an in-process server (its lifespan state), for waiting on its subscribers."""
+    hub: Hub = server.server.lifespan.state[STATE_KEY].hub
+    return hub
+
+
+#: A long-poll's ``wait`` in tests that check a request does NOT wait: half of it is a bound no
+#: answer reaches by load alone, and only a request that held for its wait can miss.
+LONG_WAIT_S = 60
+
+
+@contextlib.asynccontextmanager
+async def before_the_wait_ends() -> AsyncIterator[None]:
+    """The block must finish before a ``wait=LONG_WAIT_S`` long-poll would have ended."""
+    try:
+        async with asyncio.timeout(LONG_WAIT_S / 2):
+            yield
+    except TimeoutError:
+        raise AssertionError(f"still waiting after {LONG_WAIT_S / 2}s: the request held for its wait") from None
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:

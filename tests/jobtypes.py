@@ -77,3 +77,21 @@ async def fragile(ctx: JobContext, params: NapParams) -> dict[str, Any]:
 @job_type("chatty", params=NoParams, description="Logs a line from inside its handler.")
 async def chatty(ctx: JobContext, params: NoParams) -> None:
     logging.getLogger("tests.jobtypes").info("hello from the handler")
+
+
+class CleanupFailed(RuntimeError):
+    pass
+
+
+@job_type(
+    "messy_exit",
+    params=NapParams,
+    description="Sleeps past its 0.3 s timeout, and raises while being stopped.",
+    timeout_s=0.3,
+    max_attempts=1,
+)
+async def messy_exit(ctx: JobContext, params: NapParams) -> None:
+    try:
+        await asyncio.sleep(params.seconds)
+    except asyncio.CancelledError:
+        raise CleanupFailed("cleanup failed while stopping") from None

@@ -6,7 +6,6 @@ from their last event id; this is how the tests restart the server under them.
 
 from __future__ import annotations
 
-from jobcast.cli.embedded_redis import free_port
 from jobcast.worker.settings import Settings
 
 from .conftest import ServerHandle
@@ -15,14 +14,13 @@ from .conftest import ServerHandle
 class RestartableServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = 0  # any free port at the first start; the same one at every restart
+        self.url = ""
         self.handle: ServerHandle | None = None
 
     async def start(self) -> None:
-        handle = ServerHandle(self.settings)
-        # ServerHandle picks a fresh port; a restart keeps the old one.
-        handle.port, handle.url, handle.server.config.port = self.port, self.url, self.port
+        handle = ServerHandle(self.settings, port=self.port)
+        self.port, self.url = handle.port, handle.url
         await handle.start()
         self.handle = handle
 

@@ -24,7 +24,18 @@ from jobcast.tokens import TokenSigner
 from jobcast.worker.ids import new_job_id
 from jobcast.worker.main import JobcastWorker
 
-from .conftest import GLOBEX, SECRET, ServerHandle, make_settings, submit, wait_for_status
+from .conftest import (
+    GLOBEX,
+    LONG_WAIT_S,
+    SECRET,
+    ServerHandle,
+    before_the_wait_ends,
+    hub_of,
+    make_settings,
+    submit,
+    wait_for_status,
+    wait_until,
+)
 
 PROBLEM_JSON = "application/problem+json"
 RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -282,14 +293,13 @@ async def test_another_tenants_job_is_404_on_every_endpoint(client: httpx.AsyncC
     unknown = new_job_id()
     for method, path, params in (
         ("GET", f"/jobs/{job_id}", {}),
-        ("GET", f"/jobs/{job_id}", {"wait": "5"}),
+        ("GET", f"/jobs/{job_id}", {"wait": str(LONG_WAIT_S)}),
         ("POST", f"/jobs/{job_id}/cancel", {}),
         ("GET", f"/jobs/{job_id}/result", {}),
         ("GET", f"/jobs/{job_id}/events", {}),
     ):
-        started = time.monotonic()
-        response = await client.request(method, path, params=params, headers=GLOBEX)
-        assert time.monotonic() - started < 2  # no long-poll on someone else's job
+        async with before_the_wait_ends():  # no long-poll on someone else's job
+            response = await client.request(method, path, params=params, headers=GLOBEX)
         body = assert_problem(response, 404)
         # Indistinguishable from an id that does not exist at all.
         missing = await client.request(method, path.replace(job_id, unknown), params=params, headers=GLOBEX)
@@ -503,9 +513,7 @@ async def test_listing_limit_bounds_are_inclusive(client: httpx.AsyncClient) -> 
 @pytest.mark.parametrize("wait", ["-1", "61", "nan", "NaN", "inf", "-inf", "abc", "", "1e309"])
 async def test_bad_wait_is_400(client: httpx.AsyncClient, wait: str) -> None:
     ticket = await submit(client, params=QUEUED_PARAMS)
-    started = time.monotonic()
     assert_problem(await client.get(f"/jobs/{ticket['id']}", params={"wait": wait}), 400, "wait")
-    assert time.monotonic() - started < 2
 
 
 @pytest.mark.parametrize("path", ["/nope", "/jobs/x/y/z", "/v1/jobs", "/jobs/x/cancel/now", "/static/nope.js"])
@@ -817,23 +825,24 @@ async def test_long_poll_without_change_answers_304_after_the_wait(client: httpx
     elapsed = time.monotonic() - started
     assert response.status_code == 304
     assert response.content == b""
-    assert 1.8 <= elapsed < 5, elapsed
+    assert elapsed >= 1.9, elapsed  # held for its wait (load only makes it longer)
 
 
-async def test_long_poll_is_woken_by_a_change_made_through_the_api(client: httpx.AsyncClient) -> None:
+async def test_long_poll_is_woken_by_a_change_made_through_the_api(
+    client: httpx.AsyncClient, server: ServerHandle
+) -> None:
     submitted = await client.post("/jobs", json=QUEUED_SLEEP)
     job_id = submitted.json()["id"]
-    started = time.monotonic()
     poll = asyncio.create_task(
-        client.get(f"/jobs/{job_id}", params={"wait": "10"}, headers={"If-None-Match": submitted.headers["etag"]})
+        client.get(
+            f"/jobs/{job_id}", params={"wait": str(LONG_WAIT_S)}, headers={"If-None-Match": submitted.headers["etag"]}
+        )
     )
-    # Give the poll a moment to park; if the cancel wins the race, the poll sees the change at once,
-    # so the assertions below hold either way.
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: _true(hub_of(server).subscriber_count == 1))  # the poll is parked
     assert not poll.done()
-    assert (await client.post(f"/jobs/{job_id}/cancel")).status_code == 200
-    response = await poll
-    assert time.monotonic() - started < 5
+    async with before_the_wait_ends():
+        assert (await client.post(f"/jobs/{job_id}/cancel")).status_code == 200
+        response = await poll
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
     assert response.headers["etag"] != submitted.headers["etag"]
@@ -843,11 +852,12 @@ async def test_long_poll_returns_early_when_a_worker_moves_the_job(
     client: httpx.AsyncClient, worker: JobcastWorker
 ) -> None:
     submitted = await client.post("/jobs", json={"type": "sleep", "params": {"seconds": 0.5, "steps": 1}})
-    started = time.monotonic()
-    response = await client.get(
-        f"/jobs/{submitted.json()['id']}", params={"wait": "10"}, headers={"If-None-Match": submitted.headers["etag"]}
-    )
-    assert time.monotonic() - started < 5
+    async with before_the_wait_ends():
+        response = await client.get(
+            f"/jobs/{submitted.json()['id']}",
+            params={"wait": str(LONG_WAIT_S)},
+            headers={"If-None-Match": submitted.headers["etag"]},
+        )
     assert response.status_code == 200
     assert response.headers["etag"] != submitted.headers["etag"]
     assert response.json()["status"] in ("processing", "completed")
@@ -857,20 +867,21 @@ async def test_long_poll_on_a_terminal_job_returns_at_once(client: httpx.AsyncCl
     ticket = await submit(client, params=QUEUED_PARAMS)
     cancelled = await client.post(f"/jobs/{ticket['id']}/cancel")
     tag = cancelled.headers["etag"]
-    started = time.monotonic()
-    response = await client.get(f"/jobs/{ticket['id']}", params={"wait": "10"})
-    assert response.status_code == 200 and response.json()["status"] == "cancelled"
-    cached = await client.get(f"/jobs/{ticket['id']}", params={"wait": "10"}, headers={"If-None-Match": tag})
+    wait = {"wait": str(LONG_WAIT_S)}
+    async with before_the_wait_ends():
+        response = await client.get(f"/jobs/{ticket['id']}", params=wait)
+        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        cached = await client.get(f"/jobs/{ticket['id']}", params=wait, headers={"If-None-Match": tag})
     assert cached.status_code == 304
-    assert time.monotonic() - started < 2
 
 
 async def test_long_poll_with_a_stale_etag_returns_at_once(client: httpx.AsyncClient) -> None:
     ticket = await submit(client, params=QUEUED_PARAMS)
-    started = time.monotonic()
-    response = await client.get(f"/jobs/{ticket['id']}", params={"wait": "10"}, headers={"If-None-Match": '"old"'})
+    async with before_the_wait_ends():
+        response = await client.get(
+            f"/jobs/{ticket['id']}", params={"wait": str(LONG_WAIT_S)}, headers={"If-None-Match": '"old"'}
+        )
     assert response.status_code == 200 and response.json()["status"] == "queued"
-    assert time.monotonic() - started < 2
 
 
 async def test_job_resource_has_the_documented_shape(client: httpx.AsyncClient) -> None:
@@ -1176,3 +1187,7 @@ async def test_every_problem_type_uri_is_served_by_the_server(
     assert seen == {f"/problems/{slug}" for slug in ("not-found", "method-not-allowed", "validation",
                                                       "bad-request", "unauthorized")}  # fmt: skip
     assert_problem(await anon.get("/problems/teapot"), 404, "problem type")
+
+
+async def _true(value: Any) -> bool:
+    return bool(value)

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from jobcast.cli.embedded_redis import free_port
+from jobcast.cli.embedded_redis import RedisProcess, answering_pid, free_port
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds child processes in /proc")
 
@@ -359,3 +359,46 @@ def test_dev_archives_into_a_migrated_sqlite_file_in_its_data_dir(
     assert response.status_code == 200 and response.json()["result"] == {"slept": 0.2}
     assert [item["id"] for item in listed] == [job["id"]]
     assert dev.interrupt() == 0, dev.output()
+
+
+# --- the embedded Redis takes only a port it owns -------------------------------------------------------
+
+
+def test_an_embedded_redis_that_finds_its_port_held_by_another_redis_listens_on_another_port(tmp_path: Path) -> None:
+    # What `jobcast dev` does with 6399: another run's Redis holds the port, so ours must neither
+    # adopt that Redis (the other run's data, stopped when the other run stops) nor fail.
+    with RedisProcess(tmp_path / "theirs") as theirs:
+        assert theirs.process is not None
+        mine = RedisProcess(tmp_path / "mine", port=theirs.port, fallback=True)
+        mine.start()
+        try:
+            assert mine.process is not None
+            assert mine.port != theirs.port
+            assert answering_pid(mine.port) == mine.process.pid
+            assert answering_pid(theirs.port) == theirs.process.pid
+        finally:
+            mine.stop()
+        assert theirs.process.poll() is None
+
+
+def test_an_embedded_redis_held_to_its_port_refuses_to_adopt_the_redis_found_there(tmp_path: Path) -> None:
+    with RedisProcess(tmp_path / "theirs") as theirs:
+        assert theirs.process is not None
+        mine = RedisProcess(tmp_path / "mine", port=theirs.port)
+        with pytest.raises(RuntimeError, match=f"port {theirs.port} of 127.0.0.1 is already in use"):
+            mine.start()
+        assert mine.process is not None and mine.process.poll() is not None  # its own process is gone
+        assert answering_pid(theirs.port) == theirs.process.pid
+
+
+def test_an_embedded_redis_restarts_on_the_port_it_was_given(tmp_path: Path) -> None:
+    redis = RedisProcess(tmp_path / "redis", fallback=True)
+    redis.start()
+    try:
+        port = redis.port
+        redis.stop()
+        redis.start()
+        assert redis.process is not None
+        assert redis.port == port and answering_pid(port) == redis.process.pid
+    finally:
+        redis.stop()

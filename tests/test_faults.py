@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from typing import Any
 
 import httpx
@@ -37,11 +36,8 @@ async def test_a_sigkilled_worker_s_job_is_retried_on_another_worker(
     ticket = await submit(client, params={"seconds": 1.5, "steps": 3})
     await wait_for_status(client, ticket["id"], "processing", timeout=20)
     doomed.signal(signal.SIGKILL)
-    killed = time.monotonic()
-    async with running_worker(settings):
-        job = await wait_for_status(client, ticket["id"], "completed", timeout=20)
-    lease_s = settings.heartbeat_s * LEASE_HEARTBEATS
-    assert time.monotonic() - killed < lease_s + settings.maintenance_s + 1.5 + 5  # noticed, rerun, done
+    async with running_worker(settings):  # noticed once the lease lapses (how soon: the first test)
+        job = await wait_for_status(client, ticket["id"], "completed", timeout=60)
     assert job["attempt"] == 2
     assert [(h["status"], h["attempt"]) for h in job["history"]] == [
         ("queued", 1), ("processing", 1), ("queued", 2), ("processing", 2), ("completed", 2),
@@ -90,10 +86,10 @@ async def test_sigterm_hands_back_a_job_that_outlives_the_grace_period(
     proc = worker_processes()
     ticket = await submit(client, params={"seconds": 30, "steps": 30})
     await wait_for_status(client, ticket["id"], "processing", timeout=20)
-    stopped = time.monotonic()
     proc.signal(signal.SIGTERM)
-    assert proc.wait(timeout=settings.shutdown_grace_s + 5) == 0, proc.output()
-    assert time.monotonic() - stopped < settings.shutdown_grace_s + 3
+    # Bounded well short of the job's 30 s: a worker that waited for the job instead of handing it
+    # back after its grace would not have exited yet (and the job would read completed below).
+    assert proc.wait(timeout=settings.shutdown_grace_s + 20) == 0, proc.output()
     job = (await client.get(f"/jobs/{ticket['id']}")).json()
     assert job["status"] == "queued"
     # Handed back, not failed: the same attempt runs again on the next worker.

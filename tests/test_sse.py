@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,7 +26,7 @@ from jobcast.worker.models import Priority
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 
-from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, make_settings, wait_until
+from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, hub_of, make_settings, wait_until
 
 Seen = list[tuple[str, str, dict[str, Any]]]
 
@@ -35,6 +36,16 @@ async def new_running_job(store: Store, tenant: str = "acme") -> str:
     assert created.job_id is not None
     assert await store.start(created.job_id, 1, 10**15) is not None
     return created.job_id
+
+
+async def subscribed(server: ServerHandle, count: int, timeout: float = 20.0) -> None:
+    """Wait until ``count`` streams (or long-polls) of ``server`` are subscribed to its hub."""
+    hub = hub_of(server)
+
+    async def enough() -> bool:
+        return hub.subscriber_count >= count
+
+    await wait_until(enough, timeout=timeout)
 
 
 async def dispatched(events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
@@ -87,10 +98,12 @@ async def test_a_late_subscriber_gets_the_whole_history_then_the_stream_ends(
     assert seen[2][2]["progress"] == {"percent": 50.0, "eta": None, "step": "half"}
 
 
-async def test_early_and_late_subscribers_see_the_same_sequence(client: httpx.AsyncClient, store: Store) -> None:
+async def test_early_and_late_subscribers_see_the_same_sequence(
+    client: httpx.AsyncClient, store: Store, server: ServerHandle
+) -> None:
     job_id = await new_running_job(store)
     early = asyncio.create_task(collect(client, f"/jobs/{job_id}/events"))
-    await asyncio.sleep(0.2)
+    await subscribed(server, 1)
     for percent in (10, 20, 30, 40):
         await store.progress(job_id, 1, percent, None, None)
     await store.complete(job_id, 1, "1")
@@ -145,7 +158,7 @@ async def test_five_hundred_streams_on_one_job_receive_the_identical_sequence(
     limits = httpx.Limits(max_connections=600, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=server.url, headers=ACME, limits=limits, timeout=60) as many:
         readers = [asyncio.create_task(collect(many, f"/jobs/{job_id}/events", timeout=60)) for _ in range(500)]
-        await asyncio.sleep(1.0)  # let them connect; the ones still connecting replay from the log
+        await subscribed(server, 500, timeout=60)  # all connected: what follows is live delivery
         for percent in range(10, 101, 10):
             await store.progress(job_id, 1, percent, None, None)
         await store.complete(job_id, 1, "1")
@@ -155,11 +168,11 @@ async def test_five_hundred_streams_on_one_job_receive_the_identical_sequence(
 
 
 async def test_the_tenant_feed_carries_only_the_tenant_s_jobs_and_resumes(
-    client: httpx.AsyncClient, store: Store
+    client: httpx.AsyncClient, store: Store, server: ServerHandle
 ) -> None:
     feed: Seen = []
     reader = asyncio.create_task(collect(client, "/events", until=4))
-    await asyncio.sleep(0.2)
+    await subscribed(server, 1)  # live only: it sees what is published once it is subscribed
     a = await new_running_job(store, "acme")  # queued + processing
     await new_running_job(store, "globex")  # not for acme
     b = await new_running_job(store, "acme")
@@ -298,6 +311,12 @@ async def test_a_slow_consumer_is_cut_off_without_hurting_the_others(redis_serve
         await handle.stop()
 
 
+#: One TLS context for every client of a test (never used: the servers are plain HTTP). httpx builds
+#: one per client otherwise, ~20 ms of blocked event loop each: a thousand clients froze the loop the
+#: servers under test share for 20 s, and the test measured that instead of the streams.
+_TLS = ssl.create_default_context()
+
+
 async def _stream_with_resume(url_base: list[str], job_id: str, expected_total: int, timeout: float = 30) -> Seen:
     """A client that reconnects (to whichever server is listed first) with Last-Event-ID."""
     seen: Seen = []
@@ -307,7 +326,7 @@ async def _stream_with_resume(url_base: list[str], job_id: str, expected_total: 
             if seen:
                 headers["Last-Event-ID"] = seen[-1][0]
             try:
-                async with httpx.AsyncClient(base_url=url_base[0], timeout=timeout) as c:
+                async with httpx.AsyncClient(base_url=url_base[0], timeout=timeout, verify=_TLS) as c:
                     response_status = None
                     async with aconnect_sse(c, "GET", f"/jobs/{job_id}/events", headers=headers) as source:
                         response_status = source.response.status_code
@@ -354,7 +373,7 @@ async def test_streams_resume_across_a_redis_restart(
     readers = [asyncio.create_task(_stream_with_resume([server.url], job_id, 0, timeout=40)) for _ in range(10)]
     for percent in range(1, 11):
         await store.progress(job_id, 1, percent, None, None)
-    await asyncio.sleep(0.3)
+    await subscribed(server, 10)  # every reader is on the stream when Redis goes
     redis_server.stop()  # graceful: the append-only file is flushed
     await asyncio.sleep(0.5)
     redis_server.start()
@@ -439,6 +458,20 @@ async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server
         await backup.stop()
 
 
+# Known leak, not yet fixed: on a loaded machine the first server needs uvicorn's graceful-shutdown
+# timeout to end its 1000 streams; uvicorn then cancels them mid Redis call and a Redis connection
+# (its socket, transport or StreamWriter) is left to the garbage collector. Found by collecting after
+# every test (conftest); the four global filters are gone, this test alone keeps them.
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function AbstractConnection.__del__:pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function _SelectorTransport.__del__:pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function StreamWriter.__del__:pytest.PytestUnraisableExceptionWarning"
+)
 async def test_a_thousand_streams_resume_across_a_server_restart(
     settings: Settings, store: Store, redis: Redis
 ) -> None:

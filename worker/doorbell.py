@@ -72,6 +72,8 @@ class DoorbellWorker(Worker):
             **kwargs,
         )
         self._wakeup = asyncio.Event()
+        #: Set while the worker waits for its doorbell (nothing to read, or no free slot).
+        self.idle = asyncio.Event()
         self._read = 0
         self._poll_failures = 0
         self._stopping = False
@@ -132,9 +134,13 @@ class DoorbellWorker(Worker):
             await asyncio.sleep(delay)
             return
         if timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wakeup.wait()
+            self.idle.set()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wakeup.wait()
+            finally:
+                self.idle.clear()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Start the runs read from the queue: claimed in one round trip (``lua/claim.lua``), then

@@ -36,6 +36,7 @@ from .doorbell import RECONNECT_MAX_S, DoorbellWorker
 from .runner import Runner
 from .settings import Settings
 from .store import Store, redis_client
+from .supervision import supervise
 from .types import Registry, load_registry
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class JobcastWorker(DoorbellWorker):
             lock_timeout_s=IN_PROGRESS_LOCK_S,
         )
         self._background: list[asyncio.Task[None]] = []
+        #: What killed a part of this worker (it then stops, and ``run`` exits with status 1).
+        self.died: BaseException | None = None
         self._redis: Redis | None = None
         self.deliveries: DeliveryWorker | None = None
         self._archive: Archive | None = None
@@ -83,14 +86,17 @@ class JobcastWorker(DoorbellWorker):
         await store.worker_seen(self.worker_id)
         ctx["runner"] = runner
         self.deliveries = DeliveryWorker(self.settings, redis=self._redis, pool=self.pool)
+        deliveries = self.deliveries
         self._archive = Archive(self.settings.archive_url)
         archiver = Archiver(self._redis, self.settings, self._archive)
+        # Supervised (worker.supervision): a loop that dies of something unexpected is logged and
+        # run again; the delivery worker, an arq worker of its own, cannot be, so the process stops.
         self._background = [
-            asyncio.create_task(runner.heartbeat_forever(), name="jobcast-heartbeat"),
-            asyncio.create_task(runner.maintain_forever(), name="jobcast-maintenance"),
-            asyncio.create_task(self._listen(runner, self.deliveries), name="jobcast-doorbell"),
-            asyncio.create_task(self.deliveries.async_run(), name="jobcast-webhooks"),
-            asyncio.create_task(archiver.run_forever(), name="jobcast-archiver"),
+            supervise("jobcast-heartbeat", runner.heartbeat_forever),
+            supervise("jobcast-maintenance", runner.maintain_forever),
+            supervise("jobcast-doorbell", lambda: self._listen(runner, deliveries)),
+            supervise("jobcast-webhooks", deliveries.async_run, on_death=self._die),
+            supervise("jobcast-archiver", archiver.run_forever),
         ]
         logger.info(
             "worker %s ready: %d job types (%s), concurrency %d, webhook deliveries %d",
@@ -102,18 +108,25 @@ class JobcastWorker(DoorbellWorker):
         )
 
     async def _shutdown(self, ctx: dict[str, Any]) -> None:
-        if self.deliveries is not None:
-            await self.deliveries.stop(self._delivery_grace_s)
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._redis is not None:
-            await self._redis.aclose()
-        if self._archive is not None:
-            await self._archive.close()
+        try:
+            if self.deliveries is not None:
+                await self.deliveries.stop(self._delivery_grace_s)
+            for task in self._background:
+                task.cancel()
+            for task in self._background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        finally:
+            if self._redis is not None:
+                await self._redis.aclose()  # whatever happened above: no connection left to the collector
+            if self._archive is not None:
+                await self._archive.close()
         logger.info("worker %s stopped", self.worker_id)
+
+    def _die(self, exc: BaseException) -> None:
+        """A part of the worker died: stop as on SIGTERM (running jobs get their grace), then exit 1."""
+        self.died = exc
+        self.handle_sig_wait_for_completion(signal.SIGTERM)
 
     # --- the doorbell ------------------------------------------------------------------------------
 
@@ -178,4 +191,7 @@ def run(settings: Settings) -> None:
     logging.getLogger("arq.worker").setLevel(max(logging.WARNING, logging.getLogger().level))
 
     asyncio.set_event_loop(uvloop.new_event_loop())
-    build_worker(settings).run()
+    worker = build_worker(settings)
+    worker.run()
+    if worker.died is not None:
+        raise SystemExit(1)

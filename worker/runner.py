@@ -146,7 +146,7 @@ class Runner:
                 done, _ = await asyncio.wait({task}, timeout=jt.timeout_s)
             except asyncio.CancelledError:
                 # The worker is shutting down past its grace period: stop the handler, hand the job back.
-                await self._stop(task)
+                await self._stop(job_id, task)
                 ctx.close()
                 await asyncio.shield(self._durably("hand back", job_id, self.store.hand_back, job_id, run))
                 raise
@@ -174,15 +174,19 @@ class Runner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _stop(self, task: asyncio.Task[Any]) -> None:
+    async def _stop(self, job_id: str, task: asyncio.Task[Any]) -> None:
+        """Cancel a handler and wait for it to end. Waited on, not awaited: a cancellation of our
+        own task still propagates, and what the handler raised while stopping is logged, not lost."""
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            failure = task.exception()
+            logger.warning("job %s: handler raised %r while being stopped", job_id, failure, exc_info=failure)
 
     async def _record_outcome(self, jt: JobType, ctx: JobContext, entry: _Running, *, timed_out: bool) -> None:
         job_id, run, attempt, task = ctx.job_id, ctx.run, ctx.attempt, entry.task
         if timed_out:
-            await self._stop(task)
+            await self._stop(job_id, task)
             exc: BaseException = TimeoutError()
             error = _error(exc, attempt, retryable=True, message=f"attempt exceeded the {jt.timeout_s:g} s timeout")
             await self._failed(jt, ctx, error, None)

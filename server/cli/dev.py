@@ -4,12 +4,13 @@ What runs:
 
 - **Redis.** ``JOBCAST_REDIS_URL``, when set, is used as is. Otherwise a private redis-server
   (:mod:`jobcast.cli.embedded_redis`) keeps its append-only files in ``<data dir>/redis``, so jobs survive a
-  restart of ``jobcast dev`` on the same data dir. It listens on port 6399 when that is free, so a
+  restart of ``jobcast dev`` on the same data dir. It listens on port 6399 when it can bind it, so a
   ``redis-cli -p 6399`` keeps working across restarts, else on any free port; the banner says which.
-  Persistence depends on the folder, not the port. A lock file in that folder stops a second
-  ``jobcast dev`` from running a second redis-server over the same files; while the lock is held the
-  file holds the Redis URL, which is how ``jobcast keys`` run from the same folder finds this Redis
-  (:func:`running_dev_redis`).
+  It is counted as up only when the Redis answering on that port is the process it started, so two
+  runs at once never share one Redis. Persistence depends on the folder, not the port. A lock file
+  in that folder stops a second ``jobcast dev`` from running a second redis-server over the same files;
+  while the lock is held the file holds the Redis URL, which is how ``jobcast keys`` run from the
+  same folder finds this Redis (:func:`running_dev_redis`).
 - **The worker and the web server**, as ``python -m jobcast worker|web`` subprocesses (the Procfile's
   two lines), with the inherited environment plus ``JOBCAST_REDIS_URL``, ``JOBCAST_ENV=development``
   (default secret and the API key ``dev-key``) and ``JOBCAST_SHUTDOWN_GRACE_S=10``; the last two only
@@ -38,7 +39,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,7 +54,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from jobcast.worker.archive import display_url, migrate_now
 from jobcast.worker.settings import Settings
 
-from .embedded_redis import RedisNotFound, RedisProcess, free_port
+from .embedded_redis import RedisNotFound, RedisProcess
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def _embedded_redis(folder: Path) -> Iterator[RedisProcess]:
                 f"another `jobcast dev` is using {folder.parent}; stop it, or pass another --data-dir"
             ) from None
         try:
-            redis = RedisProcess(folder, port=_redis_port())
+            redis = RedisProcess(folder, port=PREFERRED_REDIS_PORT, fallback=True)
             redis.start()
         except (RedisNotFound, RuntimeError) as exc:
             raise DevError(f"cannot start the embedded Redis: {exc}") from None
@@ -188,17 +188,6 @@ def _embedded_redis(folder: Path) -> Iterator[RedisProcess]:
         finally:
             logger.info("stopping embedded Redis")
             redis.stop()
-
-
-def _redis_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        # As redis-server does: a port held only by TIME_WAIT connections of a previous run is free.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", PREFERRED_REDIS_PORT))
-        except OSError:
-            return free_port()
-    return PREFERRED_REDIS_PORT
 
 
 def _client_host(host: str) -> str:
