@@ -5,6 +5,8 @@ and passed in; nothing reads the environment anywhere else. Values that need par
 webhook secrets, the retry schedule) are parsed once, when the settings are validated, so a
 malformed one is a start-up error and reading them later costs nothing.
 
+The parsers of values that are more than a number are in :mod:`jobcast.worker.parsing`.
+
 Two modes: ``production`` (the default) refuses to start without real secrets, so a forgotten
 ``JOBCAST_SECRET_KEY`` is a startup error and never a silently guessable default;
 ``development`` (what ``jobcast dev`` sets) fills them with local defaults.
@@ -20,78 +22,42 @@ from typing import Any, Literal, Self
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .parsing import (
+    RATE_RE,
+    STANDARD_RETRY_SCHEDULE,
+    TENANT_RE,
+    ConfigError,
+    describe_invalid,
+    parse_api_keys,
+    parse_pairs,
+    parse_rate,
+    parse_schedule,
+    parse_webhook_keys,
+)
 from .rates import Rate, parse_delivery_rate, parse_rates
 from .signatures import SecretFormatError, decode_secret
+
+#: Re-exported from :mod:`jobcast.worker.parsing`, where the value parsers live.
+__all__ = [
+    "RATE_RE",
+    "STANDARD_RETRY_SCHEDULE",
+    "TENANT_RE",
+    "ConfigError",
+    "Settings",
+    "parse_pairs",
+    "parse_rate",
+    "parse_schedule",
+]
 
 DEV_SECRET_KEY = "jobcast-development-secret-do-not-use-in-production"
 DEV_API_KEYS = "dev:dev-key"
 #: What ``jobcast dev`` signs webhooks with when no secret is set (README, Webhooks).
 DEV_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"jobcast-development-webhook-key!").decode()
-#: The Standard Webhooks schedule: seconds to wait before each retry after the first attempt.
-STANDARD_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,50400,72000,86400"
 
 
 #: The archive of the Procfile's processes when JOBCAST_ARCHIVE_URL is not set: a SQLite file in
 #: the working directory (beside Redis's dump.rdb). Production sets a PostgreSQL URL.
 DEFAULT_ARCHIVE_URL = "sqlite:///jobcast-archive.sqlite3"
-
-#: What a tenant may be called: it becomes part of Redis keys and event messages.
-TENANT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; the message says which variable to set and how."""
-
-
-def parse_pairs(raw: str, variable: str) -> list[tuple[str, str]]:
-    """Parse ``"a:x,b:y"`` into ``[("a", "x"), ("b", "y")]`` (API keys, webhook secrets).
-
-    A tenant may appear more than once (two keys during a rotation)."""
-    pairs: list[tuple[str, str]] = []
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        name, sep, value = item.partition(":")
-        if not sep or not name.strip() or not value.strip():
-            raise ConfigError(
-                f"{variable}: entry {item!r} is not of the form 'tenant:value'; "
-                f"write e.g. {variable}='tenant-a:secret-a,tenant-b:secret-b'."
-            )
-        pairs.append((name.strip(), value.strip()))
-    return pairs
-
-
-def parse_schedule(raw: str) -> list[float]:
-    """``"5,300,1800"`` -> ``[5.0, 300.0, 1800.0]``: seconds before each retry; empty means no retry."""
-    delays = []
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        try:
-            delay = float(part)
-        except ValueError:
-            delay = -1.0
-        if not 0 <= delay <= 7 * 24 * 3600:  # also false for NaN
-            raise ValueError(
-                f"JOBCAST_WEBHOOK_RETRY_SCHEDULE: {part!r} is not a number of seconds from 0 to 604800; "
-                f"write the delays before each retry, comma separated, e.g. '{STANDARD_RETRY_SCHEDULE}'"
-            )
-        delays.append(delay)
-    return delays
-
-
-#: ``N/S``: N events per S seconds (rates of JOBCAST_SUBMIT_RATE and the like).
-RATE_RE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+(?:\.[0-9]+)?)\s*")
-
-
-def parse_rate(raw: str, variable: str = "JOBCAST_SUBMIT_RATE") -> tuple[int, float] | None:
-    """``"N/S"`` -> (N, S); empty -> None (no limit). Raises ConfigError otherwise."""
-    if not raw.strip():
-        return None
-    match = RATE_RE.fullmatch(raw)
-    if match is None or int(match[1]) < 1 or float(match[2]) <= 0:
-        raise ConfigError(
-            f"{variable}={raw!r} is not of the form N/S with N >= 1 and S > 0 "
-            "(e.g. '100/60' for 100 submissions a minute per tenant), or empty for no limit."
-        )
-    return int(match[1]), float(match[2])
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JOBCAST_", extra="ignore")
@@ -252,8 +218,8 @@ class Settings(BaseSettings):
             if not self.webhook_secret and not self.webhook_secrets:
                 self.webhook_secret = DEV_WEBHOOK_SECRET
         # A malformed key or secret is a start-up error, in every mode.
-        self._tenant_keys = _parse_api_keys(self.api_keys)
-        self._webhook_keys = _parse_webhook_keys(self.webhook_secret, self.webhook_secrets)
+        self._tenant_keys = parse_api_keys(self.api_keys)
+        self._webhook_keys = parse_webhook_keys(self.webhook_secret, self.webhook_secrets)
         self._retry_delays = parse_schedule(self.webhook_retry_schedule)
         self._submit_rate = parse_rate(self.submit_rate)
         try:
@@ -362,46 +328,3 @@ class Settings(BaseSettings):
     @property
     def job_module_names(self) -> list[str]:
         return [name.strip() for name in self.job_modules.split(",") if name.strip()]
-
-
-def _parse_api_keys(raw: str) -> dict[str, str]:
-    pairs = parse_pairs(raw, "JOBCAST_API_KEYS")
-    for tenant, _ in pairs:
-        if not TENANT_RE.fullmatch(tenant):
-            raise ConfigError(
-                f"JOBCAST_API_KEYS: tenant name {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'."
-            )
-    tenants: dict[str, str] = {}
-    for tenant, key in pairs:
-        other = tenants.setdefault(key, tenant)
-        if other != tenant:
-            # Which tenant would win is an accident of order: refuse rather than guess.
-            raise ConfigError(
-                f"JOBCAST_API_KEYS lists the same key for tenants {other!r} and {tenant!r}; "
-                "a key belongs to one tenant. Give each tenant its own key."
-            )
-    return tenants
-
-
-def _parse_webhook_keys(secret: str, secrets: str) -> dict[str | None, list[bytes]]:
-    keys: dict[str | None, list[bytes]] = {}
-    sources: list[tuple[str | None, str, str]] = []
-    if secret:
-        sources.append((None, secret, "JOBCAST_WEBHOOK_SECRET"))
-    for name, value in parse_pairs(secrets, "JOBCAST_WEBHOOK_SECRETS"):
-        sources.append((name, value, f"JOBCAST_WEBHOOK_SECRETS (tenant {name!r})"))
-    for tenant, value, variable in sources:
-        try:
-            keys.setdefault(tenant, []).append(decode_secret(value))
-        except SecretFormatError as exc:
-            raise ConfigError(f"{variable}: {exc}") from None
-    return keys
-
-
-def describe_invalid(exc: ValidationError) -> str:
-    """One line per invalid variable, naming it as it is set: ``JOBCAST_MAX_QUEUED: ...``."""
-    lines = []
-    for error in exc.errors()[:5]:
-        name = "JOBCAST_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "JOBCAST_*"
-        lines.append(f"{name}: {error['msg']}")
-    return "invalid setting: " + "; ".join(lines)
