@@ -28,28 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from enum import Enum
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
-from starlette.types import Message, Receive, Send
+from starlette.types import Receive, Send
 
 from jobcast.worker.models import Audience
 from jobcast.worker.store import Event, Store
 
 from . import streamids
-from .coroutines import as_coroutine, finish
 from .frames import PING, event_frame
 from .hub import TERMINAL, Hub, Item
 from .limits import StreamSlots
 from .overview import MIN_INTERVAL_S, REFRESH_S, OverviewFeed
+from .stream_writing import BACKLOG_MAX, LogUnreadable, Phase, StreamWriting, TooSlow
 
 logger = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
-#: Events a stream may have queued while its client is not reading before it is cut off.
-BACKLOG_MAX = 512
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
@@ -57,49 +54,29 @@ HEADERS = [
 ]
 
 
-class Phase(Enum):
-    OPENING = "opening"  # the request's task writes the replay; events queue
-    IDLE = "idle"  # the hub writes each event at once
-    BUSY = "busy"  # a writer task finishes a stalled write, then the backlog; events queue
-    ENDED = "ended"
-
-
-class TooSlow(Exception):
-    """A write to the client did not complete within the send timeout."""
-
-
-class LogUnreadable(Exception):
-    """The event log could not be read (Redis)."""
-
-
 def frame(event: Event) -> bytes:
     return event_frame(event.id, event.event, event.data)
 
 
-class Stream:
-    """One open event stream: a hub listener that writes to its client."""
+class Stream(StreamWriting):
+    """One open event stream: a hub listener that writes to its client (how it writes:
+    :class:`jobcast.stream_writing.StreamWriting`)."""
 
     __slots__ = (
         "audience",
-        "backlog",
         "cut_off",
         "ending",
         "hub",
         "key",
-        "last_key",
-        "last_write",
         "overview",
         "overview_key",
         "overview_sent",
-        "phase",
-        "resync",
         "send",
         "slot",
         "slots",
         "store",
         "task",
         "tenant",
-        "writer",
     )
 
     def __init__(
@@ -187,104 +164,6 @@ class Stream:
         if self.phase is Phase.IDLE:
             self.overview_sent, self.overview_key = now, self.last_key
             self._write_now(frame, now)
-
-    # --- writing -------------------------------------------------------------------------------
-
-    def _message(self, body: bytes, last: bool) -> Message:
-        return {"type": "http.response.body", "body": body, "more_body": not last}
-
-    def _write_now(self, body: bytes, now: float, *, last: bool = False) -> None:
-        """Write from the caller's own stack; hand the write to a writer task if it must wait."""
-        assert self.send is not None
-        step = as_coroutine(self.send(self._message(body, last)))
-        try:
-            waiting = step.send(None)
-        except StopIteration:
-            self.hub.direct_writes += 1
-            self.last_write = now
-            if last:
-                self._end()
-            return
-        except (OSError, RuntimeError) as exc:  # the connection is gone, or the response complete
-            logger.info("stream %s %s: write failed (%s); closed", self.audience, self.key, exc)
-            self._end()
-            return
-        self.hub.deferred_writes += 1
-        self._start_writer(step, waiting, last=last)
-
-    def _start_writer(self, step: Coroutine[Any, Any, None] | None, waiting: Any, *, last: bool = False) -> None:
-        self.phase = Phase.BUSY
-        self.writer = asyncio.create_task(self._write_later(step, waiting, last))
-
-    async def _write_later(self, step: Coroutine[Any, Any, None] | None, waiting: Any, last: bool) -> None:
-        """The writer task: finish the stalled write, then the backlog; then back to the hub."""
-        try:
-            if step is not None:
-                try:
-                    async with asyncio.timeout(self.hub.config.send_timeout_s):
-                        await finish(step, waiting)
-                except TimeoutError:
-                    raise TooSlow() from None
-                self.last_write = asyncio.get_running_loop().time()
-                if last:
-                    self._end()
-                    return
-            await self._flush()
-        except TooSlow:
-            self._too_slow()
-        except LogUnreadable:
-            await self._end_unreadable()
-        finally:
-            if self.writer is asyncio.current_task():
-                self.writer = None
-
-    async def _send(self, body: bytes, *, last: bool = False) -> None:
-        assert self.send is not None
-        try:
-            async with asyncio.timeout(self.hub.config.send_timeout_s):
-                await self.send(self._message(body, last))
-        except TimeoutError:
-            raise TooSlow() from None
-        self.last_write = asyncio.get_running_loop().time()
-        if last:
-            self._end()
-
-    async def _flush(self) -> None:
-        """Write what queued (re-reading the log first after a gap), then hand the stream to the
-        hub; or end it, after its terminal event or when the server drains."""
-        while self.phase is not Phase.ENDED:
-            if self.resync:
-                self.resync = False
-                self.backlog = []
-                await self.catch_up()
-                continue
-            if self.backlog:
-                await self._write_backlog()
-                continue
-            if self.ending:
-                await self._send(b"", last=True)
-                return
-            self.phase = Phase.IDLE  # nothing awaited since the backlog was found empty
-            return
-
-    async def _write_backlog(self) -> None:
-        items, self.backlog = self.backlog, []
-        body, last = self._newer(items)
-        if body or last:
-            await self._send(body, last=last)
-
-    def _newer(self, items: list[Item]) -> tuple[bytes, bool]:
-        """The frames of ``items`` newer than the last one sent, as one body (the last id moves
-        on); and whether they end the stream (a job's terminal event: nothing after it is taken)."""
-        parts: list[bytes] = []
-        for item in items:
-            if item.key <= self.last_key:
-                continue
-            parts.append(item.frame)
-            self.last_key = item.key
-            if item.terminal and self.audience == "job":
-                return b"".join(parts), True
-        return b"".join(parts), False
 
     async def catch_up(self) -> None:
         """Send the log after the last id sent, page by page (one write per page)."""
