@@ -129,6 +129,9 @@ class ServerHandle:
     async def stop(self) -> None:
         """Stop as on SIGTERM (JobcastServer.handle_exit): streams are drained, then the server
         shuts down. (Calling handle_exit itself would make uvicorn re-raise SIGTERM in pytest.)"""
+        if self.task is None:  # never started (a test failed before): only the socket to close
+            self.socket.close()
+            return
         self.app.state.drain()
         self.server.should_exit = True
         try:
