@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from .models import Priority, Submission
 from .settings import Settings
 from .types import JobType, Registry
-from .webhooks import WebhookRejected, accept_webhook
+from .webhook_acceptance import WebhookRejected, accept_webhook
 
 #: Integers beyond this lose precision in JavaScript clients; floats past it stay floats.
 SAFE_INTEGER = 2**53

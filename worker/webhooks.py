@@ -1,10 +1,11 @@
 """Webhook deliveries: what a job's webhook is, what a delivery records, and where it is kept.
 
-A submission's ``webhook`` (``{url, events}``) is checked by :func:`accept_webhook` and stored on
-the job. From then on the state-machine script (``lua/jobs.lua``) does the rest atomically: every
-event the webhook asks for records a delivery and queues its first attempt in the very step that
-emits the event, so no crash between the two can lose it. :mod:`jobcast.worker.delivery` makes the attempts;
-:class:`WebhookStore` records their outcomes through the same script and answers the reads.
+A submission's ``webhook`` (``{url, events}``) is checked by
+:func:`jobcast.worker.webhook_acceptance.accept_webhook` and stored on the job. From then on the
+state-machine script (``lua/jobs.lua``) does the rest atomically: every event the webhook asks for
+records a delivery and queues its first attempt in the very step that emits the event, so no crash
+between the two can lose it. :mod:`jobcast.worker.delivery` makes the attempts; :class:`WebhookStore`
+records their outcomes through the same script and answers the reads.
 
 A delivery's ``webhook-id`` is ``msg_<job ulid>_<event's stream id>``: unique per event, and the same
 on every retry and replay, so a receiver can deduplicate (delivery is at least once).
@@ -37,81 +38,21 @@ import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from redis.asyncio import Redis
 
-from . import egress, schema
+from . import schema
 from .archive import Archive
 from .clock import now, rfc3339
-from .models import DeliveryStatus, WebhookSpec, job_links
+from .models import DeliveryStatus, job_links
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-MAX_URL_LENGTH = 2048
 #: Frees a job's delivery lock only for the attempt that holds it.
 UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 WEBHOOK_ID_RE = re.compile(r"^msg_[0-9A-HJKMNP-TV-Z]{26}_\d{1,20}-\d{1,20}$")
-
-
-class WebhookRejected(Exception):
-    """A submission's webhook cannot be accepted; ``field`` is the part of it that is wrong."""
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-async def accept_webhook(
-    spec: WebhookSpec, tenant: str, settings: Settings, *, resolver: egress.Resolver = egress.resolve
-) -> dict[str, Any]:
-    """The webhook as it is stored on the job, or :class:`WebhookRejected` saying why not."""
-    parts = urlsplit(str(spec.url))
-    url = urlunsplit(parts._replace(fragment=""))
-    if len(url) > MAX_URL_LENGTH:
-        raise WebhookRejected(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.", field="url")
-    if parts.username is not None or parts.password is not None:
-        raise WebhookRejected(
-            "The webhook URL must not carry credentials (user:password@); receivers authenticate "
-            "deliveries by their webhook-signature header instead.",
-            field="url",
-        )
-    try:
-        (parts.hostname or "").encode("idna")
-    except UnicodeError:
-        raise WebhookRejected(
-            f"The webhook URL's host {parts.hostname!r} is not a valid host name "
-            "(each dot-separated label 1 to 63 characters).",
-            field="url",
-        ) from None
-    if not settings.webhook_keys_for(tenant):
-        raise WebhookRejected(
-            f"Webhooks are not set up for tenant {tenant!r}: no signing secret is configured, so deliveries "
-            f"could not be signed. The operator sets JOBCAST_WEBHOOK_SECRETS='{tenant}:whsec_...' (or "
-            "JOBCAST_WEBHOOK_SECRET); until then, submit without 'webhook' and follow the job's events."
-        )
-    if not settings.webhook_allow_private:
-        host = parts.hostname or ""
-        try:
-            await egress.check_destination(host, parts.port or default_port(parts.scheme), resolver=resolver)
-        except egress.DestinationRefused as exc:
-            # What this server's resolver answers for internal names is the operator's business:
-            # the client is told the rule, the log says which address and why.
-            logger.info("webhook of a submission by tenant %s refused: %s", tenant, exc)
-            raise WebhookRejected(
-                "The webhook URL is refused: its host is not, or does not resolve to, a public address. "
-                "Deliveries go to public addresses only, so that a webhook cannot reach services inside "
-                "the operator's network; use a publicly reachable URL (JOBCAST_WEBHOOK_ALLOW_PRIVATE=1 "
-                "lifts this on development servers).",
-                field="url",
-            ) from None
-    return {"url": url, "events": [event.value for event in dict.fromkeys(spec.events)]}
-
-
-def default_port(scheme: str) -> int:
-    return 443 if scheme == "https" else 80
 
 
 def job_id_of(webhook_id: str) -> str:
