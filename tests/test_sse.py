@@ -610,8 +610,9 @@ async def test_finish_completes_a_send_started_by_hand() -> None:
     assert written == [b"frame"]
 
 
-def _established(pid: int, port: int) -> int:
-    """Connections to ``port`` that process ``pid`` holds open (from /proc)."""
+def _established(pid: int, port: int, state: str = "01") -> int:
+    """Connections to ``port`` that process ``pid`` holds open (from /proc); ``state="0A"``: its
+    listening sockets on the port instead."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
@@ -623,9 +624,13 @@ def _established(pid: int, port: int) -> int:
         with open(table) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
-                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
                     count += 1
     return count
+
+
+async def _true(value: Any) -> bool:
+    return bool(value)
 
 
 async def _serving_both(servers: list[int], port: int) -> bool:
@@ -646,6 +651,9 @@ async def test_jobcast_web_runs_processes_that_share_the_port_and_drains_them_al
         await asyncio.to_thread(web.wait_ready)
         servers = _children(web.process.pid)
         assert len(servers) == 2
+        # The port answers as soon as one of them listens: wait for both, or every stream may go to
+        # the first.
+        await wait_until(lambda: _true(all(_established(pid, web.port, "0A") for pid in servers)), timeout=30)
         job_id = await new_running_job(store)
         urls = [web.url]
         readers = [asyncio.create_task(_stream_with_resume(urls, job_id, 0)) for _ in range(40)]
