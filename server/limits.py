@@ -23,6 +23,8 @@ from redis.exceptions import RedisError
 
 from jobcast.worker import schema
 
+from .problems import Problem, TooManyRequests, Unavailable
+
 logger = logging.getLogger(__name__)
 
 POLICY = "submit"
@@ -66,6 +68,17 @@ class StreamsFull(Exception):
         super().__init__(scope)
         self.scope = scope
         self.cap = cap
+
+
+def streams_full_problem(full: StreamsFull, *, what: str, tenant_hint: str, process_hint: str = "") -> Problem:
+    """The answer to a connection refused at a stream cap: 429 at the tenant's (Retry-After), 503
+    at this process's. ``what`` names what the cap counts ("event streams and sockets", ...)."""
+    if full.scope == "tenant":
+        return TooManyRequests(
+            f"This tenant already has {full.cap} {what} open, its limit. {tenant_hint}",
+            headers={"Retry-After": "5"},
+        )
+    return Unavailable(f"This server has {full.cap} {what} open, its limit; retry shortly{process_hint}.")
 
 
 class StreamSlots:

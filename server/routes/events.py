@@ -30,15 +30,13 @@ from jobcast.worker.store import Event
 
 from .. import streamids
 from ..frames import position_frame, retry_frame
-from ..limits import StreamsFull
+from ..limits import StreamsFull, streams_full_problem
 from ..openapi import refuse_undocumented
 from ..problems import (
     BadRequest,
     Forbidden,
     GoneProblem,
     Problem,
-    TooManyRequests,
-    Unavailable,
     handle_redis_error,
     handle_unexpected,
     problem_response,
@@ -47,6 +45,7 @@ from ..requests import job_id_param, last_event_id, query_bool
 from ..services import Services, job_not_found, services
 from ..sse import REPLAY_PAGE, Stream
 
+TENANT_HINT = "Close some, or follow many jobs over one GET /events stream."
 Endpoint = Callable[[Request], Awaitable["StreamResponse | Response"]]
 TERMINAL_STATUSES = [status.value for status in TERMINAL]
 
@@ -95,7 +94,7 @@ async def open_stream(
     try:
         slots.reserve()
     except StreamsFull as full:
-        raise Unavailable(f"This server has {full.cap} event streams open, its limit; retry shortly.") from None
+        raise streams_full_problem(full, what="event streams", tenant_hint="") from None
     slot = slots.new_slot()
     # Subscribed before the log is read: what is published meanwhile waits in the stream's backlog.
     stream = Stream(
@@ -202,11 +201,7 @@ def _refusal(outcome: str, audience: Audience, key: str, last_id: str | None, ti
             "Reconnect with the id of the last event you received, or without Last-Event-ID."
         )
     if outcome == "full":
-        return TooManyRequests(
-            f"This tenant already has {cap} event streams open, its limit. Close some, or "
-            "follow many jobs over one GET /events stream.",
-            headers={"Retry-After": "5"},
-        )
+        return streams_full_problem(StreamsFull("tenant", cap), what="event streams", tenant_hint=TENANT_HINT)
     raise AssertionError(f"unknown stream opening outcome {outcome!r} ({audience} {key})")
 
 

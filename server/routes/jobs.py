@@ -20,7 +20,7 @@ from jobcast.worker.models import JobStatus
 from jobcast.worker.records import JobRecord
 from jobcast.worker.submissions import AcceptedSubmission, InvalidSubmission, accept_submission
 
-from ..limits import StreamsFull
+from ..limits import StreamsFull, streams_full_problem
 from ..problems import (
     BadRequest,
     Conflict,
@@ -192,16 +192,12 @@ async def get_job(request: Request) -> Response:
     return render_job(record, request, redact_webhook=principal.kind != "key")
 
 
-def long_polls_full(full: StreamsFull) -> TooManyRequests | Unavailable:
-    if full.scope == "tenant":
-        return TooManyRequests(
-            f"This tenant already has {full.cap} event streams and long-polls (?wait=) open, its limit. "
-            "Retry after the indicated delay, or follow many jobs over one GET /events stream.",
-            headers={"Retry-After": "5"},
-        )
-    return Unavailable(
-        f"This server has {full.cap} event streams and long-polls (?wait=) open, its limit; retry shortly, "
-        "or read the job without ?wait=."
+def long_polls_full(full: StreamsFull) -> Problem:
+    return streams_full_problem(
+        full,
+        what="event streams and long-polls (?wait=)",
+        tenant_hint="Retry after the indicated delay, or follow many jobs over one GET /events stream.",
+        process_hint=", or read the job without ?wait=",
     )
 
 

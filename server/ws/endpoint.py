@@ -16,8 +16,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from ..limits import StreamsFull
-from ..problems import BadRequest, Problem, TooManyRequests, Unavailable, UpgradeRequired, problem_response
+from ..limits import StreamsFull, streams_full_problem
+from ..problems import BadRequest, Problem, Unavailable, UpgradeRequired, problem_response
 from ..services import services
 from .session import Session, SessionConfig
 
@@ -26,14 +26,10 @@ logger = logging.getLogger(__name__)
 QUERY_PARAMS = frozenset({"token"})
 
 
-def streams_full_problem(full: StreamsFull) -> Problem:
-    if full.scope == "tenant":
-        return TooManyRequests(
-            f"This tenant already has {full.cap} event streams and sockets open, its limit. Close some; one "
-            "socket can follow many jobs.",
-            headers={"Retry-After": "5"},
-        )
-    return Unavailable(f"This server has {full.cap} event streams and sockets open, its limit; retry shortly.")
+def sockets_full(full: StreamsFull) -> Problem:
+    return streams_full_problem(
+        full, what="event streams and sockets", tenant_hint="Close some; one socket can follow many jobs."
+    )
 
 
 async def upgrade_required(request: Request) -> Response:
@@ -61,7 +57,7 @@ class WebSocketEndpoint:
             try:
                 slot = await svc.stream_slots.acquire(principal.tenant)
             except StreamsFull as full:
-                raise streams_full_problem(full) from None
+                raise sockets_full(full) from None
         except Problem as problem:
             await websocket.send_denial_response(problem_response(problem))
             return
