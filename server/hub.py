@@ -1,22 +1,28 @@
-"""The event hub: ONE Redis pub/sub connection per server process, fanned out in memory.
+"""The event hub: ONE Redis pub/sub connection per server process (and cell), fanned out in memory.
 
-Every state change PUBLISHes one message on ``jobcast:events`` (see ``worker/lua/jobs.lua``):
-``{job stream id}\\n{tenant stream id}\\n{tenant}\\n{job id}\\n{event}\\n{data}``. The hub parses it
-once and encodes it once per audience — the SSE frame for the job's own stream (with the job-log
-id) and the one for the tenant feed (with the tenant-log id) — then hands the same bytes to every
-local listener of that job or tenant.
+Every state change PUBLISHes one message on its tenant's channel (``jobcast:{c<cell>}:events:<tenant>``,
+see ``worker/lua/jobs.lua``): ``{job stream id}\\n{tenant stream id}\\n{tenant}\\n{job id}\\n{event}\\n{data}``.
+The hub is subscribed only to the channels of the tenants it has listeners of, while it has them
+(:mod:`jobcast.channels`), so what it receives follows its own clients, not the whole system. It
+parses each message once and encodes it once per audience — the SSE frame for the job's own stream
+(with the job-log id) and the one for the tenant feed (with the tenant-log id) — then hands the
+same bytes to every local listener of that job or tenant.
 
 Listeners are event streams (:class:`jobcast.sse.Stream`), which write what they are handed at
-once, from inside this call, when their connection can take it; and long-polls
-(:class:`Subscription`), which wake their request. Either way no task is woken for an idle stream.
+once, from inside this call, when their connection can take it; long-polls (:class:`Subscription`),
+which wake their request; and WebSocket channels (:mod:`jobcast.ws.source`). Either way no task is
+woken for an idle stream. A listener attaches (:meth:`Hub.attach`, naming its tenant), then waits
+for its tenant's subscription to be confirmed (:meth:`Hub.ready`) before it reads the log: then
+log and pub/sub together hold every event.
 
 The hub also keeps the one ping schedule of the process: every quarter of ``ping_s`` it asks each
 listener to ping if it wrote nothing for three quarters of ``ping_s``, so an idle stream is never
 silent longer than ``ping_s``, with one timer for all of them instead of one per stream.
 
-When the Redis connection drops, the hub reconnects with backoff and flags every listener
-``resync``: something may have been published while nobody listened, so streams re-read the log
-from the last id they sent, and long-polls re-read the record.
+When the Redis connection drops, the hub reconnects with backoff, subscribes again to every tenant
+it has listeners of, and then flags every listener ``resync``: something may have been published
+while nobody listened, so streams re-read the log from the last id they sent, and long-polls
+re-read the record.
 """
 
 from __future__ import annotations
@@ -24,18 +30,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from jobcast.worker import schema
 from jobcast.worker.models import TERMINAL_EVENTS, Audience
 from jobcast.worker.supervision import supervise
 
 from . import streamids
+from .channels import TenantChannels
 from .frames import event_frame
 
 logger = logging.getLogger(__name__)
@@ -45,8 +52,6 @@ RECONNECT_MAX_S = 5.0
 BURST_MAX = 256
 #: Event names that end a job (and its stream).
 TERMINAL = frozenset(TERMINAL_EVENTS)
-
-
 
 
 @dataclass(frozen=True)
@@ -145,10 +150,13 @@ class Hub:
         redis: Redis,
         config: StreamConfig | None = None,
         *,
+        cell: int = 0,
         on_connect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._redis = redis
         self._on_connect = on_connect
+        #: The tenant channels this hub is subscribed to (its cell's), and who waits for which.
+        self.channels = TenantChannels(cell)
         self.config = config if config is not None else StreamConfig()
         self._tables: dict[Audience, dict[str, set[Listener]]] = {"job": {}, "tenant": {}}
         self._tasks: list[asyncio.Task[None]] = []
@@ -157,6 +165,8 @@ class Hub:
         #: For /metrics (this process): events handed to listeners; streams cut off as too slow;
         #: writes made at once by the hub and writes a stream's own writer task had to finish.
         self.delivered = 0
+        #: Messages read from the pub/sub connection (the events of the tenants it listens to).
+        self.received = 0
         self.slow_consumers = 0
         self.direct_writes = 0
         self.deferred_writes = 0
@@ -182,36 +192,51 @@ class Hub:
         self.draining = True
         self._flag_all(closed=True)
 
-    def attach(self, audience: Audience, key: str, listener: Listener) -> None:
-        self._tables[audience].setdefault(key, set()).add(listener)
+    def attach(self, audience: Audience, key: str, tenant: str, listener: Listener) -> None:
+        """Hand ``listener`` the events of one job (``audience="job"``) or one tenant from now on;
+        ``tenant``: the job's tenant. Await :meth:`ready` before reading the log."""
+        listeners = self._tables[audience].setdefault(key, set())
+        if listener not in listeners:
+            listeners.add(listener)
+            self.channels.ref(tenant)
 
-    def detach(self, audience: Audience, key: str, listener: Listener) -> None:
+    def detach(self, audience: Audience, key: str, tenant: str, listener: Listener) -> None:
         table = self._tables[audience]
         listeners = table.get(key)
-        if listeners is not None:
-            listeners.discard(listener)
+        if listeners is not None and listener in listeners:
+            listeners.remove(listener)
             if not listeners:
                 del table[key]
+            self.channels.unref(tenant)
 
-    @contextlib.contextmanager
-    def subscribe(self, audience: Audience, key: str) -> Iterator[Subscription]:
-        """Be told of the events of one job (``audience="job"``) or one tenant, inside the block."""
+    async def ready(self, tenant: str) -> None:
+        """Return once what is published for ``tenant`` reaches its attached listeners (Redis has
+        confirmed the subscription); raises a Redis ``TimeoutError`` if Redis does not answer."""
+        await self.channels.ready(tenant)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, audience: Audience, key: str, tenant: str) -> AsyncIterator[Subscription]:
+        """Be told of the events of one job (``audience="job"``) or one tenant, inside the block
+        (entered once the subscription is confirmed)."""
         sub = Subscription()
         sub.closed = self.draining
-        self.attach(audience, key, sub)
+        self.attach(audience, key, tenant, sub)
         try:
+            await self.ready(tenant)
             yield sub
         finally:
-            self.detach(audience, key, sub)
+            self.detach(audience, key, tenant, sub)
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(listeners) for table in self._tables.values() for listeners in table.values())
+        """Listeners that receive events now (their tenant's subscription is confirmed)."""
+        return self.channels.live_listeners()
 
     def dispatch(self, raws: list[str]) -> None:
         """Hand a burst of published messages to the listeners: each event encoded once per
         audience, and each listener given all of its events of the burst together (one write)."""
         bursts: dict[tuple[Audience, str], list[Item]] = {}
+        self.received += len(raws)
         for raw in raws:
             try:
                 job_sid, tenant_sid, tenant, job_id, event, data = raw.split("\n", 5)
@@ -261,38 +286,71 @@ class Hub:
         delay = 0.1
         first = not resync
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()
+            tasks: list[asyncio.Task[None]] = []
             try:
-                await pubsub.subscribe(schema.EVENTS_CHANNEL)
+                # Every tenant with listeners, in one SUBSCRIBE; its last reply flags them resync.
+                await self.channels.subscribe(pubsub, self.channels.online())
                 if self._on_connect is not None:
                     await self._on_connect()
-                self.connected.set()
                 if not first:
                     logger.info("hub: reconnected to Redis")
-                    self._flag_all(resync=True)
                 first, delay = False, 0.1
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is None or message["type"] != "message":
-                        continue
-                    self.dispatch([message["data"]])  # at once: a lone event waits for nothing
-                    # What else has already arrived goes out together: a server that fell behind
-                    # catches up with one write per stream per burst, not per event.
-                    burst: list[str] = []
-                    while len(burst) < BURST_MAX:
-                        more = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
-                        if more is None:
-                            break
-                        if more["type"] == "message":
-                            burst.append(more["data"])
-                    if burst:
-                        self.dispatch(burst)
+                tasks = [
+                    asyncio.create_task(self._read_forever(pubsub), name="jobcast-hub-read"),
+                    asyncio.create_task(self.channels.send_forever(pubsub), name="jobcast-hub-subscribe"),
+                ]
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # what ended it (they only end by raising)
             except (RedisError, OSError) as exc:
                 self.connected.clear()
                 self._flag_all(resync=True)
                 logger.warning("hub: Redis connection lost (%s); reconnecting in %.1fs", exc, delay)
             finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                self.connected.clear()
+                self.channels.offline()
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _read_forever(self, pubsub: PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            if message["type"] != "message":
+                await self._reply(message)
+                continue
+            self.dispatch([message["data"]])  # at once: a lone event waits for nothing
+            # What else has already arrived goes out together: a server that fell behind catches
+            # up with one write per stream per burst, not per event.
+            burst: list[str] = []
+            while len(burst) < BURST_MAX:
+                more = await pubsub.get_message(timeout=0)
+                if more is None:
+                    break
+                if more["type"] == "message":
+                    burst.append(more["data"])
+                else:
+                    await self._reply(more)
+            if burst:
+                self.dispatch(burst)
+
+    async def _reply(self, message: dict[str, Any]) -> None:
+        """A (UN)SUBSCRIBE reply: the subscription of one channel stands (or ends) from here."""
+        kind, name = message["type"], message["channel"]
+        if kind != "subscribe" and kind != "unsubscribe":
+            return
+        hook = self.channels.hook
+        if kind == "subscribe" and hook is not None:
+            await hook("confirmed", [name])
+        if self.channels.reply(kind == "subscribe", name):
+            # Every tenant with listeners is subscribed again: what was published meanwhile is
+            # in the logs, which every listener now re-reads from its last id.
+            self.connected.set()
+            self._flag_all(resync=True)

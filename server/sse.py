@@ -18,7 +18,8 @@ returns that wait (uvicorn answers ``receive()`` with ``http.disconnect`` once t
 complete); a client cut off is woken by cancelling that wait.
 
 **Exactly-once replay.** A stream subscribes to the hub (as ``OPENING``: events queue in its
-backlog) before it reads the log, then sends the log after the client's last id, then the backlog,
+backlog) and waits for Redis to confirm its tenant channel's subscription before it reads the log,
+then sends the log after the client's last id, then the backlog,
 dropping every event whose id is not greater than the last one sent. Log and pub/sub are written by
 one Lua call, so the two together hold every event: none missing, none repeated, in order. When the
 hub reports a gap (Redis reconnect), the stream re-reads the log from its last id.
@@ -113,7 +114,7 @@ class Stream(StreamWriting):
         self.overview = overview
         self.overview_sent = 0.0
         self.overview_key = streamids.BEFORE_ALL
-        hub.attach(audience, key, self)
+        hub.attach(audience, key, tenant, self)
 
     # --- what the hub calls --------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class Stream(StreamWriting):
 
     def _end(self) -> None:
         self.phase = Phase.ENDED
-        self.hub.detach(self.audience, self.key, self)
+        self.hub.detach(self.audience, self.key, self.tenant, self)
         if self.overview is not None:
             self.overview.unfollow(self)
 

@@ -43,7 +43,9 @@ key                                    type     holds
 ``jobcast:alerts:lock``                string   which server process evaluates alerts this round
 =====================================  =======  ===============================================
 
-Channels: ``jobcast:events`` (every event; the server's hub is its only subscriber per process),
+Channels: ``jobcast:{c<cell>}:events:{t}`` (every event of tenant ``t``, see :func:`tenant_channel`;
+server hubs subscribe to a tenant's channel while they have listeners of it), ``jobcast:{c<cell>}:hub``
+(nothing is published on it: each hub's pub/sub connection stays subscribed to it),
 ``jobcast:doorbell`` (a run was queued: idle workers poll now), ``jobcast:control`` (``cancel {id}``),
 ``jobcast:webhooks:doorbell`` (a delivery attempt was queued).
 
@@ -85,7 +87,6 @@ QUEUED_COUNT = PREFIX + "queued-count"
 API_KEYS = PREFIX + "apikeys"
 STREAMS = PREFIX + "streams:"
 SCHEDULED = PREFIX + "scheduled"
-EVENTS_CHANNEL = PREFIX + "events"
 DOORBELL_CHANNEL = PREFIX + "doorbell"
 CONTROL_CHANNEL = PREFIX + "control"
 
@@ -124,6 +125,23 @@ INLINE_MAX = 4096
 
 def job_key(job_id: str) -> str:
     return JOB + job_id
+
+
+def tenant_channel_prefix(cell: int) -> str:
+    """The channels of the tenants of ``cell`` start with this (the Lua appends the tenant)."""
+    return f"{PREFIX}{{c{cell}}}:events:"
+
+
+def tenant_channel(cell: int, tenant: str) -> str:
+    """The pub/sub channel of one tenant's events, in its cell: a server process subscribes to it
+    only while it has listeners of that tenant or of one of its jobs (:mod:`jobcast.hub`)."""
+    return tenant_channel_prefix(cell) + tenant
+
+
+def hub_channel(cell: int) -> str:
+    """A channel nothing is published on; a hub's pub/sub connection is subscribed to it for its
+    whole life, so the connection stays in subscriber mode with no tenant subscribed."""
+    return f"{PREFIX}{{c{cell}}}:hub"
 
 
 def job_log_key(job_id: str) -> str:
@@ -200,7 +218,7 @@ def _lua_literal(value: Any) -> str:
     return repr(value)
 
 
-def _prelude(settings: Settings) -> str:
+def _prelude(settings: Settings, cell: int) -> str:
     rate = settings.webhook_rate_default
     rates = {name: (r.interval_ms, r.tau_ms) for name, r in settings.webhook_rate_overrides.items()}
     constants: dict[str, Any] = {
@@ -215,7 +233,7 @@ def _prelude(settings: Settings) -> str:
         "K_TENANT_WAITING": TENANT_WAITING,
         "K_WAITING_TENANTS": WAITING_TENANTS,
         "K_QUEUED_COUNT": QUEUED_COUNT,
-        "K_EVENTS_CHANNEL": EVENTS_CHANNEL,
+        "K_TENANT_CHANNEL": tenant_channel_prefix(cell),
         "K_DOORBELL_CHANNEL": DOORBELL_CHANNEL,
         "K_CONTROL_CHANNEL": CONTROL_CHANNEL,
         "K_ARQ_QUEUE": ARQ_QUEUE,
@@ -296,10 +314,11 @@ class StreamOpenScript:
 
 
 class JobsScript:
-    """The state-machine script (``lua/jobs.lua``) bound to a Redis client, called by op name."""
+    """The state-machine script (``lua/jobs.lua``) bound to a Redis client, called by op name.
+    ``cell``: the cell that Redis is (it names the tenant channels the script publishes on)."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self._script = redis.register_script(_prelude(settings) + _lua("jobs.lua"))
+    def __init__(self, redis: Redis, settings: Settings, cell: int = 0) -> None:
+        self._script = redis.register_script(_prelude(settings, cell) + _lua("jobs.lua"))
 
     async def __call__(self, op: str, *args: str | int | float, at: tuple[str, int] | None = None) -> Any:
         """Run ``op`` as of ``at`` (RFC 3339, epoch ms), by default now, read once."""

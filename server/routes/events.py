@@ -109,6 +109,7 @@ async def open_stream(
     )
     opened = False
     try:
+        await svc.hub.ready(tenant)  # confirmed by Redis before the log is read (jobcast.channels)
         log_key = schema.job_log_key(key) if audience == "job" else schema.tenant_log_key(key)
         log_max = svc.settings.job_log_max if audience == "job" else svc.settings.tenant_log_max
         outcome, tip, entries = await slots.open_script(

@@ -209,7 +209,7 @@ async def wait_for_change(svc: Services, record: JobRecord, wait: float) -> JobR
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    with svc.hub.subscribe("job", record.id) as sub:
+    async with svc.hub.subscribe("job", record.id, record.tenant) as sub:
         while True:
             # Forget what woke us before reading, so a change during the read wakes us again.
             sub.reset()

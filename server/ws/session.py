@@ -194,7 +194,7 @@ class Session:
                 raise Forbidden(
                     "A job token follows only its own job; use a stream token or the API key for the tenant channel."
                 )
-            feed = Feed(self.svc.hub, self.svc.store, "tenant", tenant, channel, last_id)
+            feed = Feed(self.svc.hub, self.svc.store, "tenant", tenant, tenant, channel, last_id)
             if last_id is not None:
                 await self._check_resumable(feed, last_id)
         else:
@@ -202,7 +202,7 @@ class Session:
             if self.principal.kind == "job" and self.principal.job_id != job_id:
                 raise Forbidden(f"This job token follows only its own job ({self.principal.job_id}).")
             record = await self.svc.load_job(job_id, tenant)
-            feed = Feed(self.svc.hub, self.svc.store, "job", job_id, channel, last_id)
+            feed = Feed(self.svc.hub, self.svc.store, "job", job_id, tenant, channel, last_id)
             if last_id is not None:
                 await self._check_resumable(feed, last_id)
                 if record.terminal and not await self.svc.store.log_events("job", job_id, after=last_id, count=1):
@@ -210,7 +210,7 @@ class Session:
                     await self._send(frames.ok(frame.ref))
                     await self._send(frames.end(channel))
                     return
-        feed.open()  # before the log is read (below and by the pump): nothing published now is missed
+        await feed.open()  # confirmed before the log is read (below and by the pump): nothing is missed
         extra: dict[str, str] = {}
         if last_id is None and feed.audience == "tenant":
             try:

@@ -3,12 +3,13 @@
 This is the one module of the WebSocket package that knows the hub and the SSE stream's helpers;
 the rest sees only :class:`Feed`. When the hub changes, this is what to re-point.
 
-Exactly once, as the SSE streams do it (:mod:`jobcast.sse`): subscribe to the hub first (so nothing
-published from then on is missed), read the log after the last id and send it, then send what the
-hub buffered meanwhile and after, dropping every event whose id is not greater than the last one
-sent. When the hub reports a gap (Redis reconnect) the log is read again from the last id. A
-subscriber that fell ``BUFFER_MAX`` events behind is told so (:class:`FellBehind`): the socket is
-closed with 1013 and the client re-subscribes with its last ids, losing nothing.
+Exactly once, as the SSE streams do it (:mod:`jobcast.sse`): subscribe to the hub first and wait
+for Redis to confirm the subscription (so nothing published from then on is missed), read the log
+after the last id and send it, then send what the hub buffered meanwhile and after, dropping every
+event whose id is not greater than the last one sent. When the hub reports a gap (Redis reconnect)
+the log is read again from the last id. A subscriber that fell ``BUFFER_MAX`` events behind is told
+so (:class:`FellBehind`): the socket is closed with 1013 and the client re-subscribes with its last
+ids, losing nothing.
 
 Encoded once: the hub encodes an event once per audience (an SSE frame); the WebSocket frame of
 that event is made from it once per process (a small cache keyed by the hub's item), however many
@@ -143,24 +144,34 @@ class Feed:
     then :meth:`close`. ``last_id``: resume after it; without it a job channel starts from the
     job's first event and the tenant channel from the log's tip (:meth:`start_live`)."""
 
-    def __init__(self, hub: Hub, store: Store, audience: Audience, key: str, channel: str, last_id: str | None) -> None:
+    def __init__(
+        self, hub: Hub, store: Store, audience: Audience, key: str, tenant: str, channel: str, last_id: str | None
+    ) -> None:
         self.hub = hub
         self.store = store
         self.audience = audience
         self.key = key
+        self.tenant = tenant
         self.channel = channel
         self.last_key: Key = stream_id_key(last_id) if last_id is not None else (-1, -1)
         self._sub: Subscription | None = None
 
-    def open(self) -> None:
+    async def open(self) -> None:
+        """Subscribe; returns once the subscription is confirmed (the log may be read from then),
+        or raises the store's errors, closed."""
         self._sub = Subscription()
         if self.hub.draining:
             self._sub.closed = True
-        self.hub.attach(self.audience, self.key, self._sub)
+        self.hub.attach(self.audience, self.key, self.tenant, self._sub)
+        try:
+            await self.hub.ready(self.tenant)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._sub is not None:
-            self.hub.detach(self.audience, self.key, self._sub)
+            self.hub.detach(self.audience, self.key, self.tenant, self._sub)
             self._sub = None
 
     async def start_live(self) -> str | None:

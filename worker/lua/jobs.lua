@@ -161,7 +161,7 @@ local function emit(id, event, extra)
   local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r[1], 'MAXLEN', '~', CFG_TENANT_LOG_MAX, '*',
     'event', event, 'job', id, 'data', data)
   count('events')
-  redis.call('PUBLISH', K_EVENTS_CHANNEL,
+  redis.call('PUBLISH', K_TENANT_CHANNEL .. r[1],
     job_sid .. '\n' .. tenant_sid .. '\n' .. r[1] .. '\n' .. id .. '\n' .. event .. '\n' .. data)
   if r[6] and r[6] ~= '' and not r[7] then webhook_enqueue(id, r[1], r[3], event, job_sid, r[6], r[5]) end
   return job_sid
