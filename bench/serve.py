@@ -17,6 +17,8 @@ experiments, read from the environment by this file only (the product has no suc
     BENCH_GC_THRESHOLD=50000,20,100   gc.set_threshold(...) before serving
     BENCH_GC_LOG=1                    log every garbage collection that takes 5 ms or more, as
                                       ``gc: gen2 942 ms``; the benchmarks sum these up
+    BENCH_LINGER_S=0                  how long a tenant channel stays subscribed after its last
+                                      listener left (jobcast.channels.LINGER_S)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from jobcast import channels
 from jobcast.app import JobcastServer, create_app, tune_gc_for_streaming
 from jobcast.cli.web import reuse_port_socket
 from jobcast.worker.settings import Settings
@@ -114,6 +117,8 @@ def main() -> None:
         gc.set_threshold(*(int(v) for v in threshold.split(",")))
     if os.environ.get("BENCH_GC_LOG"):
         log_slow_collections()
+    if (linger := os.environ.get("BENCH_LINGER_S")) is not None:
+        channels.LINGER_S = float(linger)
     settings = Settings()
     app = create_app(settings) if args.app == "jobcast" else bare_app(settings)
     config = uvicorn.Config(

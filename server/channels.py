@@ -74,10 +74,10 @@ class Channel:
 class TenantChannels:
     """The subscriptions of one pub/sub connection to the tenant channels of one cell."""
 
-    def __init__(self, cell: int = 0, *, linger_s: float = LINGER_S) -> None:
+    def __init__(self, cell: int = 0, *, linger_s: float | None = None) -> None:
         self.prefix = schema.tenant_channel_prefix(cell)
         self.anchor = schema.hub_channel(cell)
-        self.linger_s = linger_s
+        self.linger_s = LINGER_S if linger_s is None else linger_s
         self.hook: Hook | None = None
         self._channels: dict[str, Channel] = {}
         self._online = False

@@ -1,19 +1,20 @@
 """The event hub: ONE Redis pub/sub connection per server process (and cell), fanned out in memory.
 
-Every state change PUBLISHes one message on its tenant's channel (``jobcast:{c<cell>}:events:<tenant>``,
-see ``worker/lua/jobs.lua``): ``{job stream id}\\n{tenant stream id}\\n{tenant}\\n{job id}\\n{event}\\n{data}``.
-The hub is subscribed only to the channels of the tenants it has listeners of, while it has them
+Every state change PUBLISHes one message on its tenant's channel
+(``jobcast:{c<cell>}:events:<tenant>``, see ``worker/lua/jobs.lua``):
+``{job stream id}\\n{tenant stream id}\\n{tenant}\\n{job id}\\n{event}\\n{data}``. The hub is
+subscribed only to the channels of the tenants it has listeners of, while it has them
 (:mod:`jobcast.channels`), so what it receives follows its own clients, not the whole system. It
 parses each message once and encodes it once per audience — the SSE frame for the job's own stream
 (with the job-log id) and the one for the tenant feed (with the tenant-log id) — then hands the
 same bytes to every local listener of that job or tenant.
 
 Listeners are event streams (:class:`jobcast.sse.Stream`), which write what they are handed at
-once, from inside this call, when their connection can take it; long-polls (:class:`Subscription`),
-which wake their request; and WebSocket channels (:mod:`jobcast.ws.source`). Either way no task is
-woken for an idle stream. A listener attaches (:meth:`Hub.attach`, naming its tenant), then waits
-for its tenant's subscription to be confirmed (:meth:`Hub.ready`) before it reads the log: then
-log and pub/sub together hold every event.
+once, from inside this call, when their connection can take it; long-polls
+(:class:`jobcast.polls.Subscription`), which wake their request; and WebSocket channels
+(:mod:`jobcast.ws.source`). Either way no task is woken for an idle stream. A listener attaches
+(:meth:`Hub.attach`, naming its tenant), then waits for its tenant's subscription to be confirmed
+(:meth:`Hub.ready`) before it reads the log: then log and pub/sub together hold every event.
 
 The hub also keeps the one ping schedule of the process: every quarter of ``ping_s`` it asks each
 listener to ping if it wrote nothing for three quarters of ``ping_s``, so an idle stream is never
@@ -44,6 +45,7 @@ from jobcast.worker.supervision import supervise
 from . import streamids
 from .channels import TenantChannels
 from .frames import event_frame
+from .polls import Subscription
 
 logger = logging.getLogger(__name__)
 
@@ -90,60 +92,6 @@ class Listener(Protocol):
         """Write a keep-alive if nothing was written since ``quiet_since``."""
 
 
-class Subscription:
-    """A long-poll's listener: remembers that something happened and wakes its one waiter."""
-
-    __slots__ = ("_waiter", "closed", "dirty", "resync")
-
-    def __init__(self) -> None:
-        self.dirty = False
-        self.resync = False
-        self.closed = False  # the server is draining
-        self._waiter: asyncio.Future[None] | None = None
-
-    def deliver(self, item: Item, now: float) -> None:
-        self.dirty = True
-        self._wake()
-
-    def deliver_many(self, items: list[Item], now: float) -> None:
-        self.deliver(items[-1], now)
-
-    def flag(self, *, resync: bool = False, closed: bool = False) -> None:
-        self.resync = self.resync or resync
-        self.closed = self.closed or closed
-        self._wake()
-
-    def ping(self, now: float, quiet_since: float) -> None:
-        pass
-
-    def reset(self) -> None:
-        """Forget what was delivered and flagged (not ``closed``): the reader is about to re-read."""
-        self.dirty = self.resync = False
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    @property
-    def pending(self) -> bool:
-        return self.dirty or self.resync or self.closed
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait until something is pending or ``timeout`` passes; True if something is pending."""
-        if self.pending:
-            return True
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._waiter
-        except TimeoutError:
-            pass
-        finally:
-            self._waiter = None
-        return self.pending
-
-
 class Hub:
     def __init__(
         self,
@@ -172,8 +120,8 @@ class Hub:
         self.deferred_writes = 0
 
     async def start(self) -> None:
-        # Supervised: should a loop ever die of a bug, it is logged and runs again; the hub's rerun
-        # makes every stream re-read its log (events may have been published while nobody listened).
+        # Supervised: should a loop ever die of a bug, it is logged and runs again; like every
+        # (re)connect, the rerun makes every stream re-read its log once subscribed again.
         self._tasks = [
             supervise("jobcast-hub", self._run, rerun=lambda: self._run(resync=True)),
             supervise("jobcast-hub-pings", self._ping_forever),

@@ -215,6 +215,21 @@ def _process_families(hub: Hub, slots: StreamSlots) -> list[Metric]:
             "jobcast_sse_slow_consumers_cut", "Streams this process cut off as too slow.", value=hub.slow_consumers
         )
     )
+    families.append(
+        GaugeMetricFamily(
+            "jobcast_sse_tenant_channels",
+            "Tenant event channels this process is subscribed to (tenants it has listeners of, and "
+            "lingering ones).",
+            value=hub.channels.subscribed,
+        )
+    )
+    families.append(
+        CounterMetricFamily(
+            "jobcast_sse_messages_received",
+            "Event messages this process received from Redis pub/sub (only its tenant channels').",
+            value=hub.received,
+        )
+    )
     writes = CounterMetricFamily(
         "jobcast_sse_writes",
         "Writes to event streams by this process: 'direct' made at once by the hub, 'deferred' finished "

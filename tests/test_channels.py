@@ -15,6 +15,7 @@ from jobcast.worker import schema
 from jobcast.worker.store import Store
 
 from .conftest import ACME, GLOBEX, ServerHandle, before_the_wait_ends, hub_of, wait_until
+from .test_operations import samples
 from .test_sse import collect, ids, log_ids, new_running_job
 from .wsclient import ws_connect
 
@@ -83,6 +84,9 @@ async def test_a_server_with_listeners_of_one_tenant_receives_no_events_of_the_o
     ]  # fmt: skip
     # Redis delivers a connection's messages in order: globex's, published first, would be in.
     assert hub.received - received == 4
+    m = samples((await client.get("/metrics")).text)
+    assert m[("jobcast_sse_tenant_channels", ())] == 1
+    assert m[("jobcast_sse_messages_received_total", ())] == hub.received
 
 
 async def test_a_tenant_channel_is_subscribed_once_for_all_listeners_and_left_after_the_last(
