@@ -48,10 +48,11 @@ LINGER_S = 5.0
 #: is answered "store unavailable" (the connection is up but Redis does not answer).
 CONFIRM_TIMEOUT_S = 10.0
 
-#: Called, when set, with "sending" and the channels just before a SUBSCRIBE is written, and with
-#: "confirmed" and the channel when its reply has been read, before its waiters are let go: the
-#: points where a test publishes to make the subscribe race happen deterministically.
-Hook = Callable[[Literal["sending", "confirmed"], list[str]], Awaitable[None]]
+#: Called, when set, with "sending" and the channels just before a SUBSCRIBE is written,
+#: "unsubscribing" just before an UNSUBSCRIBE is, and "confirmed" and the channel when a SUBSCRIBE's
+#: reply has been read, before its waiters are let go: the points where a test acts to make the
+#: subscribe races happen deterministically.
+Hook = Callable[[Literal["sending", "unsubscribing", "confirmed"], list[str]], Awaitable[None]]
 
 
 class Channel:
@@ -236,7 +237,10 @@ class TenantChannels:
             unsubscribe, self._unsubscribe = self._unsubscribe, []
             if unsubscribe:
                 self.unsubscribes += len(unsubscribe)
-                await pubsub.unsubscribe(*[self.prefix + tenant for tenant in unsubscribe])
+                names = [self.prefix + tenant for tenant in unsubscribe]
+                if self.hook is not None:
+                    await self.hook("unsubscribing", names)
+                await pubsub.unsubscribe(*names)
             if subscribe:
                 self.subscribes += len(subscribe)
                 await self.subscribe(pubsub, [self.prefix + tenant for tenant in subscribe])

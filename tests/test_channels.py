@@ -8,8 +8,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
+from jobcast import channels
 from jobcast.hub import Hub
 from jobcast.worker import schema
 from jobcast.worker.store import Store
@@ -21,7 +23,7 @@ from .wsclient import ws_connect
 
 ACME_CHANNEL = schema.tenant_channel(0, "acme")
 GLOBEX_CHANNEL = schema.tenant_channel(0, "globex")
-Stage = Literal["sending", "confirmed"]
+Stage = Literal["sending", "unsubscribing", "confirmed"]
 
 
 async def numsub(redis: Redis, channel: str) -> int:
@@ -189,6 +191,60 @@ async def test_concurrent_streams_of_a_tenant_share_one_subscribe_and_all_wait_f
     for job_id, seen in zip(jobs, results, strict=True):
         assert ids(seen) == log_ids(await redis.xrange(schema.job_log_key(job_id)))
         assert [e for _, e, _ in seen] == ["job.queued", "job.processing", "job.progress", "job.completed"]
+
+
+async def test_a_stream_that_comes_while_its_channel_is_being_left_waits_for_the_new_subscribe(
+    server: ServerHandle, client: httpx.AsyncClient, store: Store, redis: Redis
+) -> None:
+    hub = hub_of(server)
+    hub.channels.linger_s = 0
+    job_id = await new_running_job(store)
+    await collect(client, f"/jobs/{job_id}/events", until=2)  # subscribes, then leaves: UNSUBSCRIBE
+    second: list[asyncio.Task[Any]] = []
+    opened_early: list[int] = []
+
+    async def while_the_channel_is_left() -> None:
+        second.append(asyncio.create_task(collect(client, f"/jobs/{job_id}/events", timeout=30)))
+        await wait_until(listeners(hub, "acme", 1))  # it came while the channel is still subscribed
+        await store.progress(job_id, 1, 30, None, None)  # delivered to it AND in the log
+
+    async def resubscribed() -> None:
+        opened_early.append(await redis.zcard(schema.streams_key("acme")))
+        await store.progress(job_id, 1, 60, None, None)
+
+    subscribes = hub.channels.subscribes
+    hub.channels.hook = hooks(
+        on_first("unsubscribing", ACME_CHANNEL, while_the_channel_is_left),
+        on_first("confirmed", ACME_CHANNEL, resubscribed),
+    )
+    await wait_until(lambda: _true(bool(second)))
+    await wait_until(lambda: _true(hub.subscriber_count == 1))
+    await store.complete(job_id, 1, "1")
+    seen = await second[0]
+    assert hub.channels.subscribes - subscribes == 1 and opened_early == [0]  # read after the new one
+    assert [d["progress"]["percent"] for _, e, d in seen if e == "job.progress"] == [30, 60]
+    assert ids(seen) == log_ids(await redis.xrange(schema.job_log_key(job_id)))
+
+
+async def test_a_subscription_redis_does_not_confirm_answers_503_and_lets_go(
+    server: ServerHandle, client: httpx.AsyncClient, store: Store, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = hub_of(server)
+    monkeypatch.setattr(channels, "CONFIRM_TIMEOUT_S", 0.2)
+    job_id = await new_running_job(store)
+    answered = asyncio.Event()
+
+    async def hold_the_subscribe() -> None:
+        async with asyncio.timeout(30):
+            await answered.wait()
+
+    hub.channels.hook = on_first("sending", ACME_CHANNEL, hold_the_subscribe)
+    refused = await client.get(f"/jobs/{job_id}/events")
+    answered.set()
+    assert refused.status_code == 503 and refused.headers["content-type"] == "application/problem+json"
+    assert hub.channels.listeners("acme") == 0 and await redis.zcard(schema.streams_key("acme")) == 0
+    seen = await collect(client, f"/jobs/{job_id}/events", until=2)  # the next one gets through
+    assert [e for _, e, _ in seen] == ["job.queued", "job.processing"]
 
 
 async def test_a_long_poll_sees_a_change_made_while_it_subscribes(
