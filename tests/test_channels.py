@@ -226,7 +226,7 @@ async def test_a_stream_that_comes_while_its_channel_is_being_left_waits_for_the
     assert ids(seen) == log_ids(await redis.xrange(schema.job_log_key(job_id)))
 
 
-async def test_a_subscription_redis_does_not_confirm_answers_503_and_lets_go(
+async def test_a_subscription_redis_does_not_confirm_answers_503_and_lets_go_of_everything(
     server: ServerHandle, client: httpx.AsyncClient, store: Store, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = hub_of(server)
@@ -240,8 +240,13 @@ async def test_a_subscription_redis_does_not_confirm_answers_503_and_lets_go(
 
     hub.channels.hook = on_first("sending", ACME_CHANNEL, hold_the_subscribe)
     refused = await client.get(f"/jobs/{job_id}/events")
+    poll = await client.get(f"/jobs/{job_id}", params={"wait": "60"})
+    async with ws_connect(server.url, ACME) as ws:
+        error = await ws.request({"op": "subscribe", "channel": f"job:{job_id}"})
     answered.set()
-    assert refused.status_code == 503 and refused.headers["content-type"] == "application/problem+json"
+    for answer in (refused, poll):
+        assert answer.status_code == 503 and answer.headers["content-type"] == "application/problem+json"
+    assert error["op"] == "error" and error["status"] == 503
     assert hub.channels.listeners("acme") == 0 and await redis.zcard(schema.streams_key("acme")) == 0
     seen = await collect(client, f"/jobs/{job_id}/events", until=2)  # the next one gets through
     assert [e for _, e, _ in seen] == ["job.queued", "job.processing"]
