@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/channel_churn.py                  # 300 opens per side, 2 rounds
     .venv/bin/python bench/channel_churn.py --opens 1000 --rounds 1
+    .venv/bin/python bench/channel_churn.py --storm 1000     # only the storm below
 
 One Jobcast server, one running job. One client opens the job's event stream, reads its two
 replayed events and closes it, ``--opens`` times in a row, so the tenant never has two listeners at
@@ -10,6 +11,10 @@ first open subscribes; with ``BENCH_LINGER_S=0`` (read by :mod:`bench.serve`) ev
 a SUBSCRIBE's reply and every close sends an UNSUBSCRIBE. Figures per open: wall ms (p50, p99)
 and the server's CPU ms. Both sides run in the same run, alternating; in a checkout without
 per-tenant channels both sides are that checkout's one path (the reference).
+
+``--storm N``: a hub in this process (no HTTP) gets listeners of N tenants at once, and then loses
+them all; printed: how long until every subscription is confirmed, and how many SUBSCRIBE and
+UNSUBSCRIBE commands Redis ran for it (``INFO commandstats``): the hub batches what is queued.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import httpx
 
 from bench.harness import AUTH, CpuMeter, Processes, percentile, say, table
 from bench.sse_fanout import new_running_job
+from jobcast.hub import Hub
 from jobcast.worker.settings import Settings
+from jobcast.worker.store import redis_client
 
 SIDES = {"linger (default)": {}, "no linger": {"BENCH_LINGER_S": "0"}}
 
@@ -52,14 +59,54 @@ async def opens(port: int, job_id: str, count: int) -> list[float]:
     return took
 
 
+async def storm(redis_url: str, tenants: int) -> None:
+    redis = redis_client(Settings(redis_url=redis_url))
+    hub = Hub(redis)
+    await hub.start()
+    await hub.connected.wait()
+    await redis.config_resetstat()
+    confirmed, release = asyncio.Event(), asyncio.Event()
+    entered = 0
+
+    async def listen(tenant: str) -> None:
+        nonlocal entered
+        async with hub.subscribe("tenant", tenant, tenant):
+            entered += 1
+            if entered == tenants:
+                confirmed.set()
+            await release.wait()
+
+    started = time.perf_counter()
+    listeners = [asyncio.create_task(listen(f"tenant-{i}")) for i in range(tenants)]
+    await confirmed.wait()
+    took = time.perf_counter() - started
+    hub.channels.linger_s = 0
+    release.set()
+    await asyncio.gather(*listeners)
+    while hub.channels.subscribed:
+        await asyncio.sleep(0.01)
+    stats = await redis.info("commandstats")
+    print(
+        f"{tenants} tenants subscribed and confirmed in {took * 1000:.0f} ms; "
+        f"SUBSCRIBE commands: {stats['cmdstat_subscribe']['calls']}, "
+        f"UNSUBSCRIBE commands: {stats['cmdstat_unsubscribe']['calls']}"
+    )
+    await hub.stop()
+    await redis.aclose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--opens", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--storm", type=int, help="only the storm: listeners of this many tenants at once")
     args = parser.parse_args()
     rows = []
     with Processes(Path(tempfile.mkdtemp(prefix="jobcast-bench-churn-"))) as procs:
         redis_server = procs.redis()
+        if args.storm:
+            asyncio.run(storm(redis_server.url, args.storm))
+            return
         job_id = asyncio.run(new_running_job(Settings(redis_url=redis_server.url)))
         for round_ in range(args.rounds):
             for side, env in SIDES.items():
