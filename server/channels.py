@@ -71,6 +71,11 @@ class Channel:
         #: The timer that unsubscribes after the last listener left.
         self.linger: asyncio.TimerHandle | None = None
 
+    @property
+    def live(self) -> bool:
+        """What is published on it reaches its listeners (and no UNSUBSCRIBE is on its way)."""
+        return self.subscribed and not self.in_flight
+
 
 class TenantChannels:
     """The subscriptions of one pub/sub connection to the tenant channels of one cell."""
@@ -94,18 +99,13 @@ class TenantChannels:
         """How many tenant channels are subscribed (confirmed), lingering ones included."""
         return sum(1 for channel in self._channels.values() if channel.subscribed)
 
-    def is_ready(self, tenant: str) -> bool:
-        """The tenant's listeners are receiving its events (its subscription is confirmed)."""
-        channel = self._channels.get(tenant)
-        return channel is not None and channel.subscribed and not channel.in_flight
-
     def listeners(self, tenant: str) -> int:
         channel = self._channels.get(tenant)
         return 0 if channel is None else channel.refs
 
     def live_listeners(self) -> int:
         """Listeners whose tenant's subscription is confirmed: they receive what is published."""
-        return sum(c.refs for c in self._channels.values() if c.subscribed and not c.in_flight)
+        return sum(channel.refs for channel in self._channels.values() if channel.live)
 
     # --- listeners come and go -------------------------------------------------------------------
 
@@ -137,7 +137,7 @@ class TenantChannels:
         misses nothing published after it. Returns at once while the hub is offline: then the
         listener is flagged ``resync`` once the next connection is subscribed."""
         channel = self._channels.get(tenant)
-        if channel is None or not self._online or (channel.subscribed and not channel.in_flight):
+        if channel is None or not self._online or channel.live:
             return
         if channel.confirmed is None:
             channel.confirmed = asyncio.get_running_loop().create_future()
