@@ -1,0 +1,318 @@
+"""Cells: several Redis deployments, whole tenants in each (worker.cells, docs/design/cells.md).
+
+The acceptance test runs the Procfile's processes — two ``jobcast web`` and one ``jobcast worker``
+— against three cells (three redis-servers of its own) with tenants placed by the hash and by an
+override, and checks where every byte went. The rest checks the placement rules and the start-up
+errors without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from httpx_sse import aconnect_sse
+from redis.asyncio import Redis
+
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.worker import schema
+from jobcast.worker.cells import Placement, jump_hash, parse_placement, tenant_hash
+from jobcast.worker.connections import redis_for
+from jobcast.worker.ids import cell_of, is_job_id, new_job_id
+from jobcast.worker.settings import ConfigError, Settings
+
+from .conftest import ROOT, SECRET, WebProcess, WorkerProcess, make_settings, process_env, redis_cells
+
+#: With 3 cells: acme, globex and wayne where the hash puts them (1, 0, 2); bigcorp (hash: 1) by override.
+TENANTS = {"acme": 1, "globex": 0, "wayne": 2, "bigcorp": 0}
+PLACEMENT = "bigcorp=0"
+JOBS_PER_TENANT = 6
+
+
+def key_of(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer key-{tenant}"}
+
+
+def cells_settings(cells: list[RedisProcess], **overrides: Any) -> Settings:
+    return make_settings(
+        "",
+        redis_urls=",".join(cell.url for cell in cells),
+        cell_placement=PLACEMENT,
+        api_keys=",".join(f"{tenant}:key-{tenant}" for tenant in TENANTS),
+        webhook_secrets="",
+        **overrides,
+    )
+
+
+async def follow_feed(url: str, tenant: str, connected: asyncio.Event, jobs: int) -> list[tuple[str, str]]:
+    """The tenant's feed on the server at ``url``: (event, job id) until ``jobs`` jobs completed."""
+    seen: list[tuple[str, str]] = []
+    async with (
+        httpx.AsyncClient(base_url=url, headers=key_of(tenant), timeout=60) as client,
+        aconnect_sse(client, "GET", "/events") as source,
+    ):
+        assert source.response.status_code == 200, await source.response.aread()
+        connected.set()  # subscribed: the headers come after the subscription is confirmed
+        async for sse in source.aiter_sse():
+            if not sse.data:
+                continue
+            seen.append((sse.event, orjson.loads(sse.data)["job_id"]))
+            if sum(event == "job.completed" for event, _ in seen) == jobs:
+                return seen
+    raise AssertionError(f"{tenant}'s feed ended early: {seen}")
+
+
+async def job_stream(url: str, job_id: str, token: str) -> list[str]:
+    """A job's whole stream, read with its job token from the server at ``url``."""
+    async with (
+        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client,
+        aconnect_sse(client, "GET", f"/jobs/{job_id}/events") as source,
+    ):
+        assert source.response.status_code == 200, await source.response.aread()
+        return [sse.event async for sse in source.aiter_sse() if sse.data]
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of every sample of metric ``name`` (all label sets)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def keys_of(url: str) -> list[str]:
+    redis = redis_for(url)
+    try:
+        return [str(key) async for key in redis.scan_iter(count=1000)]
+    finally:
+        await redis.aclose()
+
+
+def owner(key: str, jobs: dict[str, str]) -> set[str]:
+    """The tenants a Redis key names: as a segment of its name, or through one of their job ids."""
+    segments = set(key.split(":"))
+    named = {tenant for tenant in TENANTS if tenant in segments}
+    named |= {tenant for job_id, tenant in jobs.items() if job_id[4:] in key}
+    return named
+
+
+async def test_three_cells_keep_each_tenant_whole_and_every_server_serves_all(tmp_path: Path) -> None:
+    with redis_cells(tmp_path, 3) as cells:
+        settings = cells_settings(cells)
+        assert {t: settings.placement.tenant_cell(t) for t in TENANTS} == TENANTS
+        assert jump_hash(tenant_hash("bigcorp"), 3) != TENANTS["bigcorp"]  # the override is what places it
+        web_a, web_b = WebProcess(settings, tmp_path / "web-a.log"), WebProcess(settings, tmp_path / "web-b.log")
+        worker = WorkerProcess(settings, tmp_path / "worker.log")
+        try:
+            await asyncio.gather(asyncio.to_thread(web_a.wait_ready, 60), asyncio.to_thread(web_b.wait_ready, 60))
+            await check_cells(settings, cells, web_a.url, web_b.url)
+        except BaseException:
+            print(web_a.output(), web_b.output(), worker.output(), sep="\n----\n")
+            raise
+        finally:
+            for proc in (web_a, web_b, worker):
+                proc.close()
+
+
+async def check_cells(settings: Settings, cells: list[RedisProcess], url_a: str, url_b: str) -> None:
+    # Every tenant's feed, followed on one server or the other, subscribed before anything is submitted.
+    connected = {tenant: asyncio.Event() for tenant in TENANTS}
+    feeds = {
+        tenant: asyncio.create_task(follow_feed((url_a, url_b)[i % 2], tenant, connected[tenant], JOBS_PER_TENANT))
+        for i, tenant in enumerate(TENANTS)
+    }
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(event.wait() for event in connected.values()))
+
+    # Submitted to both servers in turn; each job's id names its tenant's cell.
+    jobs: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for tenant, cell in TENANTS.items():
+            for n in range(JOBS_PER_TENANT):
+                body = {"type": "sleep", "params": {"seconds": 0, "steps": 2}}
+                url = (url_a, url_b)[n % 2]
+                reply = await client.post(f"{url}/jobs", json=body, headers=key_of(tenant))
+                assert reply.status_code == 202, reply.text
+                job_id = reply.json()["id"]
+                assert cell_of(job_id, 3) == cell
+                jobs[job_id] = tenant
+                tokens[job_id] = reply.json()["token"]
+
+    # Each feed saw all of its tenant's jobs and only those, start to end, whichever server took them.
+    async with asyncio.timeout(60):
+        seen = {tenant: await task for tenant, task in feeds.items()}
+    by_job: dict[str, list[str]] = {}
+    for tenant, events in seen.items():
+        mine = {job_id for job_id, t in jobs.items() if t == tenant}
+        assert {job_id for _, job_id in events} == mine
+        for event, job_id in events:
+            by_job.setdefault(job_id, []).append(event)
+    for events in by_job.values():
+        assert events[:2] == ["job.queued", "job.processing"] and events[-1] == "job.completed", events
+
+    # A job stream, with the job's token, from either server: the whole job, as the feed saw it.
+    for job_id in [next(j for j, t in jobs.items() if t == tenant) for tenant in TENANTS]:
+        for url in (url_a, url_b):
+            assert await job_stream(url, job_id, tokens[job_id]) == by_job[job_id]
+
+    # Listings from either server: each tenant's jobs, all completed, newest first.
+    for url in (url_a, url_b):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for tenant in TENANTS:
+                reply = await client.get("/jobs", params={"limit": 200}, headers=key_of(tenant))
+                assert reply.status_code == 200, reply.text
+                items = reply.json()["items"]
+                mine = sorted((job_id for job_id, t in jobs.items() if t == tenant), reverse=True)
+                assert [item["id"] for item in items] == mine
+                assert {item["status"] for item in items} == {"completed"}
+
+    # Each tenant's data lives only in its cell.
+    for index, cell in enumerate(cells):
+        for key in await keys_of(cell.url):
+            strangers = {tenant for tenant in owner(key, jobs) if TENANTS[tenant] != index}
+            assert not strangers, f"cell {index} holds {key!r} of {strangers}"
+    for tenant, index in TENANTS.items():
+        assert any(tenant in owner(key, jobs) for key in await keys_of(cells[index].url))
+
+    # /metrics of either server: every cell's figures, summed; every cell reached and served.
+    async with httpx.AsyncClient(timeout=30) as client:
+        for url in (url_a, url_b):
+            text = (await client.get(f"{url}/metrics")).text
+            assert metric(text, "jobcast_jobs_submitted_total") == len(jobs)
+            assert metric(text, "jobcast_jobs_completed_total") == len(jobs)
+            assert metric(text, "jobcast_events_published_total") == sum(map(len, by_job.values()))
+            assert metric(text, "jobcast_redis_up") == 1
+            assert metric(text, "jobcast_cell_up") == 3
+            assert metric(text, "jobcast_workers_live") == 1  # the one worker serves every cell
+            assert metric(text, "jobcast_cell_workers_live") == 3
+
+    # An id naming a cell that does not exist: 404, as problem+json, from every route that takes one.
+    job_id = next(iter(jobs))
+    nowhere = job_id[:14] + "05" + job_id[16:]
+    async with httpx.AsyncClient(base_url=url_a, headers=key_of(jobs[job_id]), timeout=30) as client:
+        for path in (f"/jobs/{nowhere}", f"/jobs/{nowhere}/events", f"/jobs/{nowhere}/result"):
+            reply = await client.get(path)
+            assert reply.status_code == 404, (path, reply.text)
+            assert reply.headers["content-type"].startswith("application/problem+json")
+        reply = await client.post(f"/jobs/{nowhere}/cancel")
+        assert reply.status_code == 404, reply.text
+
+
+async def test_a_worker_serves_only_the_cells_it_is_given(tmp_path: Path) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        settings = cells_settings(cells)
+        worker = WorkerProcess(settings, tmp_path / "worker.log", JOBCAST_WORKER_CELLS="1")
+        redis = [redis_for(cell.url) for cell in cells]
+        try:
+            # It registers itself in the cell it serves, and never in the other.
+            async with asyncio.timeout(30):
+                while not await _has_workers(redis[1]):
+                    await asyncio.sleep(0.05)
+            assert not await _has_workers(redis[0])
+        finally:
+            worker.close()
+            for client in redis:
+                await client.aclose()
+
+
+async def _has_workers(redis: Redis) -> bool:
+    return bool(await redis.zcard(schema.WORKERS))
+
+
+def test_worker_refuses_a_cell_that_does_not_exist(tmp_path: Path) -> None:
+    settings = make_settings("redis://127.0.0.1:1/0")
+    done = subprocess.run(
+        [sys.executable, "-m", "jobcast", "worker", "--cells", "0,3"],
+        env=process_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "JOBCAST_WORKER_CELLS names cell '3'" in done.stderr, done.stderr
+
+
+def test_jobcast_cells_prints_where_tenants_live_and_the_line_that_pins_them(tmp_path: Path) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        urls = ",".join(c.url for c in cells)
+        settings = make_settings("", redis_urls=urls, cell_placement="globex=0", api_keys="acme:k1,globex:k2,wayne:k3")
+        done = subprocess.run(
+            [sys.executable, "-m", "jobcast", "cells", "--if-cells", "3", "--json"],
+            env=process_env(settings),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    places = {p["tenant"]: (p["cell"], p["placed_by"], p["would_be"]) for p in report["tenants"]}
+    assert places == {"acme": (1, "hash", 1), "globex": (0, "override", 0), "wayne": (0, "hash", 2)}
+    assert report["pin"] == "acme=1,globex=0,wayne=0"
+    # Pinned, no tenant moves when the third cell is appended.
+    pinned = Placement(3, parse_placement(report["pin"], 3))
+    assert {t: pinned.tenant_cell(t) for t in places} == {"acme": 1, "globex": 0, "wayne": 0}
+
+
+# --- placement and ids, without Redis ------------------------------------------------------------
+
+
+def test_appending_a_cell_moves_about_one_tenant_in_n_and_only_to_the_new_cell() -> None:
+    tenants = [f"tenant-{i}" for i in range(10_000)]
+    before = {t: jump_hash(tenant_hash(t), 3) for t in tenants}
+    after = {t: jump_hash(tenant_hash(t), 4) for t in tenants}
+    moved = [t for t in tenants if before[t] != after[t]]
+    assert {after[t] for t in moved} == {3}
+    assert 0.2 < len(moved) / len(tenants) < 0.3  # ~1/4
+    assert set(before.values()) == {0, 1, 2}
+    # The hash is SHA-256's first 8 bytes: the same on every machine and Python version.
+    assert tenant_hash("acme") == int.from_bytes(hashlib.sha256(b"acme").digest()[:8], "big")
+
+
+def test_job_ids_name_their_cell_and_keep_the_format() -> None:
+    for cell in (0, 1, 2, 1023):
+        job_id = new_job_id(cell=cell)
+        assert is_job_id(job_id) and len(job_id) == 30
+        assert cell_of(job_id, 1024) == cell
+    assert cell_of(new_job_id(cell=0), 1) == 0
+    # With one cell every id is in it, whatever it says (ids made before cells say anything).
+    assert cell_of("job_01M8VC9040FN7PY1XRCV8Y6XDV", 1) == 0
+    assert Placement(3, {}).job_cell("job_01M8VC9040ZZ7PY1XRCV8Y6XDV") is None
+    assert Placement(3, {}).job_cell("not-a-job") is None
+    ids = [new_job_id(5, cell=2) for _ in range(100)]
+    assert ids == sorted(ids) and len(set(ids)) == 100
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"redis_url": "redis://a:6379/0", "redis_urls": "redis://b:6379/0"}, "are both set"),
+        ({"redis_urls": "redis://a:6379/0,,redis://b:6379/0"}, "has an empty entry"),
+        ({"redis_urls": "redis://a:6379/0,redis://a:6379/0"}, "names the same Redis twice"),
+        ({"redis_urls": "redis://a:6379/0,redis://b:6379/0", "cell_placement": "bigcorp=2"}, "in cell 2"),
+        ({"cell_placement": "bigcorp"}, "is not tenant=cell"),
+        ({"cell_placement": "bigcorp=0,bigcorp=0"}, "twice"),
+    ],
+)
+def test_cell_settings_that_cannot_work_refuse_to_start(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(secret_key=SECRET, api_keys="acme:k", **overrides)
+
+
+def test_one_url_is_one_cell_and_a_copy_keeps_the_cells() -> None:
+    settings = Settings(redis_url="redis://a:6379/0")
+    assert settings.cell_urls == ["redis://a:6379/0"] and settings.served_cells == [0]
+    cells = Settings(redis_urls="redis://a:6379/0, redis://b:6379/0", cell_placement="acme=1", worker_cells="1")
+    copy = cells.model_copy(update={"max_queued": 10})
+    assert copy.cell_urls == ["redis://a:6379/0", "redis://b:6379/0"]
+    assert copy.placement.tenant_cell("acme") == 1 and copy.served_cells == [1]
