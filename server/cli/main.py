@@ -71,10 +71,12 @@ def redacted(url: str) -> str:
 
 
 def _keys_settings(data_dir: Path) -> Settings:
-    """Settings for ``jobcast keys``: JOBCAST_REDIS_URL when set, else the Redis of a running ``jobcast dev``."""
+    """Settings for ``jobcast keys``: JOBCAST_REDIS_URL (or the first cell of JOBCAST_REDIS_URLS, where
+    the keys live) when set, else the Redis of a running ``jobcast dev``."""
     from .dev import running_dev_redis
 
-    found = None if os.environ.get("JOBCAST_REDIS_URL") else running_dev_redis(data_dir)
+    configured = os.environ.get("JOBCAST_REDIS_URL") or os.environ.get("JOBCAST_REDIS_URLS")
+    found = None if configured else running_dev_redis(data_dir)
     if found is None:
         return Settings.from_env(require_secrets=False)
     print(f"jobcast: using the Redis of the `jobcast dev` running in {data_dir} ({found})", file=sys.stderr)
