@@ -19,16 +19,26 @@ import httpx
 import orjson
 import pytest
 from httpx_sse import aconnect_sse
-from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import schema
 from jobcast.worker.cells import Placement, jump_hash, parse_placement, tenant_hash
 from jobcast.worker.connections import redis_for
 from jobcast.worker.ids import cell_of, is_job_id, new_job_id
+from jobcast.worker.models import JobStatus, Priority
 from jobcast.worker.settings import ConfigError, Settings
+from jobcast.worker.store import Store
 
-from .conftest import ROOT, SECRET, WebProcess, WorkerProcess, make_settings, process_env, redis_cells
+from .conftest import (
+    ROOT,
+    SECRET,
+    WebProcess,
+    WorkerProcess,
+    make_settings,
+    process_env,
+    redis_cells,
+    wait_until,
+)
 
 #: With 3 cells: acme, globex and wayne where the hash puts them (1, 0, 2); bigcorp (hash: 1) by override.
 TENANTS = {"acme": 1, "globex": 0, "wayne": 2, "bigcorp": 0}
@@ -156,8 +166,8 @@ async def check_cells(settings: Settings, cells: list[RedisProcess], url_a: str,
         assert {job_id for _, job_id in events} == mine
         for event, job_id in events:
             by_job.setdefault(job_id, []).append(event)
-    for events in by_job.values():
-        assert events[:2] == ["job.queued", "job.processing"] and events[-1] == "job.completed", events
+    for names in by_job.values():
+        assert names[:2] == ["job.queued", "job.processing"] and names[-1] == "job.completed", names
 
     # A job stream, with the job's token, from either server: the whole job, as the feed saw it.
     for job_id in [next(j for j, t in jobs.items() if t == tenant) for tenant in TENANTS]:
@@ -171,13 +181,13 @@ async def check_cells(settings: Settings, cells: list[RedisProcess], url_a: str,
                 reply = await client.get("/jobs", params={"limit": 200}, headers=key_of(tenant))
                 assert reply.status_code == 200, reply.text
                 items = reply.json()["items"]
-                mine = sorted((job_id for job_id, t in jobs.items() if t == tenant), reverse=True)
-                assert [item["id"] for item in items] == mine
+                newest_first = sorted((job_id for job_id, t in jobs.items() if t == tenant), reverse=True)
+                assert [item["id"] for item in items] == newest_first
                 assert {item["status"] for item in items} == {"completed"}
 
     # Each tenant's data lives only in its cell.
-    for index, cell in enumerate(cells):
-        for key in await keys_of(cell.url):
+    for index, process in enumerate(cells):
+        for key in await keys_of(process.url):
             strangers = {tenant for tenant in owner(key, jobs) if TENANTS[tenant] != index}
             assert not strangers, f"cell {index} holds {key!r} of {strangers}"
     for tenant, index in TENANTS.items():
@@ -210,22 +220,32 @@ async def check_cells(settings: Settings, cells: list[RedisProcess], url_a: str,
 async def test_a_worker_serves_only_the_cells_it_is_given(tmp_path: Path) -> None:
     with redis_cells(tmp_path, 2) as cells:
         settings = cells_settings(cells)
-        worker = WorkerProcess(settings, tmp_path / "worker.log", JOBCAST_WORKER_CELLS="1")
         redis = [redis_for(cell.url) for cell in cells]
+        stores = [Store(client, settings, cell=index) for index, client in enumerate(redis)]
+        worker = WorkerProcess(settings, tmp_path / "worker.log", JOBCAST_WORKER_CELLS="1")
         try:
-            # It registers itself in the cell it serves, and never in the other.
-            async with asyncio.timeout(30):
-                while not await _has_workers(redis[1]):
-                    await asyncio.sleep(0.05)
-            assert not await _has_workers(redis[0])
+            created = [
+                await store.create(tenant="acme", job_type="sleep", params={"seconds": 0}, priority=Priority.NORMAL,
+                                   max_attempts=1)
+                for store in stores
+            ]  # fmt: skip
+            ids = [c.job_id for c in created if c.job_id is not None]
+            assert len(ids) == 2
+
+            async def done_in_cell_1() -> bool:
+                record = await stores[1].get(ids[1])
+                return record is not None and record.status is JobStatus.COMPLETED
+
+            await wait_until(done_in_cell_1, timeout=60)
+            # Cell 1's job ran; cell 0 has no worker and its job still waits.
+            assert await redis[1].zcard(schema.WORKERS) == 1
+            assert await redis[0].zcard(schema.WORKERS) == 0
+            waiting = await stores[0].get(ids[0])
+            assert waiting is not None and waiting.status is JobStatus.QUEUED
         finally:
             worker.close()
             for client in redis:
                 await client.aclose()
-
-
-async def _has_workers(redis: Redis) -> bool:
-    return bool(await redis.zcard(schema.WORKERS))
 
 
 def test_worker_refuses_a_cell_that_does_not_exist(tmp_path: Path) -> None:
@@ -304,9 +324,9 @@ def test_job_ids_name_their_cell_and_keep_the_format() -> None:
         ({"cell_placement": "bigcorp=0,bigcorp=0"}, "twice"),
     ],
 )
-def test_cell_settings_that_cannot_work_refuse_to_start(overrides: dict[str, str], message: str) -> None:
+def test_cell_settings_that_cannot_work_refuse_to_start(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        Settings.from_env(secret_key=SECRET, api_keys="acme:k", **overrides)
+        Settings.from_env(**{"secret_key": SECRET, "api_keys": "acme:k", **overrides})
 
 
 def test_one_url_is_one_cell_and_a_copy_keeps_the_cells() -> None:

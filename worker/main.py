@@ -225,7 +225,8 @@ def _stop_all(workers: list[JobcastWorker], signum: signal.Signals) -> None:
 
 
 async def _run_all(workers: list[JobcastWorker]) -> None:
-    """Run the workers until they stop; once one stops (a part of it died), the others stop too.
+    """Run the workers until they stop; once one stops (a part of it died, or it could not start),
+    the others stop too, and what ended it is raised (a Redis never reached: the CLI says where).
     Each is closed as arq's ``run()`` closes it (its ``on_shutdown``, then its pool)."""
     tasks = [asyncio.ensure_future(worker.async_run()) for worker in workers]
     try:
@@ -235,3 +236,6 @@ async def _run_all(workers: list[JobcastWorker]) -> None:
     finally:
         for worker in workers:
             await worker.close()
+    for error in [task.exception() for task in tasks if not task.cancelled()]:
+        if error is not None:
+            raise error
