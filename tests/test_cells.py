@@ -37,6 +37,7 @@ from .conftest import (
     make_settings,
     process_env,
     redis_cells,
+    serving,
     wait_until,
 )
 
@@ -246,6 +247,31 @@ async def test_a_worker_serves_only_the_cells_it_is_given(tmp_path: Path) -> Non
             worker.close()
             for client in redis:
                 await client.aclose()
+
+
+async def test_a_cell_down_stops_only_its_tenants(tmp_path: Path) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        settings = cells_settings(cells, archive_url=f"sqlite:///{tmp_path / 'archive.sqlite3'}")
+        assert settings.placement.tenant_cell("globex") == 0 and settings.placement.tenant_cell("acme") == 1
+        body = {"type": "sleep", "params": {"seconds": 0}}
+        async with serving(settings, headers={}) as client:
+            cells[1].stop()
+            assert (await client.post("/jobs", json=body, headers=key_of("globex"))).status_code == 202
+            refused = await client.post("/jobs", json=body, headers=key_of("acme"))
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            assert (await client.get("/readyz")).status_code == 503
+            text = (await client.get("/metrics")).text
+            assert 'jobcast_cell_up{cell="0"} 1.0' in text and 'jobcast_cell_up{cell="1"} 0.0' in text
+            assert metric(text, "jobcast_redis_up") == 0
+
+            cells[1].start()  # the same port: the server reconnects by itself
+
+            async def ready() -> bool:
+                return (await client.get("/readyz")).status_code == 200
+
+            await wait_until(ready, timeout=30)
+            assert (await client.post("/jobs", json=body, headers=key_of("acme"))).status_code == 202
 
 
 def test_worker_refuses_a_cell_that_does_not_exist(tmp_path: Path) -> None:
