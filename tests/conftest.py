@@ -169,8 +169,9 @@ async def serving(settings: Settings, headers: dict[str, str] = ACME) -> AsyncIt
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[JobcastWorker]:
-    worker = build_worker(settings, handle_signals=False)
+async def running_worker(settings: Settings, cell: int = 0) -> AsyncIterator[JobcastWorker]:
+    """An in-process worker of cell ``cell`` (the only one with one Redis)."""
+    worker = build_worker(settings, cell=cell, handle_signals=False)
     task = asyncio.create_task(worker.async_run())
     try:
         yield worker

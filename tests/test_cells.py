@@ -32,14 +32,18 @@ from jobcast.worker.store import Store
 from .conftest import (
     ROOT,
     SECRET,
+    WEBHOOK_SECRET_ACME,
     WebProcess,
     WorkerProcess,
     make_settings,
     process_env,
     redis_cells,
+    running_worker,
     serving,
+    wait_for_deliveries,
     wait_until,
 )
+from .receiver import Receiver, Reply
 
 #: With 3 cells: acme, globex and wayne where the hash puts them (1, 0, 2); bigcorp (hash: 1) by override.
 TENANTS = {"acme": 1, "globex": 0, "wayne": 2, "bigcorp": 0}
@@ -272,6 +276,50 @@ async def test_a_cell_down_stops_only_its_tenants(tmp_path: Path) -> None:
 
             await wait_until(ready, timeout=30)
             assert (await client.post("/jobs", json=body, headers=key_of("acme"))).status_code == 202
+
+
+async def test_webhooks_are_delivered_dead_lettered_and_replayed_in_each_tenant_s_cell(tmp_path: Path) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        settings = cells_settings(
+            cells,
+            webhook_secret=WEBHOOK_SECRET_ACME,
+            webhook_allow_private=True,
+            webhook_retry_schedule="",  # a failed delivery is dead at once
+            archive_url=f"sqlite:///{tmp_path / 'archive.sqlite3'}",
+        )
+        receiver = await Receiver().start()
+        receiver.replies = [Reply(status=500)]  # the first delivery fails: a dead letter
+        try:
+            async with (
+                serving(settings, headers={}) as client,
+                running_worker(settings, cell=0),
+                running_worker(settings, cell=1),
+            ):
+                jobs = {}
+                for tenant in ("acme", "globex"):  # cells 1 and 0
+                    body = {"type": "sleep", "params": {"seconds": 0}, "webhook": {"url": receiver.url}}
+                    reply = await client.post("/jobs", json=body, headers=key_of(tenant))
+                    assert reply.status_code == 202, reply.text
+                    jobs[tenant] = reply.json()["id"]
+                    await receiver.wait_for(len(jobs))
+                acme = httpx.AsyncClient(base_url=str(client.base_url), headers=key_of("acme"))
+                async with acme:
+                    [dead] = (await acme.get("/webhooks/dead-letters")).json()["items"]
+                    assert dead["job_id"] == jobs["acme"]
+                    replayed = await acme.post(f"/webhooks/dead-letters/{dead['id']}/replay")
+                    assert replayed.status_code == 202, replayed.text
+                    await receiver.wait_for(3)
+                    delivered = await wait_for_deliveries(acme, jobs["acme"], "delivered")
+                    assert [d["id"] for d in delivered] == [dead["id"]]
+                    # Another tenant's dead letter, or one naming no cell, is not found.
+                    other = await client.post(
+                        f"/webhooks/dead-letters/{dead['id']}/replay", headers=key_of("globex")
+                    )
+                    assert other.status_code == 404
+                    nowhere = dead["id"][:14] + "05" + dead["id"][16:]
+                    assert (await acme.post(f"/webhooks/dead-letters/{nowhere}/replay")).status_code == 404
+        finally:
+            await receiver.stop()
 
 
 def test_worker_refuses_a_cell_that_does_not_exist(tmp_path: Path) -> None:
