@@ -76,7 +76,7 @@ def report(settings: Settings, places: list[TenantPlace], *, as_json: bool) -> s
         )
     lines = [f"{len(settings.cell_urls)} cell(s). Tenants:", f"  {'tenant':<24} cell  placed by  jobs in"]
     for p in places:
-        moved = f"   -> {p.would_be} with the new cell count" if p.would_be is not None and p.would_be != p.cell else ""
+        moved = f"   -> cell {p.would_be} unless pinned" if p.would_be is not None and p.would_be != p.cell else ""
         held = ",".join(map(str, p.data_in)) or "-"
         note = "  (moved: older jobs in another cell)" if any(c != p.cell for c in p.data_in) else ""
         lines.append(f"  {p.tenant:<24} {p.cell:>4}  {p.placed_by:<9}  {held}{note}{moved}")
