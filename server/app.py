@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                     supervise(f"jobcast-overviews-{cell.index}", cell.overview.run_forever),
                 ]
                 if settings.alert_webhook_url:  # per cell: its lock, its state, its conditions
-                    alerter = Alerter(cell.redis, settings)
+                    alerter = Alerter(cell.redis, settings, cell.index if len(cells) > 1 else None)
                     background.append(supervise(f"jobcast-alerts-{cell.index}", alerter.run_forever))
             background.append(
                 supervise("jobcast-ws-watchdog", lambda: sockets.watch_writes(settings.sse_send_timeout_s))

@@ -19,9 +19,11 @@ import httpx
 import orjson
 import pytest
 from httpx_sse import aconnect_sse
+from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import schema
+from jobcast.worker.alerts import Alerter, AlertKind
 from jobcast.worker.cells import Placement, jump_hash, parse_placement, tenant_hash
 from jobcast.worker.connections import redis_for
 from jobcast.worker.ids import cell_of, is_job_id, new_job_id
@@ -320,6 +322,14 @@ async def test_webhooks_are_delivered_dead_lettered_and_replayed_in_each_tenant_
                     assert (await acme.post(f"/webhooks/dead-letters/{nowhere}/replay")).status_code == 404
         finally:
             await receiver.stop()
+
+
+async def test_an_alert_of_a_cell_says_which(store: Store, redis: Redis, settings: Settings) -> None:
+    await store.create(tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1)
+    alerter = Alerter(redis, settings, cell=2)
+    [no_workers] = [c for c in await alerter.conditions() if c.kind is AlertKind.NO_WORKERS]
+    assert no_workers.holds and "waiting in cell 2 and" in no_workers.summary
+    assert no_workers.details["cell"] == 2
 
 
 def test_worker_refuses_a_cell_that_does_not_exist(tmp_path: Path) -> None:
