@@ -21,6 +21,7 @@ import pytest
 from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 
+from jobcast.cli.cells import check_cells
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import schema
 from jobcast.worker.alerts import Alerter, AlertKind
@@ -130,7 +131,7 @@ async def test_three_cells_keep_each_tenant_whole_and_every_server_serves_all(tm
         worker = WorkerProcess(settings, tmp_path / "worker.log")
         try:
             await asyncio.gather(asyncio.to_thread(web_a.wait_ready, 60), asyncio.to_thread(web_b.wait_ready, 60))
-            await check_cells(settings, cells, web_a.url, web_b.url)
+            await check_three_cells(settings, cells, web_a.url, web_b.url)
         except BaseException:
             print(web_a.output(), web_b.output(), worker.output(), sep="\n----\n")
             raise
@@ -139,7 +140,7 @@ async def test_three_cells_keep_each_tenant_whole_and_every_server_serves_all(tm
                 proc.close()
 
 
-async def check_cells(settings: Settings, cells: list[RedisProcess], url_a: str, url_b: str) -> None:
+async def check_three_cells(settings: Settings, cells: list[RedisProcess], url_a: str, url_b: str) -> None:
     # Every tenant's feed, followed on one server or the other, subscribed before anything is submitted.
     connected = {tenant: asyncio.Event() for tenant in TENANTS}
     feeds = {
@@ -330,6 +331,26 @@ async def test_an_alert_of_a_cell_says_which(store: Store, redis: Redis, setting
     [no_workers] = [c for c in await alerter.conditions() if c.kind is AlertKind.NO_WORKERS]
     assert no_workers.holds and "waiting in cell 2 and" in no_workers.summary
     assert no_workers.details["cell"] == 2
+
+
+def test_processes_refuse_to_start_on_a_reordered_cell_list(tmp_path: Path) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        in_order = cells_settings(cells)
+        asyncio.run(check_cells(in_order.cell_urls))  # what every process does at start
+        asyncio.run(check_cells(in_order.cell_urls))  # and again: the same order is fine
+        swapped = in_order.model_copy(update={"redis_urls": f"{cells[1].url},{cells[0].url}"})
+        for command in (["worker"], ["web", "--port", "0"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "jobcast", *command],
+                env=process_env(swapped),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, (command, done.stderr)
+            assert "the Redis of cell 0 in JOBCAST_REDIS_URLS was cell 1" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
 
 
 def test_worker_refuses_a_cell_that_does_not_exist(tmp_path: Path) -> None:

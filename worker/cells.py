@@ -15,6 +15,10 @@ override line that pins them all before a cell is added (docs/design/cells.md).
 
 **Where a job lives**: the cell its id names (:func:`jobcast.worker.ids.cell_of`), which is its
 tenant's cell when it was made, so a tenant moved by an override still finds its older jobs.
+
+**A reordered list is caught**: each Redis remembers the index it was first used as
+(``schema.CELL_INDEX``), and ``jobcast web`` and ``jobcast worker`` refuse to start when a cell's
+Redis says another index (:func:`jobcast.cli.cells.check_cells`).
 """
 
 from __future__ import annotations

@@ -8,22 +8,29 @@ another cell than its own was moved (its older jobs stay readable by id; see doc
 ``--if-cells N`` shows where each would be placed with N cells, and which would move. The last
 line is the ``JOBCAST_CELL_PLACEMENT`` value that pins every known tenant where it is now: set it
 before appending a cell, so no tenant moves (new tenants are then placed by the hash over all cells).
+
+Also here: :func:`check_cells`, which ``jobcast web`` and ``jobcast worker`` run before they start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from jobcast.worker import schema
 from jobcast.worker.cells import Placement
-from jobcast.worker.settings import Settings
+from jobcast.worker.connections import redis_for
+from jobcast.worker.settings import ConfigError, Settings
 from jobcast.worker.store import redis_client
 
 from ..keys import ApiKeys
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,3 +95,31 @@ def report(settings: Settings, places: list[TenantPlace], *, as_json: bool) -> s
 
 def run_cells(settings: Settings, *, if_cells: int | None, as_json: bool) -> None:
     print(report(settings, asyncio.run(survey(settings, if_cells)), as_json=as_json))
+
+
+async def check_cell(url: str, index: int) -> None:
+    """Remember in ``url``'s Redis that it is cell ``index``, or refuse when it was another one."""
+    redis = redis_for(url)
+    try:
+        if await redis.set(schema.CELL_INDEX, index, nx=True):
+            return
+        claimed = await redis.get(schema.CELL_INDEX)
+    finally:
+        await redis.aclose()
+    if str(claimed) != str(index):
+        raise ConfigError(
+            f"the Redis of cell {index} in JOBCAST_REDIS_URLS was cell {claimed}: the list was reordered or an "
+            "entry removed, which would move tenants away from their jobs. Restore the previous order (cells "
+            "are only ever appended)."
+        )
+
+
+async def check_cells(urls: list[str]) -> None:
+    """:func:`check_cell` for every cell, at once; a cell not reachable now is skipped (the process
+    starts and reconnects by itself, as with one Redis), with a warning."""
+    results = await asyncio.gather(*(check_cell(url, i) for i, url in enumerate(urls)), return_exceptions=True)
+    for index, result in enumerate(results):
+        if isinstance(result, (RedisError, OSError)):
+            logger.warning("cell %d not reachable to check its index (%s); not checked", index, result)
+        elif isinstance(result, BaseException):
+            raise result

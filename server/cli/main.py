@@ -91,11 +91,21 @@ def cmd_web(args: argparse.Namespace) -> None:
     if args.shared_port:  # one of the processes of a supervisor (see jobcast.cli.web)
         serve(settings, args.host, args.port, shared_port=True)
         return
+    _check_cells(settings)
     processes = process_count(settings, args.processes)
     if processes == 1:
         serve(settings, args.host, args.port, shared_port=False)
     else:
         supervise(args.host, args.port, processes)
+
+
+def _check_cells(settings: Settings) -> None:
+    """Refuse to start when JOBCAST_REDIS_URLS was reordered (jobcast.cli.cells.check_cells)."""
+    import asyncio
+
+    from .cells import check_cells
+
+    asyncio.run(check_cells(settings.cell_urls))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -104,6 +114,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     overrides = {"worker_cells": args.cells} if args.cells is not None else {}
     settings = Settings.from_env(**overrides)
     configure_logging(settings)
+    _check_cells(settings)
     run(settings)
 
 
