@@ -2,8 +2,9 @@
 
 The acceptance test runs the Procfile's processes — two ``jobcast web`` and one ``jobcast worker``
 — against three cells (three redis-servers of its own) with tenants placed by the hash and by an
-override, and checks where every byte went. The rest checks the placement rules and the start-up
-errors without Redis.
+override, and checks where every byte went. The others: a worker given some cells, webhooks and a
+cell that goes down on two cells (in-process server and workers), the start-up refusals (a reordered
+list, a cell that does not exist), ``jobcast cells``, and the placement rules and ids without Redis.
 """
 
 from __future__ import annotations
