@@ -88,14 +88,30 @@ async def follow_feed(url: str, tenant: str, connected: asyncio.Event, jobs: int
     raise AssertionError(f"{tenant}'s feed ended early: {seen}")
 
 
-async def job_stream(url: str, job_id: str, token: str) -> list[str]:
-    """A job's whole stream, read with its job token from the server at ``url``."""
+async def job_stream(url: str, job_id: str, token: str, opened: asyncio.Event | None = None) -> list[str]:
+    """A job's whole stream, read with its job token from the server at ``url``; ``opened`` is set
+    once its first event (the job's ``job.queued``) arrived: it is subscribed."""
+    seen: list[str] = []
     async with (
         httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client,
         aconnect_sse(client, "GET", f"/jobs/{job_id}/events") as source,
     ):
         assert source.response.status_code == 200, await source.response.aread()
-        return [sse.event async for sse in source.aiter_sse() if sse.data]
+        async for sse in source.aiter_sse():
+            if sse.data:
+                seen.append(sse.event)
+                if opened is not None:
+                    opened.set()
+    return seen
+
+
+async def opened_job_stream(url: str, job_id: str, token: str) -> asyncio.Task[list[str]]:
+    """:func:`job_stream` as a task, returned once the stream is open."""
+    opened = asyncio.Event()
+    task = asyncio.create_task(job_stream(url, job_id, token, opened))
+    async with asyncio.timeout(30):
+        await opened.wait()
+    return task
 
 
 def metric(text: str, name: str) -> float:
@@ -255,6 +271,25 @@ async def test_a_worker_serves_only_the_cells_it_is_given(tmp_path: Path) -> Non
             worker.close()
             for client in redis:
                 await client.aclose()
+
+
+async def test_a_moved_tenant_still_reads_its_older_jobs_by_id(tmp_path: Path) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        before = cells_settings(cells, archive_url=f"sqlite:///{tmp_path / 'archive.sqlite3'}")
+        assert before.placement.tenant_cell("acme") == 1
+        body = {"type": "sleep", "params": {"seconds": 0}}
+        async with serving(before, headers=key_of("acme")) as client:
+            old = (await client.post("/jobs", json=body)).json()
+        moved = before.model_copy(update={"cell_placement": "acme=0"})
+        async with serving(moved, headers=key_of("acme")) as client:
+            new = (await client.post("/jobs", json=body)).json()
+            assert (cell_of(old["id"], 2), cell_of(new["id"], 2)) == (1, 0)
+            # The old job, in the cell the tenant left: read, followed and cancelled by its id.
+            assert (await client.get(f"/jobs/{old['id']}")).json()["status"] == "queued"
+            events = await opened_job_stream(str(client.base_url), old["id"], old["token"])
+            cancelled = await client.post(f"/jobs/{old['id']}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+            assert await events == ["job.queued", "job.cancelled"]
 
 
 async def test_a_cell_down_stops_only_its_tenants(tmp_path: Path) -> None:
