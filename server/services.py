@@ -10,13 +10,16 @@ its id names (:meth:`Services.job_cell`), which needs no lookup.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from jobcast.worker import history, schema
 from jobcast.worker.destinations import DestinationStore
+from jobcast.worker.history import JobQuery
 from jobcast.worker.records import JobRecord
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
@@ -73,6 +76,22 @@ class Services:
         if index is None:
             raise job_not_found(job_id)
         return self.cells[index]
+
+    async def list_jobs(
+        self, tenant: str, query: JobQuery, limit: int, before: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        """A page of the tenant's jobs (``GET /jobs``): its cell's and the archive's, and those still
+        in a cell it was moved away from — looked for with one EXISTS per other cell, at once, and
+        merged in like a third tier (:func:`jobcast.worker.history.merge_pages`)."""
+        home = self.tenant_cell(tenant)
+        others = [cell for cell in self.cells if cell is not home]
+        held = await asyncio.gather(*(cell.redis.exists(schema.index_key(tenant)) for cell in others))
+        records, cursor = await home.store.list_jobs(tenant, query=query, limit=limit, before=before)
+        for cell, here in zip(others, held, strict=True):
+            if here:
+                live, bound = await history.list_jobs(cell.redis, None, tenant, query, limit, before)
+                records, cursor = history.merge_pages(records, cursor, live, bound, limit)
+        return records, cursor
 
     async def load_job(self, job_id: str, tenant: str) -> JobRecord:
         """The tenant's job, or a 404 that says how to find the right id."""

@@ -273,7 +273,7 @@ async def test_a_worker_serves_only_the_cells_it_is_given(tmp_path: Path) -> Non
                 await client.aclose()
 
 
-async def test_a_moved_tenant_still_reads_its_older_jobs_by_id(tmp_path: Path) -> None:
+async def test_a_moved_tenant_still_reads_and_lists_its_older_jobs(tmp_path: Path) -> None:
     with redis_cells(tmp_path, 2) as cells:
         before = cells_settings(cells, archive_url=f"sqlite:///{tmp_path / 'archive.sqlite3'}")
         assert before.placement.tenant_cell("acme") == 1
@@ -290,6 +290,16 @@ async def test_a_moved_tenant_still_reads_its_older_jobs_by_id(tmp_path: Path) -
             cancelled = await client.post(f"/jobs/{old['id']}/cancel")
             assert cancelled.status_code == 200, cancelled.text
             assert await events == ["job.queued", "job.cancelled"]
+            # Its listing has both, newest first, a page at a time across the two cells.
+            listed, cursor = [], None
+            for _ in range(5):  # two pages, then the end
+                params = {"limit": 1, **({"cursor": cursor} if cursor else {})}
+                page = (await client.get("/jobs", params=params)).json()
+                listed += [item["id"] for item in page["items"]]
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    break
+            assert listed == [new["id"], old["id"]]
 
 
 async def test_a_cell_down_stops_only_its_tenants(tmp_path: Path) -> None:

@@ -173,8 +173,7 @@ async def list_jobs(request: Request) -> Response:
         search=query_search(request),
     )
     before = query_cursor(request)
-    store = svc.tenant_cell(principal.tenant).store
-    records, next_id = await store.list_jobs(principal.tenant, query=query, limit=limit, before=before)
+    records, next_id = await svc.list_jobs(principal.tenant, query, limit, before)
     redact = principal.kind != "key"
     items = [job_resource(r, redact_webhook=redact) for r in records]
     return json_response(JobList(items=items, next_cursor=next_id))
