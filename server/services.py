@@ -71,7 +71,7 @@ class Services:
         return self.cells[self.settings.placement.tenant_cell(tenant)]
 
     def job_cell(self, job_id: str) -> Cell:
-        """The cell job ``job_id`` lives in; a 404 when it is no job id or names no cell here."""
+        """The cell job ``job_id`` lives in (:meth:`Placement.job_cell`); a 404 when it is no job id."""
         index = self.settings.placement.job_cell(job_id)
         if index is None:
             raise job_not_found(job_id)

@@ -230,7 +230,8 @@ async def check_three_cells(settings: Settings, cells: list[RedisProcess], url_a
             assert metric(text, "jobcast_workers_live") == 1  # the one worker serves every cell
             assert metric(text, "jobcast_cell_workers_live") == 3
 
-    # An id naming a cell that does not exist: 404, as problem+json, from every route that takes one.
+    # An id naming a cell that does not exist, and in neither cell 0 nor the archive: 404, as
+    # problem+json, from every route that takes one.
     job_id = next(iter(jobs))
     nowhere = job_id[:14] + "05" + job_id[16:]
     async with httpx.AsyncClient(base_url=url_a, headers=key_of(jobs[job_id]), timeout=30) as client:
@@ -300,6 +301,24 @@ async def test_a_moved_tenant_still_reads_and_lists_its_older_jobs(tmp_path: Pat
                 if cursor is None:
                     break
             assert listed == [new["id"], old["id"]]
+
+
+async def test_a_job_from_before_cells_is_found_in_cell_0(tmp_path: Path) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        settings = cells_settings(cells, archive_url=f"sqlite:///{tmp_path / 'archive.sqlite3'}")
+        redis = redis_for(cells[0].url)
+        try:
+            # What one Redis held before cells: an id whose characters name no cell of these two.
+            before = await Store(redis, settings, cell=5).create(
+                tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1
+            )
+        finally:
+            await redis.aclose()
+        assert before.job_id is not None and cell_of(before.job_id, 2) == 5
+        async with serving(settings, headers=key_of("acme")) as client:
+            found = await client.get(f"/jobs/{before.job_id}")
+            assert found.status_code == 200, found.text
+            assert (await client.post(f"/jobs/{before.job_id}/cancel")).status_code == 200
 
 
 async def test_a_cell_down_stops_only_its_tenants(tmp_path: Path) -> None:
@@ -458,7 +477,9 @@ def test_job_ids_name_their_cell_and_keep_the_format() -> None:
     assert cell_of(new_job_id(cell=0), 1) == 0
     # With one cell every id is in it, whatever it says (ids made before cells say anything).
     assert cell_of("job_01M8VC9040FN7PY1XRCV8Y6XDV", 1) == 0
-    assert Placement(3, {}).job_cell("job_01M8VC9040ZZ7PY1XRCV8Y6XDV") is None
+    # An id naming no cell here (made elsewhere, or before cells) is looked for in cell 0.
+    assert Placement(3, {}).job_cell("job_01M8VC9040ZZ7PY1XRCV8Y6XDV") == 0
+    assert Placement(3, {}).job_cell("job_01M8VC904002ZY1XRCV8Y6XDVA") == 2
     assert Placement(3, {}).job_cell("not-a-job") is None
     ids = [new_job_id(5, cell=2) for _ in range(100)]
     assert ids == sorted(ids) and len(set(ids)) == 100

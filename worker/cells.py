@@ -117,11 +117,15 @@ class Placement:
         return override if override is not None else jump_hash(tenant_hash(tenant), self.cells)
 
     def job_cell(self, job_id: str) -> int | None:
-        """The cell job ``job_id`` lives in; None when the id is not a job id or names no cell here."""
+        """The cell job ``job_id`` lives in; None when it is not a job id.
+
+        An id naming a cell that does not exist was not made here, or was made before cells (random
+        characters where the cell goes): it is looked for in cell 0, the Redis of a deployment that
+        had one, and so in the archive, and is a 404 when it is in neither."""
         if not is_job_id(job_id):
             return None
         cell = cell_of(job_id, self.cells)
-        return cell if cell < self.cells else None
+        return cell if cell < self.cells else 0
 
     def pinning_line(self, tenants: Iterable[str]) -> str:
         """The ``JOBCAST_CELL_PLACEMENT`` value that keeps every one of ``tenants`` where it is now
