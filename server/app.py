@@ -1,7 +1,8 @@
 """The Starlette application: ``create_app()`` is the uvicorn factory (see the Procfile).
 
-The lifespan owns every resource (the Redis pool, the event hub) and hands them to the routes as one
-:class:`jobcast.services.Services` in Starlette's lifespan state; nothing connects at import time.
+The lifespan owns every resource (per cell: the Redis pool, the event hub; the archive) and hands
+them to the routes as one :class:`jobcast.services.Services` in Starlette's lifespan state; nothing
+connects at import time.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from .auth import Authenticator
 from .http_guard import guarded_protocol
 from .hub import Hub, StreamConfig
 from .keys import ApiKeys
-from .limits import RateLimiter, StreamSlots
+from .limits import ProcessStreams, RateLimiter, StreamSlots
 from .openapi import build_openapi, documented_query_params, enforce_documented_query
 from .overview import OverviewFeed
 from .problems import EXCEPTION_HANDLERS
 from .routes import events, routes
-from .services import STATE_KEY, Services
+from .services import STATE_KEY, Cell, Services
 from .tokens import TokenSigner
 from .ws import UVICORN_WS_OPTIONS
 from .ws.registry import Sockets
@@ -57,49 +58,46 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
     else:
         settings.check_production()
     registry = load_registry(settings)
-    rate = settings.submit_rate_limit
     document = build_openapi(registry)
     openapi = orjson.dumps(document)
     asyncapi = render_asyncapi()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
-        redis = redis_client(settings)
-        archive = Archive(settings.archive_url)  # connects on first use
-        slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
-        config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
-        hub = Hub(redis, config, on_connect=slots.open_script.load)
-        await hub.start()
+        archive = Archive(settings.archive_url)  # connects on first use; one for all cells
+        process = ProcessStreams(settings.sse_max_streams)
+        cells = tuple(build_cell(settings, index, archive, process) for index in range(len(settings.cell_urls)))
         sockets = Sockets()
-
-        def drain() -> None:
-            hub.drain()
-            sockets.drain()
-
-        app.state.drain = drain
-        overview = OverviewFeed(redis)
-        refresher = supervise("jobcast-stream-slots", slots.refresh_forever)
-        background = [refresher, supervise("jobcast-overviews", overview.run_forever)]
-        if settings.alert_webhook_url:
-            alerter = Alerter(redis, settings)
-            background.append(supervise("jobcast-alerts", alerter.run_forever))
-        background.append(supervise("jobcast-ws-watchdog", lambda: sockets.watch_writes(settings.sse_send_timeout_s)))
+        background: list[asyncio.Task[None]] = []
         try:
+            for cell in cells:
+                await cell.hub.start()
+
+            def drain() -> None:
+                for cell in cells:
+                    cell.hub.drain()
+                sockets.drain()
+
+            app.state.drain = drain
+            for cell in cells:
+                background += [
+                    supervise(f"jobcast-stream-slots-{cell.index}", cell.stream_slots.refresh_forever),
+                    supervise(f"jobcast-overviews-{cell.index}", cell.overview.run_forever),
+                ]
+                if settings.alert_webhook_url:  # per cell: its lock, its state, its conditions
+                    alerter = Alerter(cell.redis, settings, cell.index if len(cells) > 1 else None)
+                    background.append(supervise(f"jobcast-alerts-{cell.index}", alerter.run_forever))
+            background.append(
+                supervise("jobcast-ws-watchdog", lambda: sockets.watch_writes(settings.sse_send_timeout_s))
+            )
             yield {
                 STATE_KEY: Services(
                     settings=settings,
-                    redis=redis,
-                    store=Store(redis, settings, archive),
-                    hub=hub,
+                    cells=cells,
                     registry=registry,
-                    auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key), ApiKeys(redis)),
-                    rate_limiter=RateLimiter(redis, rate) if rate else None,
+                    auth=Authenticator(settings.tenant_keys, TokenSigner(settings.secret_key), ApiKeys(cells[0].redis)),
                     openapi=openapi,
-                    stream_slots=slots,
-                    webhooks=WebhookStore(redis, settings, archive),
                     metrics_open=settings.env == "development" or is_private_bind(bind_host),
-                    overview=overview,
-                    destinations=DestinationStore(redis, settings),
                     asyncapi=asyncapi,
                     sockets=sockets,
                 )
@@ -111,9 +109,11 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                 for task in background:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                await hub.stop()
+                for cell in cells:
+                    await cell.hub.stop()
             finally:
-                await redis.aclose()  # whatever happened above: no connection left to the collector
+                for cell in cells:  # whatever happened above: no connection left to the collector
+                    await cell.redis.aclose()
                 await archive.close()
 
     app = JobcastApp(
@@ -126,6 +126,25 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
     )
     app.stream_query = documented_query_params(document)
     return app
+
+
+def build_cell(settings: Settings, index: int, archive: Archive, process: ProcessStreams) -> Cell:
+    """Cell ``index`` as a server process uses it (nothing connects yet)."""
+    redis = redis_client(settings, index)
+    slots = StreamSlots(redis, process=process, per_tenant=settings.sse_max_streams_per_tenant)
+    config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
+    rate = settings.submit_rate_limit
+    return Cell(
+        index=index,
+        redis=redis,
+        store=Store(redis, settings, archive, cell=index),
+        hub=Hub(redis, config, cell=index, on_connect=slots.open_script.load),
+        stream_slots=slots,
+        webhooks=WebhookStore(redis, settings, archive, cell=index),
+        destinations=DestinationStore(redis, settings, cell=index),
+        overview=OverviewFeed(redis),
+        rate_limiter=RateLimiter(redis, rate) if rate else None,
+    )
 
 
 def server_config(app: Starlette, settings: Settings, *, host: str, port: int, **options: Any) -> uvicorn.Config:

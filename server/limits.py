@@ -81,13 +81,34 @@ def streams_full_problem(full: StreamsFull, *, what: str, tenant_hint: str, proc
     return Unavailable(f"This server has {full.cap} {what} open, its limit; retry shortly{process_hint}.")
 
 
+class ProcessStreams:
+    """This process's count of open streams and held long-polls, against its cap: one for all cells.
+
+    Taken by :meth:`reserve`, which checks and counts without awaiting anything: concurrent
+    connects cannot all pass a check made before any of them counted."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.count = 0
+
+    def reserve(self) -> None:
+        """Count one more stream in this process; raises :class:`StreamsFull` at the cap."""
+        if self.count >= self.cap:
+            raise StreamsFull("process", self.cap)
+        self.count += 1
+
+    def unreserve(self) -> None:
+        self.count -= 1
+
+
 class StreamSlots:
     """Caps on open event streams, and on held long-polls (``GET /jobs/{id}?wait=``, which hold a
-    connection the same way): per server process (in memory, no Redis) and per tenant (in Redis, so
-    the cap holds across processes).
+    connection the same way): per server process (in memory, no Redis, shared by the cells'
+    StreamSlots: :class:`ProcessStreams`) and per tenant (in the Redis of one cell, so the cap holds
+    across processes; a stream of a job is counted in the job's cell, which is its tenant's unless
+    the tenant was moved since).
 
-    The process cap is taken by :meth:`reserve`, which checks and counts without awaiting anything:
-    concurrent connects cannot all pass a check made before any of them counted. The tenant's slot
+    The process cap is taken by :meth:`reserve`. The tenant's slot
     is taken by the script that opens a stream (``worker/lua/streams.lua``, in the same round trip
     as the log read): each open stream holds a member of the tenant's zset whose score is an
     expiry, and this process pushes its members' expiry forward every ``REFRESH_S`` (one ZADD per
@@ -97,27 +118,24 @@ class StreamSlots:
     TTL_S = 60.0
     REFRESH_S = 20.0
 
-    def __init__(self, redis: Redis, *, per_process: int, per_tenant: int) -> None:
+    def __init__(self, redis: Redis, *, process: ProcessStreams, per_tenant: int) -> None:
         self.redis = redis
-        self.per_process = per_process
+        self.process = process
         self.per_tenant = per_tenant
         self._open: dict[str, set[str]] = {}
-        self._count = 0
         #: Opens a stream: takes the tenant's slot in the round trip that reads the log.
         self.open_script = schema.StreamOpenScript(redis)
 
     @property
     def open_streams(self) -> int:
-        return self._count
+        """Open in this process, all cells."""
+        return self.process.count
 
     def reserve(self) -> None:
-        """Count one more stream in this process; raises :class:`StreamsFull` at the cap."""
-        if self._count >= self.per_process:
-            raise StreamsFull("process", self.per_process)
-        self._count += 1
+        self.process.reserve()
 
     def unreserve(self) -> None:
-        self._count -= 1
+        self.process.unreserve()
 
     @staticmethod
     def new_slot() -> str:

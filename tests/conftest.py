@@ -66,9 +66,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 
 
 def make_settings(redis_url: str, **overrides: Any) -> Settings:
+    """The tests' settings on ``redis_url`` (or, with ``redis_urls=`` among ``overrides``, on those cells)."""
     values: dict[str, Any] = {
         "env": "production",
-        "redis_url": redis_url,
+        **({} if "redis_urls" in overrides else {"redis_url": redis_url}),
         "api_keys": API_KEYS,
         "secret_key": SECRET,
         "job_modules": "tests.jobtypes",
@@ -168,8 +169,9 @@ async def serving(settings: Settings, headers: dict[str, str] = ACME) -> AsyncIt
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[JobcastWorker]:
-    worker = build_worker(settings, handle_signals=False)
+async def running_worker(settings: Settings, cell: int = 0) -> AsyncIterator[JobcastWorker]:
+    """An in-process worker of cell ``cell`` (the only one with one Redis)."""
+    worker = build_worker(settings, cell=cell, handle_signals=False)
     task = asyncio.create_task(worker.async_run())
     try:
         yield worker
@@ -190,7 +192,11 @@ def process_env(settings: Settings, **extra_env: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBCAST_")}
     env.update(
         {
-            "JOBCAST_REDIS_URL": settings.redis_url,
+            **(
+                {"JOBCAST_REDIS_URLS": settings.redis_urls, "JOBCAST_CELL_PLACEMENT": settings.cell_placement}
+                if settings.redis_urls
+                else {"JOBCAST_REDIS_URL": settings.redis_url}
+            ),
             "JOBCAST_API_KEYS": settings.api_keys,
             "JOBCAST_SECRET_KEY": settings.secret_key,
             "JOBCAST_JOB_MODULES": settings.job_modules,
@@ -274,6 +280,19 @@ class WebProcess(JobcastProcess):
             time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def redis_cells(folder: Path, count: int) -> Iterator[list[RedisProcess]]:
+    """``count`` redis-servers of their own (cells, by index), each on a free port, stopped after."""
+    cells = [RedisProcess(folder / f"cell-{index}") for index in range(count)]
+    try:
+        for cell in cells:
+            cell.start()
+        yield cells
+    finally:
+        for cell in cells:
+            cell.stop()
+
+
 @pytest.fixture
 def worker_processes(settings: Settings, tmp_path: Path) -> Iterator[Any]:
     """``start(settings=None)`` runs a worker process (with the test's settings unless given others)."""
@@ -291,7 +310,7 @@ def worker_processes(settings: Settings, tmp_path: Path) -> Iterator[Any]:
 
 def hub_of(server: ServerHandle) -> Hub:
     """The event hub of an in-process server (its lifespan state), for waiting on its subscribers."""
-    hub: Hub = server.server.lifespan.state[STATE_KEY].hub
+    hub: Hub = server.server.lifespan.state[STATE_KEY].cells[0].hub
     return hub
 
 

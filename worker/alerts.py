@@ -88,12 +88,17 @@ class Condition:
 
 
 class Alerter:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    """The alerts of one cell's Redis (its own lock and state). ``cell``: its index when there are
+    several, said in the system-wide conditions (a cell nobody serves is what ``no_workers`` means)."""
+
+    def __init__(self, redis: Redis, settings: Settings, cell: int | None = None) -> None:
         self.redis = redis
         self.settings = settings
-        self.store = Store(redis, settings)
-        self.webhooks = WebhookStore(redis, settings)
-        self.destinations = DestinationStore(redis, settings)
+        self._where = f" in cell {cell}" if cell is not None else ""
+        self._cell = {"cell": cell} if cell is not None else {}
+        self.store = Store(redis, settings, cell=cell or 0)
+        self.webhooks = WebhookStore(redis, settings, cell=cell or 0)
+        self.destinations = DestinationStore(redis, settings, cell=cell or 0)
         self.sender = Sender(settings, allow_private=True)
         self.keys = settings.alert_keys
 
@@ -135,9 +140,9 @@ class Alerter:
                 AlertKind.NO_WORKERS,
                 None,
                 live == 0 and queued > 0,
-                f"{queued} jobs are waiting and no worker has been alive for "
+                f"{queued} jobs are waiting{self._where} and no worker has been alive for "
                 f"{self.settings.alert_no_worker_s:g} s",
-                {"queued": queued, "live_workers": live},
+                {"queued": queued, "live_workers": live, **self._cell},
                 for_s=self.settings.alert_no_worker_s,
             )
         )
@@ -147,9 +152,9 @@ class Alerter:
                 AlertKind.QUEUE_BACKLOG,
                 None,
                 threshold > 0 and queued > threshold,
-                f"{queued} jobs queued, over the threshold of {threshold} for "
+                f"{queued} jobs queued{self._where}, over the threshold of {threshold} for "
                 f"{self.settings.alert_queue_for_s:g} s",
-                {"queued": queued, "threshold": threshold},
+                {"queued": queued, "threshold": threshold, **self._cell},
                 for_s=self.settings.alert_queue_for_s,
             )
         )

@@ -63,11 +63,11 @@ def _ms() -> int:
 
 
 class Archiver:
-    def __init__(self, redis: Redis, settings: Settings, archive: Archive) -> None:
+    def __init__(self, redis: Redis, settings: Settings, archive: Archive, cell: int = 0) -> None:
         self.redis = redis
         self.settings = settings
         self.archive = archive
-        self._script = schema.JobsScript(redis, settings)
+        self._script = schema.JobsScript(redis, settings, cell)
         self._next_retention = 0.0
 
     async def run_forever(self) -> None:

@@ -329,9 +329,9 @@ class DeliveryWorker(DoorbellWorker):
     """The arq worker of the delivery queue, run inside a :class:`jobcast.worker.main.JobcastWorker`, which
     shares its arq pool and Redis client and rings :meth:`wake` on the webhook doorbell."""
 
-    def __init__(self, settings: Settings, *, redis: Redis, pool: ArqRedis) -> None:
+    def __init__(self, settings: Settings, *, redis: Redis, pool: ArqRedis, cell: int = 0) -> None:
         self.sender = Sender(settings)
-        dispatcher = Dispatcher(WebhookStore(redis, settings), self.sender, settings)
+        dispatcher = Dispatcher(WebhookStore(redis, settings, cell=cell), self.sender, settings)
         # Longer than an attempt can take (its two Redis steps are bounded too), so arq never
         # times a delivery out: that would drop its arq job and lose the delivery.
         timeout = attempt_max_s(settings)

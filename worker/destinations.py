@@ -51,10 +51,10 @@ def _iso_of_ms(raw: str | None) -> str | None:
 class DestinationStore:
     """A tenant's destinations as ``GET /webhooks/destinations`` lists them, and their re-enabling."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, cell: int = 0) -> None:
         self.redis = redis
         self.settings = settings
-        self._script = schema.JobsScript(redis, settings)
+        self._script = schema.JobsScript(redis, settings, cell)
 
     async def for_tenant(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         """The tenant's destinations, most recently used first."""

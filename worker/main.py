@@ -7,6 +7,11 @@ doorbell of the delivery worker that runs beside the jobs, on its own queue
 (:mod:`jobcast.worker.delivery`, which says why it is not a process of its own). The process also moves
 finished jobs to the archive (:mod:`jobcast.worker.archiver`).
 
+With several cells (:mod:`jobcast.worker.cells`) the process runs one :class:`JobcastWorker` per
+cell it serves (all by default; ``jobcast worker --cells 0,2``), each a whole worker of that cell —
+its arq queue, doorbell, webhook deliveries, maintenance and archiver — in one event loop, stopped
+together by one signal handler. ``JOBCAST_WORKER_CONCURRENCY`` is per cell served.
+
 A departure from arq's defaults, deliberate: every job run gets its own arq id (``{job id}.{run}``,
 see ``lua/jobs.lua``), and arq's own retry and abort machinery is not used: retries, cancellation
 and lost workers are handled by :mod:`jobcast.worker.runner` against the job record, which is the source
@@ -51,13 +56,16 @@ async def run_job(ctx: dict[str, Any], job_id: str, run: int) -> None:
 
 
 class JobcastWorker(DoorbellWorker):
-    def __init__(self, settings: Settings, registry: Registry, *, handle_signals: bool = True) -> None:
+    """The worker of one cell (``cell``: its index)."""
+
+    def __init__(self, settings: Settings, registry: Registry, *, cell: int = 0, handle_signals: bool = True) -> None:
         self.settings = settings
         self.registry = registry
+        self.cell = cell
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         super().__init__(
             functions=[func(run_job, name=schema.ARQ_FUNCTION, timeout=registry.max_timeout_s + 60, max_tries=1000)],
-            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            redis_settings=RedisSettings.from_dsn(settings.cell_urls[cell]),
             queue_name=schema.ARQ_QUEUE,
             max_jobs=settings.worker_concurrency,
             handle_signals=handle_signals,
@@ -69,6 +77,8 @@ class JobcastWorker(DoorbellWorker):
             lock_timeout_s=IN_PROGRESS_LOCK_S,
         )
         self._background: list[asyncio.Task[None]] = []
+        #: Set once it was told to stop (a signal, or a part of it died).
+        self.stop_requested = False
         #: What killed a part of this worker (it then stops, and ``run`` exits with status 1).
         self.died: BaseException | None = None
         self._redis: Redis | None = None
@@ -80,15 +90,15 @@ class JobcastWorker(DoorbellWorker):
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
-        self._redis = redis_client(self.settings)
-        store = Store(self._redis, self.settings)
+        self._redis = redis_client(self.settings, self.cell)
+        store = Store(self._redis, self.settings, cell=self.cell)
         runner = Runner(store, self.registry, self.settings, self.worker_id)
         await store.worker_seen(self.worker_id)
         ctx["runner"] = runner
-        self.deliveries = DeliveryWorker(self.settings, redis=self._redis, pool=self.pool)
+        self.deliveries = DeliveryWorker(self.settings, redis=self._redis, pool=self.pool, cell=self.cell)
         deliveries = self.deliveries
         self._archive = Archive(self.settings.archive_url)
-        archiver = Archiver(self._redis, self.settings, self._archive)
+        archiver = Archiver(self._redis, self.settings, self._archive, cell=self.cell)
         # Supervised (worker.supervision): a loop that dies of something unexpected is logged and
         # run again; the delivery worker, an arq worker of its own, cannot be, so the process stops.
         self._background = [
@@ -99,8 +109,9 @@ class JobcastWorker(DoorbellWorker):
             supervise("jobcast-archiver", archiver.run_forever),
         ]
         logger.info(
-            "worker %s ready: %d job types (%s), concurrency %d, webhook deliveries %d",
+            "worker %s ready%s: %d job types (%s), concurrency %d, webhook deliveries %d",
             self.worker_id,
+            f" for cell {self.cell}" if len(self.settings.cell_urls) > 1 else "",
             len(self.registry),
             ", ".join(jt.name for jt in self.registry),
             self.max_jobs,
@@ -160,6 +171,7 @@ class JobcastWorker(DoorbellWorker):
             delay = min(delay * 2, RECONNECT_MAX_S)
 
     def _on_stop_signal(self, signum: signal.Signals) -> None:
+        self.stop_requested = True
         logger.info(
             "worker %s: %s received: taking no new jobs; %d running get %ss to finish",
             self.worker_id,
@@ -178,20 +190,52 @@ class JobcastWorker(DoorbellWorker):
             await self.close_pool()
 
 
-def build_worker(settings: Settings, *, handle_signals: bool = True) -> JobcastWorker:
-    return JobcastWorker(settings, load_registry(settings), handle_signals=handle_signals)
+def build_worker(settings: Settings, *, cell: int = 0, handle_signals: bool = True) -> JobcastWorker:
+    return JobcastWorker(settings, load_registry(settings), cell=cell, handle_signals=handle_signals)
 
 
 def run(settings: Settings) -> None:
-    """Run a worker in this process until SIGTERM/SIGINT (the Procfile's ``worker`` line)."""
+    """Run the workers of the cells this process serves until SIGTERM/SIGINT (the Procfile's
+    ``worker`` line); exit 1 when a part of one died (the others then stop as on SIGTERM)."""
     import uvloop
 
     # arq logs every pickup with a "delayed=" figure computed from the queue score, which our
     # priority boost makes meaningless; the lifecycle is logged by worker.store instead.
     logging.getLogger("arq.worker").setLevel(max(logging.WARNING, logging.getLogger().level))
 
-    asyncio.set_event_loop(uvloop.new_event_loop())
-    worker = build_worker(settings)
-    worker.run()
-    if worker.died is not None:
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    # Built with the loop in place (arq's Worker takes the current one); signals are ours, for all.
+    workers = [build_worker(settings, cell=cell, handle_signals=False) for cell in settings.served_cells]
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _stop_all, workers, signum)
+    try:
+        loop.run_until_complete(_run_all(workers))
+    finally:
+        loop.close()
+    if any(worker.died is not None for worker in workers):
         raise SystemExit(1)
+
+
+def _stop_all(workers: list[JobcastWorker], signum: signal.Signals) -> None:
+    """Stop every worker as arq stops one on a signal: no new jobs, running ones get their grace."""
+    for worker in workers:
+        if not worker.stop_requested:
+            worker.handle_sig_wait_for_completion(signum)
+
+
+async def _run_all(workers: list[JobcastWorker]) -> None:
+    """Run the workers until they stop; once one stops (a part of it died, or it could not start),
+    the others stop too, and what ended it is raised (a Redis never reached: the CLI says where).
+    Each is closed as arq's ``run()`` closes it (its ``on_shutdown``, then its pool)."""
+    tasks = [asyncio.ensure_future(worker.async_run()) for worker in workers]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        _stop_all(workers, signal.SIGTERM)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for worker in workers:
+            await worker.close()
+    for error in [task.exception() for task in tasks if not task.cancelled()]:
+        if error is not None:
+            raise error

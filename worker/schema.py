@@ -41,6 +41,7 @@ key                                    type     holds
 ``jobcast:webhook-waits``              hash     deferred attempts and their waits, by reason
 ``jobcast:alerts``                     hash     operator alert state, by ``{kind}|{tenant}``
 ``jobcast:alerts:lock``                string   which server process evaluates alerts this round
+``jobcast:cell``                       string   the index of the cell this Redis is (never tagged: see CELL_INDEX)
 =====================================  =======  ===============================================
 
 Channels: ``jobcast:{c<cell>}:events:{t}`` (every event of tenant ``t``, see :func:`tenant_channel`;
@@ -109,6 +110,10 @@ DISABLED_DESTINATIONS = PREFIX + "disabled-destinations"
 WEBHOOK_WAITS = PREFIX + "webhook-waits"
 ALERTS = PREFIX + "alerts"
 ALERTS_LOCK = PREFIX + "alerts:lock"
+#: The cell index this Redis was first used as (worker.cells.check_cells). Deliberately one fixed
+#: name in every cell, outside any cell's hash tag: it must be found whatever index a process with a
+#: reordered JOBCAST_REDIS_URLS takes this Redis for.
+CELL_INDEX = PREFIX + "cell"
 
 ARQ_QUEUE = default_queue_name
 ARQ_FUNCTION = "jobcast.run"

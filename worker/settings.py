@@ -22,6 +22,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .cells import Placement, parse_cell_list, parse_placement, parse_urls
 from .parsing import (
     RATE_RE,
     STANDARD_RETRY_SCHEDULE,
@@ -63,7 +64,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JOBCAST_", extra="ignore")
 
     env: Literal["production", "development"] = "production"
+    #: One cell's Redis; several cells: ``redis_urls`` (comma-separated, append-only), not both.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_urls: str = ""
+    #: ``tenant=cell,...``: tenants placed by the operator instead of by the hash (worker.cells).
+    cell_placement: str = ""
+    #: Worker: the cells it serves (``0,2``; ``jobcast worker --cells``); empty: all of them.
+    worker_cells: str = ""
     api_keys: str = ""
     secret_key: str = ""
     job_modules: str = ""
@@ -172,6 +179,9 @@ class Settings(BaseSettings):
     _webhook_rate: Rate = PrivateAttr(default=Rate(50, 1.0))
     _webhook_rates: dict[str, Rate] = PrivateAttr(default_factory=dict)
     _alert_keys: list[bytes] = PrivateAttr(default_factory=list)
+    _cell_urls: list[str] = PrivateAttr(default_factory=list)
+    _placement: Placement = PrivateAttr(default=Placement(1, {}))
+    _worker_cells: list[int] | None = PrivateAttr(default=None)
 
     @classmethod
     def from_env(cls, *, require_secrets: bool = True, **overrides: Any) -> Settings:
@@ -190,7 +200,10 @@ class Settings(BaseSettings):
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy with ``update`` applied and validated again, so parsed values follow it."""
-        return self.model_validate({**self.model_dump(), **(update or {})})
+        values = {**self.model_dump(), **(update or {})}
+        if values["redis_urls"] and "redis_url" not in (update or {}):
+            del values["redis_url"]  # its default, not a second setting beside the list
+        return self.model_validate(values)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -228,6 +241,7 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._alert_keys = self._parse_alert_keys()
+        self._parse_cells()
         if self.archive_after_s >= self.retention_s:
             raise ConfigError(
                 f"JOBCAST_ARCHIVE_AFTER_S ({self.archive_after_s}) must be less than JOBCAST_RETENTION_S "
@@ -241,6 +255,12 @@ class Settings(BaseSettings):
                 "JOBCAST_ARCHIVE_URL='postgresql://jobcast@db.internal/jobcast'."
             )
         return self
+
+    def _parse_cells(self) -> None:
+        self._cell_urls = parse_urls(self.redis_url, self.redis_urls, url_set="redis_url" in self.model_fields_set)
+        cells = len(self._cell_urls)
+        self._placement = Placement(cells, parse_placement(self.cell_placement, cells))
+        self._worker_cells = parse_cell_list(self.worker_cells, cells, "JOBCAST_WORKER_CELLS")
 
     def _parse_alert_keys(self) -> list[bytes]:
         if self.alert_webhook_secret:
@@ -324,6 +344,20 @@ class Settings(BaseSettings):
     def alert_keys(self) -> list[bytes]:
         """What signs alerts: JOBCAST_ALERT_WEBHOOK_SECRET, else the fallback webhook secret."""
         return self._alert_keys
+
+    @property
+    def cell_urls(self) -> list[str]:
+        """The Redis URL of each cell, by index (one: JOBCAST_REDIS_URL)."""
+        return self._cell_urls
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    @property
+    def served_cells(self) -> list[int]:
+        """Worker: the cells this worker serves (JOBCAST_WORKER_CELLS, by default all)."""
+        return self._worker_cells if self._worker_cells is not None else list(range(len(self._cell_urls)))
 
     @property
     def job_module_names(self) -> list[str]:

@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 from . import history, schema
 from .archive import Archive
 from .clock import now
+from .connections import redis_for
 from .history import JobQuery
 from .ids import is_job_id, new_job_id
 from .models import Audience, CancelOutcome, CreateOutcome, JobError, JobStatus, Priority, transport_percent
@@ -67,24 +68,19 @@ class Event:
     job_id: str
 
 
-def redis_client(settings: Settings) -> Redis:
-    """A Redis client as every Jobcast process uses it (text replies, reconnects on its own)."""
-    client: Redis = Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=True,
-    )
-    return client
+def redis_client(settings: Settings, cell: int = 0) -> Redis:
+    """A client of cell ``cell``'s Redis (:func:`jobcast.worker.connections.redis_for`)."""
+    return redis_for(settings.cell_urls[cell])
 
 
 class Store:
-    def __init__(self, redis: Redis, settings: Settings, archive: Archive | None = None) -> None:
+    def __init__(self, redis: Redis, settings: Settings, archive: Archive | None = None, *, cell: int = 0) -> None:
         self.redis = redis
         self.settings = settings
         self.archive = archive
-        self._script = schema.JobsScript(redis, settings)
+        #: The cell this store's Redis is (:mod:`jobcast.worker.cells`): its new job ids name it.
+        self.cell = cell
+        self._script = schema.JobsScript(redis, settings, cell)
 
     # --- submission and reads (server side) ------------------------------------------------------
 
@@ -101,7 +97,7 @@ class Store:
         fingerprint: str = "",
     ) -> Created:
         at = now()
-        job_id = new_job_id(at[1])  # the id's time is created_at's millisecond
+        job_id = new_job_id(at[1], self.cell)  # the id's time is created_at's millisecond
         idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
         args = [
             job_id,

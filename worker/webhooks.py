@@ -172,11 +172,11 @@ class Delivery:
 class WebhookStore:
     """Deliveries on Redis: outcomes are written by ``lua/jobs.lua`` (fenced by ``seq``), reads are plain."""
 
-    def __init__(self, redis: Redis, settings: Settings, archive: Archive | None = None) -> None:
+    def __init__(self, redis: Redis, settings: Settings, archive: Archive | None = None, cell: int = 0) -> None:
         self.redis = redis
         self.settings = settings
         self.archive = archive
-        self._script = schema.JobsScript(redis, settings)
+        self._script = schema.JobsScript(redis, settings, cell)
         self._unlock = redis.register_script(UNLOCK)
 
     async def get(self, webhook_id: str) -> Delivery | None:

@@ -2,7 +2,8 @@
 
 What runs:
 
-- **Redis.** ``JOBCAST_REDIS_URL``, when set, is used as is. Otherwise a private redis-server
+- **Redis.** ``JOBCAST_REDIS_URL`` (or the cells of ``JOBCAST_REDIS_URLS``), when set, is used as is.
+  Otherwise one embedded cell: a private redis-server
   (:mod:`jobcast.cli.embedded_redis`) keeps its append-only files in ``<data dir>/redis``, so jobs survive a
   restart of ``jobcast dev`` on the same data dir. It listens on port 6399 when it can bind it, so a
   ``redis-cli -p 6399`` keeps working across restarts, else on any free port; the banner says which.
@@ -96,8 +97,8 @@ def run_dev(*, host: str, port: int, data_dir: str) -> None:
 def _run(signals: _Signals, settings: Settings, env: dict[str, str], *, host: str, port: int, data_dir: Path) -> None:
     with contextlib.ExitStack() as stack:
         redis: RedisProcess | None = None
-        if env.get("JOBCAST_REDIS_URL"):
-            redis_note = "from JOBCAST_REDIS_URL"
+        if env.get("JOBCAST_REDIS_URL") or env.get("JOBCAST_REDIS_URLS"):
+            redis_note = "from JOBCAST_REDIS_URL" if env.get("JOBCAST_REDIS_URL") else "cells of JOBCAST_REDIS_URLS"
         else:
             redis = stack.enter_context(_embedded_redis(data_dir / "redis"))
             env["JOBCAST_REDIS_URL"] = redis.url
@@ -116,7 +117,8 @@ def _run(signals: _Signals, settings: Settings, env: dict[str, str], *, host: st
         if not supervisor.wait_ready(f"{base_url}/readyz"):
             return  # stopped while starting
         api_key = next(iter(settings.tenant_keys), None)
-        _print_banner(base_url, api_key, env["JOBCAST_REDIS_URL"], redis_note, archive_note)
+        redis_urls = env.get("JOBCAST_REDIS_URL") or env["JOBCAST_REDIS_URLS"]
+        _print_banner(base_url, api_key, redis_urls, redis_note, archive_note)
         supervisor.wait_for_stop()
 
 

@@ -3,7 +3,8 @@
     jobcast dev      server + worker + (unless JOBCAST_REDIS_URL is set) an embedded Redis
     jobcast web      the HTTP server only (what the Procfile's web line runs)
     jobcast worker   one arq worker process (the Procfile's worker line)
-    jobcast keys     create, list and revoke API keys stored (hashed) in Redis
+    jobcast keys     create, list and revoke API keys stored (hashed) in Redis (in cell 0)
+    jobcast cells    where each known tenant lives, and the placement line that pins them
 
 and the client commands of :mod:`jobcast.cli.commands`, which talk to a running server:
 
@@ -51,11 +52,12 @@ DEFAULT_DATA_DIR = ".jobcast-data"
 class RedisUnreachable(ConfigError):
     """Redis did not answer: the message says where we looked and what to set."""
 
-    def __init__(self, url: str, reason: object) -> None:
+    def __init__(self, url: str | list[str], reason: object) -> None:
+        where = " or ".join(redacted(u) for u in ([url] if isinstance(url, str) else url))
         super().__init__(
-            f"cannot reach Redis at {redacted(url)} ({reason}). Set JOBCAST_REDIS_URL to the Redis your "
-            "Jobcast server uses, or start one with `jobcast dev` (then run this command in the same folder, "
-            "or pass its --data-dir)"
+            f"cannot reach Redis at {where} ({reason}). Set JOBCAST_REDIS_URL (or JOBCAST_REDIS_URLS) to "
+            "the Redis your Jobcast server uses, or start one with `jobcast dev` (then run this command in the "
+            "same folder, or pass its --data-dir)"
         )
 
 
@@ -69,10 +71,12 @@ def redacted(url: str) -> str:
 
 
 def _keys_settings(data_dir: Path) -> Settings:
-    """Settings for ``jobcast keys``: JOBCAST_REDIS_URL when set, else the Redis of a running ``jobcast dev``."""
+    """Settings for ``jobcast keys``: JOBCAST_REDIS_URL (or the first cell of JOBCAST_REDIS_URLS, where
+    the keys live) when set, else the Redis of a running ``jobcast dev``."""
     from .dev import running_dev_redis
 
-    found = None if os.environ.get("JOBCAST_REDIS_URL") else running_dev_redis(data_dir)
+    configured = os.environ.get("JOBCAST_REDIS_URL") or os.environ.get("JOBCAST_REDIS_URLS")
+    found = None if configured else running_dev_redis(data_dir)
     if found is None:
         return Settings.from_env(require_secrets=False)
     print(f"jobcast: using the Redis of the `jobcast dev` running in {data_dir} ({found})", file=sys.stderr)
@@ -87,6 +91,7 @@ def cmd_web(args: argparse.Namespace) -> None:
     if args.shared_port:  # one of the processes of a supervisor (see jobcast.cli.web)
         serve(settings, args.host, args.port, shared_port=True)
         return
+    _check_cells(settings)
     processes = process_count(settings, args.processes)
     if processes == 1:
         serve(settings, args.host, args.port, shared_port=False)
@@ -94,11 +99,22 @@ def cmd_web(args: argparse.Namespace) -> None:
         supervise(args.host, args.port, processes)
 
 
+def _check_cells(settings: Settings) -> None:
+    """Refuse to start when JOBCAST_REDIS_URLS was reordered (jobcast.cli.cells.check_cells)."""
+    import asyncio
+
+    from .cells import check_cells
+
+    asyncio.run(check_cells(settings.cell_urls))
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     from jobcast.worker.main import run
 
-    settings = Settings.from_env()
+    overrides = {"worker_cells": args.cells} if args.cells is not None else {}
+    settings = Settings.from_env(**overrides)
     configure_logging(settings)
+    _check_cells(settings)
     run(settings)
 
 
@@ -136,11 +152,24 @@ def cmd_keys(args: argparse.Namespace) -> None:
         except ApiKeyError as exc:
             raise ConfigError(str(exc)) from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise RedisUnreachable(settings.redis_url, exc) from None
+            raise RedisUnreachable(settings.cell_urls[0], exc) from None
         finally:
             await redis.aclose()
 
     asyncio.run(run())
+
+
+def cmd_cells(args: argparse.Namespace) -> None:
+    """``jobcast cells``: each known tenant's cell, and the JOBCAST_CELL_PLACEMENT line pinning them."""
+    from .cells import run_cells
+
+    settings = Settings.from_env(require_secrets=False)
+    cells = len(settings.cell_urls)
+    if args.if_cells is not None and args.if_cells < cells:
+        raise ConfigError(
+            f"--if-cells {args.if_cells} is fewer than the {cells} cell(s) configured; cells are only ever appended."
+        )
+    run_cells(settings, if_cells=args.if_cells, as_json=args.json)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -196,7 +225,20 @@ def main(argv: list[str] | None = None) -> None:
     web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="run a worker")
+    worker.add_argument(
+        "--cells",
+        default=None,
+        metavar="0,2",
+        help="the cells to serve, by index (default: JOBCAST_WORKER_CELLS, else every cell)",
+    )
     worker.set_defaults(func=cmd_worker)
+
+    cells = sub.add_parser("cells", help="show where each tenant lives and how to pin them before adding a cell")
+    cells.add_argument(
+        "--if-cells", type=int, default=None, metavar="N", help="also show where tenants would go with N cells"
+    )
+    cells.add_argument("--json", action="store_true", help="machine-readable output")
+    cells.set_defaults(func=cmd_cells)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the archive's schema (JOBCAST_ARCHIVE_URL)")
     migrate.set_defaults(func=cmd_migrate)
@@ -243,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (RedisConnectionError, RedisTimeoutError) as exc:  # a worker that never reached its Redis
-        print(f"jobcast: {RedisUnreachable(Settings.from_env(require_secrets=False).redis_url, exc)}", file=sys.stderr)
+        print(f"jobcast: {RedisUnreachable(Settings.from_env(require_secrets=False).cell_urls, exc)}", file=sys.stderr)
         raise SystemExit(1) from None
     except ConfigError as exc:
         print(f"jobcast: {exc}", file=sys.stderr)

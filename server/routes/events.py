@@ -24,7 +24,6 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from jobcast.worker import schema
-from jobcast.worker.ids import is_job_id
 from jobcast.worker.models import TERMINAL, Audience
 from jobcast.worker.store import Event
 
@@ -42,7 +41,7 @@ from ..problems import (
     problem_response,
 )
 from ..requests import job_id_param, last_event_id, query_bool
-from ..services import Services, job_not_found, services
+from ..services import Cell, Services, job_not_found, services
 from ..sse import REPLAY_PAGE, Stream
 
 TENANT_HINT = "Close some, or follow many jobs over one GET /events stream."
@@ -70,9 +69,7 @@ async def job_events(request: Request) -> StreamResponse | Response:
     job_id = job_id_param(request)
     principal = await svc.auth.require(request, "read", job_id=job_id)
     last_id = last_event_id(request)
-    if not is_job_id(job_id):
-        raise job_not_found(job_id)
-    return await open_stream(svc, principal.tenant, "job", job_id, last_id)
+    return await open_stream(svc, svc.job_cell(job_id), principal.tenant, "job", job_id, last_id)
 
 
 async def tenant_events(request: Request) -> StreamResponse | Response:
@@ -82,15 +79,24 @@ async def tenant_events(request: Request) -> StreamResponse | Response:
         raise Forbidden("A job token reads only its own job; use a stream token (POST /tokens) for GET /events.")
     last_id = last_event_id(request)
     overview = query_bool(request, "overview")
-    return await open_stream(svc, principal.tenant, "tenant", principal.tenant, last_id, overview=overview)
+    cell = svc.tenant_cell(principal.tenant)
+    return await open_stream(svc, cell, principal.tenant, "tenant", principal.tenant, last_id, overview=overview)
 
 
 async def open_stream(
-    svc: Services, tenant: str, audience: Audience, key: str, last_id: str | None, *, overview: bool = False
+    svc: Services,
+    cell: Cell,
+    tenant: str,
+    audience: Audience,
+    key: str,
+    last_id: str | None,
+    *,
+    overview: bool = False,
 ) -> StreamResponse | Response:
-    """Subscribe, then check and read in one round trip; the stream's answer, or the problem.
-    ``overview``: the tenant feed also carries ``overview`` events (:mod:`jobcast.overview`)."""
-    slots = svc.stream_slots
+    """Subscribe (to the hub of ``cell``, where the job or tenant lives), then check and read in one
+    round trip; the stream's answer, or the problem. ``overview``: the tenant feed also carries
+    ``overview`` events (:mod:`jobcast.overview`)."""
+    slots = cell.stream_slots
     try:
         slots.reserve()
     except StreamsFull as full:
@@ -98,18 +104,18 @@ async def open_stream(
     slot = slots.new_slot()
     # Subscribed before the log is read: what is published meanwhile waits in the stream's backlog.
     stream = Stream(
-        hub=svc.hub,
-        store=svc.store,
+        hub=cell.hub,
+        store=cell.store,
         slots=slots,
         audience=audience,
         key=key,
         tenant=tenant,
         slot=slot,
-        overview=svc.overview if overview else None,
+        overview=cell.overview if overview else None,
     )
     opened = False
     try:
-        await svc.hub.ready(tenant)  # confirmed by Redis before the log is read (jobcast.channels)
+        await cell.hub.ready(tenant)  # confirmed by Redis before the log is read (jobcast.channels)
         log_key = schema.job_log_key(key) if audience == "job" else schema.tenant_log_key(key)
         log_max = svc.settings.job_log_max if audience == "job" else svc.settings.tenant_log_max
         outcome, tip, entries = await slots.open_script(
@@ -131,7 +137,7 @@ async def open_stream(
         if outcome == "over":
             return Response(status_code=204)  # the stream is over; EventSource stops reconnecting
         if outcome == "missing" and audience == "job":
-            archived = await _archived_stream(svc, stream, tenant, key, last_id)
+            archived = await _archived_stream(cell, stream, tenant, key, last_id)
             if archived is not None:
                 opened = isinstance(archived, StreamResponse)  # a 204 lets go of the stream (finally)
                 return archived
@@ -143,7 +149,7 @@ async def open_stream(
             stream.close()
             slots.unreserve()
     slots.opened(tenant, slot)
-    head = retry_frame(svc.hub.config.retry_ms)
+    head = retry_frame(cell.hub.config.retry_ms)
     if last_id is None and audience == "tenant" and tip:
         # Live from the log's tip as it is now that we are subscribed — sent before any event, so
         # a client that sees the headers sees every later event; the id alone says where it resumes.
@@ -158,19 +164,19 @@ async def open_stream(
 
 
 async def _archived_stream(
-    svc: Services, stream: Stream, tenant: str, job_id: str, last_id: str | None
+    cell: Cell, stream: Stream, tenant: str, job_id: str, last_id: str | None
 ) -> StreamResponse | Response | None:
     """The stream of a job that left Redis for the archive (finished): its log, replayed from the
     archive after ``last_id``, then the end; 204 when nothing follows ``last_id``. None: no such job
     for the tenant in the archive either. (It holds no tenant slot: it ends once written.)"""
-    if await svc.store.get(job_id, tenant) is None:
+    if await cell.store.get(job_id, tenant) is None:
         return None
-    replay = await svc.store.log_events("job", job_id, after=last_id or "-", count=REPLAY_PAGE)
+    replay = await cell.store.log_events("job", job_id, after=last_id or "-", count=REPLAY_PAGE)
     if last_id is not None and not replay:
         return Response(status_code=204)
     if last_id is not None:
         stream.last_key = _order(last_id)
-    return StreamResponse(stream, retry_frame(svc.hub.config.retry_ms), replay)
+    return StreamResponse(stream, retry_frame(cell.hub.config.retry_ms), replay)
 
 
 def _pairs(entries: list[list[object]]) -> list[tuple[str, dict[str, str]]]:

@@ -20,7 +20,7 @@ from jobcast.worker.models import JobStatus
 from jobcast.worker.records import JobRecord
 from jobcast.worker.submissions import AcceptedSubmission, InvalidSubmission, accept_submission
 
-from ..limits import StreamsFull, streams_full_problem
+from ..limits import RateLimiter, StreamsFull, streams_full_problem
 from ..problems import (
     BadRequest,
     Conflict,
@@ -49,7 +49,7 @@ from ..resources import (
     matching_etags,
     render_job,
 )
-from ..services import Services, job_not_found, services
+from ..services import Cell, Services, job_not_found, services
 
 IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
 MAX_LIMIT = 200
@@ -66,13 +66,14 @@ async def submit_job(request: Request) -> Response:
     principal = await svc.auth.require(request, "write")
     # Every authenticated attempt counts, valid or not, and before its body is read: a tenant
     # cannot make the server validate hostile bodies faster than it may submit jobs.
-    rate_headers = await take_submission(svc, principal.tenant)
+    cell = svc.tenant_cell(principal.tenant)
+    rate_headers = await take_submission(cell.rate_limiter, principal.tenant)
     try:
         accepted, idempotency_key = await read_submission(request, svc, principal.tenant)
     except Problem as problem:
         problem.headers = {**rate_headers, **problem.headers}
         raise
-    created = await svc.store.create(
+    created = await cell.store.create(
         tenant=principal.tenant,
         job_type=accepted.job_type.name,
         params=accepted.params,
@@ -84,7 +85,8 @@ async def submit_job(request: Request) -> Response:
     )
     if created.outcome == "full":
         raise Unavailable(
-            f"Jobcast is at capacity ({svc.settings.max_queued} queued jobs). Retry after the indicated delay.",
+            f"Jobcast is at capacity ({svc.settings.max_queued} queued jobs{_in_cell(svc)}). "
+            "Retry after the indicated delay.",
             retry_after=10,
             headers=dict(rate_headers),
         )
@@ -114,9 +116,14 @@ async def submit_job(request: Request) -> Response:
     return response
 
 
-async def take_submission(svc: Services, tenant: str) -> dict[str, str]:
-    """Count one submission attempt of ``tenant``: its RateLimit headers, or a 429 when none is left."""
-    limiter = svc.rate_limiter
+def _in_cell(svc: Services) -> str:
+    """JOBCAST_MAX_QUEUED caps each cell's queue: say so when there are several."""
+    return " in this tenant's cell" if len(svc.cells) > 1 else ""
+
+
+async def take_submission(limiter: RateLimiter | None, tenant: str) -> dict[str, str]:
+    """Count one submission attempt of ``tenant`` (with its cell's limiter): its RateLimit headers,
+    or a 429 when none is left."""
     if limiter is None:
         return {}
     decision = await limiter.take(tenant)
@@ -166,7 +173,7 @@ async def list_jobs(request: Request) -> Response:
         search=query_search(request),
     )
     before = query_cursor(request)
-    records, next_id = await svc.store.list_jobs(principal.tenant, query=query, limit=limit, before=before)
+    records, next_id = await svc.list_jobs(principal.tenant, query, limit, before)
     redact = principal.kind != "key"
     items = [job_resource(r, redact_webhook=redact) for r in records]
     return json_response(JobList(items=items, next_cursor=next_id))
@@ -181,14 +188,15 @@ async def get_job(request: Request) -> Response:
     seen = matching_etags(request)
     if wait > 0 and not record.terminal and (not seen or etag(record) in seen):
         # A held long-poll holds a connection as an event stream does: it takes a stream slot.
+        cell = svc.job_cell(job_id)
         try:
-            slot = await svc.stream_slots.acquire(principal.tenant)
+            slot = await cell.stream_slots.acquire(principal.tenant)
         except StreamsFull as full:
             raise long_polls_full(full) from None
         try:
-            record = await wait_for_change(svc, record, wait)
+            record = await wait_for_change(cell, record, wait)
         finally:
-            await svc.stream_slots.release(principal.tenant, slot)
+            await cell.stream_slots.release(principal.tenant, slot)
     return render_job(record, request, redact_webhook=principal.kind != "key")
 
 
@@ -201,7 +209,7 @@ def long_polls_full(full: StreamsFull) -> Problem:
     )
 
 
-async def wait_for_change(svc: Services, record: JobRecord, wait: float) -> JobRecord:
+async def wait_for_change(cell: Cell, record: JobRecord, wait: float) -> JobRecord:
     """Hold until the job's version moves past ``record``'s, or ``wait`` seconds pass.
 
     Woken by the hub (the job's events), never by a sleep loop. The record is read again after
@@ -209,11 +217,11 @@ async def wait_for_change(svc: Services, record: JobRecord, wait: float) -> JobR
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    async with svc.hub.subscribe("job", record.id, record.tenant) as sub:
+    async with cell.hub.subscribe("job", record.id, record.tenant) as sub:
         while True:
             # Forget what woke us before reading, so a change during the read wakes us again.
             sub.reset()
-            current = await svc.store.get(record.id, record.tenant)
+            current = await cell.store.get(record.id, record.tenant)
             if current is None:
                 return record
             if current.version != record.version or current.terminal:
@@ -228,7 +236,7 @@ async def cancel_job(request: Request) -> Response:
     svc = services(request)
     job_id = job_id_param(request)
     principal = await svc.auth.require(request, "write")
-    outcome, status = await svc.store.cancel(job_id, principal.tenant)
+    outcome, status = await svc.job_cell(job_id).store.cancel(job_id, principal.tenant)
     if outcome == "missing":
         raise job_not_found(job_id)
     if outcome == "terminal":

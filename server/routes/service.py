@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from jobcast.worker.clock import rfc3339
 from jobcast.worker.overview import WORKER_LIVE_S
+from jobcast.worker.store import Store
 
 from ..metrics import render as render_metrics
 from ..problems import PROBLEM_TYPES, Forbidden, NotFound, Unauthorized, Unavailable
@@ -62,7 +63,8 @@ async def metrics(request: Request) -> Response:
             "JOBCAST_METRICS_TOKEN is not set. Set it and scrape with 'Authorization: Bearer <token>', or "
             "bind the server to a private address."
         )
-    body = await render_metrics(svc.store, svc.hub, svc.stream_slots)
+    cells = svc.cells
+    body = await render_metrics([c.store for c in cells], [c.hub for c in cells], cells[0].stream_slots)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -87,25 +89,33 @@ async def problem_type(request: Request) -> Response:
     return json_response(described)
 
 
+async def _live_workers(store: Store) -> int:
+    await store.redis.ping()
+    return await store.live_workers(WORKER_LIVE_S)
+
+
 async def healthz(request: Request) -> Response:
     return json_response(Health(status="ok").model_dump(exclude_none=True))
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when Redis answers. The live workers are reported too; with ``?require_workers=true``
-    having none is also a 503 (for monitors: a load balancer should keep routing reads and
-    submissions to a server even while the workers are down)."""
+    """Ready when Redis answers (every cell's). The live workers are reported too — those of the
+    cell that has the fewest, since a cell without any leaves its tenants' jobs waiting; with
+    ``?require_workers=true`` having none is also a 503 (for monitors: a load balancer should keep
+    routing reads and submissions to a server even while the workers are down)."""
     svc = services(request)
     require_workers = query_bool(request, "require_workers")
     try:
         async with asyncio.timeout(2.0):
-            await svc.redis.ping()
-            workers = await svc.store.live_workers(WORKER_LIVE_S)
+            counts = await asyncio.gather(*(_live_workers(cell.store) for cell in svc.cells))
     except (RedisError, OSError, TimeoutError):
         raise Unavailable("Redis does not answer; this process cannot serve jobs until it does.") from None
+    workers = min(counts)
     if workers == 0 and require_workers:
+        where = f" in cell {counts.index(0)}" if len(counts) > 1 else ""
         raise Unavailable(
-            f"No worker has sent a heartbeat in the last {WORKER_LIVE_S:g} s: jobs would wait. Start `jobcast worker`.",
+            f"No worker has sent a heartbeat in the last {WORKER_LIVE_S:g} s{where}: jobs would wait. "
+            "Start `jobcast worker` (it serves every cell unless given --cells).",
             workers=0,
         )
     return json_response(Health(status="ready", redis="ok", workers=workers))

@@ -55,7 +55,7 @@ class WebSocketEndpoint:
             if svc.sockets.draining:
                 raise Unavailable("This server is shutting down; connect again (to another server process).")
             try:
-                slot = await svc.stream_slots.acquire(principal.tenant)
+                slot = await svc.tenant_cell(principal.tenant).stream_slots.acquire(principal.tenant)
             except StreamsFull as full:
                 raise sockets_full(full) from None
         except Problem as problem:
@@ -82,7 +82,7 @@ class WebSocketEndpoint:
             finally:
                 svc.sockets.discard(session)
         finally:
-            await svc.stream_slots.release(principal.tenant, slot)
+            await svc.tenant_cell(principal.tenant).stream_slots.release(principal.tenant, slot)
 
 
 websocket_endpoint = WebSocketEndpoint()

@@ -157,9 +157,13 @@ class Session:
         """A write has been blocked for ``send_timeout_s`` (the watchdog says so)."""
         if self._done.done():
             return
-        self.svc.hub.slow_consumers += 1
+        self._count_slow()
         logger.info("ws %s: client too slow to take a write; closing", self.principal.tenant)
         self.close(CLOSE_TRY_AGAIN, "too slow: re-subscribe with your last ids")
+
+    def _count_slow(self) -> None:
+        """For /metrics (summed over the cells' hubs): counted on the hub of the socket's tenant."""
+        self.svc.tenant_cell(self.principal.tenant).hub.slow_consumers += 1
 
     async def _answer(self, frame: Subscribe | Unsubscribe | Cancel | Ping) -> Problem | None:
         """Carry out one request and queue its reply; a problem to answer with instead."""
@@ -194,7 +198,8 @@ class Session:
                 raise Forbidden(
                     "A job token follows only its own job; use a stream token or the API key for the tenant channel."
                 )
-            feed = Feed(self.svc.hub, self.svc.store, "tenant", tenant, tenant, channel, last_id)
+            cell = self.svc.tenant_cell(tenant)
+            feed = Feed(cell.hub, cell.store, "tenant", tenant, tenant, channel, last_id)
             if last_id is not None:
                 await self._check_resumable(feed, last_id)
         else:
@@ -202,10 +207,11 @@ class Session:
             if self.principal.kind == "job" and self.principal.job_id != job_id:
                 raise Forbidden(f"This job token follows only its own job ({self.principal.job_id}).")
             record = await self.svc.load_job(job_id, tenant)
-            feed = Feed(self.svc.hub, self.svc.store, "job", job_id, tenant, channel, last_id)
+            cell = self.svc.job_cell(job_id)
+            feed = Feed(cell.hub, cell.store, "job", job_id, tenant, channel, last_id)
             if last_id is not None:
                 await self._check_resumable(feed, last_id)
-                if record.terminal and not await self.svc.store.log_events("job", job_id, after=last_id, count=1):
+                if record.terminal and not await cell.store.log_events("job", job_id, after=last_id, count=1):
                     # Over already (SSE answers 204 here): nothing follows, so no subscription.
                     await self._send(frames.ok(frame.ref))
                     await self._send(frames.end(channel))
@@ -229,7 +235,7 @@ class Session:
 
     async def _check_resumable(self, feed: Feed, last_id: str) -> None:
         try:
-            await check_continuity(self.svc.store, feed.audience, feed.key, last_id)
+            await check_continuity(feed.store, feed.audience, feed.key, last_id)
         except Gone:
             raise GoneProblem(
                 f"Events after {last_id} are no longer in the log (it is capped). Subscribe without "
@@ -258,7 +264,7 @@ class Session:
                     feed.close()
                     return
         except FellBehind:
-            self.svc.hub.slow_consumers += 1
+            self._count_slow()
             logger.info("ws %s: fell behind on %s; closing", self.principal.tenant, feed.channel)
             self.close(CLOSE_TRY_AGAIN, "too slow: re-subscribe with your last ids")
         except Closed:
@@ -271,7 +277,7 @@ class Session:
         if self.principal.kind != "key":
             raise Forbidden("Cancelling needs the API key ('Authorization: Bearer <api key>'); tokens are read-only.")
         job_id, tenant = frame.job_id, self.principal.tenant
-        outcome, status = await self.svc.store.cancel(job_id, tenant)
+        outcome, status = await self.svc.job_cell(job_id).store.cancel(job_id, tenant)
         if outcome == "missing":
             raise job_not_found(job_id)
         if outcome == "terminal":
