@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from redis.exceptions import RedisError
 
-from jobcast.worker import schema
+from jobcast.worker import jobstats, schema
 from jobcast.worker.clock import now
 from jobcast.worker.models import Priority
 from jobcast.worker.overview import WORKER_LIVE_S
@@ -138,6 +138,7 @@ async def _shared_families(store: Store) -> list[Metric]:
         dead_counts = await pipe.execute()
     live_workers = await store.live_workers(WORKER_LIVE_S)
 
+    stats = jobstats.series(stats)
     families: list[Metric] = []
     for counter, doc in JOB_COUNTERS.items():
         family = CounterMetricFamily(f"jobcast_jobs_{counter}", doc, labels=["type"])
