@@ -7,7 +7,7 @@ doorbell of the delivery worker that runs beside the jobs, on its own queue
 (:mod:`jobcast.worker.delivery`, which says why it is not a process of its own). The process also moves
 finished jobs to the archive (:mod:`jobcast.worker.archiver`).
 
-A departure from arq's defaults, deliberate: every job run gets its own arq id (``{job id}.{run}``,
+A departure from arq's defaults, deliberate: every job run gets its own arq id (``{c<cell>}{job id}.{run}``,
 see ``lua/jobs.lua``), and arq's own retry and abort machinery is not used: retries, cancellation
 and lost workers are handled by :mod:`jobcast.worker.runner` against the job record, which is the source
 of truth.

@@ -2,8 +2,12 @@
 -- record, the job's event log, the tenant's event log, the indexes, the arq queue and the PUBLISH
 -- doorbell change together or not at all (DESIGN.md, invariants 1 and 2).
 --
--- Called as EVALSHA sha 0 op now_iso now_ms arg...; key prefixes come from the prelude that
--- worker/schema.py prepends (K_* and CFG_* locals), so no key name is spelled here.
+-- Called as EVALSHA sha n key... op now_iso now_ms arg...; key prefixes come from the prelude that
+-- worker/schema.py prepends (the #!lua shebang, then K_*, TAG and CFG_* locals), so no key name is
+-- spelled here. Every key is one cell's (its prefix carries the cell's hash tag): KEYS[1] is the
+-- cell's arq queue (it routes the call), then the keys of the job(s) the caller names (its record
+-- and its log); the other keys, which depend on what the script reads, are built from the prefixes,
+-- and Redis holds them to the declared slot (worker/schema.py).
 --
 -- A job's "run" is a fencing number: each time the job is put on the arq queue it gets a new run,
 -- and the arq job id is "<job id>.<run>". A worker may only move a job it holds the current run of,
@@ -49,7 +53,16 @@ local function load(id, ...)
   return r
 end
 
-local function run_id(id, run) return id .. '.' .. run end
+-- arq's ids: run `run` of job `id`, attempt `seq` of delivery `wid`. They carry the cell's tag, so
+-- that arq's keys for them (arq:job:<id>, arq:in-progress:<id>, ...) are in the cell's slot too.
+local function run_id(id, run) return TAG .. id .. '.' .. run end
+local function attempt_id(wid, seq) return TAG .. wid .. '.' .. seq end
+
+-- The job id and run (a string) of arq run id `rid`.
+local function run_of(rid)
+  local dot = string.find(rid, '.', 1, true)
+  return string.sub(rid, #TAG + 1, dot - 1), string.sub(rid, dot + 1)
+end
 
 -- Metrics (K_STATS, read by GET /metrics through worker/jobstats.py, which derives the series): each
 -- event counts once, with one HINCRBY of "t|<from>|<event>|<type>|<priority>" (<from>: the status
@@ -95,7 +108,7 @@ local function delivery_key(wid) return K_DELIVERY .. wid end
 
 -- Queue attempt `seq` of delivery `wid`, due at `due_ms` (arq takes only scores <= now).
 local function delivery_enqueue(wid, seq, due_ms)
-  arq_put(K_WEBHOOK_QUEUE, wid .. '.' .. seq, CFG_DELIVER_FUNCTION, '"' .. wid .. '",' .. seq, due_ms)
+  arq_put(K_WEBHOOK_QUEUE, attempt_id(wid, seq), CFG_DELIVER_FUNCTION, '"' .. wid .. '",' .. seq, due_ms)
   redis.call('PUBLISH', K_WEBHOOK_DOORBELL_CHANNEL, wid)
 end
 
@@ -242,9 +255,7 @@ local function promote_waiting(tenant)
       redis.call('SREM', K_WAITING_TENANTS, tenant)
       return
     end
-    local rid = popped[1]
-    local dot = string.find(rid, '.', 1, true)
-    local id, run = string.sub(rid, 1, dot - 1), string.sub(rid, dot + 1)
+    local id, run = run_of(popped[1])
     local r = fields(id, 'status', 'run', 'priority')
     if r[1] == 'queued' and r[2] == run then
       arq_release(id, tonumber(run), r[3])
@@ -334,7 +345,7 @@ local function release_slot(dest, rid)
     local first = redis.call('ZPOPMIN', K_DESTINATION_WAITING .. dest)
     if not first[1] then return end
     local d = redis.call('HMGET', delivery_key(first[1]), 'state', 'seq')
-    local queued = first[1] .. '.' .. (d[2] or '')
+    local queued = attempt_id(first[1], d[2] or '')
     if d[1] == 'pending' and redis.call('ZSCORE', K_WEBHOOK_QUEUE, queued) then
       redis.call('ZADD', K_WEBHOOK_QUEUE, 'XX', now_ms, queued)
       redis.call('HSET', delivery_key(first[1]), 'due_ms', now_ms)
@@ -566,8 +577,7 @@ elseif op == 'promote' then
   local moved = 0
   for _, rid in ipairs(due) do
     redis.call('ZREM', K_SCHEDULED, rid)
-    local dot = string.find(rid, '.', 1, true)
-    local id, run = string.sub(rid, 1, dot - 1), string.sub(rid, dot + 1)
+    local id, run = run_of(rid)
     local r = fields(id, 'status', 'run', 'priority')
     if r[1] == 'queued' and r[2] == run then
       arq_release(id, tonumber(run), r[3])
@@ -635,7 +645,7 @@ elseif op == 'attempted' then
   if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
   local health = ''
   if d[5] then
-    release_slot(d[5], wid .. '.' .. seq)
+    release_slot(d[5], attempt_id(wid, seq))
     local pause_ms = tonumber(ARGV[11] or 0)
     if pause_ms > 0 then
       local dkey = K_DESTINATION .. d[5]
@@ -707,13 +717,13 @@ elseif op == 'admit' then
     redis.call('PEXPIRE', K_DESTINATION_WAITING .. dest, 2 * slot_ms)
     return defer(wid, seq, now_ms + slot_ms, 'destination_busy', true)
   end
-  redis.call('ZADD', slots, now_ms + slot_ms, wid .. '.' .. seq)
+  redis.call('ZADD', slots, now_ms + slot_ms, attempt_id(wid, seq))
   redis.call('PEXPIRE', slots, slot_ms)
   -- The attempt stays on arq's queue until it ends (that is how a killed worker's attempt is taken
   -- up again), but no longer at its front: workers read the first due entries, as many as they have
   -- free slots, and hanging attempts there would hide everything behind them. It falls due again
   -- when its in-progress lock lapses (delivery.py: slot + 1 s).
-  redis.call('ZADD', K_WEBHOOK_QUEUE, 'XX', now_ms + slot_ms + 1000, wid .. '.' .. seq)
+  redis.call('ZADD', K_WEBHOOK_QUEUE, 'XX', now_ms + slot_ms + 1000, attempt_id(wid, seq))
   redis.call('HSET', key, 'wait_reason', '')
   return {'send'}
 
