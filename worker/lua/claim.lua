@@ -1,4 +1,3 @@
-#!lua
 -- Claim runs for one worker in one round trip: the checks arq's Worker.start_jobs makes run by run
 -- (WATCH the in-progress key, EXISTS it, ZSCORE the queue entry, then MULTI/PSETEX/EXEC) -- four
 -- round trips per run -- made here for a whole batch, atomically per run.

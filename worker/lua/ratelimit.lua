@@ -1,4 +1,3 @@
-#!lua
 -- Per-tenant submission rate limit: the generic cell rate algorithm (GCRA) on one key.
 -- KEYS[1] the tenant's key; ARGV: emission interval T (ms per request), burst tolerance tau (ms).
 -- Redis' own clock is used, so every server process agrees on time.

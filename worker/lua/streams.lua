@@ -1,4 +1,3 @@
-#!lua
 -- Open an event stream, in one round trip: check the job (job streams), check the client's last id
 -- against the log, take a slot among the tenant's open streams, and read the first page of what the
 -- stream sends. Nothing is written unless the outcome is 'ok'.
