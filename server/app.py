@@ -18,12 +18,14 @@ from typing import Any
 
 import orjson
 import uvicorn
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from jobcast.worker.alerts import Alerter
 from jobcast.worker.archive import Archive
 from jobcast.worker.destinations import DestinationStore
+from jobcast.worker.relayout import OldLayout, refuse_old_layout
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
 from jobcast.worker.supervision import supervise
@@ -65,6 +67,13 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         redis = redis_client(settings)
+        try:
+            await refuse_old_layout(redis)
+        except (RedisError, OSError):
+            pass  # a Redis away now: the worker checks when it reaches it
+        except OldLayout:
+            await redis.aclose()
+            raise
         archive = Archive(settings.archive_url)  # connects on first use
         slots = StreamSlots(redis, per_process=settings.sse_max_streams, per_tenant=settings.sse_max_streams_per_tenant)
         config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)

@@ -33,6 +33,7 @@ from .archive import Archive
 from .archiver import Archiver
 from .delivery import DeliveryWorker
 from .doorbell import RECONNECT_MAX_S, DoorbellWorker
+from .relayout import refuse_old_layout
 from .runner import Runner
 from .settings import Settings
 from .store import Store, redis_client
@@ -81,6 +82,7 @@ class JobcastWorker(DoorbellWorker):
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
         self._redis = redis_client(self.settings)
+        await refuse_old_layout(self._redis)
         store = Store(self._redis, self.settings)
         runner = Runner(store, self.registry, self.settings, self.worker_id)
         await store.worker_seen(self.worker_id)
