@@ -2,7 +2,8 @@
 -- record, the job's event log, the tenant's event log, the indexes, the arq queue and the PUBLISH
 -- doorbell change together or not at all (DESIGN.md, invariants 1 and 2).
 --
--- Called as EVALSHA sha n key... op now_iso now_ms arg...; key prefixes come from the prelude that
+-- Loaded as a Redis Function library and called as FCALL fn n key... op now_iso now_ms arg... (on
+-- Redis 6, as EVALSHA with the same keys and arguments); key prefixes come from the prelude that
 -- worker/schema.py prepends (the #!lua shebang, then K_*, TAG and CFG_* locals), so no key name is
 -- spelled here. Every key is one cell's (its prefix carries the cell's hash tag): KEYS[1] is the
 -- cell's arq queue (it routes the call), then the keys of the job(s) the caller names (its record
@@ -23,9 +24,10 @@
 -- emits the event. Attempts are fenced the same way: attempt <seq> of delivery <wid> is the arq job
 -- "<wid>.<seq>", and only the current seq may record an outcome.
 
-local op = ARGV[1]
-local now_iso = ARGV[2]
-local now_ms = tonumber(ARGV[3])
+-- Set by each call (run, at the end), read by every helper. Numbers go to Redis as strings where
+-- they already are (now_ms_s: ARGV[3] as given; the prelude's S_* constants): Redis formats every
+-- Lua number it is handed, and that showed in the profile.
+local op, now_iso, now_ms, now_ms_s
 
 local PRIORITY_BOOST = {high = 3e12, normal = 2e12, low = 1e12}
 -- The progress of a job that has not reported any (queued, or a new attempt just started).
@@ -89,7 +91,7 @@ local function count_event(r, from, event)
     field = field .. '|b' .. i
     redis.call('HINCRBYFLOAT', K_STATS, histogram .. '|' .. r.type .. '|sum', seconds)
   end
-  redis.call('HINCRBY', K_STATS, field, 1)
+  redis.call('HINCRBY', K_STATS, field, '1')
 end
 
 local function history_entry(status, attempt)
@@ -99,7 +101,7 @@ end
 -- Put arq job `rid` (function `fn`, arguments `args` as a JSON array's inside) on arq queue `queue`
 -- with score `score`: arq's own job format, as arq's enqueue_job writes it.
 local function arq_put(queue, rid, fn, args, score)
-  local payload = '{"t":1,"f":"' .. fn .. '","a":[' .. args .. '],"k":{},"et":' .. string.format('%d', now_ms) .. '}'
+  local payload = '{"t":1,"f":"' .. fn .. '","a":[' .. args .. '],"k":{},"et":' .. now_ms_s .. '}'
   redis.call('SET', K_ARQ_JOB .. rid, payload)
   redis.call('ZADD', queue, score, rid)
 end
@@ -179,9 +181,9 @@ end
 local function emit(id, r, event, extra)
   local data = '{"job_id":"' .. id .. '","type":' .. cjson.encode(r.type) .. ',"status":"' .. r.status
     .. '","attempt":' .. r.attempt .. ',"progress":' .. r.progress .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
-  local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', CFG_JOB_LOG_MAX, '*',
+  local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', S_JOB_LOG_MAX, '*',
     'event', event, 'data', data)
-  local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r.tenant, 'MAXLEN', '~', CFG_TENANT_LOG_MAX, '*',
+  local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r.tenant, 'MAXLEN', '~', S_TENANT_LOG_MAX, '*',
     'event', event, 'job', id, 'data', data)
   redis.call('PUBLISH', K_EVENTS_CHANNEL,
     job_sid .. '\n' .. tenant_sid .. '\n' .. r.tenant .. '\n' .. id .. '\n' .. event .. '\n' .. data)
@@ -196,16 +198,16 @@ end
 -- status index; the count of queued jobs; the metrics; the event.
 local function transition(id, r, status, event, extra, set)
   local from = r.status
-  local version = tonumber(r.version or 0) + 1
+  local version = tostring(tonumber(r.version or 0) + 1)
   r.status, r.version = status, version
   local hset = {'status', status, 'updated_at', now_iso, 'version', version,
     'h' .. version, history_entry(status, r.attempt)}
   for _, v in ipairs(set) do hset[#hset + 1] = v end
   redis.call('HSET', job_key(id), unpack(hset))
   if from then redis.call('ZREM', K_INDEX .. r.tenant .. ':status:' .. from, id) end
-  redis.call('ZADD', K_INDEX .. r.tenant .. ':status:' .. status, 0, id)
-  if from == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, -1) end
-  if status == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, 1) end
+  redis.call('ZADD', K_INDEX .. r.tenant .. ':status:' .. status, '0', id)
+  if from == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '-1') end
+  if status == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '1') end
   count_event(r, from, event)
   return emit(id, r, event, extra)
 end
@@ -297,10 +299,10 @@ local function finish(id, r, status, extra, set, drop)
     redis.call('ZREM', K_RUNNING, id)
     release(r.tenant, id)
   end
-  redis.call('ZADD', K_FINISHED, now_ms, id)  -- the archiver takes it from here after ARCHIVE_AFTER
-  redis.call('EXPIRE', job_key(id), CFG_RETENTION_S)
-  redis.call('EXPIRE', K_JOB_LOG .. id, CFG_RETENTION_S)
-  if r.webhook and r.webhook ~= '' then redis.call('EXPIRE', K_JOB_DELIVERIES .. id, CFG_RETENTION_S) end
+  redis.call('ZADD', K_FINISHED, now_ms_s, id)  -- the archiver takes it from here after ARCHIVE_AFTER
+  redis.call('EXPIRE', job_key(id), S_RETENTION_S)
+  redis.call('EXPIRE', K_JOB_LOG .. id, S_RETENTION_S)
+  if r.webhook and r.webhook ~= '' then redis.call('EXPIRE', K_JOB_DELIVERIES .. id, S_RETENTION_S) end
   return sid
 end
 
@@ -400,6 +402,11 @@ end
 
 
 ----------------------------------------------------------------------------------------------------
+-- One call: everything above is defined once per load (a Redis Function library, see
+-- worker/schema.py), the op runs here.
+
+local function run(KEYS, ARGV)
+op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
 
 if op == 'create' then
   -- id tenant type priority max_attempts params webhook idem_key idem_value idem_ttl
@@ -430,17 +437,17 @@ if op == 'create' then
   if share > 0 and redis.call('ZCARD', K_INDEX .. tenant .. ':status:queued') >= share then
     return {'tenant_full', tostring(share)}
   end
-  redis.call('ZADD', K_INDEX .. tenant, 0, id)
-  redis.call('ZADD', K_INDEX .. tenant .. ':type:' .. jtype, 0, id)
+  redis.call('ZADD', K_INDEX .. tenant, '0', id)
+  redis.call('ZADD', K_INDEX .. tenant .. ':type:' .. jtype, '0', id)
   if idem_key ~= '' then
     redis.call('SET', idem_key, id .. '|' .. idem_value, 'EX', ARGV[13])
   end
   arq_enqueue(id, 1, priority)
-  local r = {tenant = tenant, type = jtype, priority = priority, attempt = 1, progress = NO_PROGRESS,
+  local r = {tenant = tenant, type = jtype, priority = priority, attempt = '1', progress = NO_PROGRESS,
     webhook = ARGV[10]}
   transition(id, r, 'queued', EVENT.queued, '', {'id', id, 'tenant', tenant, 'type', jtype, 'priority', priority,
-    'attempt', 1, 'max_attempts', ARGV[8], 'run', 1, 'params', ARGV[9], 'webhook', ARGV[10],
-    'progress', NO_PROGRESS, 'percent', 0, 'created_at', now_iso, 'ready_ms', now_ms})
+    'attempt', '1', 'max_attempts', ARGV[8], 'run', '1', 'params', ARGV[9], 'webhook', ARGV[10],
+    'progress', NO_PROGRESS, 'percent', '0', 'created_at', now_iso, 'ready_ms', now_ms_s})
   return {'created', id}
 
 elseif op == 'start' then
@@ -466,7 +473,7 @@ elseif op == 'start' then
   end
   r.progress = NO_PROGRESS
   transition(id, r, 'processing', EVENT.processing, '',
-    {'started_at', now_iso, 'started_ms', now_ms, 'percent', 0, 'progress', NO_PROGRESS})
+    {'started_at', now_iso, 'started_ms', now_ms_s, 'percent', '0', 'progress', NO_PROGRESS})
   redis.call('ZADD', K_RUNNING, ARGV[6], id)
   return {'ok', r.type, r.params, r.attempt, r.max_attempts}
 
@@ -759,3 +766,4 @@ elseif op == 'replay' then
 end
 
 return redis.error_reply('jobs.lua: unknown op ' .. tostring(op))
+end
