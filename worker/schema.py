@@ -53,8 +53,9 @@ Channels are not keys (they belong to no slot): ``jobcast:events`` (every event;
 its only subscriber per process), ``jobcast:doorbell`` (a run was queued: idle workers poll now),
 ``jobcast:control`` (``cancel {id}``), ``jobcast:webhooks:doorbell`` (a delivery attempt was queued).
 
-The scripts start with ``#!lua`` (no flags): Redis then refuses any key of another slot than the
-keys a call declares, so a key built wrong fails loudly instead of landing elsewhere. Each call
+The scripts start with ``#!lua`` (no flags), and the state machine is a function library declared
+the same way (:class:`JobsScript`): Redis then refuses any key of another slot than the keys a call
+declares, so a key built wrong fails loudly instead of landing elsewhere. Each call
 declares the keys its caller knows (see the ``KEYS`` of each op in ``lua/jobs.lua``); keys that
 depend on what the script reads (a job's tenant, its status index, a delivery's destination) are
 built inside from the cell's prefix, and the same-slot rule holds them to the cell (docs/DESIGN.md).
