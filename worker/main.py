@@ -82,10 +82,10 @@ class JobcastWorker(DoorbellWorker):
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
         self._redis = redis_client(self.settings)
-        await refuse_old_layout(self._redis)
         store = Store(self._redis, self.settings)
         runner = Runner(store, self.registry, self.settings, self.worker_id)
-        await store.worker_seen(self.worker_id)
+        # Both at once (the heartbeat lands in the new layout, harmless if this start is refused).
+        await asyncio.gather(refuse_old_layout(self._redis), store.worker_seen(self.worker_id))
         ctx["runner"] = runner
         self.deliveries = DeliveryWorker(self.settings, redis=self._redis, pool=self.pool)
         deliveries = self.deliveries
