@@ -42,7 +42,7 @@ from redis.asyncio import Redis
 
 from bench.harness import AUTH, TENANT, Processes, machine, percentile, ratio, say, section, table
 from bench.http_client import Connection
-from jobcast.worker import schema
+from jobcast.worker import jobstats, schema
 from jobcast.worker.archive import Archive
 from jobcast.worker.archiver import Archiver
 from jobcast.worker.models import Priority
@@ -204,7 +204,8 @@ async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[o
                 )
 
         async def completed() -> int:
-            return int(await redis.hget(schema.STATS, "completed|bench.noop") or 0)  # type: ignore[misc]
+            stats = jobstats.series(await redis.hgetall(schema.STATS))  # type: ignore[misc]
+            return int(stats.get("completed|bench.noop", 0))
 
         async def sample() -> None:
             # What the jobcast_archive_backlog gauge shows: finished jobs past ARCHIVE_AFTER still in Redis.

@@ -19,12 +19,14 @@ from typing import Any
 
 import orjson
 import uvicorn
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from jobcast.worker.alerts import Alerter
 from jobcast.worker.archive import Archive
 from jobcast.worker.destinations import DestinationStore
+from jobcast.worker.relayout import refuse_old_layout
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
 from jobcast.worker.supervision import supervise
@@ -71,6 +73,10 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
         background: list[asyncio.Task[None]] = []
         try:
             for cell in cells:
+                # A Redis written before 0.3 refuses the start (OldLayout says what to run); a Redis
+                # away now is checked by the worker when it reaches it.
+                with contextlib.suppress(RedisError, OSError):
+                    await refuse_old_layout(cell.redis)
                 await cell.hub.start()
 
             def drain() -> None:
@@ -131,7 +137,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
 def build_cell(settings: Settings, index: int, archive: Archive, process: ProcessStreams) -> Cell:
     """Cell ``index`` as a server process uses it (nothing connects yet)."""
     redis = redis_client(settings, index)
-    slots = StreamSlots(redis, process=process, per_tenant=settings.sse_max_streams_per_tenant)
+    slots = StreamSlots(redis, process=process, per_tenant=settings.sse_max_streams_per_tenant, cell=index)
     config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
     rate = settings.submit_rate_limit
     return Cell(
@@ -142,8 +148,8 @@ def build_cell(settings: Settings, index: int, archive: Archive, process: Proces
         stream_slots=slots,
         webhooks=WebhookStore(redis, settings, archive, cell=index),
         destinations=DestinationStore(redis, settings, cell=index),
-        overview=OverviewFeed(redis),
-        rate_limiter=RateLimiter(redis, rate) if rate else None,
+        overview=OverviewFeed(redis, cell=index),
+        rate_limiter=RateLimiter(redis, rate, cell=index) if rate else None,
     )
 
 

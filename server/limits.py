@@ -38,7 +38,8 @@ class Decision:
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis, rate: tuple[int, float]) -> None:
+    def __init__(self, redis: Redis, rate: tuple[int, float], *, cell: int = 0) -> None:
+        self._cell = cell
         self.limit, self.window_s = rate
         # Whole milliseconds keep the state an exact integer in Redis.
         self._interval_ms = max(1, round(self.window_s * 1000 / self.limit))
@@ -48,7 +49,7 @@ class RateLimiter:
 
     async def take(self, tenant: str) -> Decision:
         allowed, remaining, retry_ms, reset_ms = await self._script(
-            schema.rate_key(tenant), self._interval_ms, self._tau_ms
+            schema.rate_key(tenant, cell=self._cell), self._interval_ms, self._tau_ms
         )
         headers = {
             "RateLimit-Policy": self._policy,
@@ -118,8 +119,10 @@ class StreamSlots:
     TTL_S = 60.0
     REFRESH_S = 20.0
 
-    def __init__(self, redis: Redis, *, process: ProcessStreams, per_tenant: int) -> None:
+    def __init__(self, redis: Redis, *, process: ProcessStreams, per_tenant: int, cell: int = 0) -> None:
         self.redis = redis
+        #: The cell this Redis is (its keys carry its tag).
+        self.cell = cell
         self.process = process
         self.per_tenant = per_tenant
         self._open: dict[str, set[str]] = {}
@@ -154,10 +157,10 @@ class StreamSlots:
         slot = self.new_slot()
         try:
             if self.per_tenant:
-                log = schema.tenant_log_key(tenant)
+                log = schema.tenant_log_key(tenant, cell=self.cell)
                 now_ms, ttl_ms = int(time.time() * 1000), int(self.TTL_S * 1000)
                 args: list[str | int] = ["tenant", tenant, "", "live", 0, now_ms, ttl_ms, self.per_tenant, slot, 0]
-                outcome, _, _ = await self.open_script([log, schema.streams_key(tenant), log], args)
+                outcome, _, _ = await self.open_script([log, schema.streams_key(tenant, cell=self.cell), log], args)
                 if outcome == "full":
                     raise StreamsFull("tenant", self.per_tenant)
         except BaseException:
@@ -176,7 +179,7 @@ class StreamSlots:
         if not slots:
             del self._open[tenant]
         with contextlib.suppress(RedisError, OSError):  # it expires by itself otherwise
-            await self.redis.zrem(schema.streams_key(tenant), slot)
+            await self.redis.zrem(schema.streams_key(tenant, cell=self.cell), slot)
 
     async def refresh_forever(self) -> None:
         while True:
@@ -187,8 +190,8 @@ class StreamSlots:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for tenant, slots in list(self._open.items()):
-                        pipe.zadd(schema.streams_key(tenant), dict.fromkeys(slots, expiry), xx=True)
-                        pipe.pexpire(schema.streams_key(tenant), int(self.TTL_S * 1000))
+                        pipe.zadd(schema.streams_key(tenant, cell=self.cell), dict.fromkeys(slots, expiry), xx=True)
+                        pipe.pexpire(schema.streams_key(tenant, cell=self.cell), int(self.TTL_S * 1000))
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 logger.warning("stream slots not refreshed: %s", exc)

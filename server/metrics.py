@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from redis.exceptions import RedisError
 
-from jobcast.worker import schema
+from jobcast.worker import jobstats, schema
 from jobcast.worker.clock import now
 from jobcast.worker.models import Priority
 from jobcast.worker.overview import WORKER_LIVE_S
@@ -171,26 +171,30 @@ async def _read_cell(store: Store) -> _Figures:
 
 async def _read_redis(store: Store) -> _Figures:
     redis = store.redis
+
+    def key(name: str) -> str:
+        return schema.in_cell(name, store.cell)
+
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(schema.STATS)
-        pipe.hgetall(schema.WEBHOOK_STATS)
-        pipe.smembers(schema.DEAD_LETTER_TENANTS)
-        pipe.zcard(schema.RUNNING)
-        pipe.zcard(schema.SCHEDULED)
-        pipe.hgetall(schema.WEBHOOK_WAITS)
-        pipe.hgetall(schema.DISABLED_DESTINATIONS)
-        pipe.zcount(schema.WEBHOOK_QUEUE, f"({time.time_ns() // 1_000_000}", "+inf")
-        pipe.zcard(schema.FINISHED)
-        pipe.zcount(schema.FINISHED, "-inf", now()[1] - store.settings.archive_after_s * 1000)
+        pipe.hgetall(key(schema.STATS))
+        pipe.hgetall(key(schema.WEBHOOK_STATS))
+        pipe.smembers(key(schema.DEAD_LETTER_TENANTS))
+        pipe.zcard(key(schema.RUNNING))
+        pipe.zcard(key(schema.SCHEDULED))
+        pipe.hgetall(key(schema.WEBHOOK_WAITS))
+        pipe.hgetall(key(schema.DISABLED_DESTINATIONS))
+        pipe.zcount(key(schema.WEBHOOK_QUEUE), f"({time.time_ns() // 1_000_000}", "+inf")
+        pipe.zcard(key(schema.FINISHED))
+        pipe.zcount(key(schema.FINISHED), "-inf", now()[1] - store.settings.archive_after_s * 1000)
         stats, webhook_stats, dead_tenants, running, scheduled, waits, disabled, later, finished, due = (
             await pipe.execute()
         )
     async with redis.pipeline(transaction=False) as pipe:
         for tenant in sorted(dead_tenants):
-            pipe.zcard(schema.DEAD_LETTERS + tenant)
+            pipe.zcard(schema.dead_letters_key(tenant, cell=store.cell))
         dead_counts = await pipe.execute()
     return _Figures(
-        stats=Counter({k: float(v) for k, v in stats.items()}),
+        stats=Counter({k: float(v) for k, v in jobstats.series(stats).items()}),
         webhook_stats=Counter({k: float(v) for k, v in webhook_stats.items()}),
         waits=Counter({k: float(v) for k, v in waits.items()}),
         dead_letters=Counter(dict(zip(sorted(dead_tenants), map(float, dead_counts), strict=True))),

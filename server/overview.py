@@ -54,8 +54,9 @@ class OverviewFeed:
     """Encoded ``overview`` frames per tenant, each reused for ``MIN_INTERVAL_S``, and the schedule
     that writes them to the streams following them."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, cell: int = 0) -> None:
         self._redis = redis
+        self._cell = cell
         self._frames: dict[str, tuple[float, bytes]] = {}
         self._reading: dict[str, asyncio.Task[bytes]] = {}
         self._followers: set[Follower] = set()
@@ -103,7 +104,7 @@ class OverviewFeed:
             task.exception()  # retrieved here: the streams that waited for it have their own copy
 
     async def _read(self, tenant: str) -> bytes:
-        overview = await read_overview(self._redis, tenant)
+        overview = await read_overview(self._redis, tenant, cell=self._cell)
         event = OverviewEvent(
             counts=overview.counts, workers=overview.workers, queue_depth=overview.queue_depth, at=now()[0]
         )

@@ -85,11 +85,11 @@ class Services:
         merged in like a third tier (:func:`jobcast.worker.history.merge_pages`)."""
         home = self.tenant_cell(tenant)
         others = [cell for cell in self.cells if cell is not home]
-        held = await asyncio.gather(*(cell.redis.exists(schema.index_key(tenant)) for cell in others))
+        held = await asyncio.gather(*(cell.redis.exists(schema.index_key(tenant, cell=cell.index)) for cell in others))
         records, cursor = await home.store.list_jobs(tenant, query=query, limit=limit, before=before)
         for cell, here in zip(others, held, strict=True):
             if here:
-                live, bound = await history.list_jobs(cell.redis, None, tenant, query, limit, before)
+                live, bound = await history.list_jobs(cell.redis, None, tenant, query, limit, before, cell=cell.index)
                 records, cursor = history.merge_pages(records, cursor, live, bound, limit)
         return records, cursor
 

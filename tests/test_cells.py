@@ -30,6 +30,7 @@ from jobcast.worker.cells import Placement, jump_hash, parse_placement, tenant_h
 from jobcast.worker.connections import redis_for
 from jobcast.worker.ids import cell_of, is_job_id, new_job_id
 from jobcast.worker.models import JobStatus, Priority
+from jobcast.worker.relayout import move_to_cells
 from jobcast.worker.settings import ConfigError, Settings
 from jobcast.worker.store import Store
 
@@ -131,6 +132,13 @@ async def keys_of(url: str) -> list[str]:
         await redis.aclose()
 
 
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes: its first non-empty ``{...}``, as Redis reads it."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else None
+
+
 def owner(key: str, jobs: dict[str, str]) -> set[str]:
     """The tenants a Redis key names: as a segment of its name, or through one of their job ids."""
     segments = set(key.split(":"))
@@ -215,6 +223,8 @@ async def check_three_cells(settings: Settings, cells: list[RedisProcess], url_a
         for key in await keys_of(process.url):
             strangers = {tenant for tenant in owner(key, jobs) if TENANTS[tenant] != index}
             assert not strangers, f"cell {index} holds {key!r} of {strangers}"
+            # ... under the cell's own hash tag (one slot per cell), but for the cell's index itself.
+            assert key == schema.CELL_INDEX or hash_tag(key) == f"c{index}", f"cell {index} holds {key!r}"
     for tenant, index in TENANTS.items():
         assert any(tenant in owner(key, jobs) for key in await keys_of(cells[index].url))
 
@@ -264,8 +274,8 @@ async def test_a_worker_serves_only_the_cells_it_is_given(tmp_path: Path) -> Non
 
             await wait_until(done_in_cell_1, timeout=60)
             # Cell 1's job ran; cell 0 has no worker and its job still waits.
-            assert await redis[1].zcard(schema.WORKERS) == 1
-            assert await redis[0].zcard(schema.WORKERS) == 0
+            assert await redis[1].zcard(schema.in_cell(schema.WORKERS, 1)) == 1
+            assert await redis[0].zcard(schema.in_cell(schema.WORKERS, 0)) == 0
             waiting = await stores[0].get(ids[0])
             assert waiting is not None and waiting.status is JobStatus.QUEUED
         finally:
@@ -303,15 +313,32 @@ async def test_a_moved_tenant_still_reads_and_lists_its_older_jobs(tmp_path: Pat
             assert listed == [new["id"], old["id"]]
 
 
+async def back_to_the_layout_before_cells(redis: Redis, cell: int) -> None:
+    """Rename cell ``cell``'s keys as one Redis named them before cells: no tag, arq's own queue."""
+    tag = schema.tag(cell)
+    async for key in redis.scan_iter(match=f"*{tag}*", count=1000):
+        old = "arq:queue" if key == schema.in_cell(schema.ARQ_QUEUE, cell) else key.replace(f"{tag}:", "")
+        old = old.replace(tag, "")
+        if await redis.type(key) == "zset":
+            members = await redis.zrange(key, 0, -1, withscores=True)
+            await redis.delete(key)
+            await redis.zadd(old, {member.replace(tag, ""): score for member, score in members})
+        else:
+            await redis.rename(key, old)
+
+
 async def test_a_job_from_before_cells_is_found_in_cell_0(tmp_path: Path) -> None:
     with redis_cells(tmp_path, 2) as cells:
         settings = cells_settings(cells, archive_url=f"sqlite:///{tmp_path / 'archive.sqlite3'}")
         redis = redis_for(cells[0].url)
         try:
-            # What one Redis held before cells: an id whose characters name no cell of these two.
+            # What one Redis held before cells: an id whose characters name no cell of these two
+            # (made here as cell 5's, then put back in the layout of then and moved by the migration).
             before = await Store(redis, settings, cell=5).create(
                 tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1
             )
+            await back_to_the_layout_before_cells(redis, 5)
+            assert (await move_to_cells(redis)).conflicts == []
         finally:
             await redis.aclose()
         assert before.job_id is not None and cell_of(before.job_id, 2) == 5
@@ -390,8 +417,8 @@ async def test_webhooks_are_delivered_dead_lettered_and_replayed_in_each_tenant_
             await receiver.stop()
 
 
-async def test_an_alert_of_a_cell_says_which(store: Store, redis: Redis, settings: Settings) -> None:
-    await store.create(tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1)
+async def test_an_alert_of_a_cell_says_which(redis: Redis, settings: Settings) -> None:
+    await Store(redis, settings, cell=2).create(tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1)
     alerter = Alerter(redis, settings, cell=2)
     [no_workers] = [c for c in await alerter.conditions() if c.kind is AlertKind.NO_WORKERS]
     assert no_workers.holds and "waiting in cell 2 and" in no_workers.summary

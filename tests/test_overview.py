@@ -11,8 +11,10 @@ import orjson
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from jobcast.worker.main import JobcastWorker
+from jobcast.worker.overview import WORKER_LIVE_S
+from jobcast.worker.store import Store
 
-from .conftest import GLOBEX, submit
+from .conftest import GLOBEX, submit, wait_until
 
 
 async def overviews(client: httpx.AsyncClient, **params: str) -> AsyncIterator[ServerSentEvent]:
@@ -52,8 +54,9 @@ async def test_the_feed_opens_with_an_overview_and_sends_a_new_one_after_job_eve
 
 
 async def test_overview_counts_only_the_tenant_s_own_jobs_and_sees_workers(
-    client: httpx.AsyncClient, server: Any, worker: JobcastWorker
+    client: httpx.AsyncClient, server: Any, worker: JobcastWorker, store: Store
 ) -> None:
+    await wait_until(lambda: store.live_workers(WORKER_LIVE_S))  # its first heartbeat is written at its start
     await submit(client, params={"seconds": 0})
     async with httpx.AsyncClient(base_url=server.url, headers=GLOBEX) as globex:
         events = overviews(globex, overview="true")

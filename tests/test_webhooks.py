@@ -232,9 +232,9 @@ async def test_deliveries_are_queued_in_the_same_step_as_their_events(store: Sto
     sids = [sid for sid, _ in await redis.xrange(schema.job_log_key(created.job_id))]
     ids = [f"msg_{created.job_id.removeprefix('job_')}_{sid}" for sid in sids]
     assert await redis.lrange(schema.job_deliveries_key(created.job_id), 0, -1) == ids
-    assert await redis.zrange(schema.WEBHOOK_QUEUE, 0, -1) == [f"{wid}.1" for wid in ids]
+    assert await redis.zrange(schema.WEBHOOK_QUEUE, 0, -1) == [schema.attempt_id(wid, 1) for wid in ids]
     for wid in ids:  # in arq's own job format, as arq reads it
-        payload = await redis.get(arq_job_key_prefix + f"{wid}.1")
+        payload = await redis.get(arq_job_key_prefix + schema.attempt_id(wid, 1))
         function, args, kwargs, _, _ = deserialize_job_raw(payload.encode(), deserializer=orjson.loads)
         assert (function, args, kwargs) == (schema.DELIVER_FUNCTION, [wid, 1], {})
 

@@ -96,6 +96,12 @@ class Alerter:
         self.settings = settings
         self._where = f" in cell {cell}" if cell is not None else ""
         self._cell = {"cell": cell} if cell is not None else {}
+        #: The cell's index (0 when there is one), whose tag its keys carry.
+        self._index = index = cell or 0
+        self._dead_letter_tenants = schema.in_cell(schema.DEAD_LETTER_TENANTS, index)
+        self._queued_count = schema.in_cell(schema.QUEUED_COUNT, index)
+        self._state = schema.in_cell(schema.ALERTS, index)
+        self._lock = schema.in_cell(schema.ALERTS_LOCK, index)
         self.store = Store(redis, settings, cell=cell or 0)
         self.webhooks = WebhookStore(redis, settings, cell=cell or 0)
         self.destinations = DestinationStore(redis, settings, cell=cell or 0)
@@ -105,10 +111,10 @@ class Alerter:
     async def conditions(self) -> list[Condition]:
         """Every condition as it is now, plus 'no longer holds' for each one remembered as firing."""
         found: list[Condition] = []
-        tenants: set[str] = await self.redis.smembers(schema.DEAD_LETTER_TENANTS)  # type: ignore[misc]
+        tenants: set[str] = await self.redis.smembers(self._dead_letter_tenants)  # type: ignore[misc]
         for tenant in sorted(tenants):
             count = await self.webhooks.dead_letter_count(tenant)
-            newest = await self.redis.zrevrange(schema.dead_letters_key(tenant), 0, 0)
+            newest = await self.redis.zrevrange(schema.dead_letters_key(tenant, cell=self._index), 0, 0)
             found.append(
                 Condition(
                     AlertKind.DEAD_LETTERS,
@@ -133,7 +139,7 @@ class Alerter:
                     links={"destinations": "/webhooks/destinations"},
                 )
             )
-        queued = int(await self.redis.get(schema.QUEUED_COUNT) or 0)
+        queued = int(await self.redis.get(self._queued_count) or 0)
         live = await self.store.live_workers(WORKER_LIVE_S)
         found.append(
             Condition(
@@ -159,7 +165,7 @@ class Alerter:
             )
         )
         seen = {c.key for c in found}
-        remembered: dict[str, str] = await self.redis.hgetall(schema.ALERTS)  # type: ignore[misc]
+        remembered: dict[str, str] = await self.redis.hgetall(self._state)  # type: ignore[misc]
         for key in remembered:
             if key not in seen:
                 kind, _, tenant = key.partition("|")
@@ -169,7 +175,7 @@ class Alerter:
     async def check(self) -> int:
         """One evaluation round (if no other process is in one): the number of alerts sent."""
         token = secrets.token_hex(8)
-        if not await self.redis.set(schema.ALERTS_LOCK, token, nx=True, px=LOCK_MS):
+        if not await self.redis.set(self._lock, token, nx=True, px=LOCK_MS):
             return 0
         try:
             sent = 0
@@ -177,11 +183,11 @@ class Alerter:
                 sent += await self._evaluate(condition)
             return sent
         finally:
-            if await self.redis.get(schema.ALERTS_LOCK) == token:
-                await self.redis.delete(schema.ALERTS_LOCK)
+            if await self.redis.get(self._lock) == token:
+                await self.redis.delete(self._lock)
 
     async def _evaluate(self, c: Condition) -> int:
-        raw = await self.redis.hget(schema.ALERTS, c.key)  # type: ignore[misc]
+        raw = await self.redis.hget(self._state, c.key)  # type: ignore[misc]
         state: dict[str, Any] = orjson.loads(raw) if raw else {}
         before = dict(state)
         now_ms = now()[1]
@@ -205,9 +211,9 @@ class Alerter:
         if not c.holds and not state.get("notified") and now_ms - state.get("sent_ms", 0) >= (
             self.settings.alert_window_s * 1000
         ):
-            await self.redis.hdel(schema.ALERTS, c.key)  # type: ignore[misc]
+            await self.redis.hdel(self._state, c.key)  # type: ignore[misc]
         elif state != before:
-            await self.redis.hset(schema.ALERTS, c.key, orjson.dumps(state).decode())  # type: ignore[misc]
+            await self.redis.hset(self._state, c.key, orjson.dumps(state).decode())  # type: ignore[misc]
         return sent
 
     def payload(self, c: Condition, status: str, state: dict[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,8 @@ def _ms() -> int:
 class Archiver:
     def __init__(self, redis: Redis, settings: Settings, archive: Archive, cell: int = 0) -> None:
         self.redis = redis
+        self.cell = cell
+        self._finished = schema.in_cell(schema.FINISHED, cell)
         self.settings = settings
         self.archive = archive
         self._script = schema.JobsScript(redis, settings, cell)
@@ -92,7 +94,7 @@ class Archiver:
     async def move_once(self) -> int:
         """One batch: pick, copy, evict. Returns how many jobs were looked at."""
         due: list[str] = await self.redis.zrangebyscore(
-            schema.FINISHED,
+            self._finished,
             "-inf",
             _ms() - self.settings.archive_after_s * 1000,
             start=0,
@@ -105,9 +107,9 @@ class Archiver:
         evicted = await self.evict(picked.jobs)
         async with self.redis.pipeline(transaction=False) as pipe:
             if picked.gone:
-                pipe.zrem(schema.FINISHED, *picked.gone)
+                pipe.zrem(self._finished, *picked.gone)
             if picked.waiting:
-                pipe.zadd(schema.FINISHED, dict.fromkeys(picked.waiting, _ms()), xx=True)
+                pipe.zadd(self._finished, dict.fromkeys(picked.waiting, _ms()), xx=True)
             await pipe.execute()
         logger.info(
             "archiver: %d jobs archived, %d waiting for webhook deliveries, %d already gone",
@@ -120,9 +122,9 @@ class Archiver:
     async def pick(self, job_ids: list[str]) -> Picked:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hgetall(schema.job_key(job_id))
-                pipe.xrange(schema.job_log_key(job_id), "-", "+")
-                pipe.lrange(schema.job_deliveries_key(job_id), 0, -1)
+                pipe.hgetall(schema.job_key(job_id, cell=self.cell))
+                pipe.xrange(schema.job_log_key(job_id, cell=self.cell), "-", "+")
+                pipe.lrange(schema.job_deliveries_key(job_id, cell=self.cell), 0, -1)
             replies = await pipe.execute()
         found = []
         gone = []
@@ -135,8 +137,8 @@ class Archiver:
         async with self.redis.pipeline(transaction=False) as pipe:
             for _, _, wids in found:
                 for wid in wids:
-                    pipe.hgetall(schema.delivery_key(wid))
-                    pipe.lrange(schema.delivery_attempts_key(wid), 0, -1)
+                    pipe.hgetall(schema.delivery_key(wid, cell=self.cell))
+                    pipe.lrange(schema.delivery_attempts_key(wid, cell=self.cell), 0, -1)
             delivery_replies = iter(await pipe.execute())
         jobs, waiting = [], []
         for record, log, wids in found:

@@ -339,7 +339,7 @@ class DeliveryWorker(DoorbellWorker):
         super().__init__(
             functions=[func(deliver, name=schema.DELIVER_FUNCTION, timeout=timeout, max_tries=max_tries)],
             redis_pool=pool,
-            queue_name=schema.WEBHOOK_QUEUE,
+            queue_name=schema.in_cell(schema.WEBHOOK_QUEUE, cell),
             max_jobs=settings.webhook_concurrency,
             handle_signals=False,
             ctx={"dispatcher": dispatcher},

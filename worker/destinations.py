@@ -53,18 +53,19 @@ class DestinationStore:
 
     def __init__(self, redis: Redis, settings: Settings, cell: int = 0) -> None:
         self.redis = redis
+        self.cell = cell
         self.settings = settings
         self._script = schema.JobsScript(redis, settings, cell)
 
     async def for_tenant(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         """The tenant's destinations, most recently used first."""
-        index = schema.tenant_destinations_key(tenant)
+        index = schema.tenant_destinations_key(tenant, cell=self.cell)
         await self.redis.zremrangebyscore(index, "-inf", now()[1] - self.settings.retention_s * 1000)
         names: list[str] = await self.redis.zrevrange(index, 0, limit - 1)
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            pipe.hgetall(schema.destination_health_key(tenant, name))
-            pipe.hget(schema.destination_key(name), "paused_until")
+            pipe.hgetall(schema.destination_health_key(tenant, name, cell=self.cell))
+            pipe.hget(schema.destination_key(name, cell=self.cell), "paused_until")
         replies = await pipe.execute()
         return [
             self.resource(name, health, paused)
@@ -91,10 +92,11 @@ class DestinationStore:
         }
 
     async def get(self, tenant: str, name: str) -> dict[str, Any] | None:
-        health: dict[str, str] = await self.redis.hgetall(schema.destination_health_key(tenant, name))  # type: ignore[misc]
+        health: dict[str, str] = await self.redis.hgetall(schema.destination_health_key(tenant, name, cell=self.cell))  # type: ignore[misc]
         if not health:
             return None
-        return self.resource(name, health, await self.redis.hget(schema.destination_key(name), "paused_until"))  # type: ignore[misc]
+        paused_until = await self.redis.hget(schema.destination_key(name, cell=self.cell), "paused_until")  # type: ignore[misc]
+        return self.resource(name, health, paused_until)
 
     async def enable(self, tenant: str, name: str) -> dict[str, Any] | None:
         """Enable (again) the tenant's destination, clearing its failure streak; None when unknown."""
@@ -104,7 +106,7 @@ class DestinationStore:
 
     async def disabled(self) -> dict[str, list[str]]:
         """Disabled destinations by tenant, across all tenants (for metrics and alerts)."""
-        entries: dict[str, str] = await self.redis.hgetall(schema.DISABLED_DESTINATIONS)  # type: ignore[misc]
+        entries: dict[str, str] = await self.redis.hgetall(schema.in_cell(schema.DISABLED_DESTINATIONS, self.cell))  # type: ignore[misc]
         by_tenant: dict[str, list[str]] = {}
         for entry in sorted(entries):
             tenant, _, name = entry.partition(" ")
@@ -113,5 +115,5 @@ class DestinationStore:
 
     async def wait_counts(self) -> dict[str, float]:
         """Deferred attempts by reason (``count|<reason>``) and the seconds they waited (``seconds|<reason>``)."""
-        raw: dict[str, str] = await self.redis.hgetall(schema.WEBHOOK_WAITS)  # type: ignore[misc]
+        raw: dict[str, str] = await self.redis.hgetall(schema.in_cell(schema.WEBHOOK_WAITS, self.cell))  # type: ignore[misc]
         return {name: float(value) for name, value in raw.items()}

@@ -39,6 +39,8 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from .schema import Script
+
 logger = logging.getLogger(__name__)
 
 IDLE_FALLBACK_S = 1.0
@@ -150,7 +152,7 @@ class DoorbellWorker(Worker):
         if not job_ids or free <= 0:
             return
         if self._claim is None:
-            self._claim = self.pool.register_script(self._claim_source)
+            self._claim = Script(self.pool, self._claim_source)
         lock_ms = int(self.in_progress_timeout_s * 1000)
         args = [in_progress_key_prefix, timestamp_ms(), lock_ms, free, *job_ids]
         claimed = await self._claim(keys=[self.queue_name], args=args)

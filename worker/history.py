@@ -86,15 +86,22 @@ def merge_pages(
 
 
 async def list_jobs(
-    redis: Redis, archive: Archive | None, tenant: str, query: JobQuery, limit: int, before: str | None
+    redis: Redis,
+    archive: Archive | None,
+    tenant: str,
+    query: JobQuery,
+    limit: int,
+    before: str | None,
+    *,
+    cell: int = 0,
 ) -> tuple[list[JobRecord], str | None]:
     """A page of the tenant's jobs, newest first, strictly older than job id ``before``: Redis's
-    page, then the archive's, merged. Returns the records and the cursor for the next page (the
-    last id returned when another match may exist, else None)."""
+    page (the tenant's cell, ``cell``), then the archive's, merged. Returns the records and the
+    cursor for the next page (the last id returned when another match may exist, else None)."""
     upper, lowest = query.upper(before), query.lowest()
     if upper is not None and lowest is not None and upper <= lowest:
         return [], None
-    live, live_bound = await _list_live(redis, tenant, query, limit, upper, lowest)
+    live, live_bound = await _list_live(redis, tenant, query, limit, upper, lowest, cell)
     if archive is None or not query.archive_may_match:
         return live, live_bound
     raws, archived_bound = await archive.page(
@@ -111,14 +118,14 @@ async def list_jobs(
 
 
 async def _list_live(
-    redis: Redis, tenant: str, query: JobQuery, limit: int, upper: str | None, lowest: str | None
+    redis: Redis, tenant: str, query: JobQuery, limit: int, upper: str | None, lowest: str | None, cell: int
 ) -> tuple[list[JobRecord], str | None]:
     """The Redis tier's page. With both status and type the status index is read and filtered by
     type. Work is bounded (20 index reads); past that the bound is the last id examined, so a
     sparse filter still pages on instead of scanning the whole index in one request. Index entries
     whose record expired are dropped on the way."""
     status, job_type = query.status, query.job_type
-    key = schema.index_key(tenant, status=status.value if status else None, job_type=job_type)
+    key = schema.index_key(tenant, status=status.value if status else None, job_type=job_type, cell=cell)
     batch = max(limit + 1, 50)
     items: list[JobRecord] = []
     cursor = upper
@@ -136,7 +143,7 @@ async def _list_live(
             return items, None
         async with redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hgetall(schema.job_key(job_id))
+                pipe.hgetall(schema.job_key(job_id, cell=cell))
             hashes = await pipe.execute()
         expired = []
         for job_id, h in zip(ids, hashes, strict=True):
@@ -152,19 +159,21 @@ async def _list_live(
             ):
                 continue
             if len(items) == limit:
-                await _forget_index_entries(redis, tenant, key, expired)
+                await _forget_index_entries(redis, tenant, key, expired, cell)
                 return items, items[-1].id
             items.append(record)
-        await _forget_index_entries(redis, tenant, key, expired)
+        await _forget_index_entries(redis, tenant, key, expired, cell)
         if len(ids) < batch:
             return items, None
     return items, cursor
 
 
-async def _forget_index_entries(redis: Redis, tenant: str, key: str, job_ids: list[str]) -> None:
+async def _forget_index_entries(redis: Redis, tenant: str, key: str, job_ids: list[str], cell: int) -> None:
     if not job_ids:
         return
     async with redis.pipeline(transaction=False) as pipe:
-        for index in {key, schema.index_key(tenant)} | {schema.index_key(tenant, status=s) for s in JobStatus}:
+        for index in {key, schema.index_key(tenant, cell=cell)} | {
+            schema.index_key(tenant, status=s, cell=cell) for s in JobStatus
+        }:
             pipe.zrem(index, *job_ids)
         await pipe.execute()

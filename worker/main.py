@@ -12,7 +12,7 @@ cell it serves (all by default; ``jobcast worker --cells 0,2``), each a whole wo
 its arq queue, doorbell, webhook deliveries, maintenance and archiver — in one event loop, stopped
 together by one signal handler. ``JOBCAST_WORKER_CONCURRENCY`` is per cell served.
 
-A departure from arq's defaults, deliberate: every job run gets its own arq id (``{job id}.{run}``,
+A departure from arq's defaults, deliberate: every job run gets its own arq id (``{c<cell>}{job id}.{run}``,
 see ``lua/jobs.lua``), and arq's own retry and abort machinery is not used: retries, cancellation
 and lost workers are handled by :mod:`jobcast.worker.runner` against the job record, which is the source
 of truth.
@@ -38,6 +38,7 @@ from .archive import Archive
 from .archiver import Archiver
 from .delivery import DeliveryWorker
 from .doorbell import RECONNECT_MAX_S, DoorbellWorker
+from .relayout import refuse_old_layout
 from .runner import Runner
 from .settings import Settings
 from .store import Store, redis_client
@@ -66,7 +67,7 @@ class JobcastWorker(DoorbellWorker):
         super().__init__(
             functions=[func(run_job, name=schema.ARQ_FUNCTION, timeout=registry.max_timeout_s + 60, max_tries=1000)],
             redis_settings=RedisSettings.from_dsn(settings.cell_urls[cell]),
-            queue_name=schema.ARQ_QUEUE,
+            queue_name=schema.in_cell(schema.ARQ_QUEUE, cell),
             max_jobs=settings.worker_concurrency,
             handle_signals=handle_signals,
             job_completion_wait=settings.shutdown_grace_s,
@@ -93,7 +94,8 @@ class JobcastWorker(DoorbellWorker):
         self._redis = redis_client(self.settings, self.cell)
         store = Store(self._redis, self.settings, cell=self.cell)
         runner = Runner(store, self.registry, self.settings, self.worker_id)
-        await store.worker_seen(self.worker_id)
+        # Both at once (the heartbeat lands in the new layout, harmless if this start is refused).
+        await asyncio.gather(refuse_old_layout(self._redis), store.worker_seen(self.worker_id))
         ctx["runner"] = runner
         self.deliveries = DeliveryWorker(self.settings, redis=self._redis, pool=self.pool, cell=self.cell)
         deliveries = self.deliveries

@@ -30,13 +30,13 @@ class Overview:
     queue_depth: int
 
 
-async def read_overview(redis: Redis, tenant: str) -> Overview:
+async def read_overview(redis: Redis, tenant: str, *, cell: int = 0) -> Overview:
     now_ms = int(time.time() * 1000)
     async with redis.pipeline(transaction=False) as pipe:
         for status in JobStatus:
-            pipe.zcard(schema.index_key(tenant, status=status.value))
-        pipe.zcount(schema.WORKERS, now_ms - int(WORKER_LIVE_S * 1000), "+inf")
-        pipe.get(schema.QUEUED_COUNT)
+            pipe.zcard(schema.index_key(tenant, status=status.value, cell=cell))
+        pipe.zcount(schema.in_cell(schema.WORKERS, cell), now_ms - int(WORKER_LIVE_S * 1000), "+inf")
+        pipe.get(schema.in_cell(schema.QUEUED_COUNT, cell))
         replies = await pipe.execute()
     *counts, workers, queued = replies
     return Overview(

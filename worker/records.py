@@ -1,14 +1,29 @@
 """A job as stored, in either tier: :class:`JobRecord`, built from the Redis hash the archive
-keeps verbatim."""
+keeps verbatim.
+
+The history is stored one entry per field, ``h<version>`` (the record's version when the entry was
+written), so that a transition appends its entry without reading or rewriting the others; records
+written before that keep theirs as a JSON array in ``history``, and later entries follow it."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from .models import JobStatus, Priority
+
+HISTORY_FIELD = re.compile(r"h(\d+)")
+
+
+def history_of(h: dict[str, str]) -> list[dict[str, Any]]:
+    """The history entries of a stored record, oldest first."""
+    entries: list[dict[str, Any]] = orjson.loads(h["history"]) if h.get("history") else []
+    numbered = sorted((int(m[1]), value) for name, value in h.items() if (m := HISTORY_FIELD.fullmatch(name)))
+    entries.extend(orjson.loads(value) for _, value in numbered)
+    return entries
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,7 @@ class JobRecord:
             version=int(h["version"]),
             params=json_or_none("params") or {},
             progress=json_or_none("progress") or {"percent": 0.0, "eta": None},
-            history=json_or_none("history") or [],
+            history=history_of(h),
             result=json_or_none("result"),
             error=json_or_none("error"),
             webhook=json_or_none("webhook"),

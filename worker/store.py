@@ -74,6 +74,8 @@ def redis_client(settings: Settings, cell: int = 0) -> Redis:
 
 
 class Store:
+    """One cell's jobs (``cell``: its index, whose hash tag all its keys carry, see :mod:`schema`)."""
+
     def __init__(self, redis: Redis, settings: Settings, archive: Archive | None = None, *, cell: int = 0) -> None:
         self.redis = redis
         self.settings = settings
@@ -81,6 +83,14 @@ class Store:
         #: The cell this store's Redis is (:mod:`jobcast.worker.cells`): its new job ids name it.
         self.cell = cell
         self._script = schema.JobsScript(redis, settings, cell)
+        self._workers = schema.in_cell(schema.WORKERS, cell)
+
+    def _job_keys(self, *job_ids: str) -> list[str]:
+        """The keys a script call declares for the jobs it names: each one's record and log."""
+        return [key for job_id in job_ids for key in self._job_pair(job_id)]
+
+    def _job_pair(self, job_id: str) -> tuple[str, str]:
+        return schema.job_key(job_id, cell=self.cell), schema.job_log_key(job_id, cell=self.cell)
 
     # --- submission and reads (server side) ------------------------------------------------------
 
@@ -98,7 +108,7 @@ class Store:
     ) -> Created:
         at = now()
         job_id = new_job_id(at[1], self.cell)  # the id's time is created_at's millisecond
-        idem = schema.idempotency_key(tenant, idempotency_key) if idempotency_key else ""
+        idem = schema.idempotency_key(tenant, idempotency_key, cell=self.cell) if idempotency_key else ""
         args = [
             job_id,
             tenant,
@@ -111,12 +121,13 @@ class Store:
             fingerprint,
             IDEMPOTENCY_TTL_S,
         ]
-        outcome, ident = await self._script("create", *args, "0", at=at)
+        keys = self._job_keys(job_id)
+        outcome, ident = await self._script("create", *args, "0", keys=keys, at=at)
         if outcome == "vanished":
             # The key's job left Redis: archived (a replay of it), or expired (create anew).
             if await self._archived(ident, tenant) is not None:
                 return Created("existing", ident)
-            outcome, ident = await self._script("create", *args, "1", at=at)
+            outcome, ident = await self._script("create", *args, "1", keys=keys, at=at)
         outcome = cast(CreateOutcome, outcome)
         if outcome != "created":
             return Created(outcome, ident if outcome not in ("full", "tenant_full") else None)
@@ -135,7 +146,7 @@ class Store:
         """The record, or None when it does not exist or belongs to another tenant."""
         if not is_job_id(job_id):
             return None
-        raw: dict[str, str] = await self.redis.hgetall(schema.job_key(job_id))  # type: ignore[misc]
+        raw: dict[str, str] = await self.redis.hgetall(schema.job_key(job_id, cell=self.cell))  # type: ignore[misc]
         if not raw or "status" not in raw:
             return await self._archived(job_id, tenant)
         record = JobRecord.from_hash(raw)
@@ -159,13 +170,15 @@ class Store:
     ) -> tuple[list[JobRecord], str | None]:
         """A page of the tenant's jobs, newest first, strictly older than job id ``before``, from
         Redis and then the archive: see :func:`worker.history.list_jobs`."""
-        return await history.list_jobs(self.redis, self.archive, tenant, query or JobQuery(), limit, before)
+        return await history.list_jobs(
+            self.redis, self.archive, tenant, query or JobQuery(), limit, before, cell=self.cell
+        )
 
     async def cancel(self, job_id: str, tenant: str) -> tuple[CancelOutcome, str | None]:
         """``cancelled`` (was queued), ``requested`` (running), ``terminal`` (+ status), ``missing``."""
         if not is_job_id(job_id):
             return "missing", None
-        reply = await self._script("cancel", job_id, tenant)
+        reply = await self._script("cancel", job_id, tenant, keys=self._job_keys(job_id))
         if reply[0] == "missing":
             archived = await self._archived(job_id, tenant)
             return ("terminal", archived.status.value) if archived is not None else ("missing", None)
@@ -173,9 +186,10 @@ class Store:
             logger.info("job %s cancel: %s", job_id, reply[0])
         return cast(CancelOutcome, reply[0]), (reply[1] if len(reply) > 1 else None)
 
-    @staticmethod
-    def _log_key(audience: Audience, key: str) -> str:
-        return schema.job_log_key(key) if audience == "job" else schema.tenant_log_key(key)
+    def _log_key(self, audience: Audience, key: str) -> str:
+        if audience == "job":
+            return schema.job_log_key(key, cell=self.cell)
+        return schema.tenant_log_key(key, cell=self.cell)
 
     async def log_events(self, audience: Audience, key: str, after: str = "-", count: int = 1000) -> list[Event]:
         """Events of one job's log (``audience="job"``) or one tenant's, strictly after stream id
@@ -223,7 +237,7 @@ class Store:
     # --- transitions (worker side) ---------------------------------------------------------------
 
     async def start(self, job_id: str, run: int, lease_deadline_ms: int) -> Started | None:
-        reply = await self._script("start", job_id, run, lease_deadline_ms)
+        reply = await self._script("start", job_id, run, lease_deadline_ms, keys=self._job_keys(job_id))
         if reply[0] != "ok":
             logger.info("job %s run %s not started: status is %s", job_id, run, reply[1])
             return None
@@ -242,7 +256,8 @@ class Store:
             body["step"] = step
         if message is not None:
             body["message"] = message
-        return bool(await self._script("progress", job_id, run, repr(percent), orjson.dumps(body).decode()))
+        progress = orjson.dumps(body).decode()
+        return bool(await self._script("progress", job_id, run, repr(percent), progress, keys=self._job_keys(job_id)))
 
     async def heartbeat(self, lease_deadline_ms: int, runs: list[tuple[str, int]]) -> dict[str, str]:
         """Renew the leases of ``runs``; returns job id -> ``ok`` | ``cancel`` | ``lost``."""
@@ -251,11 +266,12 @@ class Store:
         flat: list[str | int] = []
         for job_id, run in runs:
             flat += [job_id, run]
-        reply = await self._script("heartbeat", lease_deadline_ms, *flat)
+        keys = [schema.job_key(job_id, cell=self.cell) for job_id, _ in runs]
+        reply = await self._script("heartbeat", lease_deadline_ms, *flat, keys=keys)
         return {job_id: state for (job_id, _), state in zip(runs, reply, strict=True)}
 
     async def _finish(self, op: str, job_id: str, run: int, payload: str = "", delay_ms: int = 0) -> str | None:
-        reply = await self._script(op, job_id, run, payload, delay_ms)
+        reply = await self._script(op, job_id, run, payload, delay_ms, keys=self._job_keys(job_id))
         if reply[0] != "ok":
             logger.warning("job %s run %s: %s refused, job is %s (a newer run owns it)", job_id, run, op, reply[1])
             return None
@@ -281,22 +297,24 @@ class Store:
         """Record that worker ``worker_id`` is alive (each heartbeat); forget ones silent for a day."""
         now_ms = time.time_ns() // 1_000_000
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(schema.WORKERS, {worker_id: now_ms})
-            pipe.zremrangebyscore(schema.WORKERS, "-inf", now_ms - 86_400_000)
+            pipe.zadd(self._workers, {worker_id: now_ms})
+            pipe.zremrangebyscore(self._workers, "-inf", now_ms - 86_400_000)
             await pipe.execute()
 
     async def live_workers(self, within_s: float) -> int:
         """Workers that sent a heartbeat in the last ``within_s`` seconds."""
         now_ms = time.time_ns() // 1_000_000
-        return int(await self.redis.zcount(schema.WORKERS, now_ms - int(within_s * 1000), "+inf"))
+        return int(await self.redis.zcount(self._workers, now_ms - int(within_s * 1000), "+inf"))
 
     async def overdue(self, now_ms: int, limit: int = 100) -> list[str]:
         """Processing jobs whose lease lapsed."""
-        ids: list[str] = await self.redis.zrangebyscore(schema.RUNNING, "-inf", now_ms, start=0, num=limit)
+        ids: list[str] = await self.redis.zrangebyscore(
+            schema.in_cell(schema.RUNNING, self.cell), "-inf", now_ms, start=0, num=limit
+        )
         return ids
 
     async def reap(self, job_id: str, error: JobError) -> str:
-        outcome = str(await self._script("reap", job_id, error.model_dump_json()))
+        outcome = str(await self._script("reap", job_id, error.model_dump_json(), keys=self._job_keys(job_id)))
         if outcome != "alive":
             logger.warning("job %s lost its worker (lease lapsed): now %s", job_id, outcome)
         return outcome

@@ -174,36 +174,37 @@ class WebhookStore:
 
     def __init__(self, redis: Redis, settings: Settings, archive: Archive | None = None, cell: int = 0) -> None:
         self.redis = redis
+        self.cell = cell
         self.settings = settings
         self.archive = archive
         self._script = schema.JobsScript(redis, settings, cell)
         self._unlock = redis.register_script(UNLOCK)
 
     async def get(self, webhook_id: str) -> Delivery | None:
-        raw: dict[str, str] = await self.redis.hgetall(schema.delivery_key(webhook_id))  # type: ignore[misc]
+        raw: dict[str, str] = await self.redis.hgetall(schema.delivery_key(webhook_id, cell=self.cell))  # type: ignore[misc]
         return Delivery.from_hash(raw) if raw and "state" in raw else None
 
     async def lock_job(self, job_id: str, ttl_ms: int) -> str | None:
         """Take the job's delivery lock for ``ttl_ms`` (it lapses by itself if its holder dies): a
         token to unlock it with, or None while another delivery of the job holds it."""
         token = secrets.token_hex(8)
-        taken = await self.redis.set(schema.webhook_lock_key(job_id), token, nx=True, px=ttl_ms)
+        taken = await self.redis.set(schema.webhook_lock_key(job_id, cell=self.cell), token, nx=True, px=ttl_ms)
         return token if taken else None
 
     async def unlock_job(self, job_id: str, token: str) -> None:
-        await self._unlock(keys=[schema.webhook_lock_key(job_id)], args=[token])
+        await self._unlock(keys=[schema.webhook_lock_key(job_id, cell=self.cell)], args=[token])
 
     async def lock_remaining_s(self, job_id: str) -> float:
         """Seconds until the job's delivery lock lapses at the latest (0 when it is free)."""
-        return max(0, int(await self.redis.pttl(schema.webhook_lock_key(job_id)))) / 1000
+        return max(0, int(await self.redis.pttl(schema.webhook_lock_key(job_id, cell=self.cell)))) / 1000
 
     async def put_off(self, delivery: Delivery) -> None:
         """Count that attempt ``delivery.seq`` was put off (so that it is not taken for an interrupted run)."""
-        await self.redis.hincrby(schema.delivery_key(delivery.id), f"deferrals.{delivery.seq}", 1)  # type: ignore[misc]
+        await self.redis.hincrby(schema.delivery_key(delivery.id, cell=self.cell), f"deferrals.{delivery.seq}", 1)  # type: ignore[misc]
 
     async def webhook_gone(self, job_id: str) -> bool:
         """Whether a receiver answered 410 for this job's webhook (later deliveries are not made)."""
-        return bool(await self.redis.hexists(schema.job_key(job_id), "webhook_gone"))  # type: ignore[misc]
+        return bool(await self.redis.hexists(schema.job_key(job_id, cell=self.cell), "webhook_gone"))  # type: ignore[misc]
 
     async def record(
         self,
@@ -254,16 +255,16 @@ class WebhookStore:
     async def for_job(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:
         """The job's deliveries (the latest ``limit``), oldest first, each with its attempts; an
         archived job's from the archive."""
-        ids: list[str] = await self.redis.lrange(schema.job_deliveries_key(job_id), -limit, -1)  # type: ignore[misc]
-        if not ids and self.archive is not None and not await self.redis.exists(schema.job_key(job_id)):
+        ids: list[str] = await self.redis.lrange(schema.job_deliveries_key(job_id, cell=self.cell), -limit, -1)  # type: ignore[misc]
+        if not ids and self.archive is not None and not await self.redis.exists(schema.job_key(job_id, cell=self.cell)):
             return [
                 Delivery.from_hash(raw).resource([orjson.loads(a) for a in attempts])
                 for raw, attempts in await self.archive.deliveries(job_id, limit)
             ]
         pipe = self.redis.pipeline(transaction=False)
         for webhook_id in ids:
-            pipe.hgetall(schema.delivery_key(webhook_id))
-            pipe.lrange(schema.delivery_attempts_key(webhook_id), 0, -1)
+            pipe.hgetall(schema.delivery_key(webhook_id, cell=self.cell))
+            pipe.lrange(schema.delivery_attempts_key(webhook_id, cell=self.cell), 0, -1)
         replies = await pipe.execute()
         items = []
         for raw, attempts in zip(replies[::2], replies[1::2], strict=True):
@@ -274,16 +275,16 @@ class WebhookStore:
     async def _drop_expired_dead_letters(self, tenant: str) -> None:
         """Dead letters are kept as long as finished jobs; older entries have lost their record."""
         cutoff = now()[1] - self.settings.retention_s * 1000
-        await self.redis.zremrangebyscore(schema.dead_letters_key(tenant), "-inf", cutoff)
+        await self.redis.zremrangebyscore(schema.dead_letters_key(tenant, cell=self.cell), "-inf", cutoff)
 
     async def dead_letters(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         """The tenant's dead letters, newest first."""
         await self._drop_expired_dead_letters(tenant)
-        key = schema.dead_letters_key(tenant)
+        key = schema.dead_letters_key(tenant, cell=self.cell)
         ids: list[str] = await self.redis.zrevrange(key, 0, limit - 1)
         pipe = self.redis.pipeline(transaction=False)
         for webhook_id in ids:
-            pipe.hgetall(schema.delivery_key(webhook_id))
+            pipe.hgetall(schema.delivery_key(webhook_id, cell=self.cell))
         items, lost = [], []
         for webhook_id, raw in zip(ids, await pipe.execute(), strict=True):
             if raw and raw.get("state") == DeliveryStatus.DEAD and raw.get("tenant") == tenant:
@@ -297,7 +298,7 @@ class WebhookStore:
     async def dead_letter_count(self, tenant: str) -> int:
         """How many dead letters the tenant has: one ZCARD (what a metric would expose)."""
         await self._drop_expired_dead_letters(tenant)
-        return int(await self.redis.zcard(schema.dead_letters_key(tenant)))
+        return int(await self.redis.zcard(schema.dead_letters_key(tenant, cell=self.cell)))
 
     async def replay(self, webhook_id: str, tenant: str) -> bool:
         """Try a dead letter of ``tenant`` again, on a fresh schedule; False when it is not one."""
@@ -310,5 +311,5 @@ class WebhookStore:
 
     async def outcome_counts(self) -> dict[str, int]:
         """Attempt outcomes since the start (``delivered``, ``retry``, ``dead``, ``gone``): for metrics."""
-        counts: dict[str, str] = await self.redis.hgetall(schema.WEBHOOK_STATS)  # type: ignore[misc]
+        counts: dict[str, str] = await self.redis.hgetall(schema.in_cell(schema.WEBHOOK_STATS, self.cell))  # type: ignore[misc]
         return {outcome: int(count) for outcome, count in counts.items()}

@@ -43,11 +43,11 @@ class TenantPlace:
     would_be: int | None = None
 
 
-async def tenants_with_jobs(redis: Redis) -> set[str]:
-    """The tenants that have a job index in this Redis (one SCAN over the index keys)."""
-    prefix = schema.index_key("")
+async def tenants_with_jobs(redis: Redis, cell: int) -> set[str]:
+    """The tenants that have a job index in cell ``cell``'s Redis (one SCAN over the index keys)."""
+    prefix = schema.index_key("", cell=cell)
     tenants = set()
-    async for key in redis.scan_iter(match=schema.index_key("*"), count=1000):
+    async for key in redis.scan_iter(match=schema.index_key("*", cell=cell), count=1000):
         tenants.add(str(key)[len(prefix) :].split(":", 1)[0])
     return tenants
 
@@ -56,7 +56,7 @@ async def survey(settings: Settings, if_cells: int | None) -> list[TenantPlace]:
     placement = settings.placement
     clients = [redis_client(settings, cell) for cell in range(len(settings.cell_urls))]
     try:
-        per_cell = await asyncio.gather(*(tenants_with_jobs(redis) for redis in clients))
+        per_cell = await asyncio.gather(*(tenants_with_jobs(redis, cell) for cell, redis in enumerate(clients)))
         keyed = {info.tenant for info in await ApiKeys(clients[0]).list()}
     finally:
         for redis in clients:

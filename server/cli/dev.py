@@ -102,6 +102,7 @@ def _run(signals: _Signals, settings: Settings, env: dict[str, str], *, host: st
         else:
             redis = stack.enter_context(_embedded_redis(data_dir / "redis"))
             env["JOBCAST_REDIS_URL"] = redis.url
+            _move_to_cells(redis.url)
             redis_note = f"embedded, data in {redis.data_dir}"
         archive_note = _prepare_archive(env, data_dir)
         if signals.stops:
@@ -163,6 +164,29 @@ def running_dev_redis(data_dir: Path) -> str | None:
             url = lock.read().strip()
             return url if url.startswith("redis://") else None
         return None  # a leftover of a `jobcast dev` that has stopped
+
+
+def _move_to_cells(url: str) -> None:
+    """The embedded Redis is this command's own: data written there before 0.3 is moved into cell 0's
+    layout now (what ``jobcast migrate --redis`` does for a Redis of one's own)."""
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from jobcast.worker.relayout import Moved, move_to_cells
+
+    async def move() -> Moved:
+        client = Redis.from_url(url, decode_responses=True)
+        try:
+            return await move_to_cells(client)
+        finally:
+            await client.aclose()
+
+    moved = asyncio.run(move())
+    if moved.conflicts:
+        raise DevError("cannot move the embedded Redis to the new key layout: " + "; ".join(moved.conflicts))
+    if moved.keys:
+        logger.info("moved %d keys of the embedded Redis into cell 0's layout", moved.keys)
 
 
 @contextlib.contextmanager

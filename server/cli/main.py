@@ -173,7 +173,11 @@ def cmd_cells(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    """``jobcast migrate``: bring the archive's schema (JOBCAST_ARCHIVE_URL) to this version's."""
+    """``jobcast migrate``: bring the archive's schema (JOBCAST_ARCHIVE_URL) to this version's;
+    ``--redis``: move a Redis written before 0.3 (JOBCAST_REDIS_URL) into cell 0's layout."""
+    if args.redis:
+        _migrate_redis()
+        return
     from sqlalchemy.exc import SQLAlchemyError
 
     from jobcast.worker.archive import display_url, migrate_now
@@ -187,6 +191,33 @@ def cmd_migrate(args: argparse.Namespace) -> None:
         print(f"The archive at {display_url(url)} is up to date (schema {after}).")
     else:
         print(f"Migrated the archive at {display_url(url)}: schema {before or 'empty'} -> {after}.")
+
+
+def _migrate_redis() -> None:
+    import asyncio
+
+    from jobcast.worker.relayout import move_to_cells
+    from jobcast.worker.store import redis_client
+
+    settings = Settings.from_env(require_secrets=False)
+
+    async def run() -> None:
+        redis = redis_client(settings)
+        try:
+            moved = await move_to_cells(redis)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise RedisUnreachable(settings.redis_url, exc) from None
+        finally:
+            await redis.aclose()
+        if moved.conflicts:
+            listed = "\n  ".join(moved.conflicts)
+            raise ConfigError(f"moved {moved.keys} keys; these were left where they are:\n  {listed}")
+        if moved.keys:
+            print(f"Moved {moved.keys} keys into cell 0's layout (jobcast:{{c0}}:...).")
+        else:
+            print("Nothing to move: this Redis holds no key of the layout before 0.3.")
+
+    asyncio.run(run())
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
@@ -241,6 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     cells.set_defaults(func=cmd_cells)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the archive's schema (JOBCAST_ARCHIVE_URL)")
+    migrate.add_argument(
+        "--redis",
+        action="store_true",
+        help="instead: move a Redis written before 0.3 (JOBCAST_REDIS_URL) into cell 0's key layout "
+        "(stop every Jobcast process first)",
+    )
     migrate.set_defaults(func=cmd_migrate)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys stored in Redis")

@@ -116,10 +116,15 @@ async def open_stream(
     opened = False
     try:
         await cell.hub.ready(tenant)  # confirmed by Redis before the log is read (jobcast.channels)
-        log_key = schema.job_log_key(key) if audience == "job" else schema.tenant_log_key(key)
+        index = cell.index
+        log_key = schema.job_log_key(key, cell=index) if audience == "job" else schema.tenant_log_key(key, cell=index)
         log_max = svc.settings.job_log_max if audience == "job" else svc.settings.tenant_log_max
         outcome, tip, entries = await slots.open_script(
-            [log_key, schema.streams_key(tenant), schema.job_key(key) if audience == "job" else log_key],
+            [
+                log_key,
+                schema.streams_key(tenant, cell=index),
+                schema.job_key(key, cell=index) if audience == "job" else log_key,
+            ],
             [
                 audience,
                 tenant,

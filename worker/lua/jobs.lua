@@ -2,21 +2,32 @@
 -- record, the job's event log, the tenant's event log, the indexes, the arq queue and the PUBLISH
 -- doorbell change together or not at all (DESIGN.md, invariants 1 and 2).
 --
--- Called as EVALSHA sha 0 op now_iso now_ms arg...; key prefixes come from the prelude that
--- worker/schema.py prepends (K_* and CFG_* locals), so no key name is spelled here.
+-- Loaded as a Redis Function library and called as FCALL fn n key... op now_iso now_ms arg... (on
+-- Redis 6, as EVALSHA with the same keys and arguments); key prefixes come from the prelude that
+-- worker/schema.py prepends (the #!lua shebang, then K_*, TAG and CFG_* locals), so no key name is
+-- spelled here. Every key is one cell's (its prefix carries the cell's hash tag): KEYS[1] is the
+-- cell's arq queue (it routes the call), then the keys of the job(s) the caller names (its record
+-- and its log); the other keys, which depend on what the script reads, are built from the prefixes,
+-- and Redis holds them to the declared slot (worker/schema.py).
 --
 -- A job's "run" is a fencing number: each time the job is put on the arq queue it gets a new run,
 -- and the arq job id is "<job id>.<run>". A worker may only move a job it holds the current run of,
 -- so a worker that lost its lease (killed, hung, partitioned) can never overwrite its successor.
+--
+-- Cost: a transition reads the record once (load: one HMGET of everything it needs) and writes it
+-- once (one HSET, the history entry included: each entry is a field of its own, "h<version>", so
+-- nothing is rewritten), and counts itself with one HINCRBY (see "Metrics" below). BENCHMARKS.md §2
+-- has the commands per job.
 --
 -- Webhook deliveries live here too (ops 'attempted' and 'replay' at the end): an event the job's
 -- webhook asks for records its delivery and queues the first attempt inside the same call that
 -- emits the event. Attempts are fenced the same way: attempt <seq> of delivery <wid> is the arq job
 -- "<wid>.<seq>", and only the current seq may record an outcome.
 
-local op = ARGV[1]
-local now_iso = ARGV[2]
-local now_ms = tonumber(ARGV[3])
+-- Set by each call (run, at the end), read by every helper. Numbers go to Redis as strings where
+-- they already are (now_ms_s: ARGV[3] as given; the prelude's S_* constants): Redis formats every
+-- Lua number it is handed, and that showed in the profile.
+local op, now_iso, now_ms, now_ms_s
 
 local PRIORITY_BOOST = {high = 3e12, normal = 2e12, low = 1e12}
 -- The progress of a job that has not reported any (queued, or a new attempt just started).
@@ -28,55 +39,69 @@ local function fields(id, ...)
   return redis.call('HMGET', job_key(id), ...)
 end
 
-local function run_id(id, run) return id .. '.' .. run end
+-- What a transition needs of the record, read in one HMGET and handed around as a table (absent
+-- fields are nil). Ops that need more name it (`...`).
+local RECORD = {'status', 'run', 'tenant', 'type', 'priority', 'attempt', 'max_attempts', 'version', 'progress',
+  'webhook', 'webhook_gone', 'cancel', 'error', 'ready_ms', 'started_ms'}
 
--- Metrics: counters and histogram buckets in one hash (K_STATS), read by GET /metrics. Fields are
--- "name|label|label..."; a histogram keeps per-bucket counts ("...|b<i>"), its sum and its count.
+local function load(id, ...)
+  local names = {unpack(RECORD)}
+  for _, name in ipairs({...}) do names[#names + 1] = name end
+  local values = redis.call('HMGET', job_key(id), unpack(names))
+  local r = {}
+  for i, name in ipairs(names) do
+    if values[i] then r[name] = values[i] end
+  end
+  return r
+end
+
+-- arq's ids: run `run` of job `id`, attempt `seq` of delivery `wid`. They carry the cell's tag, so
+-- that arq's keys for them (arq:job:<id>, arq:in-progress:<id>, ...) are in the cell's slot too.
+local function run_id(id, run) return TAG .. id .. '.' .. run end
+local function attempt_id(wid, seq) return TAG .. wid .. '.' .. seq end
+
+-- The job id and run (a string) of arq run id `rid`.
+local function run_of(rid)
+  local dot = string.find(rid, '.', 1, true)
+  return string.sub(rid, #TAG + 1, dot - 1), string.sub(rid, dot + 1)
+end
+
+-- Metrics (K_STATS, read by GET /metrics through worker/jobstats.py, which derives the series): each
+-- event counts once, with one HINCRBY of "t|<from>|<event>|<type>|<priority>" (<from>: the status
+-- left, '-' for a new job; <event>: the event's name without "job.") -- or of "progress" for a
+-- progress event. A transition a histogram observes (pickup: queued -> processing; duration:
+-- processing -> terminal) adds "|b<i>", its bucket, and adds the seconds to "<histogram>|<type>|sum".
 local PICKUP_BUCKETS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
 local DURATION_BUCKETS = {0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600}
 
-local function count(name, n)
-  redis.call('HINCRBY', K_STATS, name, n or 1)
-end
-
-local function observe(name, buckets, seconds)
-  local i = #buckets + 1
-  for b = 1, #buckets do
-    if seconds <= buckets[b] then i = b; break end
+local function count_event(r, from, event)
+  local field = 't|' .. (from or '-') .. '|' .. string.sub(event, 5) .. '|' .. r.type .. '|' .. r.priority
+  local histogram, buckets, since
+  if from == 'queued' and r.status == 'processing' then
+    histogram, buckets, since = 'pickup', PICKUP_BUCKETS, r.ready_ms
+  elseif from == 'processing' and TERMINAL[r.status] then
+    histogram, buckets, since = 'duration', DURATION_BUCKETS, r.started_ms
   end
-  count(name .. '|b' .. i)
-  count(name .. '|count')
-  redis.call('HINCRBYFLOAT', K_STATS, name .. '|sum', seconds)
-end
-
--- Move the job between its tenant's status indexes, keeping the global count of queued jobs.
-local function index_move(tenant, id, from, to)
-  if from then redis.call('ZREM', K_INDEX .. tenant .. ':status:' .. from, id) end
-  if to then redis.call('ZADD', K_INDEX .. tenant .. ':status:' .. to, 0, id) end
-  if from == 'queued' or to == 'queued' then
-    local priority = redis.call('HGET', job_key(id), 'priority')
-    local delta = (to == 'queued') and 1 or -1
-    redis.call('INCRBY', K_QUEUED_COUNT, delta)
-    count('queued|' .. priority, delta)
+  if since then
+    local seconds = math.max(0, now_ms - tonumber(since)) / 1000
+    local i = #buckets + 1
+    for b = 1, #buckets do
+      if seconds <= buckets[b] then i = b; break end
+    end
+    field = field .. '|b' .. i
+    redis.call('HINCRBYFLOAT', K_STATS, histogram .. '|' .. r.type .. '|sum', seconds)
   end
+  redis.call('HINCRBY', K_STATS, field, '1')
 end
 
--- Append {"status":..,"at":..,"attempt":..} to the record's JSON history without decoding it.
 local function history_entry(status, attempt)
   return '{"status":"' .. status .. '","at":"' .. now_iso .. '","attempt":' .. attempt .. '}'
-end
-
-local function append_history(id, status, attempt)
-  local h = redis.call('HGET', job_key(id), 'history')
-  local entry = history_entry(status, attempt)
-  if h == '[]' or not h then h = '[' .. entry .. ']' else h = string.sub(h, 1, -2) .. ',' .. entry .. ']' end
-  redis.call('HSET', job_key(id), 'history', h)
 end
 
 -- Put arq job `rid` (function `fn`, arguments `args` as a JSON array's inside) on arq queue `queue`
 -- with score `score`: arq's own job format, as arq's enqueue_job writes it.
 local function arq_put(queue, rid, fn, args, score)
-  local payload = '{"t":1,"f":"' .. fn .. '","a":[' .. args .. '],"k":{},"et":' .. string.format('%d', now_ms) .. '}'
+  local payload = '{"t":1,"f":"' .. fn .. '","a":[' .. args .. '],"k":{},"et":' .. now_ms_s .. '}'
   redis.call('SET', K_ARQ_JOB .. rid, payload)
   redis.call('ZADD', queue, score, rid)
 end
@@ -85,7 +110,7 @@ local function delivery_key(wid) return K_DELIVERY .. wid end
 
 -- Queue attempt `seq` of delivery `wid`, due at `due_ms` (arq takes only scores <= now).
 local function delivery_enqueue(wid, seq, due_ms)
-  arq_put(K_WEBHOOK_QUEUE, wid .. '.' .. seq, CFG_DELIVER_FUNCTION, '"' .. wid .. '",' .. seq, due_ms)
+  arq_put(K_WEBHOOK_QUEUE, attempt_id(wid, seq), CFG_DELIVER_FUNCTION, '"' .. wid .. '",' .. seq, due_ms)
   redis.call('PUBLISH', K_WEBHOOK_DOORBELL_CHANNEL, wid)
 end
 
@@ -150,52 +175,78 @@ local function webhook_enqueue(id, tenant, status, event, job_sid, webhook, prog
   delivery_enqueue(wid, 1, due)
 end
 
--- Build the event payload from the record (after it was updated), append it to both logs, ring the
--- doorbell and queue the webhook delivery, if any. `extra` is a pre-encoded ',"key":value' tail.
-local function emit(id, event, extra)
-  local r = fields(id, 'tenant', 'type', 'status', 'attempt', 'progress', 'webhook', 'webhook_gone')
-  local data = '{"job_id":"' .. id .. '","type":' .. cjson.encode(r[2]) .. ',"status":"' .. r[3]
-    .. '","attempt":' .. r[4] .. ',"progress":' .. r[5] .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
-  local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', CFG_JOB_LOG_MAX, '*',
+-- Append the event to both logs, ring the doorbell and queue the webhook delivery, if any; the
+-- payload comes from `r`, the record as the transition left it. `extra` is a pre-encoded
+-- ',"key":value' tail.
+local function emit(id, r, event, extra)
+  local data = '{"job_id":"' .. id .. '","type":' .. cjson.encode(r.type) .. ',"status":"' .. r.status
+    .. '","attempt":' .. r.attempt .. ',"progress":' .. r.progress .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
+  local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', S_JOB_LOG_MAX, '*',
     'event', event, 'data', data)
-  local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r[1], 'MAXLEN', '~', CFG_TENANT_LOG_MAX, '*',
+  local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r.tenant, 'MAXLEN', '~', S_TENANT_LOG_MAX, '*',
     'event', event, 'job', id, 'data', data)
-  count('events')
-  redis.call('PUBLISH', K_TENANT_CHANNEL .. r[1],
-    job_sid .. '\n' .. tenant_sid .. '\n' .. r[1] .. '\n' .. id .. '\n' .. event .. '\n' .. data)
-  if r[6] and r[6] ~= '' and not r[7] then webhook_enqueue(id, r[1], r[3], event, job_sid, r[6], r[5]) end
+  redis.call('PUBLISH', K_TENANT_CHANNEL .. r.tenant,
+    job_sid .. '\n' .. tenant_sid .. '\n' .. r.tenant .. '\n' .. id .. '\n' .. event .. '\n' .. data)
+  if r.webhook and r.webhook ~= '' and not r.webhook_gone then
+    webhook_enqueue(id, r.tenant, r.status, event, job_sid, r.webhook, r.progress)
+  end
   return job_sid
 end
 
-local function touch(id, ...)
-  redis.call('HSET', job_key(id), 'updated_at', now_iso, ...)
-  redis.call('HINCRBY', job_key(id), 'version', 1)
+-- Move job `id` (`r`, as load read it, updated here) to `status` and announce `event`: one HSET of
+-- the status, a new version, the history entry and the fields in `set` (field, value, ...); the
+-- status index; the count of queued jobs; the metrics; the event.
+local function transition(id, r, status, event, extra, set)
+  local from = r.status
+  local version = tostring(tonumber(r.version or 0) + 1)
+  r.status, r.version = status, version
+  local hset = {'status', status, 'updated_at', now_iso, 'version', version,
+    'h' .. version, history_entry(status, r.attempt)}
+  for _, v in ipairs(set) do hset[#hset + 1] = v end
+  redis.call('HSET', job_key(id), unpack(hset))
+  if from then redis.call('ZREM', K_INDEX .. r.tenant .. ':status:' .. from, id) end
+  redis.call('ZADD', K_INDEX .. r.tenant .. ':status:' .. status, '0', id)
+  if from == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '-1') end
+  if status == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '1') end
+  count_event(r, from, event)
+  return emit(id, r, event, extra)
 end
 
 -- Put run `run` of job `id` on arq's queue, ahead of lower priorities (arq takes the lowest scores
--- that are <= now first, so a boost in the past orders by priority, then by time).
+-- that are <= now first, so a boost in the past orders by priority, then by time). The caller sets
+-- the record's ready_ms (pickup latency runs from there) in its own write.
 local function arq_enqueue(id, run, priority)
   local rid = run_id(id, run)
   arq_put(K_ARQ_QUEUE, rid, CFG_ARQ_FUNCTION, '"' .. id .. '",' .. run,
     now_ms - (PRIORITY_BOOST[priority] or PRIORITY_BOOST.normal))
-  redis.call('HSET', job_key(id), 'ready_ms', now_ms)  -- pickup latency runs from here
   redis.call('PUBLISH', K_DOORBELL_CHANNEL, rid)
 end
 
+-- A queued run released from a wait (its retry's backoff, its tenant's waiting line).
+local function arq_release(id, run, priority)
+  arq_enqueue(id, run, priority)
+  redis.call('HSET', job_key(id), 'ready_ms', now_ms)
+end
+
 -- Remove every trace of run `run` from arq (queue entry, job payload, locks), from our schedule
--- and from its tenant's waiting line.
-local function arq_forget(id, run)
+-- and from its tenant's waiting line. A run that was processing left the queue when it started and
+-- never waited: only arq's keys remain.
+local function arq_forget(id, run, tenant, status)
   local rid = run_id(id, run)
-  redis.call('ZREM', K_ARQ_QUEUE, rid)
-  redis.call('ZREM', K_SCHEDULED, rid)
-  redis.call('ZREM', K_TENANT_WAITING .. redis.call('HGET', job_key(id), 'tenant'), rid)
+  if status ~= 'processing' then
+    redis.call('ZREM', K_ARQ_QUEUE, rid)
+    redis.call('ZREM', K_SCHEDULED, rid)
+    redis.call('ZREM', K_TENANT_WAITING .. tenant, rid)
+  end
   redis.call('DEL', K_ARQ_JOB .. rid, K_ARQ_IN_PROGRESS .. rid, K_ARQ_RETRY .. rid)
 end
 
 -- Per-tenant concurrency (CFG_TENANT_CONCURRENCY > 0): a job whose tenant already runs that many
 -- is parked in the tenant's waiting line (with a new run number) instead of starting, so it does
 -- not hold a worker; each job of the tenant that stops processing lets parked ones back onto the
--- arq queue, best priority first. Other tenants' jobs never wait behind a parked one.
+-- arq queue, best priority first. Other tenants' jobs never wait behind a parked one. Without a
+-- limit, starts are not recorded in the tenant's running set (jobs started then do not count
+-- against a limit set later, until they end).
 local function promote_waiting(tenant)
   local limit = tonumber(CFG_TENANT_CONCURRENCY)
   local free = 1000
@@ -206,12 +257,10 @@ local function promote_waiting(tenant)
       redis.call('SREM', K_WAITING_TENANTS, tenant)
       return
     end
-    local rid = popped[1]
-    local dot = string.find(rid, '.', 1, true)
-    local id, run = string.sub(rid, 1, dot - 1), string.sub(rid, dot + 1)
+    local id, run = run_of(popped[1])
     local r = fields(id, 'status', 'run', 'priority')
     if r[1] == 'queued' and r[2] == run then
-      arq_enqueue(id, tonumber(run), r[3])
+      arq_release(id, tonumber(run), r[3])
       free = free - 1
     end
   end
@@ -224,71 +273,57 @@ local function release(tenant, id)
   end
 end
 
-local function small(json, limit)
-  return json and json ~= '' and #json <= limit
-end
-
--- A job that is no longer running has no time left: its progress keeps the percent and step it
--- reached, and its eta becomes null.
-local function clear_eta(id)
-  local progress = redis.call('HGET', job_key(id), 'progress')
-  if progress then
-    redis.call('HSET', job_key(id), 'progress', (string.gsub(progress, '"eta":"[^"]*"', '"eta":null', 1)))
-  end
-end
-
--- Move a processing job to a terminal status. `extra` goes into the event.
-local function finish(id, status, extra)
-  clear_eta(id)
-  local r = fields(id, 'tenant', 'status', 'attempt', 'type', 'started_ms')
-  count(status .. '|' .. r[4])
-  if r[2] == 'processing' and r[5] then
-    observe('duration|' .. r[4], DURATION_BUCKETS, (now_ms - tonumber(r[5])) / 1000)
-  end
-  index_move(r[1], id, r[2], status)
-  touch(id, 'status', status, 'finished_at', now_iso)
-  redis.call('HDEL', job_key(id), 'cancel')
-  append_history(id, status, r[3])
-  redis.call('ZREM', K_RUNNING, id)
-  release(r[1], id)
-  local sid = emit(id, EVENT[status], extra)
-  redis.call('ZADD', K_FINISHED, now_ms, id)  -- the archiver takes it from here after ARCHIVE_AFTER
-  redis.call('EXPIRE', job_key(id), CFG_RETENTION_S)
-  redis.call('EXPIRE', K_JOB_LOG .. id, CFG_RETENTION_S)
-  redis.call('EXPIRE', K_JOB_DELIVERIES .. id, CFG_RETENTION_S)
-  return sid
-end
-
-local function terminal_extra(id, status)
-  local r = fields(id, 'result', 'error')
-  if status == 'completed' then
-    if small(r[1], CFG_INLINE_MAX) then return ',"result":' .. r[1] end
-    return ',"result_url":"/jobs/' .. id .. '/result"'
-  elseif r[2] and r[2] ~= '' then
-    return ',"error":' .. r[2]
-  end
+local function error_extra(error_json)
+  if error_json ~= '' then return ',"error":' .. error_json end
   return ''
 end
 
--- Back to queued for another run. delay_ms > 0 schedules it; 0 puts it on the arq queue now.
-local function requeue(id, old_run, attempt, delay_ms, event, extra)
-  local r = fields(id, 'tenant', 'priority', 'type')
-  if event == EVENT.retrying then count('retried|' .. r[3]) end
-  local run = old_run + 1
-  arq_forget(id, old_run)
-  index_move(r[1], id, 'processing', 'queued')
-  touch(id, 'status', 'queued', 'run', run, 'attempt', attempt, 'percent', 0,
-    'progress', NO_PROGRESS)
-  append_history(id, 'queued', attempt)
+-- Move a queued or processing job to a terminal status: `extra` goes into the event, `set` into the
+-- record, and `drop` (a field name) out of it. A job that is no longer running has no time left:
+-- its progress keeps the percent and step it reached (100 once completed), and its eta becomes null.
+local function finish(id, r, status, extra, set, drop)
+  local from = r.status
+  arq_forget(id, tonumber(r.run), r.tenant, from)
+  local progress = string.gsub(r.progress or NO_PROGRESS, '"eta":"[^"]*"', '"eta":null', 1)
+  if status == 'completed' then progress = string.gsub(progress, '"percent":[^,}]*', '"percent":100.0', 1) end
+  r.progress = progress
+  set = set or {}
+  set[#set + 1] = 'progress'; set[#set + 1] = progress
+  set[#set + 1] = 'finished_at'; set[#set + 1] = now_iso
+  local gone = {}
+  if r.cancel then gone[#gone + 1] = 'cancel' end
+  if drop and r[drop] then gone[#gone + 1] = drop end
+  if #gone > 0 then redis.call('HDEL', job_key(id), unpack(gone)) end
+  local sid = transition(id, r, status, EVENT[status], extra, set)
+  if from == 'processing' then
+    redis.call('ZREM', K_RUNNING, id)
+    release(r.tenant, id)
+  end
+  redis.call('ZADD', K_FINISHED, now_ms_s, id)  -- the archiver takes it from here after ARCHIVE_AFTER
+  redis.call('EXPIRE', job_key(id), S_RETENTION_S)
+  redis.call('EXPIRE', K_JOB_LOG .. id, S_RETENTION_S)
+  if r.webhook and r.webhook ~= '' then redis.call('EXPIRE', K_JOB_DELIVERIES .. id, S_RETENTION_S) end
+  return sid
+end
+
+-- Back to queued for another run (attempt `attempt`), from processing. delay_ms > 0 schedules it;
+-- 0 puts it on the arq queue now. `set`: more fields for the record.
+local function requeue(id, r, attempt, delay_ms, event, extra, set)
+  local run = tonumber(r.run) + 1
+  arq_forget(id, tonumber(r.run), r.tenant, 'processing')
   redis.call('ZREM', K_RUNNING, id)
-  release(r[1], id)
+  release(r.tenant, id)
   if delay_ms > 0 then
     redis.call('ZADD', K_SCHEDULED, now_ms + delay_ms, run_id(id, run))
   else
-    arq_enqueue(id, run, r[2])
+    arq_enqueue(id, run, r.priority)
+    set[#set + 1] = 'ready_ms'; set[#set + 1] = now_ms
   end
-  emit(id, event, extra)
+  r.run, r.attempt, r.progress = run, attempt, NO_PROGRESS
+  for _, v in ipairs({'run', run, 'attempt', attempt, 'percent', 0, 'progress', NO_PROGRESS}) do set[#set + 1] = v end
+  transition(id, r, 'queued', event, extra, set)
 end
+
 
 -- Delivery `wid` (attempt `seq`) waits until `due_ms` for `reason`: its next attempt, seq + 1, is
 -- queued then. `keep_reservation`: the rate was already paid for, the next attempt need not pay again.
@@ -312,7 +347,7 @@ local function release_slot(dest, rid)
     local first = redis.call('ZPOPMIN', K_DESTINATION_WAITING .. dest)
     if not first[1] then return end
     local d = redis.call('HMGET', delivery_key(first[1]), 'state', 'seq')
-    local queued = first[1] .. '.' .. (d[2] or '')
+    local queued = attempt_id(first[1], d[2] or '')
     if d[1] == 'pending' and redis.call('ZSCORE', K_WEBHOOK_QUEUE, queued) then
       redis.call('ZADD', K_WEBHOOK_QUEUE, 'XX', now_ms, queued)
       redis.call('HSET', delivery_key(first[1]), 'due_ms', now_ms)
@@ -365,7 +400,13 @@ local function delivery_finish(wid, tenant, outcome)
   end
 end
 
+
 ----------------------------------------------------------------------------------------------------
+-- One call: everything above is defined once per load (a Redis Function library, see
+-- worker/schema.py), the op runs here.
+
+local function run(KEYS, ARGV)
+op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
 
 if op == 'create' then
   -- id tenant type priority max_attempts params webhook idem_key idem_value idem_ttl
@@ -396,20 +437,17 @@ if op == 'create' then
   if share > 0 and redis.call('ZCARD', K_INDEX .. tenant .. ':status:queued') >= share then
     return {'tenant_full', tostring(share)}
   end
-  redis.call('HSET', job_key(id),
-    'id', id, 'tenant', tenant, 'type', jtype, 'status', 'queued', 'priority', priority,
-    'attempt', 1, 'max_attempts', ARGV[8], 'run', 1, 'params', ARGV[9], 'webhook', ARGV[10],
-    'progress', NO_PROGRESS, 'percent', 0, 'created_at', now_iso, 'updated_at', now_iso,
-    'history', '[' .. history_entry('queued', 1) .. ']', 'version', 1)
-  count('submitted|' .. jtype)
-  redis.call('ZADD', K_INDEX .. tenant, 0, id)
-  redis.call('ZADD', K_INDEX .. tenant .. ':type:' .. jtype, 0, id)
-  index_move(tenant, id, nil, 'queued')
+  redis.call('ZADD', K_INDEX .. tenant, '0', id)
+  redis.call('ZADD', K_INDEX .. tenant .. ':type:' .. jtype, '0', id)
   if idem_key ~= '' then
     redis.call('SET', idem_key, id .. '|' .. idem_value, 'EX', ARGV[13])
   end
   arq_enqueue(id, 1, priority)
-  emit(id, EVENT.queued, '')
+  local r = {tenant = tenant, type = jtype, priority = priority, attempt = '1', progress = NO_PROGRESS,
+    webhook = ARGV[10]}
+  transition(id, r, 'queued', EVENT.queued, '', {'id', id, 'tenant', tenant, 'type', jtype, 'priority', priority,
+    'attempt', '1', 'max_attempts', ARGV[8], 'run', '1', 'params', ARGV[9], 'webhook', ARGV[10],
+    'progress', NO_PROGRESS, 'percent', '0', 'created_at', now_iso, 'ready_ms', now_ms_s})
   return {'created', id}
 
 elseif op == 'start' then
@@ -418,39 +456,38 @@ elseif op == 'start' then
   -- Taken off arq's queue now (arq would keep it there until the run ends): the queue then holds
   -- only runs nobody took yet, so a worker's read of its head never wades through running ones.
   redis.call('ZREM', K_ARQ_QUEUE, run_id(id, run))
-  local r = fields(id, 'status', 'run', 'tenant', 'attempt', 'priority')
-  if r[1] ~= 'queued' or r[2] ~= run then return {'skip', r[1] or 'missing'} end
+  local r = load(id, 'params')
+  if r.status ~= 'queued' or r.run ~= run then return {'skip', r.status or 'missing'} end
   local limit = tonumber(CFG_TENANT_CONCURRENCY)
-  if limit > 0 and redis.call('SCARD', K_TENANT_RUNNING .. r[3]) >= limit then
-    local parked = tonumber(run) + 1
-    arq_forget(id, tonumber(run))
-    redis.call('HSET', job_key(id), 'run', parked)
-    redis.call('ZADD', K_TENANT_WAITING .. r[3], now_ms - (PRIORITY_BOOST[r[5]] or PRIORITY_BOOST.normal),
-      run_id(id, parked))
-    redis.call('SADD', K_WAITING_TENANTS, r[3])
-    return {'skip', 'parked'}
+  if limit > 0 then
+    if redis.call('SCARD', K_TENANT_RUNNING .. r.tenant) >= limit then
+      local parked = tonumber(run) + 1
+      arq_forget(id, tonumber(run), r.tenant, 'queued')
+      redis.call('HSET', job_key(id), 'run', parked)
+      redis.call('ZADD', K_TENANT_WAITING .. r.tenant,
+        now_ms - (PRIORITY_BOOST[r.priority] or PRIORITY_BOOST.normal), run_id(id, parked))
+      redis.call('SADD', K_WAITING_TENANTS, r.tenant)
+      return {'skip', 'parked'}
+    end
+    redis.call('SADD', K_TENANT_RUNNING .. r.tenant, id)
   end
-  redis.call('SADD', K_TENANT_RUNNING .. r[3], id)
-  local m = fields(id, 'type', 'ready_ms')
-  count('started|' .. m[1])
-  if m[2] then observe('pickup|' .. m[1], PICKUP_BUCKETS, math.max(0, now_ms - tonumber(m[2])) / 1000) end
-  redis.call('HSET', job_key(id), 'started_ms', now_ms)
-  index_move(r[3], id, 'queued', 'processing')
-  touch(id, 'status', 'processing', 'started_at', now_iso, 'percent', 0, 'progress', NO_PROGRESS)
-  append_history(id, 'processing', r[4])
+  r.progress = NO_PROGRESS
+  transition(id, r, 'processing', EVENT.processing, '',
+    {'started_at', now_iso, 'started_ms', now_ms_s, 'percent', '0', 'progress', NO_PROGRESS})
   redis.call('ZADD', K_RUNNING, ARGV[6], id)
-  emit(id, EVENT.processing, '')
-  local s = fields(id, 'type', 'params', 'attempt', 'max_attempts')
-  return {'ok', s[1], s[2], s[3], s[4]}
+  return {'ok', r.type, r.params, r.attempt, r.max_attempts}
 
 elseif op == 'progress' then
   -- id run percent progress_json -> 1 written, 0 ignored (stale run, not processing, or going down)
   local id, run = ARGV[4], ARGV[5]
-  local r = fields(id, 'status', 'run', 'percent')
-  if r[1] ~= 'processing' or r[2] ~= run then return 0 end
-  if tonumber(ARGV[6]) < tonumber(r[3]) then return 0 end
-  touch(id, 'percent', ARGV[6], 'progress', ARGV[7])
-  emit(id, EVENT.progress, '')
+  local r = load(id, 'percent')
+  if r.status ~= 'processing' or r.run ~= run then return 0 end
+  if tonumber(ARGV[6]) < tonumber(r.percent) then return 0 end
+  r.progress = ARGV[7]
+  redis.call('HSET', job_key(id), 'percent', ARGV[6], 'progress', ARGV[7], 'updated_at', now_iso,
+    'version', tonumber(r.version) + 1)
+  redis.call('HINCRBY', K_STATS, 'progress', 1)
+  emit(id, r, EVENT.progress, '')
   return 1
 
 elseif op == 'heartbeat' then
@@ -473,59 +510,49 @@ elseif op == 'complete' or op == 'fail' or op == 'cancelled' or op == 'retry' or
   -- id run payload(result json | error json | '') delay_ms
   -- -> {'ok', status} or {'stale', current status}
   local id, run = ARGV[4], ARGV[5]
-  local r = fields(id, 'status', 'run', 'attempt')
-  if r[1] ~= 'processing' or r[2] ~= run then return {'stale', r[1] or 'missing'} end
-  local attempt = tonumber(r[3])
-  if (op == 'retry' or op == 'handback') and redis.call('HEXISTS', job_key(id), 'cancel') == 1 then
-    -- A cancellation was accepted (202) while this attempt ran: it wins over another attempt.
-    arq_forget(id, tonumber(run))
-    finish(id, 'cancelled', '')
+  local r = load(id)
+  if r.status ~= 'processing' or r.run ~= run then return {'stale', r.status or 'missing'} end
+  local attempt = tonumber(r.attempt)
+  if op == 'cancelled' or ((op == 'retry' or op == 'handback') and r.cancel) then
+    -- (A cancellation accepted (202) while this attempt ran wins over another attempt.)
+    finish(id, r, 'cancelled', '')
     return {'ok', 'cancelled'}
-  end
-  if op == 'complete' then
-    redis.call('HDEL', job_key(id), 'error')  -- an earlier attempt's error no longer applies
-    redis.call('HSET', job_key(id), 'result', ARGV[6], 'percent', 100,
-      'progress', (string.gsub(redis.call('HGET', job_key(id), 'progress'), '"percent":[^,}]*', '"percent":100.0', 1)))
-    arq_forget(id, tonumber(run))
-    finish(id, 'completed', terminal_extra(id, 'completed'))
+  elseif op == 'complete' then
+    local result = ARGV[6]
+    local extra = ',"result_url":"/jobs/' .. id .. '/result"'
+    if result ~= '' and #result <= CFG_INLINE_MAX then extra = ',"result":' .. result end
+    -- (An earlier attempt's error no longer applies.)
+    finish(id, r, 'completed', extra, {'result', result, 'percent', 100}, 'error')
     return {'ok', 'completed'}
   elseif op == 'fail' then
-    redis.call('HSET', job_key(id), 'error', ARGV[6])
-    arq_forget(id, tonumber(run))
-    finish(id, 'failed', terminal_extra(id, 'failed'))
+    finish(id, r, 'failed', error_extra(ARGV[6]), {'error', ARGV[6]})
     return {'ok', 'failed'}
-  elseif op == 'cancelled' then
-    arq_forget(id, tonumber(run))
-    finish(id, 'cancelled', '')
-    return {'ok', 'cancelled'}
   elseif op == 'retry' then
-    redis.call('HSET', job_key(id), 'error', ARGV[6])
     local delay = tonumber(ARGV[7])
-    requeue(id, tonumber(run), attempt + 1, delay, EVENT.retrying,
-      ',"error":' .. ARGV[6] .. ',"retry_in_s":' .. string.format('%.3f', delay / 1000))
+    requeue(id, r, attempt + 1, delay, EVENT.retrying,
+      ',"error":' .. ARGV[6] .. ',"retry_in_s":' .. string.format('%.3f', delay / 1000), {'error', ARGV[6]})
     return {'ok', 'queued'}
   else
     -- handback: the worker is shutting down; the attempt was not the job's fault.
-    requeue(id, tonumber(run), attempt, 0, EVENT.queued, '')
+    requeue(id, r, attempt, 0, EVENT.queued, '', {})
     return {'ok', 'queued'}
   end
 
 elseif op == 'cancel' then
   -- id tenant -> {'cancelled'} | {'requested'} | {'terminal', status} | {'missing'}
   local id = ARGV[4]
-  local r = fields(id, 'tenant', 'status', 'run')
-  if not r[1] or r[1] ~= ARGV[5] then return {'missing'} end
-  if r[2] == 'queued' then
-    arq_forget(id, tonumber(r[3]))
-    finish(id, 'cancelled', '')
+  local r = load(id)
+  if not r.tenant or r.tenant ~= ARGV[5] then return {'missing'} end
+  if r.status == 'queued' then
+    finish(id, r, 'cancelled', '')
     return {'cancelled'}
-  elseif r[2] == 'processing' then
-    redis.call('HSET', job_key(id), 'cancel', '1')
-    touch(id)  -- the resource shows cancel_requested: a new version (ETag, long-polls wake)
+  elseif r.status == 'processing' then
+    -- The resource shows cancel_requested: a new version (ETag, long-polls wake).
+    redis.call('HSET', job_key(id), 'cancel', '1', 'updated_at', now_iso, 'version', tonumber(r.version) + 1)
     redis.call('PUBLISH', K_CONTROL_CHANNEL, 'cancel ' .. id)
     return {'requested'}
   end
-  return {'terminal', r[2]}
+  return {'terminal', r.status}
 
 elseif op == 'reap' then
   -- id error_json_if_failed -> 'alive' | 'gone' | 'cancelled' | 'queued' | 'failed'
@@ -533,24 +560,22 @@ elseif op == 'reap' then
   local id = ARGV[4]
   local deadline = redis.call('ZSCORE', K_RUNNING, id)
   if deadline and tonumber(deadline) > now_ms then return 'alive' end
-  local r = fields(id, 'status', 'run', 'attempt', 'max_attempts', 'cancel')
-  if r[1] ~= 'processing' then
+  local r = load(id)
+  if r.status ~= 'processing' then
     redis.call('ZREM', K_RUNNING, id)
     return 'gone'
   end
-  local run, attempt = tonumber(r[2]), tonumber(r[3])
-  if r[5] then
-    arq_forget(id, run)
-    finish(id, 'cancelled', '')
+  local attempt = tonumber(r.attempt)
+  if r.cancel then
+    finish(id, r, 'cancelled', '')
     return 'cancelled'
   end
-  redis.call('HSET', job_key(id), 'error', ARGV[5])
-  if attempt < tonumber(r[4]) then
-    requeue(id, run, attempt + 1, 0, EVENT.retrying, ',"error":' .. ARGV[5] .. ',"retry_in_s":0.000')
+  if attempt < tonumber(r.max_attempts) then
+    requeue(id, r, attempt + 1, 0, EVENT.retrying, ',"error":' .. ARGV[5] .. ',"retry_in_s":0.000',
+      {'error', ARGV[5]})
     return 'queued'
   end
-  arq_forget(id, run)
-  finish(id, 'failed', ',"error":' .. ARGV[5])
+  finish(id, r, 'failed', ',"error":' .. ARGV[5], {'error', ARGV[5]})
   return 'failed'
 
 elseif op == 'promote' then
@@ -559,11 +584,10 @@ elseif op == 'promote' then
   local moved = 0
   for _, rid in ipairs(due) do
     redis.call('ZREM', K_SCHEDULED, rid)
-    local dot = string.find(rid, '.', 1, true)
-    local id, run = string.sub(rid, 1, dot - 1), string.sub(rid, dot + 1)
+    local id, run = run_of(rid)
     local r = fields(id, 'status', 'run', 'priority')
     if r[1] == 'queued' and r[2] == run then
-      arq_enqueue(id, tonumber(run), r[3])
+      arq_release(id, tonumber(run), r[3])
       moved = moved + 1
     end
   end
@@ -628,7 +652,7 @@ elseif op == 'attempted' then
   if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
   local health = ''
   if d[5] then
-    release_slot(d[5], wid .. '.' .. seq)
+    release_slot(d[5], attempt_id(wid, seq))
     local pause_ms = tonumber(ARGV[11] or 0)
     if pause_ms > 0 then
       local dkey = K_DESTINATION .. d[5]
@@ -700,13 +724,13 @@ elseif op == 'admit' then
     redis.call('PEXPIRE', K_DESTINATION_WAITING .. dest, 2 * slot_ms)
     return defer(wid, seq, now_ms + slot_ms, 'destination_busy', true)
   end
-  redis.call('ZADD', slots, now_ms + slot_ms, wid .. '.' .. seq)
+  redis.call('ZADD', slots, now_ms + slot_ms, attempt_id(wid, seq))
   redis.call('PEXPIRE', slots, slot_ms)
   -- The attempt stays on arq's queue until it ends (that is how a killed worker's attempt is taken
   -- up again), but no longer at its front: workers read the first due entries, as many as they have
   -- free slots, and hanging attempts there would hide everything behind them. It falls due again
   -- when its in-progress lock lapses (delivery.py: slot + 1 s).
-  redis.call('ZADD', K_WEBHOOK_QUEUE, 'XX', now_ms + slot_ms + 1000, wid .. '.' .. seq)
+  redis.call('ZADD', K_WEBHOOK_QUEUE, 'XX', now_ms + slot_ms + 1000, attempt_id(wid, seq))
   redis.call('HSET', key, 'wait_reason', '')
   return {'send'}
 
@@ -742,3 +766,4 @@ elseif op == 'replay' then
 end
 
 return redis.error_reply('jobs.lua: unknown op ' .. tostring(op))
+end
