@@ -418,7 +418,8 @@ async def test_webhooks_are_delivered_dead_lettered_and_replayed_in_each_tenant_
 
 
 async def test_an_alert_of_a_cell_says_which(redis: Redis, settings: Settings) -> None:
-    await Store(redis, settings, cell=2).create(tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1)
+    cell_2 = Store(redis, settings, cell=2)
+    await cell_2.create(tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1)
     alerter = Alerter(redis, settings, cell=2)
     [no_workers] = [c for c in await alerter.conditions() if c.kind is AlertKind.NO_WORKERS]
     assert no_workers.holds and "waiting in cell 2 and" in no_workers.summary
