@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from jobcast.worker.alerts import Alerter
 from jobcast.worker.archive import Archive
+from jobcast.worker.connections import follow_primary
 from jobcast.worker.destinations import DestinationStore
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
@@ -79,7 +80,12 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
         app.state.drain = drain
         overview = OverviewFeed(redis)
         refresher = supervise("jobcast-stream-slots", slots.refresh_forever)
-        background = [refresher, supervise("jobcast-overviews", overview.run_forever)]
+        background = [
+            refresher,
+            supervise("jobcast-overviews", overview.run_forever),
+            # A Sentinel-managed cell: the pool and the hub's connection move to a new primary at once.
+            supervise("jobcast-primary", lambda: follow_primary(settings.redis_url, [redis])),
+        ]
         if settings.alert_webhook_url:
             alerter = Alerter(redis, settings)
             background.append(supervise("jobcast-alerts", alerter.run_forever))

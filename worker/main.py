@@ -23,7 +23,6 @@ import signal
 import socket
 from typing import Any
 
-from arq.connections import RedisSettings
 from arq.worker import func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -31,6 +30,7 @@ from redis.exceptions import RedisError
 from . import schema
 from .archive import Archive
 from .archiver import Archiver
+from .connections import arq_settings_for, follow_primary
 from .delivery import DeliveryWorker
 from .doorbell import RECONNECT_MAX_S, DoorbellWorker
 from .runner import Runner
@@ -57,7 +57,7 @@ class JobcastWorker(DoorbellWorker):
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         super().__init__(
             functions=[func(run_job, name=schema.ARQ_FUNCTION, timeout=registry.max_timeout_s + 60, max_tries=1000)],
-            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            redis_settings=arq_settings_for(settings.redis_url),
             queue_name=schema.ARQ_QUEUE,
             max_jobs=settings.worker_concurrency,
             handle_signals=handle_signals,
@@ -89,6 +89,7 @@ class JobcastWorker(DoorbellWorker):
         deliveries = self.deliveries
         self._archive = Archive(self.settings.archive_url)
         archiver = Archiver(self._redis, self.settings, self._archive)
+        clients: list[Redis] = [self._redis, self.pool]
         # Supervised (worker.supervision): a loop that dies of something unexpected is logged and
         # run again; the delivery worker, an arq worker of its own, cannot be, so the process stops.
         self._background = [
@@ -97,6 +98,9 @@ class JobcastWorker(DoorbellWorker):
             supervise("jobcast-doorbell", lambda: self._listen(runner, deliveries)),
             supervise("jobcast-webhooks", deliveries.async_run, on_death=self._die),
             supervise("jobcast-archiver", archiver.run_forever),
+            # A Sentinel-managed cell: every connection (arq's pool, ours, the doorbell's) moves to
+            # the new primary as soon as the sentinels switch it.
+            supervise("jobcast-primary", lambda: follow_primary(self.settings.redis_url, clients)),
         ]
         logger.info(
             "worker %s ready: %d job types (%s), concurrency %d, webhook deliveries %d",

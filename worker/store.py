@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 from . import history, schema
 from .archive import Archive
 from .clock import now
+from .connections import redis_for
 from .history import JobQuery
 from .ids import is_job_id, new_job_id
 from .models import Audience, CancelOutcome, CreateOutcome, JobError, JobStatus, Priority, transport_percent
@@ -68,15 +69,9 @@ class Event:
 
 
 def redis_client(settings: Settings) -> Redis:
-    """A Redis client as every Jobcast process uses it (text replies, reconnects on its own)."""
-    client: Redis = Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=True,
-    )
-    return client
+    """A Redis client as every Jobcast process uses it (text replies, reconnects on its own; a
+    ``redis+sentinel://`` URL follows the cell's primary: :mod:`jobcast.worker.connections`)."""
+    return redis_for(settings.redis_url)
 
 
 class Store:
@@ -200,6 +195,17 @@ class Store:
         else:
             entries = await self.redis.xrange(log_key, start, "+", count=count)
         return [Event(sid, f["event"], f["data"], f.get("job", key)) for sid, f in entries]
+
+    async def log_has(self, audience: Audience, key: str, stream_id: str) -> bool:
+        """Whether the log still holds event ``stream_id``: a stream that sent it and finds it gone
+        after a reconnect lost events to a failover (or trimming) and must not resume past the hole.
+        A job's log that left Redis for the archive is kept there whole (True)."""
+        log_key = self._log_key(audience, key)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(log_key, stream_id, stream_id, count=1)
+            pipe.exists(log_key)
+            entries, exists = await pipe.execute()
+        return bool(entries) or (audience == "job" and not exists)
 
     async def log_tip(self, audience: Audience, key: str) -> str | None:
         """The id of the newest event in the log, if any."""
