@@ -108,6 +108,9 @@ DISABLED_DESTINATIONS = PREFIX + "disabled-destinations"
 WEBHOOK_WAITS = PREFIX + "webhook-waits"
 ALERTS = PREFIX + "alerts"
 ALERTS_LOCK = PREFIX + "alerts:lock"
+#: The cell's epoch: which primary (replication id) the event logs are read from, since when
+#: (``lua/streams.lua``, which says why).
+EPOCH = PREFIX + "epoch"
 
 ARQ_QUEUE = default_queue_name
 ARQ_FUNCTION = "jobcast.run"
