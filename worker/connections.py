@@ -48,6 +48,12 @@ CLIENT_OPTIONS: dict[str, object] = {
 #: What a client of a sentinel itself is given (it answers address queries and pub/sub only).
 SENTINEL_OPTIONS: dict[str, object] = {"socket_connect_timeout": 5, "socket_timeout": 5, "decode_responses": True}
 RECONNECT_MAX_S = 5.0
+#: How long a submission waits for a replica of a Sentinel-managed cell to confirm its job.
+REPLICA_ACK_TIMEOUT_MS = 1000
+
+
+class NotReplicated(RedisError):
+    """The primary took a write that no replica confirmed in time: a failover could still lose it."""
 
 
 class CellUrlError(ValueError):
@@ -116,9 +122,13 @@ class _PrimaryPool(SentinelConnectionPool):
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         await super().disconnect(inuse_connections)
-        if inuse_connections:
+        if inuse_connections:  # the pool is closed (a client closes its pool this way)
             for sentinel in self.sentinel_manager.sentinels:
                 await sentinel.aclose()
+
+    async def drop(self) -> None:
+        """Close the connections to the primary (the sentinels' stay: one may be answering now)."""
+        await super().disconnect(inuse_connections=True)
 
 
 def redis_for(url: str) -> Redis:
@@ -138,6 +148,12 @@ def redis_for(url: str) -> Redis:
         password=address.password,
     )
     return primary
+
+
+def replica_acks(url: str) -> int:
+    """Replicas that must confirm a new job before its 202 (``WAIT``): one for a Sentinel-managed
+    cell, whose failover would otherwise lose submissions already acknowledged; none for a plain URL."""
+    return 1 if is_sentinel_url(url) else 0
 
 
 def arq_settings_for(url: str) -> RedisSettings:
@@ -198,4 +214,5 @@ async def follow_primary(url: str, clients: Sequence[Redis]) -> None:
 async def _drop(service: str, clients: Sequence[Redis], change: str) -> None:
     logger.warning("sentinel: primary of %s moved (%s); reconnecting", service, change)
     for client in clients:
-        await client.connection_pool.disconnect()
+        pool = client.connection_pool
+        await (pool.drop() if isinstance(pool, _PrimaryPool) else pool.disconnect())

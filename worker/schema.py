@@ -304,7 +304,10 @@ class JobsScript:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._script = redis.register_script(_prelude(settings) + _lua("jobs.lua"))
 
-    async def __call__(self, op: str, *args: str | int | float, at: tuple[str, int] | None = None) -> Any:
-        """Run ``op`` as of ``at`` (RFC 3339, epoch ms), by default now, read once."""
+    async def __call__(
+        self, op: str, *args: str | int | float, at: tuple[str, int] | None = None, client: Redis | None = None
+    ) -> Any:
+        """Run ``op`` as of ``at`` (RFC 3339, epoch ms), by default now, read once; on ``client``
+        (one connection, e.g. to ``WAIT`` for this very write) instead of the pool."""
         now_iso, now_ms = at if at is not None else now()
-        return await self._script(keys=[], args=[op, now_iso, now_ms, *args])
+        return await self._script(keys=[], args=[op, now_iso, now_ms, *args], client=client)

@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from . import history, schema
 from .archive import Archive
 from .clock import now
-from .connections import redis_for
+from .connections import REPLICA_ACK_TIMEOUT_MS, NotReplicated, redis_for, replica_acks
 from .history import JobQuery
 from .ids import is_job_id, new_job_id
 from .models import Audience, CancelOutcome, CreateOutcome, JobError, JobStatus, Priority, transport_percent
@@ -80,6 +80,8 @@ class Store:
         self.settings = settings
         self.archive = archive
         self._script = schema.JobsScript(redis, settings)
+        #: Replicas that confirm a new job before it is acknowledged (a Sentinel-managed cell).
+        self._acks = replica_acks(settings.redis_url)
 
     # --- submission and reads (server side) ------------------------------------------------------
 
@@ -110,12 +112,14 @@ class Store:
             fingerprint,
             IDEMPOTENCY_TTL_S,
         ]
-        outcome, ident = await self._script("create", *args, "0", at=at)
-        if outcome == "vanished":
-            # The key's job left Redis: archived (a replay of it), or expired (create anew).
-            if await self._archived(ident, tenant) is not None:
-                return Created("existing", ident)
-            outcome, ident = await self._script("create", *args, "1", at=at)
+        if self._acks:
+            # One connection for the script and WAIT: WAIT counts the writes of its own connection.
+            async with self.redis.client() as conn:
+                outcome, ident = await self._create(tenant, args, at, conn)
+                if outcome == "created" and await conn.wait(self._acks, REPLICA_ACK_TIMEOUT_MS) < self._acks:
+                    raise NotReplicated(f"no replica confirmed job {ident} within {REPLICA_ACK_TIMEOUT_MS} ms")
+        else:
+            outcome, ident = await self._create(tenant, args, at, None)
         outcome = cast(CreateOutcome, outcome)
         if outcome != "created":
             return Created(outcome, ident if outcome not in ("full", "tenant_full") else None)
@@ -129,6 +133,17 @@ class Store:
             finished_at=None, updated_at=at[0], cancel_requested=False,
         )  # fmt: skip
         return Created(outcome, job_id, record)
+
+    async def _create(
+        self, tenant: str, args: list[str | int], at: tuple[str, int], conn: Redis | None
+    ) -> tuple[str, str]:
+        outcome, ident = await self._script("create", *args, "0", at=at, client=conn)
+        if outcome == "vanished":
+            # The key's job left Redis: archived (a replay of it), or expired (create anew).
+            if await self._archived(ident, tenant) is not None:
+                return "existing", ident
+            outcome, ident = await self._script("create", *args, "1", at=at, client=conn)
+        return str(outcome), str(ident)
 
     async def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         """The record, or None when it does not exist or belongs to another tenant."""

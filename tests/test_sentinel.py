@@ -1,0 +1,175 @@
+"""High availability per cell: a Sentinel-managed primary fails over under load (docs/API.md,
+"Redis failover"; docs/design: what asynchronous replication can lose and how it is detected).
+
+The Procfile's processes run against a ``redis+sentinel://`` URL; ``SENTINEL FAILOVER`` is forced
+while jobs are submitted and their streams read. Every job that got a 202 must finish, every stream
+must end at its job's terminal event (resuming with Last-Event-ID, or told to resync), and the
+processes must move to the new primary by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+from redis.asyncio import Redis
+
+from jobcast.worker.connections import CellUrlError, arq_settings_for, parse_sentinel_url, redis_for
+
+from .conftest import ACME, WebProcess, WorkerProcess, make_settings
+from .sentinel import SERVICE, SentinelCell
+
+TERMINAL = {"job.completed", "job.failed", "job.cancelled"}
+
+
+@pytest.fixture
+def cell(tmp_path: Path) -> Iterator[SentinelCell]:
+    started = SentinelCell(tmp_path / "cell")
+    try:
+        started.start()
+        yield started
+    finally:
+        started.stop()
+
+
+def test_sentinel_urls_are_read_or_refused_with_the_part_to_fix() -> None:
+    address = parse_sentinel_url("redis+sentinel://:s3cret@h1:26380,[::1]:26381,h3/cell0/2")
+    assert address.sentinels == (("h1", 26380), ("::1", 26381), ("h3", 26379))
+    assert (address.service, address.db, address.username, address.password) == ("cell0", 2, None, "s3cret")
+    assert "s3cret" not in repr(address)
+    arq = arq_settings_for("redis+sentinel://u:p@h1:1,h2:2/cell0")
+    assert (arq.sentinel, arq.sentinel_master, arq.host, arq.username, arq.password) == (
+        True,
+        "cell0",
+        [("h1", 1), ("h2", 2)],
+        "u",
+        "p",
+    )
+    for bad, part in [
+        ("redis+sentinel:///cell0", "names no sentinel"),
+        ("redis+sentinel://h1:26379", "service name"),
+        ("redis+sentinel://h1:26379/cell0/x", "must be a number"),
+        ("redis+sentinel://h1:port/cell0", "is not host:port"),
+    ]:
+        with pytest.raises(CellUrlError, match=part):
+            parse_sentinel_url(bad)
+
+
+async def follow(client: httpx.AsyncClient, job_id: str, resyncs: list[str]) -> list[str]:
+    """Read a job's stream as EventSource does (reconnect with Last-Event-ID) to its terminal event;
+    told to resync (410), start over without an id. The events read since the last resync."""
+    last: str | None = None
+    seen: list[str] = []
+    while True:
+        headers = {"Last-Event-ID": last} if last else {}
+        try:
+            async with aconnect_sse(client, "GET", f"/jobs/{job_id}/events", headers=headers) as source:
+                status = source.response.status_code
+                if status == 204:
+                    return seen
+                if status == 410:
+                    resyncs.append(job_id)
+                    last, seen = None, []
+                    continue
+                if status == 503:  # Redis unreachable for a moment: retry, as EventSource would
+                    await asyncio.sleep(0.1)
+                    continue
+                assert status == 200, await source.response.aread()
+                async for sse in source.aiter_sse():
+                    if not sse.id:  # the retry: head
+                        continue
+                    last = sse.id
+                    seen.append(sse.event)
+                    if sse.event in TERMINAL:
+                        return seen
+        except (httpx.TransportError, httpx_sse_errors()):
+            continue
+
+
+def httpx_sse_errors() -> type[Exception]:
+    from httpx_sse import SSEError
+
+    return SSEError
+
+
+async def test_a_forced_failover_under_load_loses_no_accepted_job_and_every_stream_ends(
+    cell: SentinelCell, tmp_path: Path
+) -> None:
+    settings = make_settings(cell.url)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    web = WebProcess(settings, tmp_path / "web.log")
+    try:
+        await asyncio.to_thread(web.wait_ready)
+        async with httpx.AsyncClient(base_url=web.url, headers=ACME, timeout=30) as client:
+            accepted: list[str] = []
+            followers: list[asyncio.Task[list[str]]] = []
+            resyncs: list[str] = []
+            switched, running = asyncio.Event(), asyncio.Event()
+            after_switch = 0
+
+            async def submit_until(enough: asyncio.Event) -> None:
+                nonlocal after_switch
+                while not enough.is_set():
+                    body = {"type": "sleep", "params": {"seconds": 0.3, "steps": 3}}
+                    try:
+                        response = await client.post("/jobs", json=body)
+                    except httpx.TransportError:
+                        continue
+                    if response.status_code == 503:  # the cell is switching: retried
+                        continue
+                    assert response.status_code == 202, response.text
+                    job_id = response.json()["id"]
+                    accepted.append(job_id)
+                    followers.append(asyncio.create_task(follow(client, job_id, resyncs)))
+                    if len(accepted) >= 10:
+                        running.set()
+                    if switched.is_set():
+                        after_switch += 1
+                        if after_switch >= 10:
+                            enough.set()
+
+            enough = asyncio.Event()
+            async with asyncio.timeout(90):
+                submitting = asyncio.create_task(submit_until(enough))
+                # Jobs running and streams open on the old primary when it goes.
+                await asyncio.wait([submitting, asyncio.create_task(running.wait())], return_when="FIRST_COMPLETED")
+                assert not submitting.done(), submitting.result()
+                new_port = await cell.failover()
+                switched.set()
+                await submitting
+                finals = await asyncio.gather(*followers)
+                for job_id, events in zip(accepted, finals, strict=True):
+                    job = await wait_terminal(client, job_id)
+                    assert events and events[-1] == f"job.{job['status']}", (job_id, events, job)
+            # Both processes are the ones started before the failover, and use the new primary.
+            assert worker.process.poll() is None and web.process.poll() is None
+            async with Redis(port=new_port, decode_responses=True) as primary:
+                clients = await primary.client_list()
+            assert len(clients) > 2, clients
+    finally:
+        web.close()
+        worker.close()
+    print(f"{len(accepted)} jobs, {after_switch} after the switch; {len(resyncs)} streams told to resync")
+
+
+async def wait_terminal(client: httpx.AsyncClient, job_id: str) -> dict[str, object]:
+    while True:
+        response = await client.get(f"/jobs/{job_id}", params={"wait": "5"})
+        assert response.status_code == 200, response.text
+        job: dict[str, object] = response.json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+
+
+async def test_redis_for_follows_the_primary_of_a_sentinel_url(cell: SentinelCell) -> None:
+    client = redis_for(cell.url)
+    try:
+        await client.set("k", "v")
+        assert (await client.execute_command("ROLE"))[0] == "master"
+    finally:
+        await client.aclose()
+    assert SERVICE in cell.url
