@@ -1,4 +1,4 @@
-"""A cell that Redis Sentinel manages, on local ports: a primary, a replica and one sentinel.
+"""A cell that Redis Sentinel manages, on local ports: a primary, ``replicas`` replicas and one sentinel.
 
 The sentinel is ``redis-server <conf> --sentinel`` (the redis-sentinel binary is the same program).
 :meth:`SentinelCell.failover` forces a failover and returns once the sentinel has announced the
@@ -22,9 +22,9 @@ SERVICE = "cell0"
 
 
 class SentinelCell:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, replicas: int = 1) -> None:
         self.root = root
-        self.nodes = [RedisProcess(root / "a"), RedisProcess(root / "b")]
+        self.nodes = [RedisProcess(root / f"node{i}") for i in range(1 + replicas)]
         self.sentinel_port = free_port()
         self.sentinel: subprocess.Popen[bytes] | None = None
 
@@ -33,13 +33,14 @@ class SentinelCell:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{SERVICE}/0"
 
     def start(self, timeout: float = 20.0) -> None:
-        primary, replica = self.nodes
+        primary, *replicas = self.nodes
         for node in self.nodes:
             node.start()
             with redis.Redis(port=node.port) as r:
                 r.config_set("repl-diskless-sync-delay", 0)  # the first sync at once, not after 5 s
-        with redis.Redis(port=replica.port) as r:
-            r.replicaof("127.0.0.1", primary.port)
+        for replica in replicas:
+            with redis.Redis(port=replica.port) as r:
+                r.replicaof("127.0.0.1", primary.port)
         conf = self.root / "sentinel.conf"
         conf.write_text(
             f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.root}\n"
@@ -62,22 +63,20 @@ class SentinelCell:
     def _replica_ready(self) -> bool:
         try:
             with redis.Redis(port=self.sentinel_port, decode_responses=True) as s:
-                replicas = s.sentinel_slaves(SERVICE)
+                known = [rep for rep in s.sentinel_slaves(SERVICE) if rep["is_slave"] and not rep["is_sdown"]]
             primary = self.primary_port()
-            with redis.Redis(port=self.other(primary), decode_responses=True) as r:
-                info = r.info("replication")
+            links = []
+            for node in self.nodes:
+                if node.port != primary:
+                    with redis.Redis(port=node.port, decode_responses=True) as r:
+                        links.append(r.info("replication").get("master_link_status"))
         except redis.RedisError:
             return False
-        return any(rep["is_slave"] and not rep["is_sdown"] for rep in replicas) and (
-            info.get("master_link_status") == "up"
-        )
+        return len(known) == len(self.nodes) - 1 and links == ["up"] * len(known)
 
     def primary_port(self) -> int:
         with redis.Redis(port=self.sentinel_port, decode_responses=True) as s:
             return int(s.sentinel_get_master_addr_by_name(SERVICE)[1])
-
-    def other(self, port: int) -> int:
-        return next(node.port for node in self.nodes if node.port != port)
 
     async def failover(self, timeout: float = 30.0) -> int:
         """``SENTINEL FAILOVER``; returns the new primary's port once it is one."""

@@ -3,7 +3,7 @@
 A cell URL is either what redis-py reads (``redis://``, ``rediss://``, ``unix://``) or names the
 sentinels that watch the cell's primary::
 
-    redis+sentinel://[[user]:password@]host1:26379[,host2:26379...]/<service name>[/<db>]
+    redis+sentinel://[[user]:password@]host1:26379[,host2:26379...]/<service name>[/<db>][?replica_acks=<n>]
 
 the form of the ``redis-sentinel-url`` package and of Django/Celery setups (kombu spells it
 ``sentinel://``, one URL per sentinel): the hosts are the *sentinels*, the path is the name the
@@ -27,11 +27,12 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class SentinelAddress:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    replica_acks: int = 1
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -80,7 +82,12 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     scheme, _, rest = url.partition("://")
     if scheme.lower() != SENTINEL_SCHEME:
         raise CellUrlError(f"not a {SENTINEL_SCHEME}:// URL")
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    rest, _, query = rest.split("#", 1)[0].partition("?")
+    acks = 1
+    for name, _, value in (pair.partition("=") for pair in query.split("&") if pair):
+        if name != "replica_acks" or not value.isdigit():
+            raise CellUrlError(f"{SENTINEL_SCHEME}:// URL: unknown query parameter {name!r} (only replica_acks=<n>)")
+        acks = int(value)
     netloc, _, path = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
     username = password = None
@@ -102,7 +109,7 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
         if not parts[1].isdigit():
             raise CellUrlError(f"{SENTINEL_SCHEME}:// URL: the database after the service name must be a number")
         db = int(parts[1])
-    return SentinelAddress(sentinels, parts[0], db, username, password)
+    return SentinelAddress(sentinels, parts[0], db, username, password, acks)
 
 
 def _host_port(part: str) -> tuple[str, int]:
@@ -114,6 +121,16 @@ def _host_port(part: str) -> tuple[str, int]:
     if not host or (port and not port.isdigit()):
         raise CellUrlError(f"{SENTINEL_SCHEME}:// URL: {part!r} is not host:port")
     return host, int(port) if port else DEFAULT_SENTINEL_PORT
+
+
+class _Connection(SentinelManagedConnection):
+    """A connection to a Sentinel-managed primary that closes at once: the pool's ``disconnect``
+    after a failover then leaves no moment in which another task could write to a half-closed
+    transport (uvloop raises RuntimeError there, not a ConnectionError); a task that uses it next
+    reconnects, through the sentinels, to the new primary."""
+
+    async def disconnect(self, nowait: bool = False) -> None:
+        await super().disconnect(nowait=True)
 
 
 class _PrimaryPool(SentinelConnectionPool):
@@ -137,23 +154,44 @@ def redis_for(url: str) -> Redis:
         client: Redis = Redis.from_url(url, **CLIENT_OPTIONS)  # type: ignore[arg-type]
         return client
     address = parse_sentinel_url(url)
+    primary: Redis = _primary_for(address, Redis, **CLIENT_OPTIONS)
+    return primary
+
+
+def arq_pool_for(url: str) -> ArqRedis | None:
+    """arq's pool for a Sentinel-managed cell, made like :func:`redis_for`'s so that
+    :func:`follow_primary` can move it (None for a plain URL: arq makes its pool from
+    :func:`arq_settings_for`)."""
+    if not is_sentinel_url(url):
+        return None
+    pool: ArqRedis = _primary_for(parse_sentinel_url(url), ArqRedis, socket_connect_timeout=5)
+    return pool
+
+
+def _primary_for(address: SentinelAddress, redis_class: type[Any], **options: Any) -> Any:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(address.sentinels), sentinel_kwargs=dict(SENTINEL_OPTIONS), **CLIENT_OPTIONS
+        list(address.sentinels), sentinel_kwargs=dict(SENTINEL_OPTIONS), **options
     )
-    primary: Redis = sentinel.master_for(
+    return sentinel.master_for(
         address.service,
+        redis_class=redis_class,
         connection_pool_class=_PrimaryPool,
+        connection_class=_Connection,
         db=address.db,
         username=address.username,
         password=address.password,
     )
-    return primary
 
 
 def replica_acks(url: str) -> int:
-    """Replicas that must confirm a new job before its 202 (``WAIT``): one for a Sentinel-managed
-    cell, whose failover would otherwise lose submissions already acknowledged; none for a plain URL."""
-    return 1 if is_sentinel_url(url) else 0
+    """Replicas that must confirm a new job before its 202 (``WAIT``): for a Sentinel-managed cell,
+    whose failover would otherwise lose submissions already acknowledged, ``?replica_acks=`` of its
+    URL (default 1); none for a plain URL. Sentinel promotes the replica it finds most up to date,
+    which with several replicas need not be the one that confirmed: set it to the number of replicas
+    for every acknowledged job to survive any one failover (then a replica down means 503s)."""
+    if not is_sentinel_url(url):
+        return 0
+    return parse_sentinel_url(url).replica_acks
 
 
 def arq_settings_for(url: str) -> RedisSettings:
@@ -182,7 +220,8 @@ async def follow_primary(url: str, clients: Sequence[Redis]) -> None:
     delay, turn = 0.1, 0
     while True:
         host, port = address.sentinels[turn % len(address.sentinels)]
-        sentinel = Redis(host=host, port=port, **SENTINEL_OPTIONS)  # type: ignore[arg-type]
+        # No socket timeout: the subscription is quiet until a failover.
+        sentinel = Redis(host=host, port=port, socket_connect_timeout=5, decode_responses=True)
         pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe("+switch-master")
@@ -211,8 +250,17 @@ async def follow_primary(url: str, clients: Sequence[Redis]) -> None:
         delay = min(delay * 2, RECONNECT_MAX_S)
 
 
+class Switches:
+    """How many times this process has seen a cell's primary switched (:func:`follow_primary`): a
+    worker's run that spans a switch re-checks the job on the new primary (``worker.runner``)."""
+
+    count = 0
+
+
 async def _drop(service: str, clients: Sequence[Redis], change: str) -> None:
+    Switches.count += 1
     logger.warning("sentinel: primary of %s moved (%s); reconnecting", service, change)
     for client in clients:
         pool = client.connection_pool
-        await (pool.drop() if isinstance(pool, _PrimaryPool) else pool.disconnect())
+        if isinstance(pool, _PrimaryPool):  # else a plain URL's pool: nothing to move
+            await pool.drop()

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from . import schema
 from .archive import Archive
 from .archiver import Archiver
-from .connections import arq_settings_for, follow_primary
+from .connections import arq_pool_for, arq_settings_for, follow_primary
 from .delivery import DeliveryWorker
 from .doorbell import RECONNECT_MAX_S, DoorbellWorker
 from .runner import Runner
@@ -58,6 +58,7 @@ class JobcastWorker(DoorbellWorker):
         super().__init__(
             functions=[func(run_job, name=schema.ARQ_FUNCTION, timeout=registry.max_timeout_s + 60, max_tries=1000)],
             redis_settings=arq_settings_for(settings.redis_url),
+            redis_pool=arq_pool_for(settings.redis_url),
             queue_name=schema.ARQ_QUEUE,
             max_jobs=settings.worker_concurrency,
             handle_signals=handle_signals,
