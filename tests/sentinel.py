@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -41,6 +42,9 @@ class SentinelCell:
         for replica in replicas:
             with redis.Redis(port=replica.port) as r:
                 r.replicaof("127.0.0.1", primary.port)
+        # The replicas in sync before the sentinel looks at them: it reads a replica's INFO when it
+        # finds it, then every 10 s, and promotes only a replica it has seen with its link up.
+        self._wait(timeout, "replicas in sync", lambda: all(self._link_up(r.port) for r in replicas))
         conf = self.root / "sentinel.conf"
         conf.write_text(
             f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.root}\n"
@@ -53,26 +57,28 @@ class SentinelCell:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # Ready when the sentinel knows the replica and the replica is in sync: a failover needs one.
-        deadline = time.monotonic() + timeout
-        while not self._replica_ready():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"sentinel cell not ready in {timeout}s: {self.log()}")
-            time.sleep(0.05)
+        self._wait(timeout, "the sentinel sees the replicas in sync", self._sentinel_ready)
 
-    def _replica_ready(self) -> bool:
+    def _wait(self, timeout: float, what: str, ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sentinel cell: not {what} within {timeout}s: {self.log()}")
+            time.sleep(0.02)
+
+    @staticmethod
+    def _link_up(port: int) -> bool:
+        with redis.Redis(port=port, decode_responses=True) as r:
+            return bool(r.info("replication").get("master_link_status") == "up")
+
+    def _sentinel_ready(self) -> bool:
         try:
             with redis.Redis(port=self.sentinel_port, decode_responses=True) as s:
-                known = [rep for rep in s.sentinel_slaves(SERVICE) if rep["is_slave"] and not rep["is_sdown"]]
-            primary = self.primary_port()
-            links = []
-            for node in self.nodes:
-                if node.port != primary:
-                    with redis.Redis(port=node.port, decode_responses=True) as r:
-                        links.append(r.info("replication").get("master_link_status"))
+                replicas = s.sentinel_slaves(SERVICE)
         except redis.RedisError:
             return False
-        return len(known) == len(self.nodes) - 1 and links == ["up"] * len(known)
+        good = [r for r in replicas if r["is_slave"] and not r["is_sdown"] and r.get("master-link-status") == "ok"]
+        return len(good) == len(self.nodes) - 1
 
     def primary_port(self) -> int:
         with redis.Redis(port=self.sentinel_port, decode_responses=True) as s:
