@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
 import logging
@@ -25,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from jobcast.worker.alerts import Alerter
 from jobcast.worker.archive import Archive
+from jobcast.worker.connections import follow_primary
 from jobcast.worker.destinations import DestinationStore
 from jobcast.worker.relayout import refuse_old_layout
 from jobcast.worker.settings import Settings
@@ -90,6 +92,9 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                     supervise(f"jobcast-stream-slots-{cell.index}", cell.stream_slots.refresh_forever),
                     supervise(f"jobcast-overviews-{cell.index}", cell.overview.run_forever),
                 ]
+                # A Sentinel-managed cell: its pool and its hub's connection move to a new primary at once.
+                follow = functools.partial(follow_primary, settings.cell_urls[cell.index], [cell.redis])
+                background.append(supervise(f"jobcast-primary-{cell.index}", follow))
                 if settings.alert_webhook_url:  # per cell: its lock, its state, its conditions
                     alerter = Alerter(cell.redis, settings, cell.index if len(cells) > 1 else None)
                     background.append(supervise(f"jobcast-alerts-{cell.index}", alerter.run_forever))

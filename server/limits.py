@@ -160,7 +160,8 @@ class StreamSlots:
                 log = schema.tenant_log_key(tenant, cell=self.cell)
                 now_ms, ttl_ms = int(time.time() * 1000), int(self.TTL_S * 1000)
                 args: list[str | int] = ["tenant", tenant, "", "live", 0, now_ms, ttl_ms, self.per_tenant, slot, 0]
-                outcome, _, _ = await self.open_script([log, schema.streams_key(tenant, cell=self.cell), log], args)
+                keys = [log, schema.streams_key(tenant, cell=self.cell), log, schema.in_cell(schema.EPOCH, self.cell)]
+                outcome, _, _ = await self.open_script(keys, args)
                 if outcome == "full":
                     raise StreamsFull("tenant", self.per_tenant)
         except BaseException:

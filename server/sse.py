@@ -179,6 +179,20 @@ class Stream(StreamWriting):
             if len(events) < REPLAY_PAGE:
                 return
 
+    async def resume(self) -> None:
+        """After a gap: catch up from the last id sent, unless the log no longer has it (a failover
+        lost it): then the stream ends, and the client's reconnect with that id is told to resync."""
+        if self.last_key != streamids.BEFORE_ALL:
+            try:
+                kept = await self.store.log_has(self.audience, self.key, self._after())
+            except (RedisError, OSError) as exc:
+                raise LogUnreadable(str(exc)) from None
+            if not kept:
+                logger.warning("stream %s %s: its last event is no longer in the log; closed", self.audience, self.key)
+                await self._send(b"", last=True)
+                return
+        await self.catch_up()
+
     async def write_events(self, events: list[Event]) -> None:
         """Write events read from the log (one write); ends a job's stream at its terminal event."""
         parts: list[bytes] = []

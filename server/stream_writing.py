@@ -69,6 +69,10 @@ class StreamWriting:
     async def catch_up(self) -> None:
         raise NotImplementedError
 
+    async def resume(self) -> None:
+        """Re-read the log after a gap (the hub reconnected): :meth:`catch_up`, or end the stream."""
+        raise NotImplementedError
+
     def _message(self, body: bytes, last: bool) -> Message:
         return {"type": "http.response.body", "body": body, "more_body": not last}
 
@@ -135,7 +139,7 @@ class StreamWriting:
             if self.resync:
                 self.resync = False
                 self.backlog = []
-                await self.catch_up()
+                await self.resume()
                 continue
             if self.backlog:
                 await self._write_backlog()

@@ -28,7 +28,6 @@ import signal
 import socket
 from typing import Any
 
-from arq.connections import RedisSettings
 from arq.worker import func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -36,6 +35,7 @@ from redis.exceptions import RedisError
 from . import schema
 from .archive import Archive
 from .archiver import Archiver
+from .connections import arq_pool_for, arq_settings_for, follow_primary
 from .delivery import DeliveryWorker
 from .doorbell import RECONNECT_MAX_S, DoorbellWorker
 from .relayout import refuse_old_layout
@@ -66,7 +66,8 @@ class JobcastWorker(DoorbellWorker):
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         super().__init__(
             functions=[func(run_job, name=schema.ARQ_FUNCTION, timeout=registry.max_timeout_s + 60, max_tries=1000)],
-            redis_settings=RedisSettings.from_dsn(settings.cell_urls[cell]),
+            redis_settings=arq_settings_for(settings.cell_urls[cell]),
+            redis_pool=arq_pool_for(settings.cell_urls[cell]),
             queue_name=schema.in_cell(schema.ARQ_QUEUE, cell),
             max_jobs=settings.worker_concurrency,
             handle_signals=handle_signals,
@@ -101,6 +102,7 @@ class JobcastWorker(DoorbellWorker):
         deliveries = self.deliveries
         self._archive = Archive(self.settings.archive_url)
         archiver = Archiver(self._redis, self.settings, self._archive, cell=self.cell)
+        clients: list[Redis] = [self._redis, self.pool]
         # Supervised (worker.supervision): a loop that dies of something unexpected is logged and
         # run again; the delivery worker, an arq worker of its own, cannot be, so the process stops.
         self._background = [
@@ -109,6 +111,9 @@ class JobcastWorker(DoorbellWorker):
             supervise("jobcast-doorbell", lambda: self._listen(runner, deliveries)),
             supervise("jobcast-webhooks", deliveries.async_run, on_death=self._die),
             supervise("jobcast-archiver", archiver.run_forever),
+            # A Sentinel-managed cell: every connection (arq's pool, ours, the doorbell's) moves to
+            # the new primary as soon as the sentinels switch it.
+            supervise("jobcast-primary", lambda: follow_primary(self.settings.cell_urls[self.cell], clients)),
         ]
         logger.info(
             "worker %s ready%s: %d job types (%s), concurrency %d, webhook deliveries %d",

@@ -31,10 +31,11 @@ from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
+from .connections import Switches
 from .context import JobContext
 from .errors import PermanentError, RetryableError
 from .logs import current_job
-from .models import JobError
+from .models import JobError, JobStatus
 from .settings import Settings
 from .store import Store
 from .types import JobType, Registry
@@ -99,6 +100,7 @@ class Runner:
             current_job.reset(token)
 
     async def _execute(self, job_id: str, run: int) -> None:
+        switches = Switches.count
         try:
             started = await self.store.start(job_id, run, self._lease_deadline())
         except (RedisError, OSError) as exc:
@@ -152,6 +154,10 @@ class Runner:
                 raise
             # Still in self.running while the outcome is written: heartbeats keep its lease.
             await self._record_outcome(jt, ctx, entry, timed_out=not done)
+            if Switches.count != switches:
+                # The primary changed during the run: the start and the outcome may have gone to
+                # the old one, and arq's own bookkeeping, next, goes to the new one.
+                await self._again_if_undone(job_id, run)
         finally:
             self.running.pop(job_id, None)
             ctx.close()
@@ -174,6 +180,22 @@ class Runner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _outcome(
+        self, what: str, write: Callable[..., Awaitable[Any]], job_id: str, run: int, *args: Any
+    ) -> None:
+        """Write a run's outcome (:meth:`_durably`); when it is refused, see :meth:`_again_if_undone`."""
+        if await self._durably(what, job_id, write, job_id, run, *args) is None:
+            await self._again_if_undone(job_id, run)
+
+    async def _again_if_undone(self, job_id: str, run: int) -> None:
+        """A run whose job is queued *at this very run* was never started as far as Redis knows: its
+        start was undone (a failover lost it). arq must then run it again (Retry keeps it on arq's
+        queue), or the job would wait forever for a run that arq considers done."""
+        record = await self.store.get(job_id)
+        if record is not None and record.status is JobStatus.QUEUED and record.run == run:
+            logger.warning("job %s run %s: its start was lost (Redis failover); queued again", job_id, run)
+            raise Retry(defer=START_RETRY_S)
+
     async def _stop(self, job_id: str, task: asyncio.Task[Any]) -> None:
         """Cancel a handler and wait for it to end. Waited on, not awaited: a cancellation of our
         own task still propagates, and what the handler raised while stopping is logged, not lost."""
@@ -193,21 +215,22 @@ class Runner:
             return
         if task.cancelled():
             if entry.stop_reason == "lost":
+                await self._again_if_undone(job_id, run)
                 logger.warning("job %s run %s: lease lost, another run owns the job; nothing recorded", job_id, run)
                 return
             await ctx.drain()
-            await self._durably("record the cancellation", job_id, self.store.mark_cancelled, job_id, run)
+            await self._outcome("record the cancellation", self.store.mark_cancelled, job_id, run)
             return
         failure = task.exception()
         if failure is None:
             try:
                 result_json = _encode_result(task.result())
             except TypeError as exc:
-                await self._durably("record the failure", job_id, self.store.fail, job_id, run,
+                await self._outcome("record the failure", self.store.fail, job_id, run,
                                     _error(exc, attempt, retryable=False))  # fmt: skip
                 return
             await ctx.drain()
-            await self._durably("record the result", job_id, self.store.complete, job_id, run, result_json)
+            await self._outcome("record the result", self.store.complete, job_id, run, result_json)
             return
         if isinstance(failure, PermanentError):
             error = _error(failure, attempt, retryable=False)
@@ -222,10 +245,10 @@ class Runner:
         await ctx.drain()
         if error.retryable and ctx.attempt < ctx.max_attempts:
             delay = max(jt.backoff_s(ctx.attempt), retry_after_s or 0.0)
-            await self._durably("schedule the retry", ctx.job_id, self.store.retry, ctx.job_id, ctx.run, error, delay)
+            await self._outcome("schedule the retry", self.store.retry, ctx.job_id, ctx.run, error, delay)
             self._retry_scheduled.set()  # the maintenance loop may need to wake earlier
         else:
-            await self._durably("record the failure", ctx.job_id, self.store.fail, ctx.job_id, ctx.run, error)
+            await self._outcome("record the failure", self.store.fail, ctx.job_id, ctx.run, error)
 
     # --- signals from outside -------------------------------------------------------------------------
 

@@ -135,6 +135,9 @@ ALERTS_LOCK = PREFIX + "alerts:lock"
 #: name in every cell, outside any cell's hash tag: it must be found whatever index a process with a
 #: reordered JOBCAST_REDIS_URLS takes this Redis for.
 CELL_INDEX = CHANNEL_PREFIX + "cell"
+#: The cell's epoch: which primary (replication id) the event logs are read from, since when
+#: (``lua/streams.lua``, which says why).
+EPOCH = PREFIX + "epoch"
 
 ARQ_QUEUE = PREFIX + "queue"
 ARQ_FUNCTION = "jobcast.run"
@@ -359,13 +362,13 @@ class Script:
                 raise
             await self._redis.script_load(self._script.script)
 
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, keys: list[str], args: list[Any], client: Redis | None = None) -> Any:
         try:
-            return await self._script(keys=keys, args=args)
+            return await self._script(keys=keys, args=args, client=client)
         except ResponseError as exc:
             if not self._fall_back(exc):
                 raise
-            return await self._script(keys=keys, args=args)
+            return await self._script(keys=keys, args=args, client=client)
 
     def _fall_back(self, exc: ResponseError) -> bool:
         if self._script is self._declared and "near '#'" in str(exc):
@@ -427,25 +430,32 @@ class JobsScript:
         self._functions = True  # until this Redis says it has none
 
     async def __call__(
-        self, op: str, *args: str | int | float, keys: list[str] | None = None, at: tuple[str, int] | None = None
+        self,
+        op: str,
+        *args: str | int | float,
+        keys: list[str] | None = None,
+        at: tuple[str, int] | None = None,
+        client: Redis | None = None,
     ) -> Any:
-        """Run ``op`` as of ``at`` (RFC 3339, epoch ms), by default now, read once. ``KEYS`` are the
+        """Run ``op`` as of ``at`` (RFC 3339, epoch ms), by default now, read once; on ``client``
+        (one connection, e.g. to ``WAIT`` for this very write) instead of the pool. ``KEYS`` are the
         cell's arq queue (every op's first: it routes the call to the cell's slot) and ``keys``."""
         now_iso, now_ms = at if at is not None else now()
         declared = [self._anchor, *(keys or [])]
         argv = [op, now_iso, now_ms, *args]
         if self._functions:
             try:
-                return await self._fcall(declared, argv)
+                return await self._fcall(declared, argv, client)
             except ResponseError as exc:
                 if "Function not found" in str(exc):
                     await self._redis.function_load(self._library, replace=True)  # type: ignore[misc]
-                    return await self._fcall(declared, argv)
+                    return await self._fcall(declared, argv, client)
                 if "unknown command" not in str(exc).lower():
                     raise
                 logger.warning("this Redis has no functions (Redis < 7): the state machine runs as a script")
                 self._functions = False
-        return await self._script(keys=declared, args=argv)
+        return await self._script(keys=declared, args=argv, client=client)
 
-    async def _fcall(self, keys: list[str], args: list[Any]) -> Any:
-        return await self._redis.fcall(self._function, len(keys), *keys, *args)  # type: ignore[arg-type,misc]
+    async def _fcall(self, keys: list[str], args: list[Any], client: Redis | None) -> Any:
+        redis = client if client is not None else self._redis
+        return await redis.fcall(self._function, len(keys), *keys, *args)  # type: ignore[arg-type,misc]

@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 from . import history, schema
 from .archive import Archive
 from .clock import now
-from .connections import redis_for
+from .connections import REPLICA_ACK_TIMEOUT_MS, NotReplicated, redis_for, replica_acks
 from .history import JobQuery
 from .ids import is_job_id, new_job_id
 from .models import Audience, CancelOutcome, CreateOutcome, JobError, JobStatus, Priority, transport_percent
@@ -84,6 +84,8 @@ class Store:
         self.cell = cell
         self._script = schema.JobsScript(redis, settings, cell)
         self._workers = schema.in_cell(schema.WORKERS, cell)
+        #: Replicas that confirm a new job before it is acknowledged (a Sentinel-managed cell).
+        self._acks = replica_acks(settings.cell_urls[cell])
 
     def _job_keys(self, *job_ids: str) -> list[str]:
         """The keys a script call declares for the jobs it names: each one's record and log."""
@@ -121,13 +123,14 @@ class Store:
             fingerprint,
             IDEMPOTENCY_TTL_S,
         ]
-        keys = self._job_keys(job_id)
-        outcome, ident = await self._script("create", *args, "0", keys=keys, at=at)
-        if outcome == "vanished":
-            # The key's job left Redis: archived (a replay of it), or expired (create anew).
-            if await self._archived(ident, tenant) is not None:
-                return Created("existing", ident)
-            outcome, ident = await self._script("create", *args, "1", keys=keys, at=at)
+        if self._acks:
+            # One connection for the script and WAIT: WAIT counts the writes of its own connection.
+            async with self.redis.client() as conn:
+                outcome, ident = await self._create(tenant, args, at, conn)
+                if outcome == "created" and await conn.wait(self._acks, REPLICA_ACK_TIMEOUT_MS) < self._acks:
+                    raise NotReplicated(f"no replica confirmed job {ident} within {REPLICA_ACK_TIMEOUT_MS} ms")
+        else:
+            outcome, ident = await self._create(tenant, args, at, None)
         outcome = cast(CreateOutcome, outcome)
         if outcome != "created":
             return Created(outcome, ident if outcome not in ("full", "tenant_full") else None)
@@ -141,6 +144,18 @@ class Store:
             finished_at=None, updated_at=at[0], cancel_requested=False,
         )  # fmt: skip
         return Created(outcome, job_id, record)
+
+    async def _create(
+        self, tenant: str, args: list[str | int], at: tuple[str, int], conn: Redis | None
+    ) -> tuple[str, str]:
+        keys = self._job_keys(str(args[0]))
+        outcome, ident = await self._script("create", *args, "0", keys=keys, at=at, client=conn)
+        if outcome == "vanished":
+            # The key's job left Redis: archived (a replay of it), or expired (create anew).
+            if await self._archived(ident, tenant) is not None:
+                return "existing", ident
+            outcome, ident = await self._script("create", *args, "1", keys=keys, at=at, client=conn)
+        return str(outcome), str(ident)
 
     async def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         """The record, or None when it does not exist or belongs to another tenant."""
@@ -210,6 +225,17 @@ class Store:
         else:
             entries = await self.redis.xrange(log_key, start, "+", count=count)
         return [Event(sid, f["event"], f["data"], f.get("job", key)) for sid, f in entries]
+
+    async def log_has(self, audience: Audience, key: str, stream_id: str) -> bool:
+        """Whether the log still holds event ``stream_id``: a stream that sent it and finds it gone
+        after a reconnect lost events to a failover (or trimming) and must not resume past the hole.
+        A job's log that left Redis for the archive is kept there whole (True)."""
+        log_key = self._log_key(audience, key)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(log_key, stream_id, stream_id, count=1)
+            pipe.exists(log_key)
+            entries, exists = await pipe.execute()
+        return bool(entries) or (audience == "job" and not exists)
 
     async def log_tip(self, audience: Audience, key: str) -> str | None:
         """The id of the newest event in the log, if any."""

@@ -124,6 +124,7 @@ async def open_stream(
                 log_key,
                 schema.streams_key(tenant, cell=index),
                 schema.job_key(key, cell=index) if audience == "job" else log_key,
+                schema.in_cell(schema.EPOCH, index),
             ],
             [
                 audience,
@@ -205,6 +206,12 @@ def _refusal(outcome: str, audience: Audience, key: str, last_id: str | None, ti
         return GoneProblem(
             f"Events after {last_id} are no longer in the log (it is capped). Reconnect without "
             "Last-Event-ID, after reloading the current state with GET /jobs."
+        )
+    if outcome == "lost":
+        return GoneProblem(
+            f"Event {last_id} is not in the log: Redis lost it when its primary changed (failover, or a "
+            "restart that lost its last writes), so events you received may have been undone. Reload the "
+            "current state with GET /jobs (or GET /jobs/{id}) and reconnect without Last-Event-ID."
         )
     if outcome == "ahead":
         newest = f"its newest event is {tip}" if tip else "it has no events yet"
