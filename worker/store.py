@@ -84,8 +84,10 @@ class Store:
         self.cell = cell
         self._script = schema.JobsScript(redis, settings, cell)
         self._workers = schema.in_cell(schema.WORKERS, cell)
-        #: Replicas that confirm a new job before it is acknowledged (a Sentinel-managed cell).
-        self._acks = replica_acks(settings.cell_urls[cell])
+        #: Replicas that confirm a new job before it is acknowledged (a Sentinel-managed cell; none
+        #: for a cell the settings do not list, which only tools and tests make).
+        urls = settings.cell_urls
+        self._acks = replica_acks(urls[cell]) if cell < len(urls) else 0
 
     def _job_keys(self, *job_ids: str) -> list[str]:
         """The keys a script call declares for the jobs it names: each one's record and log."""
