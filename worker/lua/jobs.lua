@@ -415,9 +415,6 @@ if op == 'create' then
 elseif op == 'start' then
   -- id run lease_deadline_ms -> {'ok', type, params, attempt, max_attempts} or {'skip', status}
   local id, run = ARGV[4], ARGV[5]
-  -- Taken off arq's queue now (arq would keep it there until the run ends): the queue then holds
-  -- only runs nobody took yet, so a worker's read of its head never wades through running ones.
-  redis.call('ZREM', K_ARQ_QUEUE, run_id(id, run))
   local r = fields(id, 'status', 'run', 'tenant', 'attempt', 'priority')
   if r[1] ~= 'queued' or r[2] ~= run then return {'skip', r[1] or 'missing'} end
   local limit = tonumber(CFG_TENANT_CONCURRENCY)
@@ -441,6 +438,13 @@ elseif op == 'start' then
   redis.call('ZADD', K_RUNNING, ARGV[6], id)
   emit(id, EVENT.processing, '')
   local s = fields(id, 'type', 'params', 'attempt', 'max_attempts')
+  -- Taken off arq's queue now (arq would keep it there until the run ends): the queue then holds
+  -- only runs nobody took yet, so a worker's read of its head never wades through running ones.
+  -- Last, once everything else is written: a start that fails part-way (an error reply from Redis
+  -- ends a script where it stands) leaves the run on the queue, where the worker's retry
+  -- (arq's ZINCRBY by the delay) finds it. Re-added by ZINCRBY instead, it would be scored at the
+  -- delay alone plus the priority offset, in 2033, and never run.
+  redis.call('ZREM', K_ARQ_QUEUE, run_id(id, run))
   return {'ok', s[1], s[2], s[3], s[4]}
 
 elseif op == 'progress' then
