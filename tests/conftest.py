@@ -322,6 +322,12 @@ async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.
         await asyncio.sleep(interval)
 
 
+async def subscribed(redis: Redis, channel: str) -> bool:
+    """Whether some client of Redis listens on ``channel`` (for waiting until a listener is back)."""
+    [(_, count)] = await redis.pubsub_numsub(channel)
+    return bool(count)
+
+
 async def wait_for_status(
     client: httpx.AsyncClient, job_id: str, statuses: set[str] | str, timeout: float = 15.0
 ) -> dict[str, Any]:

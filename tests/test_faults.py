@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from typing import Any
 
@@ -11,11 +12,11 @@ import pytest
 from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
-from jobcast.worker import schema
+from jobcast.worker import doorbell, schema
 from jobcast.worker.runner import LEASE_HEARTBEATS
 from jobcast.worker.settings import Settings
 
-from .conftest import make_settings, running_worker, submit, wait_for_status, wait_until
+from .conftest import make_settings, running_worker, submit, subscribed, wait_for_status, wait_until
 
 
 async def _said(proc: Any, text: str) -> bool:
@@ -96,6 +97,34 @@ async def test_sigterm_hands_back_a_job_that_outlives_the_grace_period(
         ("queued", 1), ("processing", 1), ("queued", 1),
     ]  # fmt: skip
     assert job["error"] is None
+
+
+async def test_a_worker_whose_redis_connections_are_killed_finishes_its_job_and_hears_the_doorbell(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No fallback poll within the test's time: only a doorbell listener that subscribed again can
+    # wake the idle worker for the second job.
+    monkeypatch.setattr(doorbell, "IDLE_FALLBACK_S", 3600.0)
+    async with running_worker(settings) as worker:
+        ticket = await submit(client, params={"seconds": 1.5, "steps": 3})
+        await wait_for_status(client, ticket["id"], "processing", timeout=20)
+        # Every connection but the test's own, as a Redis restart or a proxy failover drops them:
+        # the worker's, arq's, its doorbell listener's and the server's.
+        killed = await redis.client_kill_filter(_type="normal", skipme=True)
+        killed += await redis.client_kill_filter(_type="pubsub", skipme=True)
+        assert killed >= 3 and not await subscribed(redis, schema.DOORBELL_CHANNEL)
+        job = await wait_for_status(client, ticket["id"], "completed", timeout=30)
+        await wait_until(lambda: subscribed(redis, schema.DOORBELL_CHANNEL))
+        await wait_until(lambda: _is_set(worker.idle))
+        second = await submit(client, params={"seconds": 0})
+        await wait_for_status(client, second["id"], "completed", timeout=30)
+    # Once, on its first attempt: the job's lease and outcome survived the dropped connections.
+    assert job["attempt"] == 1 and [h["status"] for h in job["history"]] == ["queued", "processing", "completed"]
+    assert await redis.zcard(schema.RUNNING) == 0
+
+
+async def _is_set(event: asyncio.Event) -> bool:
+    return event.is_set()
 
 
 async def test_a_run_whose_start_fails_stays_queued_for_a_retry(
