@@ -266,11 +266,18 @@ def report(size: Size, figures: Figures) -> dict[str, float]:
         + ", ".join(f"{m}: {v:.0f}" for m, v in per_minute.items())
         + "; RSS MiB (first, last): "
         + ", ".join(f"{n}: {s[0] // 1024}, {s[-1] // 1024}" for n, s in figures.memory.items() if s)
-        + "; share of the time on a CPU / waiting for one while submitting: "
-        + ", ".join(f"{n}: {ran:.0%} / {waited:.0%}" for n, (ran, waited) in figures.cpu.items())
-        + (f"; load average (1 min) {min(figures.load):.1f}-{max(figures.load):.1f}" if figures.load else "")
+        + "; "
+        + scheduling(figures)
     )
     return {str(m): v for m, v in per_minute.items()}
+
+
+def scheduling(figures: Figures) -> str:
+    return (
+        "share of the time on a CPU / waiting for one while submitting: "
+        + ", ".join(f"{n}: {ran:.0%} / {waited:.0%}" for n, (ran, waited) in figures.cpu.items())
+        + f"; load average (1 min) {min(figures.load, default=0):.1f}-{max(figures.load, default=0):.1f}"
+    )
 
 
 def check_trends(figures: Figures, per_minute: dict[str, float]) -> None:
@@ -287,7 +294,10 @@ def check_trends(figures: Figures, per_minute: dict[str, float]) -> None:
 async def test_soak(settings: Settings, redis: Redis, redis_server: RedisProcess, tmp_path: Path) -> None:
     figures = await hold(SOAK, settings, redis, _pid(redis_server), tmp_path)
     check_trends(figures, report(SOAK, figures))
-    assert figures.achieved >= figures.rate * 0.9, "the test client could not submit at the target rate"
+    # A process that waited for a CPU far longer than it ran was held back by the machine, not its work.
+    assert figures.achieved >= figures.rate * 0.9, (
+        f"submitted {figures.achieved:.0f} of {figures.rate:.0f} jobs/s; {scheduling(figures)}"
+    )
 
 
 async def test_a_short_soak_loses_and_repeats_nothing(
