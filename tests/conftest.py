@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+import tracemalloc
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -70,6 +71,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         sys.unraisablehook = previous
     for unraisable in found:
         trace = "".join(traceback.format_exception(unraisable.exc_value))
+        allocated = tracemalloc.get_object_traceback(unraisable.object)  # with PYTHONTRACEMALLOC=<frames>
+        if allocated is not None:
+            trace += "allocated at:\n" + "\n".join(allocated.format())
         warnings.warn(pytest.PytestUnraisableExceptionWarning(
             f"Exception ignored in: {unraisable.object!r}\n\n{trace}\nleft to the garbage collector by {item.nodeid}"
         ), stacklevel=1)  # fmt: skip
