@@ -19,7 +19,7 @@ from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 from jobcast.worker.supervision import supervise
 
-from .conftest import ServerHandle, hub_of, running_worker, submit, wait_for_status, wait_until
+from .conftest import ServerHandle, hub_of, running_worker, submit, subscribed, wait_for_status, wait_until
 from .test_sse import new_running_job
 
 
@@ -130,17 +130,12 @@ async def test_the_doorbell_listener_comes_back_after_a_bug(
             raise Bug("a bug in the listener")
 
         monkeypatch.setattr(runner, "stop_job", stop_job_failing)
-        await wait_until(lambda: _numsub(redis, schema.CONTROL_CHANNEL))
+        await wait_until(lambda: subscribed(redis, schema.CONTROL_CHANNEL))
         await redis.publish(schema.CONTROL_CHANNEL, "cancel job_nobody")  # kills the listener's loop
         await wait_until(lambda: _true(broken))
         await wait_until(lambda: _true(worker.idle.is_set()))
         ticket = await submit(client, params={"seconds": 0})
         await wait_for_status(client, ticket["id"], "completed")
-
-
-async def _numsub(redis: Redis, channel: str) -> bool:
-    [(_, count)] = await redis.pubsub_numsub(channel)
-    return bool(count)
 
 
 async def test_a_worker_whose_delivery_loop_dies_stops_and_says_why(

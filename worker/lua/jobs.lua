@@ -203,9 +203,12 @@ local function transition(id, r, status, event, extra, set)
   local hset = {'status', status, 'updated_at', now_iso, 'version', version,
     'h' .. version, history_entry(status, r.attempt)}
   for _, v in ipairs(set) do hset[#hset + 1] = v end
-  redis.call('HSET', job_key(id), unpack(hset))
+  -- The indexes first, the record after them: a call that fails part-way (an error reply from
+  -- Redis ends a script where it stands, writes made so far stay) on a key it did not declare
+  -- leaves the record as it was, so the run can be tried again (test_faults).
   if from then redis.call('ZREM', K_INDEX .. r.tenant .. ':status:' .. from, id) end
   redis.call('ZADD', K_INDEX .. r.tenant .. ':status:' .. status, '0', id)
+  redis.call('HSET', job_key(id), unpack(hset))
   if from == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '-1') end
   if status == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '1') end
   count_event(r, from, event)
@@ -453,9 +456,6 @@ if op == 'create' then
 elseif op == 'start' then
   -- id run lease_deadline_ms -> {'ok', type, params, attempt, max_attempts} or {'skip', status}
   local id, run = ARGV[4], ARGV[5]
-  -- Taken off arq's queue now (arq would keep it there until the run ends): the queue then holds
-  -- only runs nobody took yet, so a worker's read of its head never wades through running ones.
-  redis.call('ZREM', K_ARQ_QUEUE, run_id(id, run))
   local r = load(id, 'params')
   if r.status ~= 'queued' or r.run ~= run then return {'skip', r.status or 'missing'} end
   local limit = tonumber(CFG_TENANT_CONCURRENCY)
@@ -475,6 +475,13 @@ elseif op == 'start' then
   transition(id, r, 'processing', EVENT.processing, '',
     {'started_at', now_iso, 'started_ms', now_ms_s, 'percent', '0', 'progress', NO_PROGRESS})
   redis.call('ZADD', K_RUNNING, ARGV[6], id)
+  -- Taken off arq's queue now (arq would keep it there until the run ends): the queue then holds
+  -- only runs nobody took yet, so a worker's read of its head never wades through running ones.
+  -- Last, once everything else is written: a start that fails part-way (an error reply from Redis
+  -- ends a script where it stands) leaves the run on the queue, where the worker's retry
+  -- (arq's ZINCRBY by the delay) finds it. Re-added by ZINCRBY instead, it would be scored at the
+  -- delay alone plus the priority offset, in 2033, and never run.
+  redis.call('ZREM', K_ARQ_QUEUE, run_id(id, run))
   return {'ok', r.type, r.params, r.attempt, r.max_attempts}
 
 elseif op == 'progress' then
