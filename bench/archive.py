@@ -193,7 +193,7 @@ async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[o
         async def submit(lane: int) -> None:
             nonlocal submitted
             while submitted < args.steady_jobs:
-                if await store.queued_count() > 1000:  # keep the queue short: what is measured is the flow
+                if int(await redis.get(schema.QUEUED_COUNT) or 0) > 1000:  # keep the queue short: what is measured is the flow
                     await asyncio.sleep(0.05)
                     continue
                 if submitted >= args.steady_jobs:  # another lane took the last one meanwhile
@@ -208,10 +208,18 @@ async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[o
 
         async def sample() -> None:
             # What the jobcast_archive_backlog gauge shows: finished jobs past ARCHIVE_AFTER still in Redis.
+            last_said = time.perf_counter()
             while True:
                 memory.append(int((await redis.info("memory"))["used_memory"]) / 2**20)
                 due = time.time_ns() // 1_000_000 - args.after * 1000
                 backlog.append(int(await redis.zcount(schema.FINISHED, "-inf", due)))
+                if time.perf_counter() - last_said >= 30:  # a long run says how it goes
+                    last_said = time.perf_counter()
+                    say(
+                        f"{backend}: {time.perf_counter() - t0:.0f} s, {await completed()} completed, "
+                        f"{await redis.zcard(schema.FINISHED)} finished in Redis, backlog {backlog[-1]}, "
+                        f"Redis {memory[-1]:.1f} MiB"
+                    )
                 await asyncio.sleep(2)
 
         try:
@@ -228,6 +236,9 @@ async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[o
             archived = await archive.count()
             assert archived == args.steady_jobs, (archived, await completed(), submitted)
             quarters = [memory[min(len(memory) - 1, len(memory) * q // 4)] for q in (1, 2, 3, 4)]
+            tenths = [memory[min(len(memory) - 1, len(memory) * q // 10)] for q in range(11)]
+            say(f"{backend}: Redis MiB at 0, 10, ..., 100% of the run: " + " / ".join(f"{m:.1f}" for m in tenths))
+            say(f"{backend}: Redis MiB max {max(memory):.1f}, {len(memory)} samples every 2 s")
             return [
                 backend,
                 args.steady_jobs,
