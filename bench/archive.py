@@ -193,7 +193,8 @@ async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[o
         async def submit(lane: int) -> None:
             nonlocal submitted
             while submitted < args.steady_jobs:
-                if int(await redis.get(schema.QUEUED_COUNT) or 0) > 1000:  # keep the queue short: what is measured is the flow
+                # Keep the queue short: what is measured is the flow.
+                if int(await redis.get(schema.QUEUED_COUNT) or 0) > 1000:
                     await asyncio.sleep(0.05)
                     continue
                 if submitted >= args.steady_jobs:  # another lane took the last one meanwhile
