@@ -20,6 +20,7 @@ from .test_archive import (  # noqa: F401 (fixtures)
     archive,
     archive_settings,
     archiver,
+    assert_each_moved_once,
     finished_job,
     in_redis,
     rename_table,
@@ -47,12 +48,8 @@ async def test_two_drains_at_once_move_every_job_exactly_once(
     finally:
         await second_redis.aclose()
         await second_archive.close()
-    assert await redis.zcard(schema.FINISHED) == 0
-    assert await rows(archive, tables.jobs) == 23
-    assert await rows(archive, tables.events) == sum(len(e) for e in events.values())
-    for job_id in ids:
-        assert not await in_redis(redis, job_id)
-        assert await tiered.log_events("job", job_id) == events[job_id]
+    assert len(events) == 23
+    await assert_each_moved_once(redis, tiered, archive, events)
 
 
 async def test_a_drain_stops_after_its_batches_and_says_more_are_due(
