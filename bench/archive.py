@@ -40,7 +40,7 @@ from collections.abc import Iterator
 
 from redis.asyncio import Redis
 
-from bench.harness import AUTH, TENANT, Processes, machine, percentile, ratio, say, section, table
+from bench.harness import AUTH, TENANT, Processes, jobcast_env, machine, percentile, ratio, say, section, table
 from bench.http_client import Connection
 from jobcast.worker import schema
 from jobcast.worker.archive import Archive
@@ -140,7 +140,12 @@ async def run_backend(backend: str, args: argparse.Namespace, folder: Path) -> d
     with Processes(folder / backend) as procs, database(backend, folder) as url:
         redis_server = procs.redis()
         settings = Settings(
-            redis_url=redis_server.url, archive_url=url, archive_after_s=0, env="development", log_level="WARNING"
+            redis_url=redis_server.url,
+            archive_url=url,
+            archive_after_s=0,
+            max_queued=int(jobcast_env("")["JOBCAST_MAX_QUEUED"]),  # all N queued at once, as the worker's own cap
+            env="development",
+            log_level="WARNING",
         )
         redis = Redis.from_url(redis_server.url, decode_responses=True)
         archive = Archive(url)
