@@ -137,7 +137,7 @@ async def latencies(port: int, paths: list[str]) -> list[float]:
 
 async def run_backend(backend: str, args: argparse.Namespace, folder: Path) -> dict[str, list[object]]:
     rows: dict[str, list[object]] = {}
-    with Processes(folder / backend) as procs, database(backend, folder) as url:
+    with Processes(folder / backend) as procs, database(backend, folder / backend) as url:
         redis_server = procs.redis()
         settings = Settings(
             redis_url=redis_server.url,
@@ -215,7 +215,7 @@ async def run_backend(backend: str, args: argparse.Namespace, folder: Path) -> d
 async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[object]:
     """Jobs through a real ``jobcast worker`` whose own archiver moves them ``--after`` s after
     they finished: the worker's completion rate, the archiver's, Redis memory along the run."""
-    with Processes(folder / f"steady-{backend}") as procs, database(backend, folder) as url:
+    with Processes(folder / f"steady-{backend}") as procs, database(backend, folder / f"steady-{backend}") as url:
         redis_server = procs.redis()
         settings = Settings(redis_url=redis_server.url, archive_url=url, env="development", log_level="WARNING")
         archive = Archive(url)
@@ -307,8 +307,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="jobcast-bench-archive-") as tmp:
         for backend in args.backends.split(","):
             results.append({} if args.only_steady else asyncio.run(run_backend(backend, args, Path(tmp))))
+            for part, row in results[-1].items():  # each backend's rows as soon as they are measured
+                say(f"{backend} {part}: {' | '.join(map(str, row))}")
             if args.steady_jobs:
                 results[-1]["steady"] = asyncio.run(steady(backend, args, Path(tmp)))
+                say(f"{backend} steady: {' | '.join(map(str, results[-1]['steady']))}")
     if not args.only_steady:
         print_parts(args, results)
     if args.steady_jobs:
