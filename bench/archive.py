@@ -7,12 +7,12 @@ Everything runs on 127.0.0.1: a fresh redis-server per backend, a SQLite file in
 or a PostgreSQL database created for the run and dropped after it (as the tests make theirs:
 ``tests/sqldb.py``; ``JOBCAST_TEST_POSTGRES`` names another server's maintenance database).
 
-1. move       N finished jobs (each with its 3 events: queued, processing, completed) are made by
-              the store's own Lua calls (create, start, complete) from 32 tasks: the reference
-              rate, the most one worker could complete (a worker makes the same three calls, and
-              runs arq besides). Then one archiver moves them all (batches of
-              ``JOBCAST_ARCHIVE_BATCH``, 500). Ratio archive rate / reference. Redis memory
-              (``used_memory``) before the jobs, with them, and after the move.
+1. move       N queued no-op jobs are run by one real ``jobcast worker`` (its own archiver told to
+              wait a day): its completion rate, from its first completion to its last, is the
+              reference. The worker stopped, one archiver moves the N finished jobs (each with its
+              3 events: queued, processing, completed) as a worker's archiver does (batches of
+              ``JOBCAST_ARCHIVE_BATCH``, 500). Ratio archive rate / worker rate, both of this run.
+              Redis memory (``used_memory``) before the jobs, with them, and after the move.
 2. reads      ``GET /jobs/{id}`` on a ``jobcast web`` process, one connection, for live finished jobs
               and archived ones, interleaved: p50 and p99, ratio archived/live.
 3. keyset     ``GET /jobs?limit=20`` for page 1 and for a page deep in the archive (cursor at the
@@ -40,7 +40,7 @@ from collections.abc import Iterator
 
 from redis.asyncio import Redis
 
-from bench.harness import AUTH, TENANT, Processes, machine, percentile, ratio, say, section, table
+from bench.harness import AUTH, TENANT, Processes, jobcast_env, machine, percentile, ratio, say, section, table
 from bench.http_client import Connection
 from jobcast.worker import jobstats, schema
 from jobcast.worker.archive import Archive
@@ -50,12 +50,15 @@ from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 from tests.sqldb import archive_url
 
+#: Part 1's worker archives nothing itself: its jobs are moved afterwards, by the archiver measured.
+WORKER_KEEPS_S = 86_400
+
 MOVE_HEADERS = [
     "archive",
     "jobs",
-    "reference: finished/s",
-    "archived/s",
-    "archive/reference",
+    "one worker: completed/s",
+    "archiver: archived/s",
+    "archive/worker",
     "Redis MiB: empty/full/after",
 ]
 
@@ -87,6 +90,38 @@ async def finish_jobs(store: Store, count: int, tasks: int = 32) -> list[str]:
     return sorted(ids)
 
 
+async def submit_jobs(store: Store, count: int, tasks: int = 32) -> list[str]:
+    """``count`` queued no-op jobs, for a worker to run."""
+    ids: list[str] = []
+
+    async def lane(start: int) -> None:
+        for i in range(start, count, tasks):
+            created = await store.create(
+                tenant=TENANT, job_type="bench.noop", params={"n": i}, priority=Priority.NORMAL, max_attempts=1
+            )
+            assert created.job_id is not None
+            ids.append(created.job_id)
+
+    await asyncio.gather(*(lane(t) for t in range(tasks)))
+    return sorted(ids)
+
+
+async def completed(redis: Redis) -> int:
+    stats = jobstats.series(await redis.hgetall(schema.STATS))  # type: ignore[misc]
+    return int(stats.get("completed|bench.noop", 0))
+
+
+async def completion_rate(redis: Redis, count: int) -> float:
+    """Jobs/s of the worker that runs the ``count`` queued jobs: from its first completion to its last
+    (its start-up is not counted)."""
+    while not await completed(redis):
+        await asyncio.sleep(0.01)
+    first, t0 = await completed(redis), time.perf_counter()
+    while (done := await completed(redis)) < count:
+        await asyncio.sleep(0.05)
+    return (done - first) / (time.perf_counter() - t0)
+
+
 async def latencies(port: int, paths: list[str]) -> list[float]:
     conn = Connection("127.0.0.1", port)
     out = []
@@ -103,10 +138,15 @@ async def latencies(port: int, paths: list[str]) -> list[float]:
 
 async def run_backend(backend: str, args: argparse.Namespace, folder: Path) -> dict[str, list[object]]:
     rows: dict[str, list[object]] = {}
-    with Processes(folder / backend) as procs, database(backend, folder) as url:
+    with Processes(folder / backend) as procs, database(backend, folder / backend) as url:
         redis_server = procs.redis()
         settings = Settings(
-            redis_url=redis_server.url, archive_url=url, archive_after_s=0, env="development", log_level="WARNING"
+            redis_url=redis_server.url,
+            archive_url=url,
+            archive_after_s=0,
+            max_queued=int(jobcast_env("")["JOBCAST_MAX_QUEUED"]),  # all N queued at once, as the worker's own cap
+            env="development",
+            log_level="WARNING",
         )
         redis = Redis.from_url(redis_server.url, decode_responses=True)
         archive = Archive(url)
@@ -114,15 +154,18 @@ async def run_backend(backend: str, args: argparse.Namespace, folder: Path) -> d
         store = Store(redis, settings, archive)
         try:
             empty = int((await redis.info("memory"))["used_memory"])
-            say(f"{backend}: making {args.jobs} finished jobs")
-            t0 = time.perf_counter()
-            ids = await finish_jobs(store, args.jobs)
-            made_s = time.perf_counter() - t0
+            say(f"{backend}: {args.jobs} no-op jobs through one jobcast worker")
+            ids = await submit_jobs(store, args.jobs)
+            worker = procs.jobcast_worker(
+                redis_server.url, JOBCAST_ARCHIVE_URL=url, JOBCAST_ARCHIVE_AFTER_S=str(WORKER_KEEPS_S)
+            )
+            worker_rate = await completion_rate(redis, args.jobs)
+            procs.stop(worker)
             full = int((await redis.info("memory"))["used_memory"])
             say(f"{backend}: archiving them")
             archiver = Archiver(redis, settings, archive)
             t0 = time.perf_counter()
-            while await archiver.move_once():
+            while await archiver.drain():  # what a worker's archiver runs
                 pass
             moved_s = time.perf_counter() - t0
             after = int((await redis.info("memory"))["used_memory"])
@@ -130,9 +173,9 @@ async def run_backend(backend: str, args: argparse.Namespace, folder: Path) -> d
             rows["move"] = [
                 backend,
                 args.jobs,
-                f"{args.jobs / made_s:,.0f}",
+                f"{worker_rate:,.0f}",
                 f"{args.jobs / moved_s:,.0f}",
-                ratio(made_s, moved_s),
+                f"{args.jobs / moved_s / worker_rate:.2f}x",
                 f"{empty / 2**20:.1f} / {full / 2**20:.1f} / {after / 2**20:.1f}",
             ]
 
@@ -173,7 +216,7 @@ async def run_backend(backend: str, args: argparse.Namespace, folder: Path) -> d
 async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[object]:
     """Jobs through a real ``jobcast worker`` whose own archiver moves them ``--after`` s after
     they finished: the worker's completion rate, the archiver's, Redis memory along the run."""
-    with Processes(folder / f"steady-{backend}") as procs, database(backend, folder) as url:
+    with Processes(folder / f"steady-{backend}") as procs, database(backend, folder / f"steady-{backend}") as url:
         redis_server = procs.redis()
         settings = Settings(redis_url=redis_server.url, archive_url=url, env="development", log_level="WARNING")
         archive = Archive(url)
@@ -193,7 +236,8 @@ async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[o
         async def submit(lane: int) -> None:
             nonlocal submitted
             while submitted < args.steady_jobs:
-                if await store.queued_count() > 1000:  # keep the queue short: what is measured is the flow
+                # Keep the queue short: what is measured is the flow.
+                if int(await redis.get(schema.QUEUED_COUNT) or 0) > 1000:
                     await asyncio.sleep(0.05)
                     continue
                 if submitted >= args.steady_jobs:  # another lane took the last one meanwhile
@@ -203,23 +247,27 @@ async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[o
                     tenant=TENANT, job_type="bench.noop", params={}, priority=Priority.NORMAL, max_attempts=1
                 )
 
-        async def completed() -> int:
-            stats = jobstats.series(await redis.hgetall(schema.STATS))  # type: ignore[misc]
-            return int(stats.get("completed|bench.noop", 0))
-
         async def sample() -> None:
             # What the jobcast_archive_backlog gauge shows: finished jobs past ARCHIVE_AFTER still in Redis.
+            last_said = time.perf_counter()
             while True:
                 memory.append(int((await redis.info("memory"))["used_memory"]) / 2**20)
                 due = time.time_ns() // 1_000_000 - args.after * 1000
                 backlog.append(int(await redis.zcount(schema.FINISHED, "-inf", due)))
+                if time.perf_counter() - last_said >= 30:  # a long run says how it goes
+                    last_said = time.perf_counter()
+                    say(
+                        f"{backend}: {time.perf_counter() - t0:.0f} s, {await completed(redis)} completed, "
+                        f"{await redis.zcard(schema.FINISHED)} finished in Redis, backlog {backlog[-1]}, "
+                        f"Redis {memory[-1]:.1f} MiB"
+                    )
                 await asyncio.sleep(2)
 
         try:
             sampler = asyncio.create_task(sample())
             t0 = time.perf_counter()
             await asyncio.gather(*(submit(lane) for lane in range(8)))
-            while await completed() < args.steady_jobs:
+            while await completed(redis) < args.steady_jobs:
                 await asyncio.sleep(0.2)
             completed_s = time.perf_counter() - t0
             while await redis.zcard(schema.FINISHED):
@@ -227,8 +275,11 @@ async def steady(backend: str, args: argparse.Namespace, folder: Path) -> list[o
             drained_s = time.perf_counter() - t0
             sampler.cancel()
             archived = await archive.count()
-            assert archived == args.steady_jobs, (archived, await completed(), submitted)
+            assert archived == args.steady_jobs, (archived, await completed(redis), submitted)
             quarters = [memory[min(len(memory) - 1, len(memory) * q // 4)] for q in (1, 2, 3, 4)]
+            tenths = [memory[min(len(memory) - 1, len(memory) * q // 10)] for q in range(11)]
+            say(f"{backend}: Redis MiB at 0, 10, ..., 100% of the run: " + " / ".join(f"{m:.1f}" for m in tenths))
+            say(f"{backend}: Redis MiB max {max(memory):.1f}, {len(memory)} samples every 2 s")
             return [
                 backend,
                 args.steady_jobs,
@@ -257,8 +308,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="jobcast-bench-archive-") as tmp:
         for backend in args.backends.split(","):
             results.append({} if args.only_steady else asyncio.run(run_backend(backend, args, Path(tmp))))
+            for part, row in results[-1].items():  # each backend's rows as soon as they are measured
+                say(f"{backend} {part}: {' | '.join(map(str, row))}")
             if args.steady_jobs:
                 results[-1]["steady"] = asyncio.run(steady(backend, args, Path(tmp)))
+                say(f"{backend} steady: {' | '.join(map(str, results[-1]['steady']))}")
     if not args.only_steady:
         print_parts(args, results)
     if args.steady_jobs:

@@ -26,7 +26,7 @@ from jobcast.worker.archiver import Archiver
 from jobcast.worker.history import JobQuery
 from jobcast.worker.models import JobStatus, Priority
 from jobcast.worker.settings import Settings
-from jobcast.worker.store import Store
+from jobcast.worker.store import Event, Store
 from jobcast.worker.webhooks import Attempt, WebhookStore
 
 from .conftest import ROOT, make_settings, wait_until
@@ -251,12 +251,18 @@ async def test_two_archivers_at_once_move_every_job_exactly_once(
     finally:
         await second_redis.aclose()
         await second_archive.close()
+    assert len(events) == 23
+    await assert_each_moved_once(redis, tiered, archive, events)
+
+
+async def assert_each_moved_once(redis: Redis, tiered: Store, archive: Archive, events: dict[str, list[Event]]) -> None:
+    """Every job of ``events`` (id -> its log) is in SQL once, with its whole log, and gone from Redis."""
     assert await redis.zcard(schema.FINISHED) == 0
-    assert await rows(archive, tables.jobs) == 23
+    assert await rows(archive, tables.jobs) == len(events)
     assert await rows(archive, tables.events) == sum(len(e) for e in events.values())
-    for job_id in ids:
+    for job_id, log in events.items():
         assert not await in_redis(redis, job_id)
-        assert await tiered.log_events("job", job_id) == events[job_id]
+        assert await tiered.log_events("job", job_id) == log
 
 
 async def test_listing_pages_across_tiers_while_jobs_move_show_each_job_once(

@@ -27,6 +27,7 @@ deletes archived jobs in batches of ``RETENTION_BATCH``, at most once a minute p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ RETENTION_BATCH = 1000
 #: Retention batches per round at most, so one round never holds the archiver for long.
 RETENTION_ROUNDS = 50
 BACKOFF_MAX_S = 30.0
+#: Batches one drain moves at most before retention's turn.
+DRAIN_BATCHES = 100
 UNSETTLED = ("pending", "dead")
 
 
@@ -77,32 +80,75 @@ class Archiver:
         delay = self.settings.maintenance_s
         while True:
             try:
-                moved = await self.move_once()
+                more = await self.drain()
                 if time.monotonic() >= self._next_retention:
                     await self.apply_retention()
                     self._next_retention = time.monotonic() + RETENTION_EVERY_S
                 delay = self.settings.maintenance_s
             except (RedisError, OSError, ArchiveUnavailable) as exc:
                 logger.warning("archiver: %s; trying again in %.1fs", exc, delay)
-                moved = 0
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
-            if moved < self.settings.archive_batch:
+            if not more:
                 await asyncio.sleep(self.settings.maintenance_s)
 
     async def move_once(self) -> int:
         """One batch: pick, copy, evict. Returns how many jobs were looked at."""
+        due = await self._due(set())
+        if due:
+            await self._settle(await self.pick(due))
+        return len(due)
+
+    async def drain(self, max_batches: int = DRAIN_BATCHES) -> bool:
+        """Move due jobs batch after batch, picking the next batch from Redis while the last one is
+        copied to SQL and evicted, until a batch is not full or ``max_batches`` were moved (then
+        retention gets its turn). Returns whether more may be due.
+
+        Each batch still goes pick, copy, evict in that order; only two batches overlap (the next
+        pick skips the ids of the batch in flight), so a move keeps :meth:`move_once`'s guarantees.
+        Done one after the other, a batch's Redis reads, SQL writes and eviction each waited for
+        the others; overlapped, one archiver moves well ahead of a worker (BENCHMARKS.md section 6)."""
+        in_flight: asyncio.Task[None] | None = None
+        flying: set[str] = set()
+        more = False
+        try:
+            for _ in range(max_batches):
+                due = await self._due(flying)
+                more = len(due) == self.settings.archive_batch
+                if not due:
+                    break
+                picked = await self.pick(due)
+                if in_flight is not None:
+                    await in_flight
+                flying = set(due)
+                in_flight = asyncio.create_task(self._settle(picked))
+                if not more:
+                    break
+            if in_flight is not None:
+                await in_flight
+        finally:
+            if in_flight is not None and not in_flight.done():
+                # This pass failed or was cancelled: the batch in flight stops where it is (copied
+                # or not, never evicted uncopied) and a later pass moves it.
+                in_flight.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError, ArchiveUnavailable):
+                    await in_flight
+        return more
+
+    async def _due(self, flying: set[str]) -> list[str]:
+        """Up to a batch of jobs due for the move, none of ``flying`` (the batch being moved)."""
         due: list[str] = await self.redis.zrangebyscore(
             self._finished,
             "-inf",
             _ms() - self.settings.archive_after_s * 1000,
             start=0,
-            num=self.settings.archive_batch,
+            num=self.settings.archive_batch + len(flying),
         )
-        if not due:
-            return 0
-        picked = await self.pick(due)
+        return [job_id for job_id in due if job_id not in flying][: self.settings.archive_batch]
+
+    async def _settle(self, picked: Picked) -> None:
+        """Copy and evict what was picked; drop the gone ones and reschedule the waiting ones."""
         await self.copy(picked.jobs)
         evicted = await self.evict(picked.jobs)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -117,7 +163,6 @@ class Archiver:
             len(picked.waiting),
             len(picked.gone),
         )
-        return len(due)
 
     async def pick(self, job_ids: list[str]) -> Picked:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import engine as engines
 from .bulk import copy_upsert
 from .engine import ArchiveUnavailable
+from .point import PointReads, PostgresPointReads, SqlitePointReads
 from .tables import deliveries, events, jobs
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Archive:
         self._path: Path | None = engines.sqlite_path(url)
         self._engine: AsyncEngine | None = None
         self._read_engine: AsyncEngine | None = None
+        self._point: PointReads | None = None
         self._ready = False
 
     @property
@@ -105,6 +107,9 @@ class Archive:
         return await engines.migrate(self._engine, self.url)
 
     async def close(self) -> None:
+        if self._point is not None:  # first: its kept connections go back to the pool disposed below
+            await self._point.close()
+            self._point = None
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -231,12 +236,18 @@ class Archive:
             raise ArchiveUnavailable(f"The archive at {self.display_url} cannot be read: {exc}") from None
 
     async def get(self, job_id: str, tenant: str | None = None) -> dict[str, str] | None:
-        """The archived job's hash, if it is archived (and the tenant's, when given)."""
-        query = select(jobs.c.record).where(jobs.c.id == job_id)
-        if tenant is not None:
-            query = query.where(jobs.c.tenant == tenant)
-        rows = await self._rows(query)
-        return dict(orjson.loads(rows[0].record)) if rows else None
+        """The archived job's hash, if it is archived (and the tenant's, when given): the hot read,
+        on the driver (:mod:`.point`)."""
+        engine = await self._connectable(write=False)
+        if engine is None:
+            return None
+        if self._point is None:
+            if self._path is not None:
+                self._point = SqlitePointReads(self._path, self.display_url)
+            else:
+                self._point = PostgresPointReads(self._reader(engine), self.display_url)
+        raw = await self._point.record(job_id, tenant)
+        return None if raw is None else dict(orjson.loads(raw))
 
     async def page(
         self,
@@ -300,8 +311,6 @@ class Archive:
         """Archived jobs, all tenants (for benchmarks and operators)."""
         rows = await self._rows(select(func.count().label("n")).select_from(jobs))
         return int(rows[0].n) if rows else 0
-
-
 
 
 def migrate_now(url: str) -> tuple[str | None, str]:
