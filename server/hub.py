@@ -36,7 +36,7 @@ from jobcast.worker.models import TERMINAL_EVENTS, Audience
 from jobcast.worker.supervision import supervise
 
 from . import streamids
-from .frames import event_frame
+from .frames import chunk, event_frame
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,15 @@ class StreamConfig:
 
 
 class Item:
-    """One event as a listener receives it: already encoded."""
+    """One event as a listener receives it: already encoded (``chunk``: as an HTTP chunk too)."""
 
-    __slots__ = ("frame", "job_id", "key", "stream_id", "terminal")
+    __slots__ = ("chunk", "frame", "job_id", "key", "stream_id", "terminal")
 
     def __init__(self, stream_id: str, frame: bytes, job_id: str, terminal: bool) -> None:
         self.stream_id = stream_id
         self.key = streamids.order(stream_id)
         self.frame = frame
+        self.chunk = chunk(frame)
         self.job_id = job_id
         self.terminal = terminal
 
