@@ -29,3 +29,17 @@ def retry_frame(retry_ms: int) -> bytes:
 
 #: The keep-alive comment written to a stream that was silent for ``sse_ping_s``.
 PING = ServerSentEvent(comment="ping", sep=SEPARATOR).encode()
+
+
+# --- on the wire: an event stream is one chunked HTTP/1.1 response ----------------------------------
+
+
+def chunk(body: bytes) -> bytes:
+    """``body`` as one chunk of a chunked response (nothing for an empty body). The hub frames each
+    event once, and every stream writes those same bytes (:mod:`jobcast.takeover`)."""
+    return b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+
+
+#: The last chunk of a chunked response: the stream is over.
+LAST_CHUNK = b"0\r\n\r\n"
+PING_CHUNK = chunk(PING)

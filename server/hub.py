@@ -44,7 +44,7 @@ from jobcast.worker.supervision import supervise
 
 from . import streamids
 from .channels import TenantChannels
-from .frames import event_frame
+from .frames import chunk, event_frame
 from .polls import Subscription
 
 logger = logging.getLogger(__name__)
@@ -66,14 +66,15 @@ class StreamConfig:
 
 
 class Item:
-    """One event as a listener receives it: already encoded."""
+    """One event as a listener receives it: already encoded (``chunk``: as an HTTP chunk too)."""
 
-    __slots__ = ("frame", "job_id", "key", "stream_id", "terminal")
+    __slots__ = ("chunk", "frame", "job_id", "key", "stream_id", "terminal")
 
     def __init__(self, stream_id: str, frame: bytes, job_id: str, terminal: bool) -> None:
         self.stream_id = stream_id
         self.key = streamids.order(stream_id)
         self.frame = frame
+        self.chunk = chunk(frame)
         self.job_id = job_id
         self.terminal = terminal
 

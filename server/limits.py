@@ -126,6 +126,9 @@ class StreamSlots:
         self.process = process
         self.per_tenant = per_tenant
         self._open: dict[str, set[str]] = {}
+        #: Tenant slots let go of (release_soon) and not yet removed from Redis; who removes them.
+        self._leaving: list[tuple[str, str]] = []
+        self._remover: asyncio.Task[None] | None = None
         #: Opens a stream: takes the tenant's slot in the round trip that reads the log.
         self.open_script = schema.StreamOpenScript(redis)
 
@@ -172,15 +175,41 @@ class StreamSlots:
 
     async def release(self, tenant: str, slot: str) -> None:
         """The stream that reserved a place and opened ``slot`` ended."""
+        if self._forget(tenant, slot):
+            with contextlib.suppress(RedisError, OSError):  # it expires by itself otherwise
+                await self.redis.zrem(schema.streams_key(tenant, cell=self.cell), slot)
+
+    def release_soon(self, tenant: str, slot: str) -> None:
+        """:meth:`release`, from a callback that cannot wait: the process's place is free now, the
+        tenant's slot is removed from Redis shortly, together with the others let go meanwhile
+        (one pipeline for a whole reconnect storm, not a task per stream)."""
+        if self._forget(tenant, slot):
+            self._leaving.append((tenant, slot))
+            if self._remover is None:
+                self._remover = asyncio.get_running_loop().create_task(self._remove_leaving())
+
+    def _forget(self, tenant: str, slot: str) -> bool:
+        """Give the process's place back; whether ``slot`` was a tenant slot held here."""
         self.unreserve()
         slots = self._open.get(tenant)
         if slots is None or slot not in slots:
-            return
+            return False
         slots.discard(slot)
         if not slots:
             del self._open[tenant]
-        with contextlib.suppress(RedisError, OSError):  # it expires by itself otherwise
-            await self.redis.zrem(schema.streams_key(tenant, cell=self.cell), slot)
+        return True
+
+    async def _remove_leaving(self) -> None:
+        try:
+            while self._leaving:
+                leaving, self._leaving = self._leaving, []
+                with contextlib.suppress(RedisError, OSError):  # they expire by themselves otherwise
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for tenant, slot in leaving:
+                            pipe.zrem(schema.streams_key(tenant, cell=self.cell), slot)
+                        await pipe.execute()
+        finally:
+            self._remover = None
 
     async def refresh_forever(self) -> None:
         while True:

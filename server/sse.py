@@ -1,21 +1,23 @@
 """One open Server-Sent Event stream: a job's (``GET /jobs/{id}/events``) or a tenant's (``GET /events``).
 
-**The hub writes.** An idle stream has no task of its own waiting for events: the hub calls
-:meth:`Stream.deliver`, which starts the ASGI ``send`` of the frame right there. uvicorn's ``send``
-writes to the transport and returns without suspending unless the transport is paused (the client
-is not reading); only then does the stream get a writer task of its own, which finishes that write
-and then whatever queued up behind it (its bounded backlog, in order), under ``send_timeout_s`` per
-write, and hands the stream back to the hub once the backlog is empty. So the common path costs no
-task wake-up, no future and no timer per write; a slow client costs a task and a timer while it is
-slow. A backlog beyond ``BACKLOG_MAX`` events, or a write that takes longer than the send timeout,
-cuts the client off: its stream ends and it resumes with ``Last-Event-ID``, losing nothing.
+**The hub writes.** An idle stream has no task of its own: the hub calls :meth:`Stream.deliver`,
+which writes the event's HTTP chunk — encoded once by the hub, the same bytes for every stream —
+straight to the client's connection (:class:`jobcast.takeover.StreamConnection`), unless the
+transport is paused (the client is not reading). Only then does the stream get a writer task of its
+own, which waits for the connection to take data and writes what queued up behind (its bounded
+backlog, in order), under ``send_timeout_s`` per write, and hands the stream back to the hub once
+the backlog is empty. So the common path costs one ``transport.write`` per event: no task wake-up,
+no future, no timer, no ASGI message; a slow client costs a task and a timer while it is slow. A
+backlog beyond ``BACKLOG_MAX`` events, or a write that takes longer than the send timeout, cuts the
+client off: its connection is closed and it resumes with ``Last-Event-ID``, losing nothing.
 
-**One coroutine per stream.** The request's own task opens the stream (see
-:mod:`jobcast.routes.events`), writes the head and the replay, then waits for the client to
-disconnect — the only thing it waits for. Pings come from the hub's one schedule. The stream ends
-by writing its last chunk (terminal event, server drain), which completes the response and so
-returns that wait (uvicorn answers ``receive()`` with ``http.disconnect`` once the response is
-complete); a client cut off is woken by cancelling that wait.
+**Nothing per idle stream but the stream.** The request's own task opens the stream (see
+:mod:`jobcast.routes.events`): uvicorn writes the response head, the stream takes the connection
+over (:func:`jobcast.takeover.take_over`), writes the replay, and the task ends — uvicorn's
+per-request objects and the app's frames go with it. What stays is this object, its connection
+protocol and the transport. Pings come from the hub's one schedule. The stream ends by writing its
+last chunk (terminal event, server drain), which hands the connection back to uvicorn for the
+client's next request; a client that goes away ends it through the connection (``let_go``).
 
 **Exactly-once replay.** A stream subscribes to the hub (as ``OPENING``: events queue in its
 backlog) and waits for Redis to confirm its tenant channel's subscription before it reads the log,
@@ -30,20 +32,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from redis.exceptions import RedisError
-from starlette.types import Receive, Send
+from starlette.types import Send
 
 from jobcast.worker.models import Audience
 from jobcast.worker.store import Event, Store
 
 from . import streamids
-from .frames import PING, event_frame
+from .frames import PING_CHUNK, chunk, event_frame
 from .hub import TERMINAL, Hub, Item
 from .limits import StreamSlots
 from .overview import MIN_INTERVAL_S, REFRESH_S, OverviewFeed
 from .stream_writing import BACKLOG_MAX, LogUnreadable, Phase, StreamWriting, TooSlow
+from .takeover import Closed, take_over
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +67,15 @@ class Stream(StreamWriting):
 
     __slots__ = (
         "audience",
-        "cut_off",
         "ending",
         "hub",
         "key",
         "overview",
         "overview_key",
         "overview_sent",
-        "send",
         "slot",
         "slots",
         "store",
-        "task",
         "tenant",
     )
 
@@ -105,9 +104,7 @@ class Stream(StreamWriting):
         self.last_write = 0.0
         self.resync = False
         self.ending = hub.draining
-        self.cut_off = False
-        self.send: Send | None = None
-        self.task: asyncio.Task[Any] | None = None
+        self.conn = None
         self.writer: asyncio.Task[None] | None = None
         #: The tenant's overview events, when asked for (GET /events?overview=true), and when the
         #: last one was written (loop time) at which event (its last_key then).
@@ -123,7 +120,7 @@ class Stream(StreamWriting):
             if item.key <= self.last_key:
                 return
             self.last_key = item.key
-            self._write_now(item.frame, now, last=item.terminal and self.audience == "job")
+            self._write_now(item.chunk, now, last=item.terminal and self.audience == "job")
         elif self.phase is not Phase.ENDED:
             if len(self.backlog) >= BACKLOG_MAX:
                 self._cut(f"fell more than {BACKLOG_MAX} events behind")
@@ -137,20 +134,20 @@ class Stream(StreamWriting):
             return
         body, last = self._newer(items)
         if body:
-            self._write_now(body, now, last=last)
+            self._write_now(chunk(body), now, last=last)
 
     def flag(self, *, resync: bool = False, closed: bool = False) -> None:
         self.resync = self.resync or resync
         self.ending = self.ending or closed
         if self.phase is Phase.IDLE:
             if self.resync:
-                self._start_writer(None, None)
+                self._start_writer(None)
             elif self.ending:
                 self._write_now(b"", asyncio.get_running_loop().time(), last=True)
 
     def ping(self, now: float, quiet_since: float) -> None:
         if self.phase is Phase.IDLE and self.last_write < quiet_since:
-            self._write_now(PING, now)
+            self._write_now(PING_CHUNK, now)
 
     # --- what the overview schedule calls (jobcast.overview) ------------------------------------
 
@@ -164,7 +161,7 @@ class Stream(StreamWriting):
     def write_overview(self, frame: bytes, now: float) -> None:
         if self.phase is Phase.IDLE:
             self.overview_sent, self.overview_key = now, self.last_key
-            self._write_now(frame, now)
+            self._write_now(chunk(frame), now)
 
     async def catch_up(self) -> None:
         """Send the log after the last id sent, page by page (one write per page)."""
@@ -227,12 +224,10 @@ class Stream(StreamWriting):
         self.hub.slow_consumers += 1
         logger.info("stream %s %s: client %s; cut off", self.audience, self.key, why)
         self._end()
-        self.cut_off = True
-        current = asyncio.current_task()
-        if self.writer is not None and self.writer is not current:
+        if self.writer is not None and self.writer is not asyncio.current_task():
             self.writer.cancel()
-        if self.task is not None and self.task is not current:
-            self.task.cancel()  # returns the request's task from its wait (see serve)
+        if self.conn is not None:
+            self.conn.close()  # what it was sent still goes out first: it ends in EOF
 
     async def _end_unreadable(self) -> None:
         logger.warning("stream %s %s: Redis unavailable; closed", self.audience, self.key)
@@ -240,50 +235,55 @@ class Stream(StreamWriting):
             await self._send(b"", last=True)
         except TooSlow:
             self._too_slow()
+        except Closed:
+            self._end()
 
     def close(self) -> None:
-        """The request is over (client gone, stream ended or cut off): let go of everything."""
+        """Let go of the hub and of the writer task (the stream is over, or never started)."""
         if self.phase is not Phase.ENDED:
             self._end()
         if self.writer is not None and self.writer is not asyncio.current_task():
             self.writer.cancel()
         self.writer = None
 
+    # --- what the connection calls (jobcast.takeover.Owner) --------------------------------------
+
+    def let_go(self) -> None:
+        """The connection is no longer this stream's (the client went away, it was closed, or the
+        response is complete): let go of everything, the stream's slot too."""
+        self.close()
+        self.slots.release_soon(self.tenant, self.slot)
+
+    def shut_down(self) -> None:
+        self.flag(closed=True)
+
     # --- the request's own task ------------------------------------------------------------------
 
-    async def serve(self, receive: Receive, send: Send, opening: Callable[[], tuple[bytes, list[Event], bool]]) -> None:
-        """Write the head and the replay (``opening()`` hands them over), hand the stream to the hub,
-        and wait for the client to go away (or for the stream to end)."""
-        self.send = send
-        self.task = asyncio.current_task()
-        try:
-            await self._open(*opening())
-            if self.overview is not None and self.phase is Phase.IDLE:
-                # The first overview, right after the catch-up; then the schedule's.
-                self.write_overview(await self.overview.frame(self.tenant), asyncio.get_running_loop().time())
-                self.overview.follow(self)
-            if not self.cut_off:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-        except asyncio.CancelledError:
-            # Our own cancellation (see _cut) is the end of the stream; anyone else's propagates.
-            if not self.cut_off or self.task is None or self.task.uncancel() > 0:
-                raise
-        finally:
-            self.close()
-            await self.slots.release(self.tenant, self.slot)
+    async def serve(self, send: Send, opening: Callable[[], tuple[bytes, list[Event], bool]]) -> None:
+        """Start the response (uvicorn writes the head), take the connection over, write the head
+        and the replay (``opening()`` hands them over) and hand the stream to the hub. The request's
+        task then ends; the stream lives on in the hub and its connection."""
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        self.conn = take_over(send, self)
+        if self.conn is None:  # the client is gone already
+            self.let_go()
+            return
+        await self._open(*opening())
+        if self.overview is not None and self.phase is Phase.IDLE:
+            # Followed from now on (an end unfollows); the first overview right after the catch-up.
+            self.overview.follow(self)
+            self.write_overview(await self.overview.frame(self.tenant), asyncio.get_running_loop().time())
 
     async def _open(self, head: bytes, replay: list[Event], more: bool) -> None:
-        assert self.send is not None
         try:
-            async with asyncio.timeout(self.hub.config.send_timeout_s):
-                await self.send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             await self._send(head)
             await self.write_events(replay)
             if more:
                 await self.catch_up()
             await self._flush()
-        except (TimeoutError, TooSlow):
+        except TooSlow:
             self._too_slow()
         except LogUnreadable:
             await self._end_unreadable()
+        except Closed:
+            self._end()

@@ -1,29 +1,29 @@
 """How an event stream writes (:class:`jobcast.sse.Stream`'s writing half): at once from the
 caller's stack while the client's connection takes data, else through a writer task of its own
 that finishes the stalled write, then the backlog, under the send timeout, and hands the stream
-back to the hub. See :mod:`jobcast.sse` for the whole design.
+back to the hub. What it writes to is the connection itself (:class:`jobcast.takeover.StreamConnection`):
+HTTP chunks, the hub's own for a live event. See :mod:`jobcast.sse` for the whole design.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
 from enum import Enum
-from typing import Any
-
-from starlette.types import Message, Send
 
 from jobcast.worker.models import Audience
 
 from . import streamids
-from .coroutines import as_coroutine, finish
+from .frames import LAST_CHUNK, chunk
 from .hub import Hub, Item
+from .takeover import Closed, StreamConnection
 
 logger = logging.getLogger("jobcast.sse")
 
 #: Events a stream may have queued while its client is not reading before it is cut off.
 BACKLOG_MAX = 512
+
+
 class Phase(Enum):
     OPENING = "opening"  # the request's task writes the replay; events queue
     IDLE = "idle"  # the hub writes each event at once
@@ -43,9 +43,9 @@ class StreamWriting:
     """The writing half of a stream; :class:`jobcast.sse.Stream` holds the state (its slots) and
     provides the rest (ending, catching up)."""
 
-    __slots__ = ("backlog", "last_key", "last_write", "phase", "resync", "writer")
+    __slots__ = ("backlog", "conn", "last_key", "last_write", "phase", "resync", "writer")
 
-    send: Send | None
+    conn: StreamConnection | None
     hub: Hub
     audience: Audience
     key: str
@@ -73,64 +73,71 @@ class StreamWriting:
         """Re-read the log after a gap (the hub reconnected): :meth:`catch_up`, or end the stream."""
         raise NotImplementedError
 
-    def _message(self, body: bytes, last: bool) -> Message:
-        return {"type": "http.response.body", "body": body, "more_body": not last}
+    def _complete(self) -> None:
+        """The last chunk is written: the stream is over, its connection free for another request
+        (closed instead when the server drains: clients reconnect elsewhere)."""
+        self._end()
+        assert self.conn is not None
+        self.conn.finish(keep_alive=not self.hub.draining)
 
-    def _write_now(self, body: bytes, now: float, *, last: bool = False) -> None:
-        """Write from the caller's own stack; hand the write to a writer task if it must wait."""
-        assert self.send is not None
-        step = as_coroutine(self.send(self._message(body, last)))
-        try:
-            waiting = step.send(None)
-        except StopIteration:
+    def _write_now(self, data: bytes, now: float, *, last: bool = False) -> None:
+        """Write HTTP chunks from the caller's own stack (``last``: and end the response); hand
+        the write to a writer task if the connection takes no data now."""
+        conn = self.conn
+        assert conn is not None
+        if last:
+            data += LAST_CHUNK
+        if conn.write(data):
             self.hub.direct_writes += 1
             self.last_write = now
             if last:
-                self._end()
-            return
-        except (OSError, RuntimeError) as exc:  # the connection is gone, or the response complete
-            logger.info("stream %s %s: write failed (%s); closed", self.audience, self.key, exc)
-            self._end()
-            return
-        self.hub.deferred_writes += 1
-        self._start_writer(step, waiting, last=last)
+                self._complete()
+        elif conn.closed:
+            self._end()  # the client is gone; its connection lets go of the stream
+        else:
+            self.hub.deferred_writes += 1
+            self._start_writer(data, last=last)
 
-    def _start_writer(self, step: Coroutine[Any, Any, None] | None, waiting: Any, *, last: bool = False) -> None:
+    def _start_writer(self, pending: bytes | None, *, last: bool = False) -> None:
         self.phase = Phase.BUSY
-        self.writer = asyncio.create_task(self._write_later(step, waiting, last))
+        self.writer = asyncio.create_task(self._write_later(pending, last))
 
-    async def _write_later(self, step: Coroutine[Any, Any, None] | None, waiting: Any, last: bool) -> None:
+    async def _write_later(self, pending: bytes | None, last: bool) -> None:
         """The writer task: finish the stalled write, then the backlog; then back to the hub."""
         try:
-            if step is not None:
-                try:
-                    async with asyncio.timeout(self.hub.config.send_timeout_s):
-                        await finish(step, waiting)
-                except TimeoutError:
-                    raise TooSlow() from None
-                self.last_write = asyncio.get_running_loop().time()
+            if pending is not None:
+                await self._send_chunks(pending, last=last)
                 if last:
-                    self._end()
                     return
             await self._flush()
         except TooSlow:
             self._too_slow()
         except LogUnreadable:
             await self._end_unreadable()
+        except Closed:
+            self._end()
         finally:
             if self.writer is asyncio.current_task():
                 self.writer = None
 
     async def _send(self, body: bytes, *, last: bool = False) -> None:
-        assert self.send is not None
-        try:
-            async with asyncio.timeout(self.hub.config.send_timeout_s):
-                await self.send(self._message(body, last))
-        except TimeoutError:
-            raise TooSlow() from None
+        """Write ``body`` (SSE frames) as one chunk, waiting up to the send timeout for the
+        connection to take it; raises :class:`TooSlow`, or :class:`Closed` if the client is gone."""
+        data = chunk(body)
+        await self._send_chunks(data + LAST_CHUNK if last else data, last=last)
+
+    async def _send_chunks(self, data: bytes, *, last: bool) -> None:
+        conn = self.conn
+        assert conn is not None
+        if not conn.write(data):
+            try:
+                async with asyncio.timeout(self.hub.config.send_timeout_s):
+                    await conn.send(data)
+            except TimeoutError:
+                raise TooSlow() from None
         self.last_write = asyncio.get_running_loop().time()
         if last:
-            self._end()
+            self._complete()
 
     async def _flush(self) -> None:
         """Write what queued (re-reading the log first after a gap), then hand the stream to the

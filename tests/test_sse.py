@@ -20,7 +20,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from jobcast.cli.embedded_redis import RedisProcess
-from jobcast.coroutines import finish
 from jobcast.worker import schema
 from jobcast.worker.models import Priority
 from jobcast.worker.settings import Settings
@@ -574,8 +573,8 @@ async def test_stream_routes_refuse_unknown_query_parameters_as_problems(client:
 
 
 async def test_the_hub_writes_live_events_without_a_task_per_stream(client: httpx.AsyncClient, store: Store) -> None:
-    """Live events reach an idle, reading stream by the hub's direct write (uvicorn's ``send``
-    completes without suspending): if an upgrade made every write suspend, this fails."""
+    """Live events reach an idle, reading stream by the hub's direct write (straight to the
+    transport it took over from uvicorn): if every write went through a writer task, this fails."""
     job_id = await new_running_job(store)
     before = await _metric(client, 'jobcast_sse_writes_total{path="direct"}')
     async with aconnect_sse(client, "GET", f"/jobs/{job_id}/events") as source:
@@ -586,28 +585,6 @@ async def test_the_hub_writes_live_events_without_a_task_per_stream(client: http
             assert (await anext(events)).event == "job.progress"
     after = await _metric(client, 'jobcast_sse_writes_total{path="direct"}')
     assert after - before >= 5
-
-
-async def test_finish_completes_a_send_started_by_hand() -> None:
-    """The hub starts a send by hand and, if it suspends, lets a task finish it (jobcast.sse.finish,
-    which takes over the future the way asyncio's Task does): fails loudly if asyncio changes that."""
-    writable = asyncio.Event()
-    written: list[bytes] = []
-
-    async def send(body: bytes) -> None:
-        await writable.wait()
-        written.append(body)
-
-    step = send(b"frame")
-    waiting = step.send(None)
-    assert asyncio.isfuture(waiting)
-    task = asyncio.create_task(finish(step, waiting))
-    await asyncio.sleep(0)
-    assert not task.done() and written == []
-    writable.set()
-    async with asyncio.timeout(5):
-        await task
-    assert written == [b"frame"]
 
 
 def _established(pid: int, port: int, state: str = "01") -> int:

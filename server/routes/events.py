@@ -15,6 +15,7 @@ process's own cap (503) needs no Redis.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -43,7 +44,14 @@ from ..problems import (
 from ..requests import job_id_param, last_event_id, query_bool
 from ..services import Cell, Services, job_not_found, services
 from ..sse import REPLAY_PAGE, Stream
+from ..takeover import can_take_over
 
+logger = logging.getLogger(__name__)
+#: A stream needs jobcast web's HTTP protocol (uvicorn's httptools one, taken over: jobcast.takeover).
+NOT_JOBCAST_WEB = Problem(
+    "Event streams are served by `jobcast web` (uvicorn with httptools, as jobcast.app.server_config "
+    "configures it); this server runs the application otherwise. Start it with `jobcast web`."
+)
 TENANT_HINT = "Close some, or follow many jobs over one GET /events stream."
 Endpoint = Callable[[Request], Awaitable["StreamResponse | Response"]]
 TERMINAL_STATUSES = [status.value for status in TERMINAL]
@@ -61,7 +69,7 @@ class StreamResponse:
         return head, replay, len(replay) >= REPLAY_PAGE
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.stream.serve(receive, send, self.take)
+        await self.stream.serve(send, self.take)
 
 
 async def job_events(request: Request) -> StreamResponse | Response:
@@ -242,6 +250,10 @@ async def serve(
     endpoint: Endpoint, query: frozenset[str], scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Serve one stream request outside Starlette's stack, with the answers its handlers would give."""
+    if not can_take_over(send):
+        logger.error("event stream refused: this server is not jobcast web's (see jobcast.takeover)")
+        await problem_response(NOT_JOBCAST_WEB)(scope, receive, send)
+        return
     response = await _answer(endpoint, query, scope, receive)
     await response(scope, receive, send)
 
