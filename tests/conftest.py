@@ -66,6 +66,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     previous, sys.unraisablehook = sys.unraisablehook, found.append
     try:
         result = yield
+        # pytest keeps a failed test's exception (sys.last_*) until the next test's call: a leak of
+        # the failing test would be freed, and blamed, there.
+        sys.last_type = sys.last_value = sys.last_traceback = None
         gc.collect()
     finally:
         sys.unraisablehook = previous

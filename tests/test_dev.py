@@ -233,6 +233,7 @@ def test_dev_stops_everything_and_fails_when_a_process_dies(start_dev: Callable[
     dev = start_dev(tmp_path / "data")
     children = children_of(dev.process.pid)
     redis_port = dev.redis_port()
+    redis_pid = next(child.pid for child in children if role(child) == "redis")
     worker = next(child for child in children if role(child) == "worker")
 
     os.kill(worker.pid, signal.SIGKILL)
@@ -241,7 +242,8 @@ def test_dev_stops_everything_and_fails_when_a_process_dies(start_dev: Callable[
     assert "worker exited unexpectedly (signal SIGKILL)" in dev.output()
     assert [child for child in children if child.alive()] == []
     assert not accepts_connections(dev.port)
-    assert not accepts_connections(redis_port)
+    # Not "the port is closed": another run's `jobcast dev` may take 6399 as soon as it is free.
+    assert answering_pid(redis_port) != redis_pid
 
 
 @pytest.mark.timeout(90)
