@@ -547,3 +547,9 @@ def test_one_url_is_one_cell_and_a_copy_keeps_the_cells() -> None:
     copy = cells.model_copy(update={"max_queued": 10})
     assert copy.cell_urls == ["redis://a:6379/0", "redis://b:6379/0"]
     assert copy.placement.tenant_cell("acme") == 1 and copy.served_cells == [1]
+
+
+def test_sentinel_urls_keep_their_commas_in_the_list_of_cells() -> None:
+    sentinels = "redis+sentinel://s1:26379,s2:26379,[::1]:26380/cell0/0"
+    settings = Settings(redis_urls=f"{sentinels}, redis://b:6379/0,redis+sentinel://s3:26379,s4/cell2")
+    assert settings.cell_urls == [sentinels, "redis://b:6379/0", "redis+sentinel://s3:26379,s4/cell2"]

@@ -55,7 +55,7 @@ def parse_urls(redis_url: str, redis_urls: str, *, url_set: bool) -> list[str]:
             "JOBCAST_REDIS_URL and JOBCAST_REDIS_URLS are both set; set one: JOBCAST_REDIS_URL for one "
             "Redis, or JOBCAST_REDIS_URLS='redis://a:6379/0,redis://b:6379/0' for several cells."
         )
-    urls = [url.strip() for url in redis_urls.split(",")]
+    urls = _split_urls(redis_urls)
     if any(not url for url in urls):
         raise ConfigError(
             "JOBCAST_REDIS_URLS has an empty entry; list the cells' URLs separated by commas, e.g. "
@@ -65,6 +65,19 @@ def parse_urls(redis_url: str, redis_urls: str, *, url_set: bool) -> list[str]:
         raise ConfigError("JOBCAST_REDIS_URLS names the same Redis twice; each cell is a Redis of its own.")
     if len(urls) > MAX_CELLS:
         raise ConfigError(f"JOBCAST_REDIS_URLS lists {len(urls)} cells; at most {MAX_CELLS} are supported.")
+    return urls
+
+
+def _split_urls(value: str) -> list[str]:
+    """The comma-separated URLs of ``value``. A ``redis+sentinel://`` URL lists its sentinels with
+    commas itself (``redis+sentinel://s1:26379,s2:26379/name``): a piece with no ``://`` of its own
+    continues the URL before it."""
+    urls: list[str] = []
+    for piece in value.split(","):
+        if urls and urls[-1] and piece.strip() and "://" not in piece:
+            urls[-1] += "," + piece.strip()
+        else:
+            urls.append(piece.strip())
     return urls
 
 
