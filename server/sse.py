@@ -275,15 +275,9 @@ class Stream(StreamWriting):
             self.write_overview(await self.overview.frame(self.tenant), asyncio.get_running_loop().time())
 
     async def _open(self, head: bytes, replay: list[Event], more: bool) -> None:
-        try:
+        async with self.ending_on_failure():
             await self._send(head)
             await self.write_events(replay)
             if more:
                 await self.catch_up()
             await self._flush()
-        except TooSlow:
-            self._too_slow()
-        except LogUnreadable:
-            await self._end_unreadable()
-        except Closed:
-            self._end()

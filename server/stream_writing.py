@@ -8,7 +8,9 @@ HTTP chunks, the hub's own for a live event. See :mod:`jobcast.sse` for the whol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from enum import Enum
 
 from jobcast.worker.models import Audience
@@ -105,20 +107,28 @@ class StreamWriting:
     async def _write_later(self, pending: bytes | None, last: bool) -> None:
         """The writer task: finish the stalled write, then the backlog; then back to the hub."""
         try:
-            if pending is not None:
-                await self._send_chunks(pending, last=last)
-                if last:
-                    return
-            await self._flush()
+            async with self.ending_on_failure():
+                if pending is not None:
+                    await self._send_chunks(pending, last=last)
+                    if last:
+                        return
+                await self._flush()
+        finally:
+            if self.writer is asyncio.current_task():
+                self.writer = None
+
+    @contextlib.asynccontextmanager
+    async def ending_on_failure(self) -> AsyncIterator[None]:
+        """How a stream's writing ends when it fails: a client too slow is cut, a log Redis cannot
+        read ends the stream (the client resumes), a connection already gone just ends it."""
+        try:
+            yield
         except TooSlow:
             self._too_slow()
         except LogUnreadable:
             await self._end_unreadable()
         except Closed:
             self._end()
-        finally:
-            if self.writer is asyncio.current_task():
-                self.writer = None
 
     async def _send(self, body: bytes, *, last: bool = False) -> None:
         """Write ``body`` (SSE frames) as one chunk, waiting up to the send timeout for the
