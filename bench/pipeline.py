@@ -52,6 +52,7 @@ from typing import Any
 
 import orjson
 import redis as redis_sync
+from arq.constants import default_queue_name as arq_queue_name  # raw arq's queue, not Jobcast's
 
 from bench import harness, submitters
 from bench.harness import TENANT, Processes, percentile, ratio, say, table
@@ -215,7 +216,7 @@ def arq_throughput(args: argparse.Namespace, jobs: int, workers: int, folder: Pa
         proc, pipe = spawn(submitters.arq_jobs, redis_server.url, WARMUP_JOBS, SUBMIT_CONCURRENCY)
         pipe.recv()
         proc.join()
-        wait_for(lambda: r.zcard(schema.ARQ_QUEUE) == 0, 60, "warm-up jobs to complete", worker_procs)
+        wait_for(lambda: r.zcard(arq_queue_name) == 0, 60, "warm-up jobs to complete", worker_procs)
 
         pids = {**{p.name: p.pid for p in worker_procs}, "redis": redis_server.process.pid}  # type: ignore[union-attr]
         meter = harness.CpuMeter(pids)
@@ -230,7 +231,7 @@ def arq_throughput(args: argparse.Namespace, jobs: int, workers: int, folder: Pa
                 submitted = pipe.recv()
             if submitted is not None:
                 polls += 1
-                if r.zcard(schema.ARQ_QUEUE) == 0:  # a job leaves arq's queue when it finishes
+                if r.zcard(arq_queue_name) == 0:  # a job leaves arq's queue when it finishes
                     end = time.time()
                     break
             if time.monotonic() > deadline:
