@@ -70,9 +70,13 @@ end
 -- event counts once, with one HINCRBY of "t|<from>|<event>|<type>|<priority>" (<from>: the status
 -- left, '-' for a new job; <event>: the event's name without "job.") -- or of "progress" for a
 -- progress event. A transition a histogram observes (pickup: queued -> processing; duration:
--- processing -> terminal) adds "|b<i>", its bucket, and adds the seconds to "<histogram>|<type>|sum".
-local PICKUP_BUCKETS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
-local DURATION_BUCKETS = {0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600}
+-- processing -> terminal) adds "|b<i>", its bucket, and adds its milliseconds to
+-- "<histogram>|<type>|ms" (an integer HINCRBY: HINCRBYFLOAT parses and formats long doubles, and a
+-- Lua number handed to Redis is formatted with printf; jobstats.py turns them back into seconds).
+-- The buckets' upper bounds, in ms (the seconds of server/metrics.py's, times 1000).
+local PICKUP_BUCKETS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}
+local DURATION_BUCKETS = {100, 500, 1000, 5000, 10000, 30000, 60000, 300000, 900000, 1800000, 3600000}
+local BUCKET_SUFFIX = {'|b1', '|b2', '|b3', '|b4', '|b5', '|b6', '|b7', '|b8', '|b9', '|b10', '|b11', '|b12'}
 
 local function count_event(r, from, event)
   local field = 't|' .. (from or '-') .. '|' .. string.sub(event, 5) .. '|' .. r.type .. '|' .. r.priority
@@ -83,13 +87,14 @@ local function count_event(r, from, event)
     histogram, buckets, since = 'duration', DURATION_BUCKETS, r.started_ms
   end
   if since then
-    local seconds = math.max(0, now_ms - tonumber(since)) / 1000
+    local ms = now_ms - tonumber(since)
+    if ms < 0 then ms = 0 end
     local i = #buckets + 1
     for b = 1, #buckets do
-      if seconds <= buckets[b] then i = b; break end
+      if ms <= buckets[b] then i = b; break end
     end
-    field = field .. '|b' .. i
-    redis.call('HINCRBYFLOAT', K_STATS, histogram .. '|' .. r.type .. '|sum', seconds)
+    field = field .. BUCKET_SUFFIX[i]
+    redis.call('HINCRBY', K_STATS, histogram .. '|' .. r.type .. '|ms', string.format('%d', ms))
   end
   redis.call('HINCRBY', K_STATS, field, '1')
 end
