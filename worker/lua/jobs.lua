@@ -32,6 +32,8 @@ local op, now_iso, now_ms, now_ms_s
 local PRIORITY_BOOST = {high = 3e12, normal = 2e12, low = 1e12}
 -- The progress of a job that has not reported any (queued, or a new attempt just started).
 local NO_PROGRESS = '{"percent":0.0,"eta":null}'
+-- ... and of one completed without reporting any.
+local DONE_PROGRESS = '{"percent":100.0,"eta":null}'
 
 local function job_key(id) return K_JOB .. id end
 
@@ -43,14 +45,25 @@ end
 -- fields are nil). Ops that need more name it (`...`).
 local RECORD = {'status', 'run', 'tenant', 'type', 'priority', 'attempt', 'max_attempts', 'version', 'progress',
   'webhook', 'webhook_gone', 'cancel', 'error', 'ready_ms', 'started_ms'}
+-- RECORD and one more field, per field: built once per load of the library, not per call.
+local RECORD_AND = {}
 
-local function load(id, ...)
-  local names = {unpack(RECORD)}
-  for _, name in ipairs({...}) do names[#names + 1] = name end
+-- (Loops here and below are numeric: each step of an ipairs loop is a call of a C function.)
+local function load(id, more)
+  local names = RECORD
+  if more then
+    names = RECORD_AND[more]
+    if not names then
+      names = {unpack(RECORD)}
+      names[#names + 1] = more
+      RECORD_AND[more] = names
+    end
+  end
   local values = redis.call('HMGET', job_key(id), unpack(names))
   local r = {}
-  for i, name in ipairs(names) do
-    if values[i] then r[name] = values[i] end
+  for i = 1, #names do
+    local value = values[i]
+    if value then r[names[i]] = value end
   end
   return r
 end
@@ -77,9 +90,16 @@ end
 local PICKUP_BUCKETS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}
 local DURATION_BUCKETS = {100, 500, 1000, 5000, 10000, 30000, 60000, 300000, 900000, 1800000, 3600000}
 local BUCKET_SUFFIX = {'|b1', '|b2', '|b3', '|b4', '|b5', '|b6', '|b7', '|b8', '|b9', '|b10', '|b11', '|b12'}
+-- Events' names without "job.", filled in as they come (a library cannot iterate EVENT as it loads).
+local EVENT_SHORT = {}
 
 local function count_event(r, from, event)
-  local field = 't|' .. (from or '-') .. '|' .. string.sub(event, 5) .. '|' .. r.type .. '|' .. r.priority
+  local short = EVENT_SHORT[event]
+  if not short then
+    short = string.sub(event, 5)
+    EVENT_SHORT[event] = short
+  end
+  local field = 't|' .. (from or '-') .. '|' .. short .. '|' .. r.type .. '|' .. r.priority
   local histogram, buckets, since
   if from == 'queued' and r.status == 'processing' then
     histogram, buckets, since = 'pickup', PICKUP_BUCKETS, r.ready_ms
@@ -180,11 +200,18 @@ local function webhook_enqueue(id, tenant, status, event, job_sid, webhook, prog
   delivery_enqueue(wid, 1, due)
 end
 
+-- A job type as a JSON string: quoted as it is when it needs no escaping (the names job types may
+-- have, worker/types.py), which is cheaper than cjson.
+local function type_json(jtype)
+  if string.find(jtype, '^[%w._-]+$') then return '"' .. jtype .. '"' end
+  return cjson.encode(jtype)
+end
+
 -- Append the event to both logs, ring the doorbell and queue the webhook delivery, if any; the
 -- payload comes from `r`, the record as the transition left it. `extra` is a pre-encoded
 -- ',"key":value' tail.
 local function emit(id, r, event, extra)
-  local data = '{"job_id":"' .. id .. '","type":' .. cjson.encode(r.type) .. ',"status":"' .. r.status
+  local data = '{"job_id":"' .. id .. '","type":' .. type_json(r.type) .. ',"status":"' .. r.status
     .. '","attempt":' .. r.attempt .. ',"progress":' .. r.progress .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
   local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', S_JOB_LOG_MAX, '*',
     'event', event, 'data', data)
@@ -203,11 +230,11 @@ end
 -- status index; the count of queued jobs; the metrics; the event.
 local function transition(id, r, status, event, extra, set)
   local from = r.status
-  local version = tostring(tonumber(r.version or 0) + 1)
+  local version = string.format('%d', (r.version or 0) + 1)
   r.status, r.version = status, version
   local hset = {'status', status, 'updated_at', now_iso, 'version', version,
     'h' .. version, history_entry(status, r.attempt)}
-  for _, v in ipairs(set) do hset[#hset + 1] = v end
+  for i = 1, #set do hset[8 + i] = set[i] end
   -- The indexes first, the record after them: a call that fails part-way (an error reply from
   -- Redis ends a script where it stands, writes made so far stay) on a key it did not declare
   -- leaves the record as it was, so the run can be tried again (test_faults).
@@ -291,9 +318,14 @@ end
 -- its progress keeps the percent and step it reached (100 once completed), and its eta becomes null.
 local function finish(id, r, status, extra, set, drop)
   local from = r.status
-  arq_forget(id, tonumber(r.run), r.tenant, from)
-  local progress = string.gsub(r.progress or NO_PROGRESS, '"eta":"[^"]*"', '"eta":null', 1)
-  if status == 'completed' then progress = string.gsub(progress, '"percent":[^,}]*', '"percent":100.0', 1) end
+  arq_forget(id, r.run, r.tenant, from)
+  local progress = r.progress or NO_PROGRESS
+  if progress == NO_PROGRESS then  -- (the usual case, without pattern matching)
+    if status == 'completed' then progress = DONE_PROGRESS end
+  else
+    progress = string.gsub(progress, '"eta":"[^"]*"', '"eta":null', 1)
+    if status == 'completed' then progress = string.gsub(progress, '"percent":[^,}]*', '"percent":100.0', 1) end
+  end
   r.progress = progress
   set = set or {}
   set[#set + 1] = 'progress'; set[#set + 1] = progress
@@ -328,7 +360,9 @@ local function requeue(id, r, attempt, delay_ms, event, extra, set)
     set[#set + 1] = 'ready_ms'; set[#set + 1] = now_ms
   end
   r.run, r.attempt, r.progress = run, attempt, NO_PROGRESS
-  for _, v in ipairs({'run', run, 'attempt', attempt, 'percent', 0, 'progress', NO_PROGRESS}) do set[#set + 1] = v end
+  local n = #set
+  set[n + 1], set[n + 2], set[n + 3], set[n + 4] = 'run', run, 'attempt', attempt
+  set[n + 5], set[n + 6], set[n + 7], set[n + 8] = 'percent', '0', 'progress', NO_PROGRESS
   transition(id, r, 'queued', event, extra, set)
 end
 
@@ -534,7 +568,7 @@ elseif op == 'complete' or op == 'fail' or op == 'cancelled' or op == 'retry' or
     local extra = ',"result_url":"/jobs/' .. id .. '/result"'
     if result ~= '' and #result <= CFG_INLINE_MAX then extra = ',"result":' .. result end
     -- (An earlier attempt's error no longer applies.)
-    finish(id, r, 'completed', extra, {'result', result, 'percent', 100}, 'error')
+    finish(id, r, 'completed', extra, {'result', result, 'percent', '100'}, 'error')
     return {'ok', 'completed'}
   elseif op == 'fail' then
     finish(id, r, 'failed', error_extra(ARGV[6]), {'error', ARGV[6]})
