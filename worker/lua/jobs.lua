@@ -35,14 +35,20 @@ local NO_PROGRESS = '{"percent":0.0,"eta":null}'
 -- ... and of one completed without reporting any.
 local DONE_PROGRESS = '{"percent":100.0,"eta":null}'
 
-local function job_key(id) return K_JOB .. id end
+-- The last job key built (a transition names its job's key several times; a string built is a
+-- string to hash, allocate and collect).
+local last_id, last_key = '', K_JOB
+local function job_key(id)
+  if id ~= last_id then last_id, last_key = id, K_JOB .. id end
+  return last_key
+end
 
 local function fields(id, ...)
   return redis.call('HMGET', job_key(id), ...)
 end
 
 -- What a transition needs of the record, read in one HMGET and handed around as a table (absent
--- fields are nil). Ops that need more name it (`...`).
+-- fields are false). Ops that need one more field name it (`more`).
 local RECORD = {'status', 'run', 'tenant', 'type', 'priority', 'attempt', 'max_attempts', 'version', 'progress',
   'webhook', 'webhook_gone', 'cancel', 'error', 'ready_ms', 'started_ms'}
 -- RECORD and one more field, per field: built once per load of the library, not per call.
@@ -59,12 +65,12 @@ local function load(id, more)
       RECORD_AND[more] = names
     end
   end
-  local values = redis.call('HMGET', job_key(id), unpack(names))
-  local r = {}
-  for i = 1, #names do
-    local value = values[i]
-    if value then r[names[i]] = value end
-  end
+  local v = redis.call('HMGET', job_key(id), unpack(names))
+  -- (A constructor sizes the table once; filled field by field, it would grow five times.)
+  local r = {status = v[1], run = v[2], tenant = v[3], type = v[4], priority = v[5], attempt = v[6],
+    max_attempts = v[7], version = v[8], progress = v[9], webhook = v[10], webhook_gone = v[11], cancel = v[12],
+    error = v[13], ready_ms = v[14], started_ms = v[15]}  -- RECORD's order
+  if more then r[more] = v[16] end
   return r
 end
 
@@ -232,15 +238,13 @@ local function transition(id, r, status, event, extra, set)
   local from = r.status
   local version = string.format('%d', (r.version or 0) + 1)
   r.status, r.version = status, version
-  local hset = {'status', status, 'updated_at', now_iso, 'version', version,
-    'h' .. version, history_entry(status, r.attempt)}
-  for i = 1, #set do hset[8 + i] = set[i] end
   -- The indexes first, the record after them: a call that fails part-way (an error reply from
   -- Redis ends a script where it stands, writes made so far stay) on a key it did not declare
   -- leaves the record as it was, so the run can be tried again (test_faults).
   if from then redis.call('ZREM', K_INDEX .. r.tenant .. ':status:' .. from, id) end
   redis.call('ZADD', K_INDEX .. r.tenant .. ':status:' .. status, '0', id)
-  redis.call('HSET', job_key(id), unpack(hset))
+  redis.call('HSET', job_key(id), 'status', status, 'updated_at', now_iso, 'version', version,
+    'h' .. version, history_entry(status, r.attempt), unpack(set))
   if from == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '-1') end
   if status == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '1') end
   count_event(r, from, event)
