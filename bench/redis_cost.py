@@ -96,6 +96,18 @@ async def measure(port: int, jobs: int, warmup: int, callgrind: bool) -> dict[st
 PID = 0
 
 
+def timer_instructions(out: str) -> int | None:
+    """Instructions spent in serverCron and below (``callgrind_annotate --inclusive``), if installed."""
+    try:
+        annotated = subprocess.run(
+            ["callgrind_annotate", "--inclusive=yes", out], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found = re.search(r"^\s*([\d,]+) .*:serverCron ", annotated, re.M)
+    return int(found[1].replace(",", "")) if found else None
+
+
 def main() -> None:
     global PID
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +147,14 @@ def main() -> None:
             totals = re.search(r"^totals:\s+(\d+)", text, re.M)
             instructions = int(totals[1]) if totals else 0
             print(f"redis-server instructions per job: {instructions / args.jobs:,.0f}")
+            timer = timer_instructions(out)
+            if timer is not None:
+                # serverCron runs hz times a second whatever the jobs do, so its share follows the
+                # run's wall time (longer on a loaded machine): the rest compares versions better.
+                print(
+                    f"  of which redis-server's timer (serverCron): {timer / args.jobs:,.0f}; "
+                    f"without it: {(instructions - timer) / args.jobs:,.0f}"
+                )
             if args.keep:
                 Path(args.keep).write_text(text)
 
