@@ -43,6 +43,29 @@ local function job_key(id)
   return last_key
 end
 
+-- The same for a job's log, and for the last tenant's logs, channel and status indexes.
+local last_log_id, last_log = '', K_JOB_LOG
+local function log_key(id)
+  if id ~= last_log_id then last_log_id, last_log = id, K_JOB_LOG .. id end
+  return last_log
+end
+local last_tenant, tenant_log, tenant_channel, status_index = '', K_TENANT_LOG, K_TENANT_CHANNEL, {}
+local function tenant_keys(tenant)
+  if tenant ~= last_tenant then
+    last_tenant, status_index = tenant, {}
+    tenant_log, tenant_channel = K_TENANT_LOG .. tenant, K_TENANT_CHANNEL .. tenant
+  end
+end
+local function status_key(tenant, status)
+  tenant_keys(tenant)
+  local key = status_index[status]
+  if not key then
+    key = K_INDEX .. tenant .. ':status:' .. status
+    status_index[status] = key
+  end
+  return key
+end
+
 local function fields(id, ...)
   return redis.call('HMGET', job_key(id), ...)
 end
@@ -105,24 +128,38 @@ local function count_event(r, from, event)
     short = string.sub(event, 5)
     EVENT_SHORT[event] = short
   end
-  local field = 't|' .. (from or '-') .. '|' .. short .. '|' .. r.type .. '|' .. r.priority
   local histogram, buckets, since
   if from == 'queued' and r.status == 'processing' then
     histogram, buckets, since = 'pickup', PICKUP_BUCKETS, r.ready_ms
   elseif from == 'processing' and TERMINAL[r.status] then
     histogram, buckets, since = 'duration', DURATION_BUCKETS, r.started_ms
   end
+  local suffix = ''
   if since then
-    local ms = now_ms - tonumber(since)
+    local ms = now_ms - since  -- (a string: Lua converts it)
     if ms < 0 then ms = 0 end
     local i = #buckets + 1
     for b = 1, #buckets do
       if ms <= buckets[b] then i = b; break end
     end
-    field = field .. BUCKET_SUFFIX[i]
+    suffix = BUCKET_SUFFIX[i]
     redis.call('HINCRBY', K_STATS, histogram .. '|' .. r.type .. '|ms', string.format('%d', ms))
   end
-  redis.call('HINCRBY', K_STATS, field, '1')
+  redis.call('HINCRBY', K_STATS, 't|' .. (from or '-') .. '|' .. short .. '|' .. r.type .. '|' .. r.priority .. suffix, '1')
+end
+
+-- Versions as strings, and their history fields, kept once formatted (string.format is a C call,
+-- dearer than a table read); the first thousand, which are most versions jobs reach.
+local VERSION, HISTORY_FIELD = {}, {}
+local function version_after(version)
+  local n = (version or 0) + 1
+  local s, h = VERSION[n], HISTORY_FIELD[n]
+  if not s then
+    s = string.format('%d', n)
+    h = 'h' .. s
+    if n <= 1000 then VERSION[n], HISTORY_FIELD[n] = s, h end
+  end
+  return s, h
 end
 
 local function history_entry(status, attempt)
@@ -219,11 +256,12 @@ end
 local function emit(id, r, event, extra)
   local data = '{"job_id":"' .. id .. '","type":' .. type_json(r.type) .. ',"status":"' .. r.status
     .. '","attempt":' .. r.attempt .. ',"progress":' .. r.progress .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
-  local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', S_JOB_LOG_MAX, '*',
+  local job_sid = redis.call('XADD', log_key(id), 'MAXLEN', '~', S_JOB_LOG_MAX, '*',
     'event', event, 'data', data)
-  local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r.tenant, 'MAXLEN', '~', S_TENANT_LOG_MAX, '*',
+  tenant_keys(r.tenant)
+  local tenant_sid = redis.call('XADD', tenant_log, 'MAXLEN', '~', S_TENANT_LOG_MAX, '*',
     'event', event, 'job', id, 'data', data)
-  redis.call('PUBLISH', K_TENANT_CHANNEL .. r.tenant,
+  redis.call('PUBLISH', tenant_channel,
     job_sid .. '\n' .. tenant_sid .. '\n' .. r.tenant .. '\n' .. id .. '\n' .. event .. '\n' .. data)
   if r.webhook and r.webhook ~= '' and not r.webhook_gone then
     webhook_enqueue(id, r.tenant, r.status, event, job_sid, r.webhook, r.progress)
@@ -236,15 +274,15 @@ end
 -- status index; the count of queued jobs; the metrics; the event.
 local function transition(id, r, status, event, extra, set)
   local from = r.status
-  local version = string.format('%d', (r.version or 0) + 1)
+  local version, history_field = version_after(r.version)
   r.status, r.version = status, version
   -- The indexes first, the record after them: a call that fails part-way (an error reply from
   -- Redis ends a script where it stands, writes made so far stay) on a key it did not declare
   -- leaves the record as it was, so the run can be tried again (test_faults).
-  if from then redis.call('ZREM', K_INDEX .. r.tenant .. ':status:' .. from, id) end
-  redis.call('ZADD', K_INDEX .. r.tenant .. ':status:' .. status, '0', id)
+  if from then redis.call('ZREM', status_key(r.tenant, from), id) end
+  redis.call('ZADD', status_key(r.tenant, status), '0', id)
   redis.call('HSET', job_key(id), 'status', status, 'updated_at', now_iso, 'version', version,
-    'h' .. version, history_entry(status, r.attempt), unpack(set))
+    history_field, history_entry(status, r.attempt), unpack(set))
   if from == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '-1') end
   if status == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '1') end
   count_event(r, from, event)
@@ -334,10 +372,12 @@ local function finish(id, r, status, extra, set, drop)
   set = set or {}
   set[#set + 1] = 'progress'; set[#set + 1] = progress
   set[#set + 1] = 'finished_at'; set[#set + 1] = now_iso
-  local gone = {}
-  if r.cancel then gone[#gone + 1] = 'cancel' end
-  if drop and r[drop] then gone[#gone + 1] = drop end
-  if #gone > 0 then redis.call('HDEL', job_key(id), unpack(gone)) end
+  if drop and not r[drop] then drop = nil end
+  if r.cancel and drop then
+    redis.call('HDEL', job_key(id), 'cancel', drop)
+  elseif r.cancel or drop then
+    redis.call('HDEL', job_key(id), drop or 'cancel')
+  end
   local sid = transition(id, r, status, EVENT[status], extra, set)
   if from == 'processing' then
     redis.call('ZREM', K_RUNNING, id)
@@ -345,7 +385,7 @@ local function finish(id, r, status, extra, set, drop)
   end
   redis.call('ZADD', K_FINISHED, now_ms_s, id)  -- the archiver takes it from here after ARCHIVE_AFTER
   redis.call('EXPIRE', job_key(id), S_RETENTION_S)
-  redis.call('EXPIRE', K_JOB_LOG .. id, S_RETENTION_S)
+  redis.call('EXPIRE', log_key(id), S_RETENTION_S)
   if r.webhook and r.webhook ~= '' then redis.call('EXPIRE', K_JOB_DELIVERIES .. id, S_RETENTION_S) end
   return sid
 end
