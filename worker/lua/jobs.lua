@@ -570,7 +570,11 @@ elseif op == 'start' then
 elseif op == 'progress' then
   -- id run percent progress_json -> 1 written, 0 ignored (stale run, not processing, or going down)
   local id, run = ARGV[4], ARGV[5]
-  local r = load(id, 'percent')
+  -- (Not load: only what this op and emit read. Progress events outnumber transitions.)
+  local v = redis.call('HMGET', job_key(id), 'status', 'run', 'percent', 'version', 'tenant', 'type', 'attempt',
+    'webhook', 'webhook_gone')
+  local r = {status = v[1], run = v[2], percent = v[3], version = v[4], tenant = v[5], type = v[6], attempt = v[7],
+    webhook = v[8], webhook_gone = v[9]}
   if r.status ~= 'processing' or r.run ~= run then return 0 end
   if tonumber(ARGV[6]) < tonumber(r.percent) then return 0 end
   r.progress = ARGV[7]
