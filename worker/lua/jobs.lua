@@ -597,7 +597,7 @@ elseif op == 'progress' then
   if tonumber(ARGV[6]) < tonumber(r.percent) then return 0 end
   r.progress = ARGV[7]
   redis.call('HSET', job_key(id), 'percent', ARGV[6], 'progress', ARGV[7], 'updated_at', now_iso,
-    'version', (version_after(r.version)))
+    'version', string.format('%d', r.version + 1))  -- (not version_after: run is at Lua's 60 upvalues)
   redis.call('HINCRBY', K_STATS, 'progress', '1')
   emit(id, r, EVENT.progress, '')
   return 1
