@@ -509,6 +509,9 @@ end
 -- One call: everything above is defined once per load (a Redis Function library, see
 -- worker/schema.py), the op runs here.
 
+-- Lua 5.1 lets a function close over at most 60 upvalues, and run names 59 of the locals above
+-- (prelude constants and helpers): an op that needs more constants or helpers should be a helper
+-- of its own, defined above, so that run names one more at most.
 local function run(KEYS, ARGV)
 op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
 
