@@ -9,7 +9,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -74,6 +74,24 @@ async def collect(
                 if until is not None and len(seen) >= until:
                     break
     return seen
+
+
+@contextlib.asynccontextmanager
+async def live_feed(
+    client: httpx.AsyncClient, timeout: float = 10.0
+) -> AsyncIterator[Callable[[int], Awaitable[Seen]]]:
+    """The tenant feed without a Last-Event-ID, once its response has come: it is live from the
+    log's tip as read after its subscription, so everything published from then on is in it (not
+    once merely subscribed: what is published before the tip is read is behind it). Yields reads
+    of the next ``n`` events (``read(n)``)."""
+    async with asyncio.timeout(timeout), aconnect_sse(client, "GET", "/events") as source:
+        assert source.response.status_code == 200, await source.response.aread()
+        events = dispatched(source.aiter_sse())
+
+        async def read(n: int) -> Seen:
+            return [(sse.id, sse.event, orjson.loads(sse.data)) for sse in [await anext(events) for _ in range(n)]]
+
+        yield read
 
 
 def ids(seen: Seen) -> list[str]:
@@ -167,15 +185,13 @@ async def test_five_hundred_streams_on_one_job_receive_the_identical_sequence(
 
 
 async def test_the_tenant_feed_carries_only_the_tenant_s_jobs_and_resumes(
-    client: httpx.AsyncClient, store: Store, server: ServerHandle
+    client: httpx.AsyncClient, store: Store
 ) -> None:
-    feed: Seen = []
-    reader = asyncio.create_task(collect(client, "/events", until=4))
-    await subscribed(server, 1)  # live only: it sees what is published once it is subscribed
-    a = await new_running_job(store, "acme")  # queued + processing
-    await new_running_job(store, "globex")  # not for acme
-    b = await new_running_job(store, "acme")
-    feed = await reader
+    async with live_feed(client) as read:
+        a = await new_running_job(store, "acme")  # queued + processing
+        await new_running_job(store, "globex")  # not for acme
+        b = await new_running_job(store, "acme")
+        feed = await read(4)
     assert [(d["job_id"], e) for _, e, d in feed] == [
         (a, "job.queued"), (a, "job.processing"), (b, "job.queued"), (b, "job.processing"),
     ]  # fmt: skip
