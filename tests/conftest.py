@@ -70,6 +70,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         # the failing test would be freed, and blamed, there.
         sys.last_type = sys.last_value = sys.last_traceback = None
         gc.collect()
+        # What survives is the run's (modules, caches, wider fixtures): frozen, it is not walked
+        # again by the next tests' collections, whose cost would otherwise grow with the heap.
+        gc.freeze()
     finally:
         sys.unraisablehook = previous
     for unraisable in found:

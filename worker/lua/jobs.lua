@@ -741,6 +741,38 @@ elseif op == 'admit' then
   redis.call('HSET', key, 'wait_reason', '')
   return {'send'}
 
+elseif op == 'lock_job' then
+  -- wid seq ttl_ms token -> {'locked'} | {'busy', deferrals, due_ms} | {'stale', state}
+  -- A job's deliveries are attempted one at a time, and those never attempted yet in the order of
+  -- the job's events: attempt `seq` of `wid` takes the job's lock (`token`; it lapses after ttl_ms
+  -- if its holder dies) unless another attempt holds it or, when `wid` was never attempted, the
+  -- delivery of the job's previous event was not attempted yet either (each waited for its own
+  -- previous one, so one look back is enough). Busy: the put-off is counted ('deferrals.<seq>': a
+  -- put-off run is not an interrupted one) and due_ms says when that previous delivery is due (0:
+  -- another attempt holds the lock).
+  local wid, seq, ttl_ms, token = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local key = delivery_key(wid)
+  local d = redis.call('HMGET', key, 'state', 'seq', 'job_id', 'attempts')
+  if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
+  local due = 0
+  local turn = true
+  if d[4] == '0' then
+    local list = K_JOB_DELIVERIES .. d[3]
+    local at = redis.call('LPOS', list, wid, 'RANK', -1)
+    if at and at > 0 then
+      local p = redis.call('HMGET', delivery_key(redis.call('LINDEX', list, at - 1)), 'state', 'attempts', 'due_ms')
+      if p[1] == 'pending' and p[2] == '0' then turn = false; due = tonumber(p[3] or 0) end
+    end
+  end
+  if turn and redis.call('SET', K_WEBHOOK_LOCK .. d[3], token, 'NX', 'PX', ttl_ms) then return {'locked'} end
+  return {'busy', redis.call('HINCRBY', key, 'deferrals.' .. seq, 1), due}
+
+elseif op == 'unlock_job' then
+  -- job_id token -> 1 | 0: free the job's delivery lock if `token` still holds it.
+  local lock = K_WEBHOOK_LOCK .. ARGV[4]
+  if redis.call('GET', lock) == ARGV[5] then return redis.call('DEL', lock) end
+  return 0
+
 elseif op == 'enable' then
   -- tenant destination -> 'ok' | 'missing'
   local tenant, dest = ARGV[4], ARGV[5]
