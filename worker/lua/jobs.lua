@@ -491,9 +491,11 @@ end
 -- One call: everything above is defined once per load (a Redis Function library, see
 -- worker/schema.py), the op runs here.
 
-local function run(KEYS, ARGV)
-op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
+-- The ops are split in two functions, jobs and deliveries, because Lua allows one function at most
+-- 60 upvalues (the helpers above): run dispatches.
+local run_delivery
 
+local function run_job(KEYS, ARGV)
 if op == 'create' then
   -- id tenant type priority max_attempts params webhook idem_key idem_value idem_ttl
   local id, tenant, jtype, priority = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -724,12 +726,16 @@ elseif op == 'evict' then
     out[#out + 1] = verdict
   end
   return out
+end
+return run_delivery(KEYS, ARGV)
+end
 
 ----------------------------------------------------------------------------------------------------
 -- Webhook deliveries. States: pending -> delivered | gone (410) | dead (dead-letter list);
 -- dead -> pending again on a replay (fresh schedule, same webhook-id).
 
-elseif op == 'attempted' then
+run_delivery = function(KEYS, ARGV)
+if op == 'attempted' then
   -- wid seq outcome attempt_json last_error delay_ms next_attempt_iso pause_ms
   --   -> {'ok', state, health} | {'stale', state}
   -- outcome: 'delivered' | 'retry' (queue attempt seq+1 in delay_ms) | 'dead' | 'gone'.
@@ -888,4 +894,9 @@ elseif op == 'replay' then
 end
 
 return redis.error_reply('jobs.lua: unknown op ' .. tostring(op))
+end
+
+local function run(KEYS, ARGV)
+  op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
+  return run_job(KEYS, ARGV)
 end
