@@ -296,7 +296,7 @@ class WebProcess(JobcastProcess):
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(settings, log, "web", "--host", "127.0.0.1", "--port", str(self.port), **extra_env)
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
