@@ -508,20 +508,40 @@ async def test_sigterm_ends_streams_at_once_and_clients_resume_on_another_server
         await backup.stop()
 
 
-# Known leak, not yet fixed: on a loaded machine the first server needs uvicorn's graceful-shutdown
-# timeout to end its streams; uvicorn then cancels them mid Redis call and a Redis connection
-# (its socket, transport or StreamWriter) is left to the garbage collector. Found by collecting after
-# every test (conftest); the four global filters are gone, this test alone keeps them.
-@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <function AbstractConnection.__del__:pytest.PytestUnraisableExceptionWarning"
-)
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <function _SelectorTransport.__del__:pytest.PytestUnraisableExceptionWarning"
-)
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <function StreamWriter.__del__:pytest.PytestUnraisableExceptionWarning"
-)
+async def test_a_shutdown_with_redis_paused_leaves_no_redis_connection_behind(
+    settings: Settings, store: Store, redis: Redis
+) -> None:
+    """A server stopping while Redis does not answer (paused longer than the graceful shutdown):
+    the requests uvicorn cancels (streams still opening) and the removal of the ended streams'
+    slots end before the server closes its Redis connections, and none is left to the garbage
+    collector (the suite's teardown fails a test that leaves one)."""
+    handle = ServerHandle(settings)
+    await handle.start()
+    job_id = await new_running_job(store)
+    writers: list[asyncio.StreamWriter] = []
+    request = f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-acme\r\n\r\n".encode()
+    try:
+        for _ in range(5):  # open streams, whose slots are removed from Redis as they end
+            reader, writer = await asyncio.open_connection("127.0.0.1", handle.port)
+            writers.append(writer)
+            writer.write(request)
+            await reader.readuntil(b"retry:")
+        await redis.execute_command("CLIENT", "PAUSE", 8000, "ALL")
+        for _ in range(20):  # streams opening: waiting for Redis, or for a connection to it
+            _, writer = await asyncio.open_connection("127.0.0.1", handle.port)
+            writer.write(request)
+            writers.append(writer)
+
+        async def all_waiting() -> bool:
+            return len(handle.server.server_state.tasks) == 20  # uvicorn's: the requests it runs
+
+        await wait_until(all_waiting)
+    finally:
+        await handle.stop()
+        for writer in writers:
+            writer.close()
+
+
 async def test_a_reconnect_storm_resumes_every_stream_across_a_server_restart(
     settings: Settings, store: Store, redis: Redis
 ) -> None:
