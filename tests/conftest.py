@@ -297,6 +297,8 @@ class WebProcess(JobcastProcess):
         super().__init__(settings, log, "web", "--host", "127.0.0.1", "--port", str(self.port), **extra_env)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /readyz answers 200; bounded against hangs only (two suites at once on 2 cores
+        took over 20 s to start two server processes)."""
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -391,6 +391,31 @@ async def test_streams_resume_across_a_server_restart(settings: Settings, store:
         assert ids(seen) == expected
 
 
+async def test_a_stream_whose_last_event_the_log_lost_ends_at_the_resync_instead_of_resuming_past_the_hole(
+    server: ServerHandle, client: httpx.AsyncClient, store: Store, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub's pub/sub connection is killed, and meanwhile the log lost the last event the stream
+    sent (as a failover loses an unreplicated write): at the resync the stream cannot say where to
+    resume, so it ends rather than resuming after an event the log no longer has, or hanging."""
+    caplog.set_level(logging.WARNING, logger="jobcast")
+    hub = hub_of(server)
+    job_id = await new_running_job(store)
+    await store.progress(job_id, 1, 10, None, None)
+    seen: Seen = []
+    async with asyncio.timeout(30), aconnect_sse(client, "GET", f"/jobs/{job_id}/events") as source:
+        events = dispatched(source.aiter_sse())
+        for _ in range(3):
+            sse = await anext(events)
+            seen.append((sse.id, sse.event, orjson.loads(sse.data)))
+        assert [e for _, e, _ in seen] == ["job.queued", "job.processing", "job.progress"]
+        assert await redis.xdel(schema.job_log_key(job_id), seen[-1][0]) == 1
+        assert hub.connected.is_set()
+        assert await redis.client_kill_filter(_type="pubsub") >= 1  # the hub's: it resubscribes, then resyncs
+        rest = [sse async for sse in events]  # the stream ends
+    assert rest == []
+    assert "its last event is no longer in the log; closed" in caplog.text
+
+
 async def test_streams_resume_across_a_redis_restart(
     server: ServerHandle, store: Store, redis: Redis, redis_server: RedisProcess
 ) -> None:
