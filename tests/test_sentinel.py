@@ -23,9 +23,10 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker.connections import CellUrlError, arq_settings_for, follow_primary, parse_sentinel_url, redis_for
 from jobcast.worker.store import Store
 
-from .conftest import ACME, WebProcess, WorkerProcess, make_settings, serving, wait_until
+from .conftest import ACME, ServerHandle, WebProcess, WorkerProcess, make_settings, serving, wait_until
 from .sentinel import SentinelCell
 from .test_sse import new_running_job
+from .wsclient import ws_connect
 
 TERMINAL = {"job.completed", "job.failed", "job.cancelled"}
 
@@ -220,6 +221,39 @@ async def test_a_resume_from_an_event_the_new_primary_lost_is_told_to_resync(tmp
     finally:
         replica.kill()
         primary.kill()
+
+
+async def test_a_websocket_resume_from_an_event_the_new_primary_lost_is_told_to_resync(tmp_path: Path) -> None:
+    """The same real lost write, resumed over ``GET /ws``: as on the SSE streams, a 410 error frame
+    that says to resync; a resume from an event the new primary has is subscribed."""
+    primary, replica = RedisProcess(tmp_path / "p"), RedisProcess(tmp_path / "r")
+    primary.start()
+    replica.start()
+    try:
+        async with asyncio.timeout(60):
+            lost, kept = await _lose_an_event(primary, replica)
+            handle = ServerHandle(make_settings(replica.url))
+            await handle.start()
+            try:
+                async with ws_connect(handle.url, ACME) as ws:
+                    for url, last in lost.items():
+                        channel = _ws_channel(url)
+                        refused = await ws.request({"op": "subscribe", "channel": channel, "last_event_id": last})
+                        assert refused["op"] == "error" and refused["status"] == 410, refused
+                        assert "Redis lost it when its primary changed" in refused["detail"]
+                        assert "last_event_id" in refused["detail"]
+                    for url, last in kept.items():
+                        assert (await ws.subscribe(_ws_channel(url), last_event_id=last))["op"] == "ok"
+            finally:
+                await handle.stop()
+    finally:
+        replica.kill()
+        primary.kill()
+
+
+def _ws_channel(url: str) -> str:
+    """The WebSocket channel of an SSE stream's path."""
+    return "tenant" if url == "/events" else "job:" + url.split("/")[2]
 
 
 async def _lose_an_event(primary: RedisProcess, replica: RedisProcess) -> tuple[dict[str, str], dict[str, str]]:

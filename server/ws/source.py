@@ -39,17 +39,6 @@ def stream_id_key(stream_id: str) -> streamids.Order:
     return streamids.order(stream_id)
 
 
-class Gone(Exception):
-    """Events after the client's last id were trimmed from the (capped) log."""
-
-
-async def check_continuity(store: Store, audience: Audience, key: str, last_id: str) -> None:
-    """Raise :class:`Gone` when events after ``last_id`` may have been trimmed from the log."""
-    floor = await store.log_floor(audience, key)
-    if floor is not None and stream_id_key(last_id) < stream_id_key(floor):
-        raise Gone()
-
-
 class Subscription:
     """A channel's listener on the hub (its ``Listener`` protocol): a bounded buffer of items and
     flags, with one waiter (the channel's pump)."""
@@ -103,7 +92,8 @@ class Subscription:
         finally:
             self._waiter = None
 
-__all__ = ["Closed", "Feed", "FellBehind", "Gone", "check_continuity"]
+
+__all__ = ["Closed", "Feed", "FellBehind", "Lost"]
 
 #: WebSocket frames of recent hub items, by item (a fan-out encodes each event once).
 _ENCODED: dict[int, tuple[Item, str]] = {}
@@ -118,6 +108,13 @@ class FellBehind(Exception):
 
 class Closed(Exception):
     """The hub is draining (graceful shutdown)."""
+
+
+class Lost(Exception):
+    """After a gap (Redis reconnect) the log no longer holds the last event sent on the channel: a
+    failover lost it (or it was trimmed), so the channel cannot resume past the hole. As an SSE
+    stream ends there (:meth:`jobcast.sse.Stream.resume`), the socket is closed; the client's
+    re-subscription with that id is then told to resync (410)."""
 
 
 def event_frame(channel: str, stream_id: str, event: str, data: str) -> str:
@@ -183,7 +180,7 @@ class Feed:
 
     async def frames(self) -> AsyncIterator[tuple[str, bool]]:
         """(frame, terminal) pairs; a job channel's ends after its terminal event. Raises
-        :class:`FellBehind`, :class:`Closed`, or the store's errors."""
+        :class:`FellBehind`, :class:`Closed`, :class:`Lost`, or the store's errors."""
         sub = self._sub
         assert sub is not None, "open() first"
         async for pair in self._catch_up():
@@ -197,6 +194,8 @@ class Feed:
                 raise FellBehind()
             if sub.resync:
                 sub.reset()
+                if self.last_key >= (0, 0) and not await self.store.log_has(self.audience, self.key, self._after()):
+                    raise Lost()
                 async for pair in self._catch_up():
                     yield pair
                     if pair[1]:
@@ -218,8 +217,11 @@ class Feed:
                 self.last_key = item.key
                 yield item
 
+    def _after(self) -> str:
+        return "-" if self.last_key < (0, 0) else f"{self.last_key[0]}-{self.last_key[1]}"
+
     async def _catch_up(self) -> AsyncIterator[tuple[str, bool]]:
-        after = "-" if self.last_key < (0, 0) else f"{self.last_key[0]}-{self.last_key[1]}"
+        after = self._after()
         while True:
             events = await self.store.log_events(self.audience, self.key, after=after, count=REPLAY_PAGE)
             for event in events:
