@@ -27,6 +27,8 @@ import redis
 from jobcast.cli.dev import _print_banner
 from jobcast.cli.embedded_redis import RedisProcess, answering_pid, free_port
 
+from .sentinel import SentinelCell
+
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds child processes in /proc")
 
 AUTH = {"Authorization": "Bearer dev-key"}
@@ -406,6 +408,31 @@ def test_an_embedded_redis_restarts_on_the_port_it_was_given(tmp_path: Path) -> 
         assert redis.port == port and answering_pid(port) == redis.process.pid
     finally:
         redis.stop()
+
+
+@pytest.mark.timeout(120)
+def test_dev_and_keys_run_on_a_sentinel_managed_redis(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    """``JOBCAST_REDIS_URL=redis+sentinel://...``: dev starts no Redis of its own, its worker and web
+    server find the primary through the sentinel, and ``jobcast keys`` does too."""
+    cell = SentinelCell(tmp_path / "cell")
+    cell.start()
+    try:
+        env = {"JOBCAST_REDIS_URL": cell.url}
+        dev = start_dev(tmp_path / "data", env)
+        assert f"Redis    {cell.url}  (from JOBCAST_REDIS_URL)" in dev.output()
+        assert [role(child) for child in children_of(dev.process.pid) if role(child) == "redis"] == []
+        job_id = submit(dev, SLEEP_JOB)
+        wait_for_job(dev, job_id, lambda job: job["status"] == "completed")
+        created = jobcast_cli("keys", "create", "newcomer", "--json", cwd=tmp_path, env=env)
+        assert created.returncode == 0, created.stderr
+        key = json.loads(created.stdout)["key"]
+        with httpx.Client(base_url=dev.base_url, timeout=15.0) as client:
+            assert client.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        listed = jobcast_cli("keys", "list", cwd=tmp_path, env=env)
+        assert listed.returncode == 0 and "newcomer" in listed.stdout, listed.stderr
+        assert dev.interrupt() == 0, dev.output()
+    finally:
+        cell.stop()
 
 
 @pytest.mark.timeout(90)
