@@ -7,7 +7,10 @@ Exactly once, as the SSE streams do it (:mod:`jobcast.sse`): subscribe to the hu
 for Redis to confirm the subscription (so nothing published from then on is missed), read the log
 after the last id and send it, then send what the hub buffered meanwhile and after, dropping every
 event whose id is not greater than the last one sent. When the hub reports a gap (Redis reconnect)
-the log is read again from the last id. A subscriber that fell ``BUFFER_MAX`` events behind is told
+the log is read again from the last id — unless the log no longer has that id (a failover lost it:
+:class:`Lost`, the socket is closed 1013, as an SSE stream ends there). Where a subscription with a
+``last_event_id`` may resume is checked before, by the SSE streams' own check
+(:mod:`jobcast.resumes`). A subscriber that fell ``BUFFER_MAX`` events behind is told
 so (:class:`FellBehind`): the socket is closed with 1013 and the client re-subscribes with its last
 ids, losing nothing.
 
