@@ -143,6 +143,8 @@ class StreamSlots:
         #: Tenant slots let go of (release_soon) and not yet removed from Redis; who removes them.
         self._leaving: list[tuple[str, str]] = []
         self._remover: asyncio.Task[None] | None = None
+        #: Shutting down: slots let go of are no longer removed (:meth:`settle`).
+        self._settled = False
         #: Opens a stream: takes the tenant's slot in the round trip that reads the log.
         self.open_script = schema.StreamOpenScript(redis)
 
@@ -224,7 +226,7 @@ class StreamSlots:
         """:meth:`release`, from a callback that cannot wait: the process's place is free now, the
         tenant's slot is removed from Redis shortly, together with the others let go meanwhile
         (one pipeline for a whole reconnect storm, not a task per stream)."""
-        if self._forget(tenant, slot):
+        if self._forget(tenant, slot) and not self._settled:
             self._leaving.append((tenant, slot))
             if self._remover is None:
                 self._remover = asyncio.get_running_loop().create_task(self._remove_leaving())
@@ -239,6 +241,19 @@ class StreamSlots:
         if not slots:
             del self._open[tenant]
         return True
+
+    async def settle(self, timeout: float) -> None:
+        """Before the Redis client is closed: remove the slots let go of so far (within ``timeout``
+        seconds; cancelled after that), and none from now on (they expire by themselves within
+        ``TTL_S``). A removal left running would take a new connection of a closed client."""
+        self._settled = True
+        remover = self._remover
+        if remover is not None:
+            _, pending = await asyncio.wait([remover], timeout=timeout)
+            if pending:
+                remover.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await remover
 
     async def _remove_leaving(self) -> None:
         try:

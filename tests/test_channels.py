@@ -19,7 +19,7 @@ from jobcast.worker.store import Store
 
 from .conftest import ACME, GLOBEX, ServerHandle, before_the_wait_ends, hub_of, wait_until
 from .test_operations import samples
-from .test_sse import collect, ids, log_ids, new_running_job
+from .test_sse import collect, ids, live_feed, log_ids, new_running_job
 from .wsclient import ws_connect
 
 ACME_CHANNEL = schema.tenant_channel(0, "acme")
@@ -72,16 +72,16 @@ async def test_a_server_with_listeners_of_one_tenant_receives_no_events_of_the_o
     hub = hub_of(server)
     await wait_until(lambda: _true(hub.connected.is_set()))
     assert await numsub(redis, ACME_CHANNEL) == 0  # no listener: not subscribed
-    reader = asyncio.create_task(collect(client, "/events", until=4))
-    await wait_until(lambda: _true(hub.subscriber_count == 1))
-    received = hub.received
-    assert set(await redis.pubsub_channels("jobcast:*")) == {ACME_CHANNEL, schema.hub_channel(0)}
-    assert (await numsub(redis, ACME_CHANNEL), await numsub(redis, GLOBEX_CHANNEL)) == (1, 0)
-    for _ in range(5):
-        await new_running_job(store, "globex")  # 10 events the server never sees
-    a = await new_running_job(store, "acme")
-    b = await new_running_job(store, "acme")
-    feed = await reader
+    async with live_feed(client) as read:
+        assert hub.subscriber_count == 1
+        received = hub.received
+        assert set(await redis.pubsub_channels("jobcast:*")) == {ACME_CHANNEL, schema.hub_channel(0)}
+        assert (await numsub(redis, ACME_CHANNEL), await numsub(redis, GLOBEX_CHANNEL)) == (1, 0)
+        for _ in range(5):
+            await new_running_job(store, "globex")  # 10 events the server never sees
+        a = await new_running_job(store, "acme")
+        b = await new_running_job(store, "acme")
+        feed = await read(4)
     assert [(d["job_id"], e) for _, e, d in feed] == [
         (a, "job.queued"), (a, "job.processing"), (b, "job.queued"), (b, "job.processing"),
     ]  # fmt: skip
