@@ -152,7 +152,13 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
 def build_cell(settings: Settings, index: int, archive: Archive, process: ProcessStreams) -> Cell:
     """Cell ``index`` as a server process uses it (nothing connects yet)."""
     redis = redis_client(settings, index)
-    slots = StreamSlots(redis, process=process, per_tenant=settings.sse_max_streams_per_tenant, cell=index)
+    slots = StreamSlots(
+        redis,
+        process=process,
+        per_tenant=settings.sse_max_streams_per_tenant,
+        cell=index,
+        log_max={"job": settings.job_log_max, "tenant": settings.tenant_log_max},
+    )
     config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
     rate = settings.submit_rate_limit
     return Cell(

@@ -186,6 +186,25 @@ async def test_five_hundred_streams_on_one_job_receive_the_identical_sequence(
     assert all(ids(seen) == expected for seen in results)
 
 
+async def test_a_stream_whose_last_event_the_log_lost_across_a_hub_reconnect_ends_and_is_told_to_resync(
+    client: httpx.AsyncClient, store: Store, redis: Redis
+) -> None:
+    """As a failover that lost the last event sent (docs/design/sentinel.md; the WebSocket's twin is
+    in test_ws.py): the loss made by hand (XDEL), the reconnect by killing the hub's pub/sub
+    connection. The stream ends rather than resume past the hole; its reconnect gets the 410."""
+    job_id = await new_running_job(store)
+    url = f"/jobs/{job_id}/events"
+    async with asyncio.timeout(20), aconnect_sse(client, "GET", url) as source:
+        events = dispatched(source.aiter_sse())
+        sent = [await anext(events), await anext(events)]
+        await redis.xdel(schema.job_log_key(job_id), sent[-1].id)
+        assert await redis.client_kill_filter(_type="pubsub") >= 1
+        assert [sse async for sse in events] == []  # ended, nothing more
+    response = await client.get(url, headers={"Last-Event-ID": sent[-1].id})
+    assert response.status_code == 410, response.text
+    assert "Redis lost it when its primary changed" in response.json()["detail"]
+
+
 async def test_the_tenant_feed_carries_only_the_tenant_s_jobs_and_resumes(
     client: httpx.AsyncClient, store: Store
 ) -> None:
