@@ -152,9 +152,9 @@ async def test_a_parked_job_can_be_cancelled(redis_server: RedisProcess, redis: 
                 await wait_for_status(c, first["id"], "processing")
 
                 async def parked() -> bool:  # the worker takes the second one and parks it
-                    return bool(await redis.zcard(schema.TENANT_WAITING + "acme") == 1)
+                    return await redis.zcard(schema.TENANT_WAITING + "acme") == 1
 
-                await wait_until(parked)
+                await wait_until(parked, timeout=60)
                 assert (await c.get(f"/jobs/{second['id']}")).json()["status"] == "queued"
                 cancelled = await c.post(f"/jobs/{second['id']}/cancel")
                 assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"

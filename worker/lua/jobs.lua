@@ -509,12 +509,11 @@ end
 -- One call: everything above is defined once per load (a Redis Function library, see
 -- worker/schema.py), the op runs here.
 
--- Lua 5.1 lets a function close over at most 60 upvalues, and run names 59 of the locals above
--- (prelude constants and helpers): an op that needs more constants or helpers should be a helper
--- of its own, defined above, so that run names one more at most.
-local function run(KEYS, ARGV)
-op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
+-- The ops are split in two functions, jobs and deliveries, because Lua allows one function at most
+-- 60 upvalues (the helpers above): run dispatches.
+local run_delivery
 
+local function run_job(KEYS, ARGV)
 if op == 'create' then
   -- id tenant type priority max_attempts params webhook idem_key idem_value idem_ttl
   local id, tenant, jtype, priority = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -600,7 +599,7 @@ elseif op == 'progress' then
   if tonumber(ARGV[6]) < tonumber(r.percent) then return 0 end
   r.progress = ARGV[7]
   redis.call('HSET', job_key(id), 'percent', ARGV[6], 'progress', ARGV[7], 'updated_at', now_iso,
-    'version', string.format('%d', r.version + 1))  -- (not version_after: run is at Lua's 60 upvalues)
+    'version', string.format('%d', r.version + 1))
   redis.call('HINCRBY', K_STATS, 'progress', '1')
   emit(id, r, EVENT.progress, '')
   return 1
@@ -749,12 +748,16 @@ elseif op == 'evict' then
     out[#out + 1] = verdict
   end
   return out
+end
+return run_delivery(KEYS, ARGV)
+end
 
 ----------------------------------------------------------------------------------------------------
 -- Webhook deliveries. States: pending -> delivered | gone (410) | dead (dead-letter list);
 -- dead -> pending again on a replay (fresh schedule, same webhook-id).
 
-elseif op == 'attempted' then
+run_delivery = function(KEYS, ARGV)
+if op == 'attempted' then
   -- wid seq outcome attempt_json last_error delay_ms next_attempt_iso pause_ms
   --   -> {'ok', state, health} | {'stale', state}
   -- outcome: 'delivered' | 'retry' (queue attempt seq+1 in delay_ms) | 'dead' | 'gone'.
@@ -849,6 +852,38 @@ elseif op == 'admit' then
   redis.call('HSET', key, 'wait_reason', '')
   return {'send'}
 
+elseif op == 'lock_job' then
+  -- wid seq ttl_ms token -> {'locked'} | {'busy', deferrals, due_ms} | {'stale', state}
+  -- A job's deliveries are attempted one at a time, and those never attempted yet in the order of
+  -- the job's events: attempt `seq` of `wid` takes the job's lock (`token`; it lapses after ttl_ms
+  -- if its holder dies) unless another attempt holds it or, when `wid` was never attempted, the
+  -- delivery of the job's previous event was not attempted yet either (each waited for its own
+  -- previous one, so one look back is enough). Busy: the put-off is counted ('deferrals.<seq>': a
+  -- put-off run is not an interrupted one) and due_ms says when that previous delivery is due (0:
+  -- another attempt holds the lock).
+  local wid, seq, ttl_ms, token = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local key = delivery_key(wid)
+  local d = redis.call('HMGET', key, 'state', 'seq', 'job_id', 'attempts')
+  if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
+  local due = 0
+  local turn = true
+  if d[4] == '0' then
+    local list = K_JOB_DELIVERIES .. d[3]
+    local at = redis.call('LPOS', list, wid, 'RANK', -1)
+    if at and at > 0 then
+      local p = redis.call('HMGET', delivery_key(redis.call('LINDEX', list, at - 1)), 'state', 'attempts', 'due_ms')
+      if p[1] == 'pending' and p[2] == '0' then turn = false; due = tonumber(p[3] or 0) end
+    end
+  end
+  if turn and redis.call('SET', K_WEBHOOK_LOCK .. d[3], token, 'NX', 'PX', ttl_ms) then return {'locked'} end
+  return {'busy', redis.call('HINCRBY', key, 'deferrals.' .. seq, 1), due}
+
+elseif op == 'unlock_job' then
+  -- job_id token -> 1 | 0: free the job's delivery lock if `token` still holds it.
+  local lock = K_WEBHOOK_LOCK .. ARGV[4]
+  if redis.call('GET', lock) == ARGV[5] then return redis.call('DEL', lock) end
+  return 0
+
 elseif op == 'enable' then
   -- tenant destination -> 'ok' | 'missing'
   local tenant, dest = ARGV[4], ARGV[5]
@@ -881,4 +916,9 @@ elseif op == 'replay' then
 end
 
 return redis.error_reply('jobs.lua: unknown op ' .. tostring(op))
+end
+
+local function run(KEYS, ARGV)
+  op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
+  return run_job(KEYS, ARGV)
 end
