@@ -204,9 +204,8 @@ async def test_two_servers_and_two_workers_share_one_redis(settings: Settings, r
     workers = [WorkerProcess(settings, tmp_path / f"w{i}.log") for i in range(2)]
     try:
         # (Inside the try: a web process that does not start must not leave the workers running, to
-        # take the jobs of a later test whose Redis gets the same port. 60 s, as in test_cells: on a
-        # loaded machine two web processes may take longer than the default 20 s to start.)
-        await asyncio.gather(asyncio.to_thread(a.wait_ready, 60), asyncio.to_thread(b.wait_ready, 60))
+        # take the jobs of a later test whose Redis gets the same port.)
+        await asyncio.gather(asyncio.to_thread(a.wait_ready), asyncio.to_thread(b.wait_ready))
         async with (
             httpx.AsyncClient(base_url=a.url, headers=ACME, timeout=30) as ca,
             httpx.AsyncClient(base_url=b.url, headers=ACME, timeout=60) as cb,
