@@ -202,8 +202,10 @@ def _ready(c: httpx.AsyncClient) -> Any:
 async def test_two_servers_and_two_workers_share_one_redis(settings: Settings, redis: Redis, tmp_path: Path) -> None:
     a, b = WebProcess(settings, tmp_path / "a.log"), WebProcess(settings, tmp_path / "b.log")
     workers = [WorkerProcess(settings, tmp_path / f"w{i}.log") for i in range(2)]
-    await asyncio.gather(asyncio.to_thread(a.wait_ready), asyncio.to_thread(b.wait_ready))
     try:
+        # (Inside the try: a web process that does not start must not leave the workers running, to
+        # take the jobs of a later test whose Redis gets the same port.)
+        await asyncio.gather(asyncio.to_thread(a.wait_ready), asyncio.to_thread(b.wait_ready))
         async with (
             httpx.AsyncClient(base_url=a.url, headers=ACME, timeout=30) as ca,
             httpx.AsyncClient(base_url=b.url, headers=ACME, timeout=60) as cb,

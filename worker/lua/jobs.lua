@@ -122,6 +122,9 @@ local BUCKET_SUFFIX = {'|b1', '|b2', '|b3', '|b4', '|b5', '|b6', '|b7', '|b8', '
 -- Events' names without "job.", filled in as they come (a library cannot iterate EVENT as it loads).
 local EVENT_SHORT = {}
 
+-- The sums' fields of the last type seen.
+local sum_type, sum_field = '', {}
+
 local function count_event(r, from, event)
   local short = EVENT_SHORT[event]
   if not short then
@@ -143,7 +146,13 @@ local function count_event(r, from, event)
       if ms <= buckets[b] then i = b; break end
     end
     suffix = BUCKET_SUFFIX[i]
-    redis.call('HINCRBY', K_STATS, histogram .. '|' .. r.type .. '|ms', string.format('%d', ms))
+    if r.type ~= sum_type then sum_type, sum_field = r.type, {} end
+    local key = sum_field[histogram]
+    if not key then
+      key = histogram .. '|' .. r.type .. '|ms'
+      sum_field[histogram] = key
+    end
+    redis.call('HINCRBY', K_STATS, key, string.format('%d', ms))
   end
   redis.call('HINCRBY', K_STATS, 't|' .. (from or '-') .. '|' .. short .. '|' .. r.type .. '|' .. r.priority .. suffix, '1')
 end
@@ -245,9 +254,18 @@ end
 
 -- A job type as a JSON string: quoted as it is when it needs no escaping (the names job types may
 -- have, worker/types.py), which is cheaper than cjson.
+-- The last type's is remembered.
+local last_type, last_type_json = '', '""'
 local function type_json(jtype)
-  if string.find(jtype, '^[%w._-]+$') then return '"' .. jtype .. '"' end
-  return cjson.encode(jtype)
+  if jtype ~= last_type then
+    last_type = jtype
+    if string.find(jtype, '^[%w._-]+$') then
+      last_type_json = '"' .. jtype .. '"'
+    else
+      last_type_json = cjson.encode(jtype)
+    end
+  end
+  return last_type_json
 end
 
 -- Append the event to both logs, ring the doorbell and queue the webhook delivery, if any; the
@@ -572,12 +590,16 @@ elseif op == 'start' then
 elseif op == 'progress' then
   -- id run percent progress_json -> 1 written, 0 ignored (stale run, not processing, or going down)
   local id, run = ARGV[4], ARGV[5]
-  local r = load(id, 'percent')
+  -- (Not load: only what this op and emit read. Progress events outnumber transitions.)
+  local v = redis.call('HMGET', job_key(id), 'status', 'run', 'percent', 'version', 'tenant', 'type', 'attempt',
+    'webhook', 'webhook_gone')
+  local r = {status = v[1], run = v[2], percent = v[3], version = v[4], tenant = v[5], type = v[6], attempt = v[7],
+    webhook = v[8], webhook_gone = v[9]}
   if r.status ~= 'processing' or r.run ~= run then return 0 end
   if tonumber(ARGV[6]) < tonumber(r.percent) then return 0 end
   r.progress = ARGV[7]
   redis.call('HSET', job_key(id), 'percent', ARGV[6], 'progress', ARGV[7], 'updated_at', now_iso,
-    'version', (version_after(r.version)))
+    'version', string.format('%d', r.version + 1))
   redis.call('HINCRBY', K_STATS, 'progress', '1')
   emit(id, r, EVENT.progress, '')
   return 1
