@@ -218,6 +218,12 @@ def arq_run_id(job_id: str, run: int, *, cell: int = 0) -> str:
     return f"{tag(cell)}{job_id}.{run}"
 
 
+def run_of(run_id: str) -> tuple[str, int]:
+    """The job id and run of arq run id ``run_id`` (:func:`arq_run_id`, of any cell)."""
+    job_id, _, run = run_id[run_id.index("}") + 1 :].rpartition(".")
+    return job_id, int(run)
+
+
 def attempt_id(webhook_id: str, seq: int, *, cell: int = 0) -> str:
     """arq's id of attempt ``seq`` of a delivery (tagged like :func:`arq_run_id`)."""
     return f"{tag(cell)}{webhook_id}.{seq}"
