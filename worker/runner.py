@@ -1,8 +1,10 @@
 """Runs jobs inside an arq worker: one run of one job, from ``processing`` to its outcome.
 
-arq gives us the queue, the per-run lock and the concurrency limit; the job's life is ours:
+arq gives us the queue and the concurrency limit; the job's life is ours:
 
-- ``start`` moves the job queued -> processing (only if this arq run is the job's current run),
+- the worker's claim of the runs it read from the queue starts them (``claim`` in ``lua/jobs.lua``:
+  queued -> processing, only for a run that is its job's current one, which is the lock), and the
+  runner runs what was started (:meth:`Runner.claim`, :meth:`Runner.run`), not arq's ``run_job``,
 - the handler runs as its own task, under the job type's timeout,
 - a heartbeat renews the lease of every running job every ``JOBCAST_HEARTBEAT_S`` seconds and learns
   of cancellations (also pushed on the control channel, so they usually land at once) and of lost
@@ -13,7 +15,9 @@ arq gives us the queue, the per-run lock and the concurrency limit; the job's li
 A maintenance loop in every worker promotes due retries onto the queue and reaps jobs whose
 lease lapsed (their worker died): they are retried, or failed with ``WorkerLost`` after the last
 attempt. A killed worker's job is therefore noticed within lease + sweep (< 30 s with defaults),
-whatever the job type's timeout.
+whatever the job type's timeout. A worker never reaps a run it is running itself (a Redis paused
+past the lease lapses every lease; its next heartbeat renews them), and a newer run of a job it
+still runs stops the older one (docs/design/redis-layout.md, "A Redis paused past a lease").
 """
 
 from __future__ import annotations
@@ -146,6 +150,11 @@ class Runner:
         )
         task: asyncio.Task[Any] = asyncio.create_task(_await(jt.handler(ctx, params)), name=f"job-{job_id}")
         entry = _Running(run=run, task=task)
+        stale = self.running.get(job_id)
+        if stale is not None:
+            # A newer run of this job started here while an older one still runs (its lease lapsed
+            # and it was retried, e.g. Redis was paused past the lease): the older one is stale.
+            self.stop_job(job_id, "lost", run=stale.run)
         self.running[job_id] = entry
         try:
             try:
@@ -159,7 +168,8 @@ class Runner:
             # Still in self.running while the outcome is written: heartbeats keep its lease.
             await self._record_outcome(jt, ctx, entry, timed_out=not done)
         finally:
-            self.running.pop(job_id, None)
+            if self.running.get(job_id) is entry:  # not a newer run's
+                del self.running[job_id]
             ctx.close()
 
     async def _durably(self, what: str, job_id: str, write: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -250,9 +260,10 @@ class Runner:
 
     # --- signals from outside -------------------------------------------------------------------------
 
-    def stop_job(self, job_id: str, reason: str) -> None:
+    def stop_job(self, job_id: str, reason: str, *, run: int | None = None) -> None:
+        """Stop the handler of ``job_id`` (of its run ``run`` only, when given)."""
         entry = self.running.get(job_id)
-        if entry is not None and entry.stop_reason is None:
+        if entry is not None and entry.stop_reason is None and run in (None, entry.run):
             logger.info("job %s: stopping handler (%s)", job_id, reason)
             entry.stop_reason = reason
             entry.task.cancel()
@@ -262,9 +273,9 @@ class Runner:
             await self.store.worker_seen(self.worker_id)
         runs = [(job_id, entry.run) for job_id, entry in self.running.items()]
         states = await self.store.heartbeat(self._lease_deadline(), runs)
-        for (job_id, _), state in states.items():
+        for (job_id, run), state in states.items():
             if state in ("cancel", "lost"):
-                self.stop_job(job_id, state)
+                self.stop_job(job_id, state, run=run)
 
     async def heartbeat_forever(self) -> None:
         while True:
@@ -279,6 +290,10 @@ class Runner:
         _, next_due = await self.store.promote()
         now_ms = time.time_ns() // 1_000_000
         for job_id in await self.store.overdue(now_ms):
+            if job_id in self.running:
+                # Ours, and running: its lease lapsed only because it could not be renewed (Redis
+                # paused or away longer than a lease); the next heartbeat renews it.
+                continue
             error = JobError(
                 type="WorkerLost",
                 message="the worker running this attempt stopped renewing its lease (killed, crashed or hung)",
