@@ -7,8 +7,10 @@ of the state machine.
     .venv/bin/python bench/redis_cost.py --progress 5        # a job that reports progress five times
 
 One job's Redis work as the pipeline makes it (BENCHMARKS.md §2), minus polling: ``Store.create``,
-``lua/claim.lua`` for its run, arq's ``run_job`` reads (MULTI GET INCR EXPIRE EXEC), ``Store.start``,
-``Store.complete``, arq's ``finish_job`` (MULTI DEL ZREM EXEC), one after the other from one client.
+``Store.claim`` of its run (which starts it: the worker runs it itself), ``Store.complete``, one
+after the other from one client. Against a version without ``Store.claim`` (before issue 13's "claim
+is start"), the way its worker went: ``lua/claim.lua``, arq's ``run_job`` reads (MULTI GET INCR
+EXPIRE EXEC), ``Store.start``, ``Store.complete``, arq's ``finish_job`` (MULTI DEL ZREM EXEC).
 redis-server runs under ``valgrind --tool=callgrind --instr-atstart=no``; instrumentation is on
 only while the measured jobs run (after a warm-up): instructions (Ir) per job compare two versions
 where CPU time on a shared machine cannot.
@@ -52,6 +54,10 @@ async def one_job(store: Store, redis: Redis, claim: object, progress: int = 0) 
     job_id = created.job_id or ""
     rid = schema.arq_run_id(job_id, 1)
     now_ms = time.time_ns() // 1_000_000
+    if hasattr(store, "claim"):
+        assert len(await store.claim([rid], now_ms + 60_000, 1)) == 1
+        assert await store.complete(job_id, 1, "null") == "completed"
+        return
     await claim(keys=[schema.ARQ_QUEUE], args=[in_progress_key_prefix, now_ms + 1, 60_000, 1, rid])  # type: ignore[operator]
     async with redis.pipeline(transaction=True) as pipe:  # arq's run_job
         pipe.get(job_key_prefix + rid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -95,3 +96,15 @@ async def messy_exit(ctx: JobContext, params: NapParams) -> None:
         await asyncio.sleep(params.seconds)
     except asyncio.CancelledError:
         raise CleanupFailed("cleanup failed while stopping") from None
+
+
+class GateParams(BaseModel):
+    gate: str  # a file path
+
+
+@job_type("gated", params=GateParams, description="Runs until file `gate` exists (the test opens it).")
+async def gated(ctx: JobContext, params: GateParams) -> dict[str, Any]:
+    ctx.progress(10, step="waiting for the gate")
+    while not os.path.exists(params.gate):
+        await asyncio.sleep(0.02)
+    return {"gate": "opened"}

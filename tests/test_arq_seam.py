@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import inspect
+import time
 import tomllib
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from jobcast.worker.store import Store
 FINGERPRINTS = {
     "Worker.__init__": "edfb0cd7e05e77cf",
     "Worker._poll_iteration": "f8d39d823a0a59f2",
+    "Worker.heart_beat": "2e9959bea66dc551",
     "Worker.start_jobs": "b45797cfa40bed7f",
     "Worker._release_sem_dec_counter_on_complete": "0ed101482e942c33",
     "Worker.run_job": "589a19059ff84ee7",
@@ -75,3 +77,79 @@ async def test_arq_reads_the_runs_jobcast_queues_in_its_own_format(redis: Redis,
     function, args, kwargs, tries, enqueued_ms = arq.jobs.deserialize_job_raw(raw, deserializer=orjson.loads)
     assert (function, list(args), kwargs, tries) == (schema.ARQ_FUNCTION, [created.job_id, 1], {}, 1)
     assert enqueued_ms > 1_700_000_000_000
+
+
+# --- A rolling upgrade: a worker that runs job runs through arq shares the queue with one that does not.
+# The earlier worker's side is played here exactly as it talks to Redis: lua/claim.lua (arq's checks
+# and in-progress lock), arq's run_job reading the payload, the state machine's `start` op, then
+# arq's finish_job. The record is the lock both respect: a run starts once, whoever claims first.
+
+
+async def _old_worker_claims(redis: Redis, run_id: str) -> bool:
+    claim = schema.Script(redis, (ROOT / "worker" / "lua" / "claim.lua").read_text())
+    now_ms = time.time_ns() // 1_000_000
+    claimed = await claim(
+        keys=[schema.ARQ_QUEUE], args=[arq.constants.in_progress_key_prefix, now_ms, 60_000, 1, run_id]
+    )
+    return bool(claimed)
+
+
+async def _old_worker_runs(redis: Redis, store: Store, job_id: str, run_id: str) -> str | None:
+    """arq's run_job, the earlier runner's start and outcome, arq's finish_job: the job's status
+    after its outcome, or None when the start was refused (another worker has the run)."""
+    assert await redis.get(arq.constants.job_key_prefix + run_id) is not None  # arq reads the payload first
+    outcome = None
+    if await store.start(job_id, 1, time.time_ns() // 1_000_000 + 60_000) is not None:
+        outcome = await store.complete(job_id, 1, '"old"')
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(*(prefix + run_id for prefix in (arq.constants.retry_key_prefix,
+                                                    arq.constants.in_progress_key_prefix,
+                                                    arq.constants.job_key_prefix)))  # fmt: skip
+        pipe.zrem(schema.ARQ_QUEUE, run_id)
+        await pipe.execute()
+    return outcome
+
+
+async def _queued_job(store: Store) -> tuple[str, str]:
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={"seconds": 0}, priority=Priority.NORMAL, max_attempts=3
+    )
+    job_id = created.job_id or ""
+    return job_id, schema.arq_run_id(job_id, 1)
+
+
+async def _statuses(redis: Redis, job_id: str) -> list[str]:
+    return [f["event"] for _, f in await redis.xrange(schema.job_log_key(job_id))]
+
+
+async def test_a_run_an_earlier_worker_locked_is_started_once_by_whoever_starts_it_first(
+    redis: Redis, store: Store
+) -> None:
+    job_id, run_id = await _queued_job(store)
+    assert await _old_worker_claims(redis, run_id)  # arq's lock: this version's claim does not look at it
+    (claimed,) = await store.claim([run_id], time.time_ns() // 1_000_000 + 60_000, 1)
+    assert (claimed.job_id, claimed.run) == (job_id, 1)
+    assert await _old_worker_runs(redis, store, job_id, run_id) is None  # its start is refused: not run
+    assert await store.complete(job_id, 1, '"new"') == "completed"
+    assert await _statuses(redis, job_id) == ["job.queued", "job.processing", "job.completed"]
+
+
+async def test_a_run_this_version_started_is_not_claimed_by_an_earlier_worker(redis: Redis, store: Store) -> None:
+    job_id, run_id = await _queued_job(store)
+    assert len(await store.claim([run_id], time.time_ns() // 1_000_000 + 60_000, 1)) == 1
+    assert not await _old_worker_claims(redis, run_id)  # off the queue since its start
+    assert await store.complete(job_id, 1, '"new"') == "completed"
+    assert await _statuses(redis, job_id) == ["job.queued", "job.processing", "job.completed"]
+    assert await redis.keys("arq:*") == []  # the payload went with the run's end
+
+
+async def test_a_run_an_earlier_worker_started_is_dropped_from_a_claim_that_read_it_before(
+    redis: Redis, store: Store
+) -> None:
+    job_id, run_id = await _queued_job(store)
+    assert await _old_worker_claims(redis, run_id)
+    assert await _old_worker_runs(redis, store, job_id, run_id) == "completed"
+    # This version's worker had read the run off the queue before: its claim starts nothing.
+    assert await store.claim([run_id], time.time_ns() // 1_000_000 + 60_000, 1) == []
+    assert await _statuses(redis, job_id) == ["job.queued", "job.processing", "job.completed"]
+    assert await redis.zcard(schema.ARQ_QUEUE) == 0 and await redis.keys("arq:*") == []

@@ -170,12 +170,14 @@ async def _every_op(client: RedisCluster, cell: int) -> dict[str, Any]:
     assert claimed[0] == schema.arq_run_id(one, 1, cell=cell)
     assert await store.start(one, 1, lease) is not None
     assert await store.progress(one, 1, 50.0, "half", None)
-    assert await store.heartbeat(lease, [(one, 1)]) == {one: "ok"}
+    assert await store.heartbeat(lease, [(one, 1)]) == {(one, 1): "ok"}
 
     second = (await create(max_attempts=2)).job_id
     assert second and await store.start(second, 1, lease) is None  # parked: the tenant runs one already
     assert await store.complete(one, 1, '{"ok": true}') == "completed"  # ... and lets it go
-    assert await store.start(second, 2, lease) is not None
+    # A worker's claim: the parked run 1 is stale (dropped from the queue), run 2 starts.
+    stale, current = (schema.arq_run_id(second, run, cell=cell) for run in (1, 2))
+    assert [(c.job_id, c.run) for c in await store.claim([stale, current], lease, 10)] == [(second, 2)]
     assert await store.retry(second, 2, ERROR, 0.001) == "queued"
     await wait_until(lambda: _promoted(store), timeout=10)
     assert await store.start(second, 3, lease) is not None
@@ -186,7 +188,7 @@ async def _every_op(client: RedisCluster, cell: int) -> dict[str, Any]:
     fourth = (await create(max_attempts=1)).job_id
     assert fourth and await store.start(fourth, 1, lease) is not None
     assert await store.cancel(fourth, "acme") == ("requested", None)
-    assert await store.heartbeat(lease, [(fourth, 1)]) == {fourth: "cancel"}
+    assert await store.heartbeat(lease, [(fourth, 1)]) == {(fourth, 1): "cancel"}
     assert await store.mark_cancelled(fourth, 1) == "cancelled"
     fifth = (await create(max_attempts=1)).job_id
     assert fifth and await store.start(fifth, 1, lease) is not None

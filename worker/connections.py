@@ -259,15 +259,7 @@ async def follow_primary(url: str, clients: Sequence[Redis]) -> None:
         delay = min(delay * 2, RECONNECT_MAX_S)
 
 
-class Switches:
-    """How many times this process has seen a cell's primary switched (:func:`follow_primary`): a
-    worker's run that spans a switch re-checks the job on the new primary (``worker.runner``)."""
-
-    count = 0
-
-
 async def _drop(service: str, clients: Sequence[Redis], change: str) -> None:
-    Switches.count += 1
     logger.warning("sentinel: primary of %s moved (%s); reconnecting", service, change)
     for client in clients:
         pool = client.connection_pool

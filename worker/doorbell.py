@@ -1,14 +1,16 @@
 """arq's ``Worker``, woken by a doorbell instead of polling: the base of Jobcast's two workers.
 
 **This module is the arq seam.** Jobcast keeps arq as its worker runtime (the queue format, the
-in-progress locks, timeouts, the function registry, signal handling) but changes how a worker picks
-jobs up, which arq offers no public hook for. Everything that depends on arq's internals is here,
-listed in :data:`ARQ_INTERNALS`, and nowhere else: the other modules use only what
-:class:`DoorbellWorker` offers (``wake``, ``halt``, ``pool_open``, ``close_pool``, ``running_jobs``, the
-``lock_timeout_s`` argument, ``_on_stop_signal``). ``tests/test_arq_seam.py`` fingerprints each
-listed arq internal, so an arq upgrade that changes one fails loudly and says what to re-check;
-``lua/jobs.lua`` and ``lua/claim.lua`` write arq's queue entries and locks in arq's own format, which
-the same test checks against arq's own reader. docs/DESIGN.md ("The arq seam") says how to upgrade.
+in-progress locks of webhook attempts, timeouts, the function registry, signal handling) but changes
+how a worker picks jobs up, which arq offers no public hook for. Everything that depends on arq's
+internals is here, listed in :data:`ARQ_INTERNALS`, and nowhere else: the other modules use only what
+:class:`DoorbellWorker` offers (``wake``, ``halt``, ``pool_open``, ``close_pool``, ``running_jobs``,
+the ``lock_timeout_s`` argument, ``_on_stop_signal``, and ``claim``, which a subclass may override).
+``tests/test_arq_seam.py`` fingerprints each listed arq internal, so an arq upgrade that changes one
+fails loudly and says what to re-check; ``lua/jobs.lua`` and ``lua/claim.lua`` write arq's queue
+entries and locks in arq's own format, which the same test checks against arq's own reader, and it
+plays a worker of the previous version (which ran job runs through arq) against this one's claim.
+docs/DESIGN.md ("The arq seam") says how to upgrade.
 
 arq polls its queue every ``poll_delay`` (0.5 s by default, so a job waits ~250 ms on average before
 an idle worker sees it). Jobcast's scripts PUBLISH on a doorbell channel whenever they queue
@@ -17,19 +19,23 @@ that, for a finished job (a slot is free), or for :meth:`DoorbellWorker._idle_ti
 fallback, or less when the subclass knows something falls due sooner — instead of sleeping.
 
 A worker reads at most as many queue entries as it has free slots, so a high-priority job submitted
-behind a backlog is next, not behind a batch already read. The runs read are claimed in one script
-call (``lua/claim.lua``: arq's own checks and lock, for the whole batch) instead of arq's four
-sequential round trips per run, which capped one worker at about a thousand no-op jobs a second (see
-BENCHMARKS.md). When Redis is away the worker keeps its process, backs off and tries again (what it
-would run is safe in Redis).
+behind a backlog is next, not behind a batch already read. The runs read are claimed in one call
+(:meth:`DoorbellWorker.claim`) instead of arq's four sequential round trips per run, which capped one
+worker at about a thousand no-op jobs a second (see BENCHMARKS.md): by default ``lua/claim.lua``
+(arq's own checks and lock, for the whole batch) and then arq's ``run_job`` for each, which is how
+the webhook delivery worker runs its attempts; the job worker overrides ``claim`` to start its runs
+in the same call and run them itself (:mod:`jobcast.worker.main`). When Redis is away the worker
+keeps its process, backs off and tries again (what it would run is safe in Redis).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+from collections.abc import Coroutine
 from importlib import resources
 from typing import Any
 
@@ -50,10 +56,13 @@ RECONNECT_MAX_S = 5.0
 ARQ_INTERNALS = {
     "Worker.__init__": "sets sem, job_counter, tasks, main_task, queue_read_limit, in_progress_timeout_s, "
     "allow_pick_jobs and _pool, which the overrides below read and write",
-    "Worker._poll_iteration": "overridden: bounds the read to the free slots, then waits for the doorbell",
-    "Worker.start_jobs": "replaced: claims the read runs in one script call (lua/claim.lua mirrors its checks)",
-    "Worker._release_sem_dec_counter_on_complete": "called as arq's own done-callback of every run",
-    "Worker.run_job": "called to run a claimed job exactly as arq would",
+    "Worker._poll_iteration": "replaced: reads as many runs as there are free slots, starts them and calls "
+    "heart_beat, as arq's does, but neither aborts, bursts nor walks every task; then waits for the doorbell",
+    "Worker.heart_beat": "called once per poll, as arq's poll iteration calls it (health-check key, cron jobs)",
+    "Worker.start_jobs": "replaced: claims the read runs in one call (DoorbellWorker.claim; lua/claim.lua "
+    "mirrors arq's checks) and runs each under arq's sem, job_counter and tasks",
+    "Worker._release_sem_dec_counter_on_complete": "called when a run's task ends, as arq's own done-callback",
+    "Worker.run_job": "called to run a delivery attempt exactly as arq would (job runs do not go through it)",
     "Worker.handle_sig_wait_for_completion": "overridden to log what a stop signal leaves running",
     "Worker.close": "runs on_shutdown and then sets _pool to None, which pool_open reads",
     "arq.jobs.deserialize_job_raw": "reads the payloads lua/jobs.lua writes in arq's format",
@@ -125,7 +134,7 @@ class DoorbellWorker(Worker):
         self._read = 0
         self.queue_read_limit = max(1, self.max_jobs - self.job_counter)
         try:
-            await super()._poll_iteration()
+            await self._read_and_start()
             idle = self._read < self.queue_read_limit or self.job_counter >= self.max_jobs
             timeout = await self._idle_timeout() if idle else 0.0
             self._poll_failures = 0
@@ -144,30 +153,56 @@ class DoorbellWorker(Worker):
             finally:
                 self.idle.clear()
 
+    async def _read_and_start(self) -> None:
+        """arq's poll iteration, less what Jobcast does not use (bursts, aborts) and less its walk
+        over every task on every poll (a cost that grew with the jobs running): a run's task leaves
+        ``tasks`` by itself when it ends (:meth:`_run_ended`)."""
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            job_ids = await self.pool.zrangebyscore(
+                self.queue_name, min=float("-inf"), max=timestamp_ms(), start=0, num=self.queue_read_limit
+            )
+            await self.start_jobs(job_ids)
+        await self.heart_beat()
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Start the runs read from the queue: claimed in one round trip (``lua/claim.lua``), then
-        run as arq runs them (``run_job``, arq's semaphore and job counter)."""
+        """Start the runs read from the queue: :meth:`claim` them (one round trip), then run each
+        under arq's semaphore and job counter, as arq would."""
         self._read = len(job_ids)
         free = self.max_jobs - self.job_counter
         if not job_ids or free <= 0:
             return
+        for key, coroutine in await self.claim([raw.decode() for raw in job_ids], free):
+            await self.sem.acquire()  # never waits: at most `free` runs were claimed
+            self.job_counter += 1
+            task = self.loop.create_task(coroutine)
+            task.add_done_callback(functools.partial(self._run_ended, key))
+            self.tasks[key] = task
+
+    async def claim(self, run_ids: list[str], free: int) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+        """Claim at most ``free`` of the runs read (best first): what to run, each with the key it is
+        known by in ``tasks``. By default, arq's way: ``lua/claim.lua`` (arq's checks and
+        in-progress lock, for the whole batch), then arq's ``run_job``. A subclass that starts its
+        runs itself overrides this (:class:`jobcast.worker.main.JobcastWorker`)."""
         if self._claim is None:
             self._claim = Script(self.pool, self._claim_source)
         lock_ms = int(self.in_progress_timeout_s * 1000)
-        args = [in_progress_key_prefix, timestamp_ms(), lock_ms, free, *job_ids]
+        args = [in_progress_key_prefix, timestamp_ms(), lock_ms, free, *run_ids]
         claimed = await self._claim(keys=[self.queue_name], args=args)
-        for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
-            await self.sem.acquire()  # never waits: at most `free` runs were claimed
-            self.job_counter += 1
-            job_id = raw_id.decode()
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            # After arq's own callback, so the slot is already counted free when the poll loop
-            # wakes (arq's after_job_end hook fires too early for that).
-            task.add_done_callback(self._slot_freed)
-            self.tasks[job_id] = task
+        return [
+            (raw_id.decode(), self.run_job(raw_id.decode(), int(float(score))))
+            for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True)
+        ]
 
-    def _slot_freed(self, task: asyncio.Task[None]) -> None:
+    def _run_ended(self, key: str, task: asyncio.Task[None]) -> None:
+        """A run's task ended: its slot is free (arq's own accounting), it leaves ``tasks`` (so
+        nothing walks finished runs; arq's poll loop walked them all on every poll), and what it
+        raised is logged (arq's loop re-raised it, ending the worker)."""
+        self._release_sem_dec_counter_on_complete()
+        if self.tasks.get(key) is task:
+            del self.tasks[key]
+        if not task.cancelled() and task.exception() is not None:
+            failure = task.exception()
+            logger.error("run %s ended with an unexpected error: %r", key, failure, exc_info=failure)
         self.wake()
 
     async def halt(self, grace_s: float = 0.0) -> None:

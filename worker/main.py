@@ -15,7 +15,12 @@ together by one signal handler. ``JOBCAST_WORKER_CONCURRENCY`` is per cell serve
 A departure from arq's defaults, deliberate: every job run gets its own arq id (``{c<cell>}{job id}.{run}``,
 see ``lua/jobs.lua``), and arq's own retry and abort machinery is not used: retries, cancellation
 and lost workers are handled by :mod:`jobcast.worker.runner` against the job record, which is the source
-of truth.
+of truth. Nor is arq's ``run_job``: the worker's claim of the runs it read from the queue starts them
+(``claim`` in ``lua/jobs.lua``, one call for the batch) and the runner runs them, so a job run costs
+arq no lock, no retry counter and no bookkeeping when it ends (docs/design/redis-layout.md, "Claim is
+start"). The queue's entries and payloads stay in arq's format, so a worker of an earlier version,
+which runs them through arq, can share the queue during a rolling upgrade. The webhook delivery
+worker runs its attempts arq's way.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Coroutine
 from typing import Any
 
 from arq.worker import func
@@ -47,13 +53,14 @@ from .types import Registry, load_registry
 
 logger = logging.getLogger(__name__)
 
-IN_PROGRESS_LOCK_S = 30.0
-
 
 async def run_job(ctx: dict[str, Any], job_id: str, run: int) -> None:
-    """The one arq function: run ``run`` of job ``job_id``."""
+    """The arq function the queue's payloads name (a worker of an earlier version runs them through
+    it). This worker starts its runs itself (:meth:`JobcastWorker.claim`), so arq never calls it
+    here; were it called, it would claim and run the run the same way."""
     runner: Runner = ctx["runner"]
-    await runner.execute(job_id, run)
+    for _, running in await runner.claim([schema.arq_run_id(job_id, run, cell=runner.store.cell)], 1):
+        await running
 
 
 class JobcastWorker(DoorbellWorker):
@@ -74,9 +81,6 @@ class JobcastWorker(DoorbellWorker):
             job_completion_wait=settings.shutdown_grace_s,
             on_startup=self._startup,
             on_shutdown=self._shutdown,
-            # arq's lock on a taken run lasts the longest timeout; ours matters only until the run's
-            # start (which takes it off the queue): a worker dying in between costs seconds, not an hour.
-            lock_timeout_s=IN_PROGRESS_LOCK_S,
         )
         self._background: list[asyncio.Task[None]] = []
         #: Set once it was told to stop (a signal, or a part of it died).
@@ -88,6 +92,12 @@ class JobcastWorker(DoorbellWorker):
         self._archive: Archive | None = None
         #: In-flight deliveries get this long to finish when the worker stops (jobs had their grace).
         self._delivery_grace_s = min(settings.shutdown_grace_s, settings.webhook_timeout_s)
+        self._runner: Runner | None = None
+
+    async def claim(self, run_ids: list[str], free: int) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+        """Job runs are started by their claim and run by the runner, not by arq (module docstring)."""
+        assert self._runner is not None  # set by _startup, before the first poll
+        return await self._runner.claim(run_ids, free)
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -97,7 +107,7 @@ class JobcastWorker(DoorbellWorker):
         runner = Runner(store, self.registry, self.settings, self.worker_id)
         # Both at once (the heartbeat lands in the new layout, harmless if this start is refused).
         await asyncio.gather(refuse_old_layout(self._redis), store.worker_seen(self.worker_id))
-        ctx["runner"] = runner
+        ctx["runner"] = self._runner = runner
         self.deliveries = DeliveryWorker(self.settings, redis=self._redis, pool=self.pool, cell=self.cell)
         deliveries = self.deliveries
         self._archive = Archive(self.settings.archive_url)

@@ -1,8 +1,10 @@
 """Runs jobs inside an arq worker: one run of one job, from ``processing`` to its outcome.
 
-arq gives us the queue, the per-run lock and the concurrency limit; the job's life is ours:
+arq gives us the queue and the concurrency limit; the job's life is ours:
 
-- ``start`` moves the job queued -> processing (only if this arq run is the job's current run),
+- the worker's claim of the runs it read from the queue starts them (``claim`` in ``lua/jobs.lua``:
+  queued -> processing, only for a run that is its job's current one, which is the lock), and the
+  runner runs what was started (:meth:`Runner.claim`, :meth:`Runner.run`), not arq's ``run_job``,
 - the handler runs as its own task, under the job type's timeout,
 - a heartbeat renews the lease of every running job every ``JOBCAST_HEARTBEAT_S`` seconds and learns
   of cancellations (also pushed on the control channel, so they usually land at once) and of lost
@@ -13,7 +15,9 @@ arq gives us the queue, the per-run lock and the concurrency limit; the job's li
 A maintenance loop in every worker promotes due retries onto the queue and reaps jobs whose
 lease lapsed (their worker died): they are retried, or failed with ``WorkerLost`` after the last
 attempt. A killed worker's job is therefore noticed within lease + sweep (< 30 s with defaults),
-whatever the job type's timeout.
+whatever the job type's timeout. A worker never reaps a run it is running itself (a Redis paused
+past the lease lapses every lease; its next heartbeat renews them), and a newer run of a job it
+still runs stops the older one (docs/design/redis-layout.md, "A Redis paused past a lease").
 """
 
 from __future__ import annotations
@@ -22,22 +26,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from .connections import Switches
+from . import schema
 from .context import JobContext
 from .errors import PermanentError, RetryableError
 from .logs import current_job
 from .models import JobError, JobStatus
 from .settings import Settings
-from .store import Store
+from .store import Claimed, Started, Store
 from .types import JobType, Registry
 
 logger = logging.getLogger(__name__)
@@ -45,8 +48,6 @@ logger = logging.getLogger(__name__)
 LEASE_HEARTBEATS = 3
 #: How long a worker keeps trying to write a finished attempt's outcome through a Redis outage.
 OUTCOME_RETRY_S = 60.0
-#: When the start of a run fails (Redis away), arq runs it again after this many seconds.
-START_RETRY_S = 1.0
 MESSAGE_MAX = 2000
 
 
@@ -92,24 +93,31 @@ class Runner:
 
     # --- one run ------------------------------------------------------------------------------------
 
-    async def execute(self, job_id: str, run: int) -> None:
-        token = current_job.set(job_id)
+    async def claim(self, run_ids: list[str], limit: int) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+        """Start at most ``limit`` of the runs read from the queue (:meth:`Store.claim`, one call):
+        what to run, each known by its arq run id. A start that fails leaves the runs queued (or,
+        when only the answer was lost, leased to nobody: the reaper takes them over)."""
         try:
-            await self._execute(job_id, run)
+            claimed = await self.store.claim(run_ids, self._lease_deadline(), limit)
+        except (RedisError, OSError) as exc:
+            jobs = ", ".join(schema.run_of(rid)[0] for rid in run_ids)
+            logger.warning("jobs %s: start failed (%s); they stay queued", jobs, exc)
+            raise
+        return [(schema.arq_run_id(c.job_id, c.run, cell=self.store.cell), self.run(c)) for c in claimed]
+
+    async def run(self, claimed: Claimed) -> None:
+        """Run a started run to its outcome. Cancelled (the worker stops past its grace period), it
+        hands the job back and ends as arq ends a cancelled job: normally (arq's close gathers the
+        tasks of its runs, and a cancelled one would end the process with the CancelledError)."""
+        token = current_job.set(claimed.job_id)
+        try:
+            await self._run(claimed.job_id, claimed.run, claimed.started)
+        except asyncio.CancelledError:
+            logger.info("job %s run %s: stopped by the worker's shutdown", claimed.job_id, claimed.run)
         finally:
             current_job.reset(token)
 
-    async def _execute(self, job_id: str, run: int) -> None:
-        switches = Switches.count
-        try:
-            started = await self.store.start(job_id, run, self._lease_deadline())
-        except (RedisError, OSError) as exc:
-            # Not started, or started and the answer lost (then the lease lapses and the reaper
-            # takes over). Either way arq must keep this run on its queue: Retry does that.
-            logger.warning("job %s run %s: start failed (%s); arq retries the run", job_id, run, exc)
-            raise Retry(defer=START_RETRY_S) from exc
-        if started is None:
-            return
+    async def _run(self, job_id: str, run: int, started: Started) -> None:
         attempt = started.attempt
         jt = self.registry.get(started.type)
         if jt is None:
@@ -142,6 +150,11 @@ class Runner:
         )
         task: asyncio.Task[Any] = asyncio.create_task(_await(jt.handler(ctx, params)), name=f"job-{job_id}")
         entry = _Running(run=run, task=task)
+        stale = self.running.get(job_id)
+        if stale is not None:
+            # A newer run of this job started here while an older one still runs (its lease lapsed
+            # and it was retried, e.g. Redis was paused past the lease): the older one is stale.
+            self.stop_job(job_id, "lost", run=stale.run)
         self.running[job_id] = entry
         try:
             try:
@@ -154,12 +167,9 @@ class Runner:
                 raise
             # Still in self.running while the outcome is written: heartbeats keep its lease.
             await self._record_outcome(jt, ctx, entry, timed_out=not done)
-            if Switches.count != switches:
-                # The primary changed during the run: the start and the outcome may have gone to
-                # the old one, and arq's own bookkeeping, next, goes to the new one.
-                await self._again_if_undone(job_id, run)
         finally:
-            self.running.pop(job_id, None)
+            if self.running.get(job_id) is entry:  # not a newer run's
+                del self.running[job_id]
             ctx.close()
 
     async def _durably(self, what: str, job_id: str, write: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -183,18 +193,17 @@ class Runner:
     async def _outcome(
         self, what: str, write: Callable[..., Awaitable[Any]], job_id: str, run: int, *args: Any
     ) -> None:
-        """Write a run's outcome (:meth:`_durably`); when it is refused, see :meth:`_again_if_undone`."""
+        """Write a run's outcome (:meth:`_durably`); when it is refused, say whether it was lost."""
         if await self._durably(what, job_id, write, job_id, run, *args) is None:
-            await self._again_if_undone(job_id, run)
+            await self._undone(job_id, run)
 
-    async def _again_if_undone(self, job_id: str, run: int) -> None:
+    async def _undone(self, job_id: str, run: int) -> None:
         """A run whose job is queued *at this very run* was never started as far as Redis knows: its
-        start was undone (a failover lost it). arq must then run it again (Retry keeps it on arq's
-        queue), or the job would wait forever for a run that arq considers done."""
+        start was undone (a failover lost it). Its queue entry was lost with the start, so it is
+        still on the queue and a worker claims it again; this is only said."""
         record = await self.store.get(job_id)
         if record is not None and record.status is JobStatus.QUEUED and record.run == run:
-            logger.warning("job %s run %s: its start was lost (Redis failover); queued again", job_id, run)
-            raise Retry(defer=START_RETRY_S)
+            logger.warning("job %s run %s: its start was lost (Redis failover); it runs again", job_id, run)
 
     async def _stop(self, job_id: str, task: asyncio.Task[Any]) -> None:
         """Cancel a handler and wait for it to end. Waited on, not awaited: a cancellation of our
@@ -215,7 +224,6 @@ class Runner:
             return
         if task.cancelled():
             if entry.stop_reason == "lost":
-                await self._again_if_undone(job_id, run)
                 logger.warning("job %s run %s: lease lost, another run owns the job; nothing recorded", job_id, run)
                 return
             await ctx.drain()
@@ -252,9 +260,10 @@ class Runner:
 
     # --- signals from outside -------------------------------------------------------------------------
 
-    def stop_job(self, job_id: str, reason: str) -> None:
+    def stop_job(self, job_id: str, reason: str, *, run: int | None = None) -> None:
+        """Stop the handler of ``job_id`` (of its run ``run`` only, when given)."""
         entry = self.running.get(job_id)
-        if entry is not None and entry.stop_reason is None:
+        if entry is not None and entry.stop_reason is None and run in (None, entry.run):
             logger.info("job %s: stopping handler (%s)", job_id, reason)
             entry.stop_reason = reason
             entry.task.cancel()
@@ -264,9 +273,9 @@ class Runner:
             await self.store.worker_seen(self.worker_id)
         runs = [(job_id, entry.run) for job_id, entry in self.running.items()]
         states = await self.store.heartbeat(self._lease_deadline(), runs)
-        for job_id, state in states.items():
+        for (job_id, run), state in states.items():
             if state in ("cancel", "lost"):
-                self.stop_job(job_id, state)
+                self.stop_job(job_id, state, run=run)
 
     async def heartbeat_forever(self) -> None:
         while True:
@@ -281,6 +290,10 @@ class Runner:
         _, next_due = await self.store.promote()
         now_ms = time.time_ns() // 1_000_000
         for job_id in await self.store.overdue(now_ms):
+            if job_id in self.running:
+                # Ours, and running: its lease lapsed only because it could not be renewed (Redis
+                # paused or away longer than a lease); the next heartbeat renews it.
+                continue
             error = JobError(
                 type="WorkerLost",
                 message="the worker running this attempt stopped renewing its lease (killed, crashed or hung)",

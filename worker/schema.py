@@ -28,7 +28,8 @@ key                                        type     holds
 ``jobcast:{c0}:apikeys``                   hash     key id -> tenant, label, time, SHA-256 of the key
 ``jobcast:{c0}:streams:{t}``               zset     the tenant's open event streams, scored by expiry (ms)
 ``jobcast:{c0}:queue``                     zset     arq's queue of job runs (``{rid}``)
-``arq:job:{rid}``, ``arq:in-progress:...`` arq's    the run being executed (arq's own keys: the run id's tag)
+``arq:job:{rid}``, ``arq:in-progress:...`` arq's    a queued run's payload (arq's own keys: the run id's tag); a
+                                                    job run takes no in-progress key (its claim starts it)
 ``jobcast:{c0}:delivery:{wid}``            hash     a webhook delivery
 ``jobcast:{c0}:delivery:{wid}:attempts``   list     its attempts, JSON each, oldest first (capped)
 ``jobcast:{c0}:deliveries:{id}``           list     the webhook-ids of a job's deliveries, in order
@@ -216,6 +217,12 @@ def streams_key(tenant: str, *, cell: int = 0) -> str:
 def arq_run_id(job_id: str, run: int, *, cell: int = 0) -> str:
     """arq's id of run ``run`` of a job: tagged, so arq's own keys for it are in the cell's slot."""
     return f"{tag(cell)}{job_id}.{run}"
+
+
+def run_of(run_id: str) -> tuple[str, int]:
+    """The job id and run of arq run id ``run_id`` (:func:`arq_run_id`, of any cell)."""
+    job_id, _, run = run_id[run_id.index("}") + 1 :].rpartition(".")
+    return job_id, int(run)
 
 
 def attempt_id(webhook_id: str, seq: int, *, cell: int = 0) -> str:

@@ -59,6 +59,15 @@ class Started:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """A run :meth:`Store.claim` started."""
+
+    job_id: str
+    run: int
+    started: Started
+
+
+@dataclass(frozen=True)
 class Event:
     """One entry of an event log."""
 
@@ -271,6 +280,24 @@ class Store:
             return None
         return Started(reply[1], reply[2], int(reply[3]), int(reply[4]))
 
+    async def claim(self, run_ids: list[str], lease_deadline_ms: int, limit: int) -> list[Claimed]:
+        """Start at most ``limit`` of the arq runs ``run_ids`` (read from the queue's head, best
+        first), in one call: the worker runs what this returns itself (no arq lock, no arq
+        ``run_job``). Runs that are no longer their job's current queued run are dropped from the
+        queue; a tenant at its limit parks its run (see ``start`` in ``lua/jobs.lua``)."""
+        if not run_ids:
+            return []
+        job_ids = [schema.run_of(rid)[0] for rid in run_ids]
+        reply = await self._script(
+            "claim", lease_deadline_ms, limit, *run_ids, keys=self._job_keys(*dict.fromkeys(job_ids))
+        )
+        claimed = []
+        for i in range(0, len(reply), 5):
+            job_id, run = schema.run_of(reply[i])
+            started = Started(reply[i + 1], reply[i + 2], int(reply[i + 3]), int(reply[i + 4]))
+            claimed.append(Claimed(job_id, run, started))
+        return claimed
+
     async def progress(
         self, job_id: str, run: int, percent: float, step: str | None, message: str | None, *, eta: str | None = None
     ) -> bool:
@@ -287,8 +314,8 @@ class Store:
         progress = orjson.dumps(body).decode()
         return bool(await self._script("progress", job_id, run, repr(percent), progress, keys=self._job_keys(job_id)))
 
-    async def heartbeat(self, lease_deadline_ms: int, runs: list[tuple[str, int]]) -> dict[str, str]:
-        """Renew the leases of ``runs``; returns job id -> ``ok`` | ``cancel`` | ``lost``."""
+    async def heartbeat(self, lease_deadline_ms: int, runs: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """Renew the leases of ``runs`` (job id, run); returns each -> ``ok`` | ``cancel`` | ``lost``."""
         if not runs:
             return {}
         flat: list[str | int] = []
@@ -296,7 +323,7 @@ class Store:
             flat += [job_id, run]
         keys = [schema.job_key(job_id, cell=self.cell) for job_id, _ in runs]
         reply = await self._script("heartbeat", lease_deadline_ms, *flat, keys=keys)
-        return {job_id: state for (job_id, _), state in zip(runs, reply, strict=True)}
+        return dict(zip(runs, reply, strict=True))
 
     async def _finish(self, op: str, job_id: str, run: int, payload: str = "", delay_ms: int = 0) -> str | None:
         reply = await self._script(op, job_id, run, payload, delay_ms, keys=self._job_keys(job_id))

@@ -505,6 +505,39 @@ local function delivery_finish(wid, tenant, outcome)
 end
 
 
+-- Start run `run` of job `id` (queued -> processing), leased until `deadline` (ms, a string): the
+-- record as it now is, or nil and why not ('parked': its tenant is at its limit, the run was put in
+-- the tenant's waiting line with a new run number; else the job's status, or 'missing').
+local function start(id, run, deadline)
+  local r = load(id, 'params')
+  if r.status ~= 'queued' or r.run ~= run then return nil, r.status or 'missing' end
+  local limit = tonumber(CFG_TENANT_CONCURRENCY)
+  if limit > 0 then
+    if redis.call('SCARD', K_TENANT_RUNNING .. r.tenant) >= limit then
+      local parked = tonumber(run) + 1
+      arq_forget(id, tonumber(run), r.tenant, 'queued')
+      redis.call('HSET', job_key(id), 'run', parked)
+      redis.call('ZADD', K_TENANT_WAITING .. r.tenant,
+        now_ms - (PRIORITY_BOOST[r.priority] or PRIORITY_BOOST.normal), run_id(id, parked))
+      redis.call('SADD', K_WAITING_TENANTS, r.tenant)
+      return nil, 'parked'
+    end
+    redis.call('SADD', K_TENANT_RUNNING .. r.tenant, id)
+  end
+  r.progress = NO_PROGRESS
+  transition(id, r, 'processing', EVENT.processing, '',
+    {'started_at', now_iso, 'started_ms', now_ms_s, 'percent', '0', 'progress', NO_PROGRESS})
+  redis.call('ZADD', K_RUNNING, deadline, id)
+  -- Taken off arq's queue now (arq would keep it there until the run ends): the queue then holds
+  -- only runs nobody took yet, so a worker's read of its head never wades through running ones.
+  -- Last, once everything else is written: a start that fails part-way (an error reply from Redis
+  -- ends a script where it stands) leaves the run on the queue, where a worker's next claim finds
+  -- it again.
+  redis.call('ZREM', K_ARQ_QUEUE, run_id(id, run))
+  return r
+end
+
+
 ----------------------------------------------------------------------------------------------------
 -- One call: everything above is defined once per load (a Redis Function library, see
 -- worker/schema.py), the op runs here.
@@ -558,34 +591,40 @@ if op == 'create' then
 
 elseif op == 'start' then
   -- id run lease_deadline_ms -> {'ok', type, params, attempt, max_attempts} or {'skip', status}
-  local id, run = ARGV[4], ARGV[5]
-  local r = load(id, 'params')
-  if r.status ~= 'queued' or r.run ~= run then return {'skip', r.status or 'missing'} end
-  local limit = tonumber(CFG_TENANT_CONCURRENCY)
-  if limit > 0 then
-    if redis.call('SCARD', K_TENANT_RUNNING .. r.tenant) >= limit then
-      local parked = tonumber(run) + 1
-      arq_forget(id, tonumber(run), r.tenant, 'queued')
-      redis.call('HSET', job_key(id), 'run', parked)
-      redis.call('ZADD', K_TENANT_WAITING .. r.tenant,
-        now_ms - (PRIORITY_BOOST[r.priority] or PRIORITY_BOOST.normal), run_id(id, parked))
-      redis.call('SADD', K_WAITING_TENANTS, r.tenant)
-      return {'skip', 'parked'}
-    end
-    redis.call('SADD', K_TENANT_RUNNING .. r.tenant, id)
-  end
-  r.progress = NO_PROGRESS
-  transition(id, r, 'processing', EVENT.processing, '',
-    {'started_at', now_iso, 'started_ms', now_ms_s, 'percent', '0', 'progress', NO_PROGRESS})
-  redis.call('ZADD', K_RUNNING, ARGV[6], id)
-  -- Taken off arq's queue now (arq would keep it there until the run ends): the queue then holds
-  -- only runs nobody took yet, so a worker's read of its head never wades through running ones.
-  -- Last, once everything else is written: a start that fails part-way (an error reply from Redis
-  -- ends a script where it stands) leaves the run on the queue, where the worker's retry
-  -- (arq's ZINCRBY by the delay) finds it. Re-added by ZINCRBY instead, it would be scored at the
-  -- delay alone plus the priority offset, in 2033, and never run.
-  redis.call('ZREM', K_ARQ_QUEUE, run_id(id, run))
+  local r, status = start(ARGV[4], ARGV[5], ARGV[6])
+  if not r then return {'skip', status} end
   return {'ok', r.type, r.params, r.attempt, r.max_attempts}
+
+elseif op == 'claim' then
+  -- lease_deadline_ms limit rid... -> {rid, type, params, attempt, max_attempts, ...}: the runs
+  -- started, at most `limit`, in the order given (the queue's head, best first). KEYS: the queue,
+  -- then each rid's job's record and log.
+  -- A worker's claim of the runs it read from the queue *is* their start: there is no arq lock
+  -- and no arq run_job for a job run (docs/design/redis-layout.md, "Claim is start"). The record is
+  -- the lock: only a run that is its job's current one, queued, starts, so two workers (or an old
+  -- worker that runs it through arq, during a rolling upgrade) never both start it. The due time is
+  -- not checked again (the worker read only due entries; see the design note). A run that is not
+  -- its job's current queued one is stale: its queue entry and payload go (arq's finish_job did that).
+  local deadline, limit = ARGV[4], tonumber(ARGV[5])
+  local out, started = {}, 0
+  for i = 6, #ARGV do
+    if started >= limit then break end
+    local rid = ARGV[i]
+    local id, run = run_of(rid)
+    local r, status = start(id, run, deadline)
+    if r then
+      started = started + 1
+      out[#out + 1] = rid
+      out[#out + 1] = r.type
+      out[#out + 1] = r.params
+      out[#out + 1] = r.attempt
+      out[#out + 1] = r.max_attempts
+    elseif status ~= 'parked' then
+      redis.call('ZREM', K_ARQ_QUEUE, rid)
+      redis.call('DEL', K_ARQ_JOB .. rid)
+    end
+  end
+  return out
 
 elseif op == 'progress' then
   -- id run percent progress_json -> 1 written, 0 ignored (stale run, not processing, or going down)
