@@ -25,15 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
+import hiredis
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
-from redis.exceptions import RedisError
+from redis.exceptions import DataError, RedisError
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,42 @@ def _host_port(part: str) -> tuple[str, int]:
     return host, int(port) if port else DEFAULT_SENTINEL_PORT
 
 
+class HiredisPacking:
+    """Commands packed by hiredis (C), not by redis-py's asyncio connection, which packs in Python
+    whether hiredis is installed or not (its parser is hiredis's; its packer is not): a mixin of
+    every connection class of Jobcast's clients (:func:`packed_by_hiredis`)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # As redis-py's: a command name with spaces ("CONFIG GET") goes as several arguments.
+        if isinstance(args[0], str):
+            args = tuple(args[0].encode().split()) + args[1:]
+        elif b" " in args[0]:
+            args = tuple(args[0].split()) + args[1:]
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # redis-py's error for a value it cannot send (None, bool, ...)
+            raise DataError(str(exc)) from None
+
+    def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
+        return [b"".join(self.pack_command(*command)[0] for command in commands)]
+
+
+_packed: dict[type[Any], type[Any]] = {}
+_Client = TypeVar("_Client")
+
+
+def packed_by_hiredis(client: _Client) -> _Client:
+    """``client`` (a redis-py asyncio client, arq's too), its connections now packing commands with
+    hiredis; before it has made any."""
+    pool = client.connection_pool  # type: ignore[attr-defined]
+    base = pool.connection_class
+    if not issubclass(base, HiredisPacking):
+        if base not in _packed:
+            _packed[base] = type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
+        pool.connection_class = _packed[base]
+    return client
+
+
 class _Connection(SentinelManagedConnection):
     """A connection to a Sentinel-managed primary that closes at once: the pool's ``disconnect``
     after a failover then leaves no moment in which another task could write to a half-closed
@@ -152,7 +189,7 @@ def redis_for(url: str) -> Redis:
     """A Redis client for a cell URL, as every Jobcast process uses it."""
     if not is_sentinel_url(url):
         client: Redis = Redis.from_url(url, **CLIENT_OPTIONS)  # type: ignore[arg-type]
-        return client
+        return packed_by_hiredis(client)
     address = parse_sentinel_url(url)
     primary: Redis = _primary_for(address, Redis, **CLIENT_OPTIONS)
     return primary
@@ -172,14 +209,16 @@ def _primary_for(address: SentinelAddress, redis_class: type[Any], **options: An
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(address.sentinels), sentinel_kwargs=dict(SENTINEL_OPTIONS), **options
     )
-    return sentinel.master_for(
-        address.service,
-        redis_class=redis_class,
-        connection_pool_class=_PrimaryPool,
-        connection_class=_Connection,
-        db=address.db,
-        username=address.username,
-        password=address.password,
+    return packed_by_hiredis(
+        sentinel.master_for(
+            address.service,
+            redis_class=redis_class,
+            connection_pool_class=_PrimaryPool,
+            connection_class=_Connection,
+            db=address.db,
+            username=address.username,
+            password=address.password,
+        )
     )
 
 
@@ -221,7 +260,7 @@ async def follow_primary(url: str, clients: Sequence[Redis]) -> None:
     while True:
         host, port = address.sentinels[turn % len(address.sentinels)]
         # No socket timeout: the subscription is quiet until a failover.
-        sentinel = Redis(host=host, port=port, socket_connect_timeout=5, decode_responses=True)
+        sentinel = packed_by_hiredis(Redis(host=host, port=port, socket_connect_timeout=5, decode_responses=True))
         pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe("+switch-master")

@@ -1,0 +1,68 @@
+"""Jobcast's Redis clients pack their commands with hiredis (redis-py's asyncio connection packs them
+in Python even with hiredis installed): every client a Jobcast process makes, checked on the clients
+themselves and against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import DataError
+
+from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.worker.connections import HiredisPacking, arq_pool_for, packed_by_hiredis, redis_for
+
+from .conftest import STATE_KEY, ServerHandle
+
+SENTINEL_URL = "redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster"
+
+
+def packs_with_hiredis(client: object) -> bool:
+    return issubclass(client.connection_pool.connection_class, HiredisPacking)  # type: ignore[attr-defined]
+
+
+async def test_every_client_of_a_running_server_packs_with_hiredis(server: ServerHandle) -> None:
+    cells = server.server.lifespan.state[STATE_KEY].cells
+    clients = [client for cell in cells for client in (cell.redis, cell.store.redis, cell.stream_slots.redis)]
+    assert clients and all(packs_with_hiredis(client) for client in clients)
+    pool = cells[0].redis.connection_pool
+    in_use = [*pool._available_connections, *pool._in_use_connections]
+    assert in_use and all(isinstance(conn, HiredisPacking) for conn in in_use)  # the hub's one too
+
+
+async def test_clients_of_a_sentinel_managed_cell_pack_with_hiredis() -> None:
+    primary, pool = redis_for(SENTINEL_URL), arq_pool_for(SENTINEL_URL)
+    try:
+        assert packs_with_hiredis(primary) and packs_with_hiredis(pool)
+    finally:
+        await primary.aclose()
+        assert pool is not None
+        await pool.aclose()
+
+
+async def test_commands_packed_by_hiredis_mean_what_redis_py_would_send(redis_server: RedisProcess) -> None:
+    client = redis_for(redis_server.url)
+    plain = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        assert packs_with_hiredis(client) and packed_by_hiredis(client) is client
+        conn = client.connection_pool.make_connection()
+        python = plain.connection_pool.make_connection()
+        for args in [("SET", "k", "é\x00"), ("EVALSHA", "ab", 2, "k1", "k2", -3, 0.1, 1e20), ("CONFIG GET", "x")]:
+            assert b"".join(conn.pack_command(*args)) == b"".join(python.pack_command(*args))
+        commands = [("SET", "a", 1), ("GET", "a")]
+        assert b"".join(conn.pack_commands(commands)) == b"".join(python.pack_commands(commands))
+        with pytest.raises(DataError):
+            conn.pack_command("SET", "k", None)
+        # Against Redis: a command, a spaced one, a pipeline, a script.
+        await client.set("k", "é")
+        assert await client.get("k") == "é"
+        assert await client.execute_command("CONFIG GET", "maxmemory-policy")
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.incr("n").incrby("n", 41)
+            assert await pipe.execute() == [1, 42]
+        assert await client.eval("return ARGV[1] .. KEYS[1]", 1, "k", 7) == "7k"
+        assert await asyncio.gather(*(client.incr("c") for _ in range(10)))
+    finally:
+        await client.aclose()
+        await plain.aclose()
