@@ -32,6 +32,7 @@ from urllib.parse import unquote
 
 import hiredis
 from arq.connections import ArqRedis, RedisSettings
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import DataError, RedisError
@@ -124,10 +125,40 @@ def _host_port(part: str) -> tuple[str, int]:
     return host, int(port) if port else DEFAULT_SENTINEL_PORT
 
 
+#: The redis-py internals :class:`HiredisPacking` relies on, and how (tests/test_connections.py
+#: fingerprints each: an upgrade that changes one fails loudly).
+REDIS_INTERNALS = {
+    "_AsyncHiredisParser.on_connect": "keeps the connection's StreamReader as _stream and a hiredis Reader "
+    "whose gets() answers NOT_ENOUGH_DATA as _reader; sets _connected",
+    "_AsyncHiredisParser.can_read_destructive": "what the quick check replaces: a reply already parsed, "
+    "else a read of the stream under a zero timeout",
+    "AbstractConnection.can_read_destructive": "calls the parser's, turns an OSError into a ConnectionError",
+    "ConnectionPool.ensure_connection": "under the pool's lock, for every connection handed out: True "
+    "(data waiting, or the connection closed) means reconnect",
+}
+
+
 class HiredisPacking:
     """Commands packed by hiredis (C), not by redis-py's asyncio connection, which packs in Python
     whether hiredis is installed or not (its parser is hiredis's; its packer is not): a mixin of
-    every connection class of Jobcast's clients (:func:`packed_by_hiredis`)."""
+    every connection class of Jobcast's clients (:func:`packed_by_hiredis`).
+
+    It also checks a connection the pool hands out without waiting: redis-py's check reads the
+    socket under a zero timeout, which costs every command a timer, a cancelled read and a turn of
+    the event loop, with the pool's lock held (so concurrent commands take connections one loop turn
+    at a time; redis-py issues #3692, #3842). What that read could find is already in the
+    connection's stream buffer (the transport hands data over as it arrives): bytes waiting, the
+    end of the stream or its error. :data:`REDIS_INTERNALS` lists what this relies on."""
+
+    async def can_read_destructive(self) -> bool:
+        parser: Any = getattr(self, "_parser", None)
+        stream = getattr(parser, "_stream", None)
+        if type(parser) is not _AsyncHiredisParser or not parser._connected or stream is None:
+            return bool(await super().can_read_destructive())  # type: ignore[misc]
+        reader: Any = parser._reader
+        if reader.gets() is not NOT_ENOUGH_DATA:
+            return True  # a reply nobody read
+        return bool(stream._buffer) or stream.at_eof() or stream.exception() is not None
 
     def pack_command(self, *args: Any) -> list[bytes]:
         # As redis-py's: a command name with spaces ("CONFIG GET") goes as several arguments.
