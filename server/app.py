@@ -53,6 +53,10 @@ from .ws.registry import Sockets
 
 logger = logging.getLogger(__name__)
 
+#: At shutdown, how long the requests still running get to end once cancelled, and the removal of
+#: the ended streams' slots from Redis to finish.
+REQUESTS_END_S = 5.0
+
 
 def create_app(settings: Settings | None = None, *, bind_host: str | None = None) -> JobcastApp:
     """The application; ``bind_host`` is the address the server listens on (``jobcast web --host``),
@@ -67,7 +71,7 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
     asyncapi = render_asyncapi()
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
+    async def lifespan(app: JobcastApp) -> AsyncIterator[dict[str, Services]]:
         archive = Archive(settings.archive_url)  # connects on first use; one for all cells
         process = ProcessStreams(settings.sse_max_streams)
         cells = tuple(build_cell(settings, index, archive, process) for index in range(len(settings.cell_urls)))
@@ -120,8 +124,14 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                 for task in background:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                # Requests uvicorn cancelled when its graceful shutdown timed out (streams still
+                # opening, mid Redis call) end before their connections are closed under them: a
+                # connection a cancelled command holds would otherwise be left to the collector.
+                await app.requests_ended(REQUESTS_END_S)
                 for cell in cells:
                     await cell.hub.stop()
+                for cell in cells:  # the slots of the streams that just ended, removed from Redis
+                    await cell.stream_slots.settle(REQUESTS_END_S)
             finally:
                 for cell in cells:  # whatever happened above: no connection left to the collector
                     await cell.redis.aclose()
@@ -142,7 +152,13 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
 def build_cell(settings: Settings, index: int, archive: Archive, process: ProcessStreams) -> Cell:
     """Cell ``index`` as a server process uses it (nothing connects yet)."""
     redis = redis_client(settings, index)
-    slots = StreamSlots(redis, process=process, per_tenant=settings.sse_max_streams_per_tenant, cell=index)
+    slots = StreamSlots(
+        redis,
+        process=process,
+        per_tenant=settings.sse_max_streams_per_tenant,
+        cell=index,
+        log_max={"job": settings.job_log_max, "tenant": settings.tenant_log_max},
+    )
     config = StreamConfig(ping_s=settings.sse_ping_s, send_timeout_s=settings.sse_send_timeout_s)
     rate = settings.submit_rate_limit
     return Cell(
@@ -190,7 +206,35 @@ class JobcastApp(Starlette):
     #: The query parameters each operation declares (set by create_app).
     stream_query: dict[tuple[str, str], frozenset[str]]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The tasks of the requests (and WebSockets) being served.
+        self.requests: set[asyncio.Task[Any]] = set()
+
+    async def requests_ended(self, timeout: float) -> None:
+        """Return once every request's task has ended, cancelling those still running (uvicorn
+        cancelled them already if its graceful shutdown timed out); at most ``timeout`` seconds."""
+        running = [task for task in self.requests if task is not asyncio.current_task()]
+        for task in running:
+            task.cancel()
+        if running:
+            _, pending = await asyncio.wait(running, timeout=timeout)
+            if pending:
+                logger.error("%d requests did not end within %.0f s of being cancelled", len(pending), timeout)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await super().__call__(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.requests.add(task)
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            self.requests.discard(task)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
             matched = events.match(scope["path"])
             if matched is not None:

@@ -32,8 +32,9 @@ WS_DESCRIPTION = (
     "One WebSocket for many channels ('job:<job id>' and 'tenant'). Every frame is one JSON text message. "
     "The client sends subscribe, unsubscribe, cancel and ping, each with a 'ref' echoed in the reply (ok, "
     "pong or error); the server sends event frames (id, event and data exactly as the channel's SSE stream) "
-    "and an end frame after a job's terminal event. Close codes: 1012 server restart, 1013 too slow or "
-    "store unavailable; on either, reconnect and re-subscribe with the last id of each channel. "
+    "and an end frame after a job's terminal event. Close codes: 1012 server restart, 1013 too slow, "
+    "store unavailable, or a channel's last event lost by a Redis failover; on either, reconnect and "
+    "re-subscribe with the last id of each channel (a lost one is answered with a 410 error frame). "
     "See docs/API.md, WebSocket."
 )
 

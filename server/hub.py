@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError
 
 from jobcast.worker.models import TERMINAL_EVENTS, Audience
 from jobcast.worker.supervision import supervise
@@ -117,6 +117,8 @@ class Hub:
         #: Messages read from the pub/sub connection (the events of the tenants it listens to).
         self.received = 0
         self.slow_consumers = 0
+        #: Pub/sub connections lost (a reconnect followed, each flagging every listener ``resync``).
+        self.reconnects = 0
         self.direct_writes = 0
         self.deferred_writes = 0
 
@@ -240,6 +242,9 @@ class Hub:
             try:
                 # Every tenant with listeners, in one SUBSCRIBE; its last reply flags them resync.
                 await self.channels.subscribe(pubsub, self.channels.online())
+                # redis-py re-opens a pub/sub connection closed while nobody was reading it (a
+                # failover's drop) and re-subscribes by itself: taken as the loss it is (below).
+                pubsub.connection.register_connect_callback(self._reopened)  # type: ignore[attr-defined]
                 if self._on_connect is not None:
                     await self._on_connect()
                 if not first:
@@ -253,6 +258,7 @@ class Hub:
                 for task in done:
                     task.result()  # what ended it (they only end by raising)
             except (RedisError, OSError) as exc:
+                self.reconnects += 1
                 self.connected.clear()
                 self._flag_all(resync=True)
                 logger.warning("hub: Redis connection lost (%s); reconnecting in %.1fs", exc, delay)
@@ -260,12 +266,21 @@ class Hub:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if pubsub.connection is not None:  # it goes back to the pool: no callback of ours on it
+                    pubsub.connection.deregister_connect_callback(self._reopened)
                 self.connected.clear()
                 self.channels.offline()
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _reopened(self, connection: object) -> None:
+        """redis-py's connect callback: the pub/sub connection was opened again by redis-py itself
+        (closed while nobody was reading it, then used). What was published meanwhile reached no
+        one, and the subscriptions' state is redis-py's, not ours: end this connection as a lost
+        one, so that the hub reconnects, subscribes and flags every listener ``resync``."""
+        raise ConnectionError("redis-py re-opened the pub/sub connection")
 
     async def _read_forever(self, pubsub: PubSub) -> None:
         while True:

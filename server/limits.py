@@ -17,17 +17,20 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from jobcast.worker import schema
+from jobcast.worker.models import TERMINAL, Audience
 
 from .problems import Problem, TooManyRequests, Unavailable
 
 logger = logging.getLogger(__name__)
 
 POLICY = "submit"
+TERMINAL_STATUSES = [status.value for status in TERMINAL]
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,19 @@ class StreamSlots:
     TTL_S = 60.0
     REFRESH_S = 20.0
 
-    def __init__(self, redis: Redis, *, process: ProcessStreams, per_tenant: int, cell: int = 0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        process: ProcessStreams,
+        per_tenant: int,
+        cell: int = 0,
+        log_max: dict[Audience, int],
+    ) -> None:
         self.redis = redis
+        #: The logs' caps (``JOBCAST_JOB_LOG_MAX``, ``JOBCAST_TENANT_LOG_MAX``): on Redis 6, a log at
+        #: its cap counts as trimmed.
+        self.log_max = log_max
         #: The cell this Redis is (its keys carry its tag).
         self.cell = cell
         self.process = process
@@ -129,6 +143,8 @@ class StreamSlots:
         #: Tenant slots let go of (release_soon) and not yet removed from Redis; who removes them.
         self._leaving: list[tuple[str, str]] = []
         self._remover: asyncio.Task[None] | None = None
+        #: Shutting down: slots let go of are no longer removed (:meth:`settle`).
+        self._settled = False
         #: Opens a stream: takes the tenant's slot in the round trip that reads the log.
         self.open_script = schema.StreamOpenScript(redis)
 
@@ -152,6 +168,37 @@ class StreamSlots:
         if self.per_tenant:
             self._open.setdefault(tenant, set()).add(slot)
 
+    async def open_log(
+        self,
+        audience: Audience,
+        key: str,
+        tenant: str,
+        last_id: str | None,
+        *,
+        page: int,
+        slot: str | None = None,
+    ) -> tuple[str, str, list[Any]]:
+        """The one check of where a stream resumes (``worker/lua/streams.lua``), for SSE streams and
+        WebSocket subscriptions alike: the job, ``last_id`` against the log (trimmed past it, lost by
+        a failover, ahead of it, or nothing after it for a finished job), then the first ``page``
+        events after it (without ``last_id``: a job's from its start, the tenant's log's tip only).
+        ``slot``: also take one of the tenant's stream slots (none is taken without it).
+        (outcome, tip, entries): see :func:`jobcast.resumes.refusal` for what an outcome tells the
+        client."""
+        cell = self.cell
+        log = schema.job_log_key(key, cell=cell) if audience == "job" else schema.tenant_log_key(key, cell=cell)
+        keys = [
+            log,
+            schema.streams_key(tenant, cell=cell),
+            schema.job_key(key, cell=cell) if audience == "job" else log,
+            schema.in_cell(schema.EPOCH, cell),
+        ]
+        now_ms, ttl_ms = int(time.time() * 1000), int(self.TTL_S * 1000)
+        cap = self.per_tenant if slot is not None else 0
+        mode = "replay" if audience == "job" else "live"
+        args: list[str | int] = [audience, tenant, last_id or "", mode, page, now_ms, ttl_ms, cap, slot or ""]
+        return await self.open_script(keys, [*args, self.log_max[audience], *TERMINAL_STATUSES])
+
     async def acquire(self, tenant: str) -> str:
         """A place for a held long-poll: this process's cap, then the tenant's, taken by the same
         script that opens a tenant feed (live, so it reads nothing but the log's tip); its slot id.
@@ -160,11 +207,7 @@ class StreamSlots:
         slot = self.new_slot()
         try:
             if self.per_tenant:
-                log = schema.tenant_log_key(tenant, cell=self.cell)
-                now_ms, ttl_ms = int(time.time() * 1000), int(self.TTL_S * 1000)
-                args: list[str | int] = ["tenant", tenant, "", "live", 0, now_ms, ttl_ms, self.per_tenant, slot, 0]
-                keys = [log, schema.streams_key(tenant, cell=self.cell), log, schema.in_cell(schema.EPOCH, self.cell)]
-                outcome, _, _ = await self.open_script(keys, args)
+                outcome, _, _ = await self.open_log("tenant", tenant, tenant, None, page=0, slot=slot)
                 if outcome == "full":
                     raise StreamsFull("tenant", self.per_tenant)
         except BaseException:
@@ -183,7 +226,7 @@ class StreamSlots:
         """:meth:`release`, from a callback that cannot wait: the process's place is free now, the
         tenant's slot is removed from Redis shortly, together with the others let go meanwhile
         (one pipeline for a whole reconnect storm, not a task per stream)."""
-        if self._forget(tenant, slot):
+        if self._forget(tenant, slot) and not self._settled:
             self._leaving.append((tenant, slot))
             if self._remover is None:
                 self._remover = asyncio.get_running_loop().create_task(self._remove_leaving())
@@ -198,6 +241,19 @@ class StreamSlots:
         if not slots:
             del self._open[tenant]
         return True
+
+    async def settle(self, timeout: float) -> None:
+        """Before the Redis client is closed: remove the slots let go of so far (within ``timeout``
+        seconds; cancelled after that), and none from now on (they expire by themselves within
+        ``TTL_S``). A removal left running would take a new connection of a closed client."""
+        self._settled = True
+        remover = self._remover
+        if remover is not None:
+            _, pending = await asyncio.wait([remover], timeout=timeout)
+            if pending:
+                remover.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await remover
 
     async def _remove_leaving(self) -> None:
         try:

@@ -70,6 +70,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         # the failing test would be freed, and blamed, there.
         sys.last_type = sys.last_value = sys.last_traceback = None
         gc.collect()
+        # What survives is the run's (modules, caches, wider fixtures): frozen, it is not walked
+        # again by the next tests' collections, whose cost would otherwise grow with the heap.
+        gc.freeze()
     finally:
         sys.unraisablehook = previous
     for unraisable in found:
@@ -293,7 +296,9 @@ class WebProcess(JobcastProcess):
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(settings, log, "web", "--host", "127.0.0.1", "--port", str(self.port), **extra_env)
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /readyz answers 200; bounded against hangs only (two suites at once on 2 cores
+        took over 20 s to start two server processes)."""
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -1,20 +1,22 @@
-"""The soak's load client, in processes of its own so that the client is not what limits the soak.
+"""The soak's load client: ``CLIENTS`` processes of its own, each submitting its share of the jobs
+and reading each one's event stream, with as little work per job as it takes.
 
-A single process that both submitted jobs and read every job's event stream reached 79 of the 148
-jobs/s it was asked for on a loaded machine (BENCHMARKS.md §8): the test measured its own client.
-Here submitters and stream readers run in separate processes (``multiprocessing``, spawned, as
-``bench/sse_client.py`` is), wired by pipes::
+Why lean: with httpx the submitters alone took a whole core of the machine's two (BENCHMARKS.md §8):
+the last full soak reached 191 of the 447 jobs/s it was asked for, and measured its own client.
+So, per process (``uvloop``):
 
-    submitter 0..S-1  --job ids-->  reader 0..R-1        (each submitter deals its ids round-robin)
-         |                              |
-         +--- {"jobs", "achieved"} ---> test  <--- {"streams", "latencies", ...} ---+
+- **Submits** go over ``SUBMIT_CONNECTIONS`` keep-alive HTTP/1.1 connections (asyncio streams, no
+  HTTP library): each takes the next job due (job ``n`` is due at ``n / rate`` seconds; behind
+  schedule, it catches up), posts it and reads the answer's head and its ``Content-Length`` body.
+  A connection the server closed as it was reused is reopened and the job posted again with the same
+  ``Idempotency-Key``: one job either way.
+- **Streams**: each job's event stream is opened as its ``202`` arrives, over a raw connection
+  (``Connection: close``) read by an ``asyncio.Protocol`` that only keeps the bytes and the arrival
+  time of each read. When the server ends the response, its frames are parsed once, keeping what
+  the test checks: the stream ids in order, the last event's name, and each event's latency
+  (arrival minus the Redis time in its id). The test compares the ids with the job's log in Redis.
 
-A submitter posts jobs at its share of the rate (at most ``IN_FLIGHT`` requests at once; behind
-schedule, it catches up) and hands each job id to a reader, which opens the job's event stream at
-once over a raw connection (``Connection: close``, no HTTP library) and keeps, when the server ends
-the response, only what the test checks: the stream ids in order, the last event's name, and each
-event's latency (arrival minus the Redis time in its id). The test compares the ids with the job's
-log in Redis.
+Each process reports on its pipe when it has submitted its jobs, then when its last stream has ended.
 """
 
 from __future__ import annotations
@@ -22,22 +24,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import threading
 import time
 import uuid
 from array import array
 from multiprocessing.connection import Connection
 from typing import Any
 
+import orjson
+
 FRAME = re.compile(rb"id: (\d+)-(\d+)\nevent: ([a-z._]+)\n")
-IN_FLIGHT = 64
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
+CLOSE = re.compile(rb"\r\nconnection: *close", re.IGNORECASE)
+#: Submit connections per client process: requests in flight at most.
+SUBMIT_CONNECTIONS = 32
+#: How often a connection dropped mid-request is retried (same Idempotency-Key).
+ATTEMPTS = 3
 
 
 class Stream(asyncio.Protocol):
     """One job's event stream: the bytes as they arrive, with the arrival time of each read."""
 
-    def __init__(self, reader: Reader, job_id: str) -> None:
-        self.reader = reader
+    __slots__ = ("arrivals", "buffer", "client", "job_id")
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
         self.job_id = job_id
         self.buffer = bytearray()
         self.arrivals: list[tuple[int, float]] = []  # (end offset of a read, wall clock ms)
@@ -47,7 +57,7 @@ class Stream(asyncio.Protocol):
         self.arrivals.append((len(self.buffer), time.time() * 1000))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.reader.ended(self)
+        self.client.ended(self)
 
     def frames(self) -> list[tuple[str, bytes, float, float]]:
         """(stream id, event, arrival ms, latency ms) of every event received."""
@@ -57,37 +67,108 @@ class Stream(asyncio.Protocol):
         for match in FRAME.finditer(self.buffer):
             while match.end() > end:
                 end, at = next(reads)
-            ms = int(match[1])
-            found.append((f"{match[1].decode()}-{match[2].decode()}", match[3], at, at - ms))
+            found.append((f"{match[1].decode()}-{match[2].decode()}", match[3], at, at - int(match[1])))
         return found
 
 
-class Reader:
-    """Opens a stream per job id it is handed; keeps each stream's ids once the server ends it."""
+class Client:
+    """Submits ``body`` at ``rate`` jobs/s for ``seconds`` and follows every job's stream to its end."""
 
-    def __init__(self, host: str, port: int, authorization: str) -> None:
-        self.host = host
-        self.port = port
-        self.authorization = authorization
+    def __init__(self, host: str, port: int, authorization: str, rate: float, seconds: float, body: bytes) -> None:
+        self.host, self.port = host, port
+        self.rate, self.seconds = rate, seconds
+        self.post_head = (
+            f"POST /jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: {authorization}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nIdempotency-Key: "
+        ).encode()
+        self.body = body
+        self.stream_head = f"HTTP/1.1\r\nHost: {host}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+        self.due = 0  # the next job to submit
+        self.jobs = 0  # submitted (202)
+        self.failures: list[str] = []
+        self.started = 0.0
+        self.last_submitted = 0.0
         self.ids: dict[str, list[str]] = {}
         self.last_event: dict[str, str] = {}
-        self.heads: dict[str, str] = {}  # the status line of a stream that carried no event
+        self.heads: dict[str, str] = {}  # the start of a stream that carried no event
         self.latencies = array("d")  # arrival ms, latency ms, arrival ms, ...
         self.open = 0
         self.open_by_second: dict[int, int] = {}
-        self.handed = 0
-        self.all_handed = False
-        self.finished: asyncio.Event = asyncio.Event()
+        self.submitting = True
+        self.finished = asyncio.Event()
+        self.sampler: asyncio.Task[None] | None = None
         self.connecting: set[asyncio.Task[None]] = set()
 
-    def follow(self, job_id: str) -> None:
-        self.handed += 1
+    async def submit_all(self) -> dict[str, Any]:
+        """Submit every job due (following each one's stream); what was submitted, at what rate."""
+        self.started = time.monotonic()
+        self.sampler = asyncio.create_task(self._sample())
+        await asyncio.gather(*(self._submitter() for _ in range(SUBMIT_CONNECTIONS)))
+        self.submitting = False
+        elapsed = max(self.last_submitted - self.started, 1e-3)
+        return {"jobs": self.jobs, "achieved": self.jobs / elapsed, "failures": self.failures}
+
+    async def read_all(self) -> dict[str, Any]:
+        """Once every stream has ended: what each carried."""
+        self._check_done()
+        await self.finished.wait()
+        if self.sampler is not None:
+            self.sampler.cancel()
+        return {
+            "ids": self.ids,
+            "last_event": self.last_event,
+            "heads": self.heads,
+            "latencies": self.latencies.tobytes(),
+            "open_by_second": self.open_by_second,
+        }
+
+    # --- submitting ------------------------------------------------------------------------------
+
+    async def _submitter(self) -> None:
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            while True:
+                at = self.due / self.rate
+                if at >= self.seconds:
+                    return
+                self.due += 1
+                wait = self.started + at - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                request = self.post_head + uuid.uuid4().hex.encode() + b"\r\n\r\n" + self.body
+                for attempt in range(ATTEMPTS):
+                    try:
+                        if connection is None:
+                            connection = await asyncio.open_connection(self.host, self.port)
+                        status, body, keep = await _exchange(*connection, request)
+                        if not keep:
+                            connection[1].close()
+                            connection = None
+                        break
+                    except (OSError, asyncio.IncompleteReadError) as exc:
+                        if connection is not None:
+                            connection[1].close()
+                            connection = None
+                        if attempt == ATTEMPTS - 1:
+                            self.failures.append(repr(exc))
+                            status, body = 0, b""
+                if status not in (200, 202):
+                    if status:
+                        self.failures.append(f"{status} {body[:300]!r}")
+                    continue
+                self.jobs += 1
+                self.last_submitted = time.monotonic()
+                self._follow(orjson.loads(body)["id"])
+        finally:
+            if connection is not None:
+                connection[1].close()
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def _follow(self, job_id: str) -> None:
         self.open += 1
+        request = f"GET /jobs/{job_id}/events {self.stream_head}".encode()
         loop = asyncio.get_running_loop()
-        request = (
-            f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: {self.authorization}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
 
         async def connect() -> None:
             stream = Stream(self, job_id)
@@ -114,106 +195,38 @@ class Reader:
         self.open -= 1
         self._check_done()
 
-    def sample(self) -> None:
-        second = int(time.time())
-        self.open_by_second[second] = max(self.open_by_second.get(second, 0), self.open)
-
     def _check_done(self) -> None:
-        if self.all_handed and self.open == 0:
+        if not self.submitting and self.open == 0:
             self.finished.set()
 
-    def no_more(self) -> None:
-        self.all_handed = True
-        self._check_done()
-
-    def results(self) -> dict[str, Any]:
-        return {
-            "ids": self.ids,
-            "last_event": self.last_event,
-            "heads": self.heads,
-            "latencies": self.latencies.tobytes(),
-            "open_by_second": self.open_by_second,
-            "handed": self.handed,
-        }
+    async def _sample(self) -> None:
+        while True:
+            second = int(time.time())
+            self.open_by_second[second] = max(self.open_by_second.get(second, 0), self.open)
+            await asyncio.sleep(1.0)
 
 
-def read(jobs: Connection, report: Connection, host: str, port: int, authorization: str, submitters: int) -> None:
-    """Process entry point of a reader: follow every job id that arrives on ``jobs`` until each of
-    the ``submitters`` has said ``None`` (no more), then send the results on ``report``."""
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, bytes, bool]:
+    """One request on a keep-alive connection: the answer's status and body, and whether the
+    connection stays open."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = CONTENT_LENGTH.search(head)
+    body = await reader.readexactly(int(length[1])) if length else b""
+    return int(head[9:12]), body, CLOSE.search(head) is None
+
+
+def run(report: Connection, host: str, port: int, authorization: str, rate: float, seconds: float, body: bytes) -> None:
+    """Process entry point: submit and follow; on ``report``, what was submitted once it was, then
+    what every stream carried once the last one ended."""
     import uvloop
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        reader = Reader(host, port, authorization)
+        client = Client(host, port, authorization, rate, seconds, body)
+        report.send(await client.submit_all())
+        report.send(await client.read_all())
 
-        def receive() -> None:  # a thread: a blocking recv must not stop the streams being read
-            ends = 0
-            while ends < submitters:
-                job_id = jobs.recv()
-                if job_id is None:
-                    ends += 1
-                else:
-                    loop.call_soon_threadsafe(reader.follow, job_id)
-            loop.call_soon_threadsafe(reader.no_more)
-
-        threading.Thread(target=receive, daemon=True).start()
-        while not reader.finished.is_set():
-            reader.sample()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(reader.finished.wait(), 1.0)
-        report.send(reader.results())
-
-    uvloop.run(main())
-
-
-def submit(
-    readers: list[Connection], report: Connection, url: str, authorization: str,
-    rate: float, seconds: float, body: dict[str, Any],
-) -> None:  # fmt: skip
-    """Process entry point of a submitter: post ``body`` at ``rate`` jobs/s for ``seconds``, dealing
-    the job ids to ``readers``; then tell each reader there are no more and report what was done."""
-    import httpx
-    import uvloop
-
-    async def main() -> None:
-        jobs = 0
-        failures: list[str] = []
-        in_flight: set[asyncio.Task[None]] = set()
-        limits = httpx.Limits(max_connections=IN_FLIGHT)
-        headers = {"Authorization": authorization}
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as client:
-
-            async def one(n: int) -> None:
-                # Retried with the same Idempotency-Key when the connection drops mid-request (a
-                # keep-alive connection the server closed as the client reused it): one job either way.
-                key = {"Idempotency-Key": uuid.uuid4().hex}
-                for attempt in range(3):
-                    try:
-                        response = await client.post("/jobs", json=body, headers=key)
-                        break
-                    except httpx.TransportError as exc:
-                        if attempt == 2:
-                            failures.append(repr(exc))
-                            return
-                if response.status_code not in (200, 202):
-                    failures.append(f"{response.status_code} {response.text[:300]}")
-                    return
-                readers[n % len(readers)].send(response.json()["id"])
-
-            started = time.monotonic()
-            while (elapsed := time.monotonic() - started) < seconds:
-                due = min(int(elapsed * rate) - jobs, IN_FLIGHT - len(in_flight))
-                for _ in range(max(0, due)):
-                    task = asyncio.create_task(one(jobs))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                    jobs += 1
-                await asyncio.sleep(0.005)
-            achieved = jobs / (time.monotonic() - started)
-            while in_flight:
-                await asyncio.gather(*in_flight)
-        for reader in readers:
-            reader.send(None)
-        report.send({"jobs": jobs, "achieved": achieved, "failures": failures})
-
-    uvloop.run(main())
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(main())

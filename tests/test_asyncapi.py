@@ -109,3 +109,13 @@ def test_webhook_bodies_match_the_schema() -> None:
     for delivery in (completed, progress):
         validator.validate(orjson.loads(delivery.body()))
     validator.validate(orjson.loads(completed.body(public_url="https://jobs.example.com")))
+
+
+def test_the_resume_refusals_of_a_subscription_are_documented() -> None:
+    """The error frames of a subscribe whose last_event_id cannot be resumed (400 ahead, 410 trimmed
+    or lost) and the close of a channel whose last event a failover lost (1013)."""
+    document = build_asyncapi()
+    status = document["components"]["schemas"]["ErrorFrame"]["properties"]["status"]["description"]
+    assert "400" in status and "ahead" in status and "410" in status and "failover" in status
+    socket = next(channel for channel in document["channels"].values() if "1013" in channel.get("description", ""))
+    assert "lost by a Redis failover" in socket["description"] and "410 error frame" in socket["description"]

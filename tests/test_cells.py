@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +166,42 @@ async def test_three_cells_keep_each_tenant_whole_and_every_server_serves_all(tm
         finally:
             for proc in (web_a, web_b, worker):
                 proc.close()
+
+
+async def test_web_with_two_processes_serves_three_cells(tmp_path: Path) -> None:
+    """``jobcast web --processes 2`` (JOBCAST_WEB_PROCESSES=2): two server processes on one port,
+    each with a Store and a Hub per cell; the three-cell check through that one port."""
+    with redis_cells(tmp_path, 3) as cells:
+        settings = cells_settings(cells, web_processes=2)
+        web = WebProcess(settings, tmp_path / "web.log")
+        worker = WorkerProcess(settings, tmp_path / "worker.log")
+        servers: list[int] = []
+        try:
+            await asyncio.to_thread(web.wait_ready, 60)
+            started = re.search(r"jobcast web: 2 server processes on \S+ \(pids \[(\d+), (\d+)\]\)", web.output())
+            assert started is not None, web.output()
+            servers = [int(pid) for pid in started.groups()]
+            await check_three_cells(settings, cells, web.url, web.url)
+            # The supervisor stops its server processes, then itself by the same signal.
+            web.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(web.wait, 30) == -signal.SIGTERM, web.output()
+            assert not [pid for pid in servers if _alive(pid)]
+        except BaseException:
+            print(web.output(), worker.output(), sep="\n----\n")
+            raise
+        finally:
+            for proc in (web, worker):
+                proc.close()
+            for pid in servers:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 async def check_three_cells(settings: Settings, cells: list[RedisProcess], url_a: str, url_b: str) -> None:

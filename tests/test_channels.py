@@ -13,12 +13,13 @@ from redis.asyncio import Redis
 
 from jobcast import channels
 from jobcast.hub import Hub
+from jobcast.services import STATE_KEY
 from jobcast.worker import schema
 from jobcast.worker.store import Store
 
 from .conftest import ACME, GLOBEX, ServerHandle, before_the_wait_ends, hub_of, wait_until
 from .test_operations import samples
-from .test_sse import collect, ids, log_ids, new_running_job
+from .test_sse import collect, ids, live_feed, log_ids, new_running_job
 from .wsclient import ws_connect
 
 ACME_CHANNEL = schema.tenant_channel(0, "acme")
@@ -71,16 +72,16 @@ async def test_a_server_with_listeners_of_one_tenant_receives_no_events_of_the_o
     hub = hub_of(server)
     await wait_until(lambda: _true(hub.connected.is_set()))
     assert await numsub(redis, ACME_CHANNEL) == 0  # no listener: not subscribed
-    reader = asyncio.create_task(collect(client, "/events", until=4))
-    await wait_until(lambda: _true(hub.subscriber_count == 1))
-    received = hub.received
-    assert set(await redis.pubsub_channels("jobcast:*")) == {ACME_CHANNEL, schema.hub_channel(0)}
-    assert (await numsub(redis, ACME_CHANNEL), await numsub(redis, GLOBEX_CHANNEL)) == (1, 0)
-    for _ in range(5):
-        await new_running_job(store, "globex")  # 10 events the server never sees
-    a = await new_running_job(store, "acme")
-    b = await new_running_job(store, "acme")
-    feed = await reader
+    async with live_feed(client) as read:
+        assert hub.subscriber_count == 1
+        received = hub.received
+        assert set(await redis.pubsub_channels("jobcast:*")) == {ACME_CHANNEL, schema.hub_channel(0)}
+        assert (await numsub(redis, ACME_CHANNEL), await numsub(redis, GLOBEX_CHANNEL)) == (1, 0)
+        for _ in range(5):
+            await new_running_job(store, "globex")  # 10 events the server never sees
+        a = await new_running_job(store, "acme")
+        b = await new_running_job(store, "acme")
+        feed = await read(4)
     assert [(d["job_id"], e) for _, e, d in feed] == [
         (a, "job.queued"), (a, "job.processing"), (b, "job.queued"), (b, "job.processing"),
     ]  # fmt: skip
@@ -321,6 +322,40 @@ async def test_a_reconnect_subscribes_every_tenant_again_and_streams_miss_nothin
         seen = await reader
         assert ids(seen) == log_ids(await redis.xrange(schema.job_log_key(job_id)))
         assert [d["progress"]["percent"] for _, e, d in seen if e == "job.progress"] == [10, 20]
+
+
+async def test_a_pub_sub_connection_redis_py_reopens_by_itself_is_taken_as_lost_and_streams_resync(
+    server: ServerHandle, client: httpx.AsyncClient, store: Store, redis: Redis
+) -> None:
+    """redis-py re-opens a pub/sub connection that was closed while nobody was reading it (as a
+    failover's drop of every connection does, server/hub.py) and re-subscribes by itself. The hub's
+    reader is held in a subscribe reply (its hook) while the connection is closed both ways (the
+    process's connections dropped, as ``follow_primary`` does, and CLIENT KILL) and an event is
+    published to no one; then the reader reads again. The hub must take the reopen as a lost
+    connection (a reconnect of its own, counted), and the stream must get every event, none twice."""
+    hub = hub_of(server)
+    cell_redis = server.server.lifespan.state[STATE_KEY].cells[0].redis
+    job_id = await new_running_job(store)
+    reader = asyncio.create_task(collect(client, f"/jobs/{job_id}/events", timeout=30))
+    await wait_until(lambda: _true(hub.subscriber_count == 1))
+    reconnects = hub.reconnects
+
+    async def closed_while_nobody_reads() -> None:
+        await cell_redis.connection_pool.disconnect()  # closes the pub/sub connection too
+        await redis.client_kill_filter(_type="pubsub")
+        await wait_until(subscribers(redis, ACME_CHANNEL, 0))
+        await store.progress(job_id, 1, 10, None, None)  # in the log, published to no one
+
+    hub.channels.hook = on_first("confirmed", GLOBEX_CHANNEL, closed_while_nobody_reads)
+    async with hub.subscribe("tenant", "globex", "globex"):  # a SUBSCRIBE reply for the hook
+        pass
+    await wait_until(lambda: _true(hub.connected.is_set() and hub.reconnects == reconnects + 1))
+    await store.progress(job_id, 1, 20, None, None)
+    await store.complete(job_id, 1, "1")
+    seen = await reader
+    assert ids(seen) == log_ids(await redis.xrange(schema.job_log_key(job_id)))
+    assert [d["progress"]["percent"] for _, e, d in seen if e == "job.progress"] == [10, 20]
+    assert hub.reconnects == reconnects + 1
 
 
 async def _true(value: bool) -> bool:

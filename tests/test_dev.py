@@ -22,8 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from jobcast.cli.dev import _print_banner
 from jobcast.cli.embedded_redis import RedisProcess, answering_pid, free_port
+
+from .sentinel import SentinelCell
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds child processes in /proc")
 
@@ -404,3 +408,56 @@ def test_an_embedded_redis_restarts_on_the_port_it_was_given(tmp_path: Path) -> 
         assert redis.port == port and answering_pid(port) == redis.process.pid
     finally:
         redis.stop()
+
+
+@pytest.mark.timeout(120)
+def test_dev_and_keys_run_on_a_sentinel_managed_redis(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    """``JOBCAST_REDIS_URL=redis+sentinel://...``: dev starts no Redis of its own, its worker and web
+    server find the primary through the sentinel, and ``jobcast keys`` does too."""
+    cell = SentinelCell(tmp_path / "cell")
+    cell.start()
+    try:
+        env = {"JOBCAST_REDIS_URL": cell.url}
+        dev = start_dev(tmp_path / "data", env)
+        assert f"Redis    {cell.url}  (from JOBCAST_REDIS_URL)" in dev.output()
+        assert [role(child) for child in children_of(dev.process.pid) if role(child) == "redis"] == []
+        job_id = submit(dev, SLEEP_JOB)
+        wait_for_job(dev, job_id, lambda job: job["status"] == "completed")
+        created = jobcast_cli("keys", "create", "newcomer", "--json", cwd=tmp_path, env=env)
+        assert created.returncode == 0, created.stderr
+        key = json.loads(created.stdout)["key"]
+        with httpx.Client(base_url=dev.base_url, timeout=15.0) as client:
+            assert client.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        listed = jobcast_cli("keys", "list", cwd=tmp_path, env=env)
+        assert listed.returncode == 0 and "newcomer" in listed.stdout, listed.stderr
+        assert dev.interrupt() == 0, dev.output()
+    finally:
+        cell.stop()
+
+
+@pytest.mark.timeout(90)
+def test_dev_never_prints_the_password_of_its_redis_url(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    try:
+        with redis.Redis(port=server.port) as admin:
+            admin.config_set("requirepass", "hunter2hunter2")
+        url = f"redis://:hunter2hunter2@127.0.0.1:{server.port}/0"
+        for env in ({"JOBCAST_REDIS_URL": url}, {"JOBCAST_REDIS_URLS": url}):
+            dev = start_dev(tmp_path / f"data-{len(env)}-{next(iter(env))}", env)
+            job_id = submit(dev, SLEEP_JOB)
+            wait_for_job(dev, job_id, lambda job: job["status"] == "completed")
+            assert dev.interrupt() == 0, dev.output()
+            output = dev.output()
+            assert f"Redis    redis://:***@127.0.0.1:{server.port}/0" in output
+            assert "hunter2" not in output
+    finally:
+        server.kill()
+
+
+def test_the_dev_banner_masks_the_password_of_every_cell_url(capsys: pytest.CaptureFixture[str]) -> None:
+    urls = ["redis://u:pw1secret@h:1/0", "redis+sentinel://:pw2secret@s1:26379,s2:26379/cell1/0"]
+    _print_banner("http://127.0.0.1:8000", "dev-key", urls, "cells of JOBCAST_REDIS_URLS", "none")
+    banner = capsys.readouterr().out
+    assert "redis://u:***@h:1/0, redis+sentinel://:***@s1:26379,s2:26379/cell1/0" in banner
+    assert "secret" not in banner

@@ -150,8 +150,11 @@ async def test_a_parked_job_can_be_cancelled(redis_server: RedisProcess, redis: 
             second = await submit(c, params={"seconds": 0})
             async with running_worker(settings):
                 await wait_for_status(c, first["id"], "processing")
-                await asyncio.sleep(0.3)  # the worker takes the second one and parks it
-                assert await redis.zcard(schema.TENANT_WAITING + "acme") == 1
+
+                async def parked() -> bool:  # the worker takes the second one and parks it
+                    return await redis.zcard(schema.TENANT_WAITING + "acme") == 1
+
+                await wait_until(parked, timeout=60)
                 assert (await c.get(f"/jobs/{second['id']}")).json()["status"] == "queued"
                 cancelled = await c.post(f"/jobs/{second['id']}/cancel")
                 assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"

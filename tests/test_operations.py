@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.worker import jobstats, schema
 from jobcast.worker.settings import Settings
 
 from .conftest import (
@@ -66,6 +67,45 @@ async def test_metrics_count_what_happened(client: httpx.AsyncClient, settings: 
     assert m[("jobcast_sse_streams_open", ())] == 1
     assert m[("jobcast_workers_live", ())] == 1  # the worker above, within the last 30 s
     assert m[("jobcast_events_published_total", ())] >= 6 * 1 + 4 * 2
+
+
+async def test_histogram_sums_are_seconds_whichever_version_wrote_them(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis
+) -> None:
+    """The script keeps a histogram's sum in integer milliseconds (``pickup|<type>|ms``); a Redis an
+    older version wrote also holds seconds (``pickup|<type>|sum``, HINCRBYFLOAT): /metrics reports
+    seconds, the two added."""
+    job = await submit(client, params={"seconds": 0, "steps": 1})
+    async with running_worker(settings):
+        await wait_for_status(client, job["id"], "completed")
+    stats = await redis.hgetall(schema.STATS)  # type: ignore[misc]
+    assert "pickup|sleep|sum" not in stats and "duration|sleep|sum" not in stats
+    pickup_ms, duration_ms = int(stats["pickup|sleep|ms"]), int(stats["duration|sleep|ms"])
+    assert pickup_ms >= 0 and duration_ms >= 0
+    m = samples((await client.get("/metrics")).text)
+    sleep = (("type", "sleep"),)
+    assert m[("jobcast_job_pickup_seconds_sum", sleep)] == pickup_ms / 1000
+    assert m[("jobcast_job_duration_seconds_sum", sleep)] == duration_ms / 1000
+
+    await redis.hset(schema.STATS, "pickup|sleep|sum", "2.5")  # type: ignore[misc]
+    m = samples((await client.get("/metrics")).text)
+    assert m[("jobcast_job_pickup_seconds_sum", sleep)] == 2.5 + pickup_ms / 1000
+    assert m[("jobcast_job_pickup_seconds_count", sleep)] == 1
+    assert m[("jobcast_job_duration_seconds_sum", sleep)] == duration_ms / 1000
+
+
+def test_series_adds_old_seconds_to_new_milliseconds() -> None:
+    stored = {
+        "t|queued|processing|sleep|normal|b3": "2",
+        "pickup|sleep|ms": "30",
+        "pickup|sleep|sum": "0.5",  # an older version's, in seconds
+        "duration|sleep|ms": "1500",
+    }
+    series = jobstats.series(stored)
+    assert float(series["pickup|sleep|sum"]) == 0.53
+    assert float(series["duration|sleep|sum"]) == 1.5
+    assert series["pickup|sleep|b3"] == "2" and series["pickup|sleep|count"] == "2"
+    assert not any(field.endswith("|ms") for field in series)
 
 
 async def test_metrics_can_require_a_token(redis_server: RedisProcess, redis: Redis) -> None:

@@ -12,6 +12,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 import jobcast
 from jobcast.cli import commands, main
 
@@ -64,6 +66,19 @@ def test_the_public_api_for_job_modules() -> None:
     assert jobcast.job_type is job_type and jobcast.JobContext is JobContext
     assert jobcast.RetryableError is RetryableError and jobcast.PermanentError is PermanentError
     assert {"job_type", "JobContext", "RetryableError", "PermanentError", "Priority"} <= set(jobcast.__all__)
+
+
+def test_importing_jobcast_imports_the_job_domain_only_when_a_public_name_is_used() -> None:
+    """Every ``jobcast`` command imports the package first: it must not pay for the store."""
+    probe = (
+        "import sys, jobcast; before = 'jobcast.worker.store' in sys.modules; jobcast.job_type; "
+        "print(before, 'jobcast.worker.types' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        _ = jobcast.nothing  # type: ignore[attr-defined]
+    assert set(jobcast.__all__) <= set(dir(jobcast))
 
 
 def test_version_is_the_same_everywhere() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -23,9 +23,10 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker.connections import CellUrlError, arq_settings_for, follow_primary, parse_sentinel_url, redis_for
 from jobcast.worker.store import Store
 
-from .conftest import ACME, WebProcess, WorkerProcess, make_settings, serving, wait_until
+from .conftest import ACME, ServerHandle, WebProcess, WorkerProcess, make_settings, serving, wait_until
 from .sentinel import SentinelCell
 from .test_sse import new_running_job
+from .wsclient import ws_connect
 
 TERMINAL = {"job.completed", "job.failed", "job.cancelled"}
 
@@ -195,28 +196,61 @@ async def test_a_resume_from_an_event_the_new_primary_lost_is_told_to_resync(tmp
     """A real lost write: the replica is promoted, the old primary takes one more event (clients may
     have received it), then dies. Resuming from that event is a 410 that says to resync; resuming
     from an event the new primary has still works."""
+    async with a_lost_event(tmp_path) as (replica, lost, kept):
+        settings = make_settings(replica.url)
+        new = Store(redis_for(replica.url), settings)
+        async with serving(settings) as client, contextlib.aclosing(new.redis):
+            for url, last in lost.items():
+                response = await client.get(url, headers={"Last-Event-ID": last})
+                assert response.status_code == 410, response.text
+                assert response.headers["content-type"] == "application/problem+json"
+                assert "Redis lost it when its primary changed" in response.json()["detail"]
+            async with client.stream("GET", "/events", headers={"Last-Event-ID": kept["/events"]}) as feed:
+                assert feed.status_code == 200
+            job_url = next(url for url in kept if url != "/events")
+            async with aconnect_sse(client, "GET", job_url, headers={"Last-Event-ID": kept[job_url]}) as source:
+                assert source.response.status_code == 200
+                await new.complete(job_url.split("/")[2], 1, "1")
+                events = [sse.event async for sse in source.aiter_sse() if sse.id]
+            assert events == ["job.completed"]
+
+
+async def test_a_websocket_resume_from_an_event_the_new_primary_lost_is_told_to_resync(tmp_path: Path) -> None:
+    """The same real lost write, resumed over ``GET /ws``: as on the SSE streams, a 410 error frame
+    that says to resync; a resume from an event the new primary has is subscribed."""
+    async with a_lost_event(tmp_path) as (replica, lost, kept):
+        handle = ServerHandle(make_settings(replica.url))
+        await handle.start()
+        try:
+            async with ws_connect(handle.url, ACME) as ws:
+                for url, last in lost.items():
+                    channel = _ws_channel(url)
+                    refused = await ws.request({"op": "subscribe", "channel": channel, "last_event_id": last})
+                    assert refused["op"] == "error" and refused["status"] == 410, refused
+                    assert "Redis lost it when its primary changed" in refused["detail"]
+                    assert "last_event_id" in refused["detail"]
+                for url, last in kept.items():
+                    assert (await ws.subscribe(_ws_channel(url), last_event_id=last))["op"] == "ok"
+        finally:
+            await handle.stop()
+
+
+def _ws_channel(url: str) -> str:
+    """The WebSocket channel of an SSE stream's path."""
+    return "tenant" if url == "/events" else "job:" + url.split("/")[2]
+
+
+@contextlib.asynccontextmanager
+async def a_lost_event(tmp_path: Path) -> AsyncIterator[tuple[RedisProcess, dict[str, str], dict[str, str]]]:
+    """A real lost write (:func:`_lose_an_event`): the new primary, and the last ids lost and kept;
+    within 60 s, both Redis processes killed at the end."""
     primary, replica = RedisProcess(tmp_path / "p"), RedisProcess(tmp_path / "r")
     primary.start()
     replica.start()
     try:
         async with asyncio.timeout(60):
             lost, kept = await _lose_an_event(primary, replica)
-            settings = make_settings(replica.url)
-            new = Store(redis_for(replica.url), settings)
-            async with serving(settings) as client, contextlib.aclosing(new.redis):
-                for url, last in lost.items():
-                    response = await client.get(url, headers={"Last-Event-ID": last})
-                    assert response.status_code == 410, response.text
-                    assert response.headers["content-type"] == "application/problem+json"
-                    assert "Redis lost it when its primary changed" in response.json()["detail"]
-                async with client.stream("GET", "/events", headers={"Last-Event-ID": kept["/events"]}) as feed:
-                    assert feed.status_code == 200
-                job_url = next(url for url in kept if url != "/events")
-                async with aconnect_sse(client, "GET", job_url, headers={"Last-Event-ID": kept[job_url]}) as source:
-                    assert source.response.status_code == 200
-                    await new.complete(job_url.split("/")[2], 1, "1")
-                    events = [sse.event async for sse in source.aiter_sse() if sse.id]
-                assert events == ["job.completed"]
+            yield replica, lost, kept
     finally:
         replica.kill()
         primary.kill()

@@ -37,13 +37,14 @@ from jobcast.worker.delivery import (
     Sender,
     next_step,
     parse_retry_after,
+    put_off_s,
 )
 from jobcast.worker.main import JobcastWorker
 from jobcast.worker.models import Priority
 from jobcast.worker.settings import ConfigError, Settings
 from jobcast.worker.signatures import decode_secret, sign
 from jobcast.worker.store import Store
-from jobcast.worker.webhooks import WebhookStore
+from jobcast.worker.webhooks import PutOff, WebhookStore
 
 from .conftest import (
     GLOBEX,
@@ -494,6 +495,41 @@ async def test_nothing_is_sent_to_a_receiver_after_it_answered_410_for_the_job(
     assert states[1] is not None and states[1].attempts == 0  # never sent
 
 
+async def test_a_job_s_first_attempts_take_turns_in_the_order_of_its_events(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """Deliveries claimed together (a worker that starts behind a job's events): a later event's
+    first attempt waits until the earlier event's has been made, so the receiver sees them in order."""
+    store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
+        webhook={"url": receiver.url, "events": ["job.queued", "job.cancelled"]},
+    )  # fmt: skip
+    assert created.job_id is not None
+    await store.cancel(created.job_id, "acme")  # no worker runs: both deliveries stay pending
+    first, second = [await webhooks.get(item["id"]) for item in await webhooks.for_job(created.job_id)]
+    assert first is not None and second is not None
+    sender = Sender(settings)
+    dispatcher = Dispatcher(webhooks, sender, settings)
+    try:
+        for _ in range(2):  # nothing in flight: it is the queued event's turn, not the cancelled one's
+            with pytest.raises(DeliveryBusy):
+                await dispatcher.attempt(second.id, second.seq)
+        assert receiver.requests == []
+        await dispatcher.attempt(first.id, first.seq)
+        await dispatcher.attempt(second.id, second.seq)
+    finally:
+        await sender.aclose()
+    assert [orjson.loads(r.body)["type"] for r in receiver.requests] == ["job.queued", "job.cancelled"]
+    done = await webhooks.get(second.id)
+    assert done is not None and done.status.value == "delivered" and done.deferrals == 2
+
+
+def test_a_put_off_attempt_waits_50_ms_doubling_to_2_s_and_not_before_what_it_waits_for_is_due() -> None:
+    assert [put_off_s(PutOff(n, 0), 1000.0) for n in (1, 2, 3, 6, 7, 100)] == [0.05, 0.1, 0.2, 1.6, 2.0, 2.0]
+    assert put_off_s(PutOff(1, 1_003_500), 1000.0) == 3.5
+
+
 async def test_a_put_off_attempt_does_not_count_as_an_interrupted_run(
     settings: Settings, redis: Redis, receiver: Receiver
 ) -> None:
@@ -509,8 +545,8 @@ async def test_a_put_off_attempt_does_not_count_as_an_interrupted_run(
     assert delivery is not None
     sender = Sender(settings)
     dispatcher = Dispatcher(webhooks, sender, settings)
-    holder = await webhooks.lock_job(created.job_id, 60_000)
-    assert holder is not None
+    holder = await webhooks.lock_job(delivery, 60_000)
+    assert isinstance(holder, str)
     try:
         for run in range(1, MAX_RUNS + 5):
             with pytest.raises(DeliveryBusy):

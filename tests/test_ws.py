@@ -7,7 +7,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import schema
@@ -229,6 +229,51 @@ async def test_an_id_older_than_the_capped_log_is_a_410_error_frame(redis_server
             assert (await ws.subscribe("tenant"))["op"] == "ok"  # not subscribed by the refusal
     finally:
         await handle.stop()
+
+
+async def test_a_last_event_id_ahead_of_the_log_is_a_400_error_frame_as_on_the_sse_stream(
+    server: ServerHandle, store: Store
+) -> None:
+    job_id = await new_running_job(store)
+    ahead = "99999999999999-0"
+    async with ws_connect(server.url, ACME) as ws:
+        for channel in (f"job:{job_id}", "tenant"):
+            refused = await ws.request({"op": "subscribe", "channel": channel, "last_event_id": ahead})
+            assert refused["op"] == "error" and refused["status"] == 400, refused
+            assert "ahead of this stream" in refused["detail"] and "last_event_id" in refused["detail"]
+            assert (await ws.subscribe(channel))["op"] == "ok"  # not subscribed by the refusal
+    await store.complete(job_id, 1, "1")
+    async with ws_connect(server.url, ACME) as ws:
+        # A finished job: nothing after its last event is over (ok, then end), not ahead.
+        last = (await store.log_events("job", job_id))[-1].id
+        assert (await ws.subscribe(f"job:{job_id}", last_event_id=last))["op"] == "ok"
+        assert await ws.recv() == {"op": "end", "channel": f"job:{job_id}"}
+
+
+async def test_a_channel_whose_last_event_the_log_lost_across_a_hub_reconnect_is_closed_1013(
+    server: ServerHandle, store: Store, redis: Redis
+) -> None:
+    """As a failover that lost the last event sent (docs/design/sentinel.md): the channel must not
+    resume past the hole. The loss is made by hand (XDEL of the last event, on the one Redis), and
+    the reconnect by killing the hub's pub/sub connection. The socket is closed 1013; the client's
+    re-subscription from that id is told to resync (410), and without an id it follows again."""
+    job_id = await new_running_job(store)
+    channel = f"job:{job_id}"
+    async with ws_connect(server.url, ACME) as ws:
+        await ws.subscribe(channel)
+        sent = await ws.events(channel, 2)
+        await redis.xdel(schema.job_log_key(job_id), sent[-1]["id"])
+        assert await redis.client_kill_filter(_type="pubsub") >= 1
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv(timeout=20)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+    async with ws_connect(server.url, ACME) as ws:
+        lost = await ws.request({"op": "subscribe", "channel": channel, "last_event_id": sent[-1]["id"]})
+        assert lost["op"] == "error" and lost["status"] == 410, lost
+        assert "Redis lost it when its primary changed" in lost["detail"]
+        await ws.subscribe(channel)
+        await store.complete(job_id, 1, "1")
+        assert [f["event"] for f in await ws.events_until_end(channel)] == ["job.queued", "job.completed"]
 
 
 async def test_per_message_deflate_is_off(server: ServerHandle) -> None:

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import hiredis
 from arq.connections import ArqRedis, RedisSettings
@@ -214,6 +214,15 @@ class _PrimaryPool(SentinelConnectionPool):
     async def drop(self) -> None:
         """Close the connections to the primary (the sentinels' stay: one may be answering now)."""
         await super().disconnect(inuse_connections=True)
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (a Redis URL may carry one, a ``redis+sentinel://`` one too)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def redis_for(url: str) -> Redis:

@@ -15,9 +15,10 @@ I/O-bound, so sharing the process (and its Redis pool and doorbell connection) c
    attempt bounded by ``JOBCAST_WEBHOOK_TIMEOUT_S``. Redirects are never followed (httpcore has no
    such feature): a 3xx is a failure like a 5xx;
    The deliveries of one job are attempted one at a time (a lock per job, held for the attempt
-   and lapsing after the longest an attempt can take): an attempt that finds another in flight is
-   put off until that one is done (arq ``Retry``; not counted as an interrupted run), so after a
-   receiver answers 410 for a job nothing more is sent for it;
+   and lapsing after the longest an attempt can take), and those not attempted yet in the order of
+   the job's events: an attempt that finds another in flight, or an earlier event's delivery not
+   attempted yet, is put off (arq ``Retry`` after 50 ms, doubling up to 2 s; not counted as an
+   interrupted run), so after a receiver answers 410 for a job nothing more is sent for it;
 4. record the outcome, and on failure queue the next attempt, in one script call fenced by ``seq``:
    any 2xx -> delivered; 410 -> gone; a refused destination -> dead; otherwise a retry after the
    next delay of ``JOBCAST_WEBHOOK_RETRY_SCHEDULE`` (±10 % jitter, and no sooner than the
@@ -59,7 +60,7 @@ from .doorbell import IDLE_FALLBACK_S, DoorbellWorker
 from .models import DeliveryStatus
 from .settings import Settings
 from .signatures import sign
-from .webhooks import Attempt, Delivery, WebhookStore
+from .webhooks import Attempt, Delivery, PutOff, WebhookStore
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ MAX_RUNS = 10
 #: Times an attempt may be put off behind other deliveries of its job (each waits out the one in
 #: flight) before arq gives up on it.
 MAX_DEFERRALS = 1000
+#: The first wait of a put-off attempt, doubled with each further put-off up to the second.
+PUT_OFF_FIRST_S = 0.05
+PUT_OFF_MAX_S = 2.0
 RETRY_AFTER_MAX_S = 24 * 3600.0
 JITTER = 0.1
 #: At most this much of an answer's body is read (then the connection is dropped, not reused).
@@ -82,10 +86,11 @@ ERROR_MAX = 500
 
 
 class DeliveryBusy(Exception):
-    """Another delivery of the same job is being attempted: this one is put off ``retry_in_s``."""
+    """Another delivery of the same job is being attempted, or one of an earlier event was not
+    attempted yet: this one is put off ``retry_in_s``."""
 
     def __init__(self, job_id: str, retry_in_s: float) -> None:
-        super().__init__(f"another delivery of job {job_id} is in flight")
+        super().__init__(f"another delivery of job {job_id} is in flight or goes first")
         self.retry_in_s = retry_in_s
 
 
@@ -224,10 +229,12 @@ class Dispatcher:
                 status = delivery.status.value if delivery else "missing"
                 logger.info("delivery %s attempt %s: nothing to do, delivery is %s", webhook_id, seq, status)
                 return
-            lock = await self.store.lock_job(delivery.job_id, int(self.attempt_max_s * 1000))
+            lock = await self.store.lock_job(delivery, int(self.attempt_max_s * 1000))
             if lock is None:
-                await self.store.put_off(delivery)
-                raise DeliveryBusy(delivery.job_id, max(1.0, await self.store.lock_remaining_s(delivery.job_id)))
+                logger.info("delivery %s attempt %s: nothing to do, it is no longer current", webhook_id, seq)
+                return
+            if isinstance(lock, PutOff):
+                raise DeliveryBusy(delivery.job_id, put_off_s(lock, time.time()))
         try:
             await self._attempt_locked(delivery, runs - delivery.deferrals)
         finally:
@@ -303,6 +310,14 @@ class Dispatcher:
             answer = await self.sender.post(delivery.url, headers, body)
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         return Attempt(at=at, duration_ms=duration_ms, status_code=answer.status_code, error=answer.error), answer
+
+
+def put_off_s(put_off: PutOff, now_s: float) -> float:
+    """How long an attempt put off behind another of its job waits before it tries again: 50 ms,
+    doubling with each put-off up to 2 s (what it waits for is usually a short request), and no
+    sooner than the earlier delivery it waits for is due."""
+    backoff = min(PUT_OFF_MAX_S, PUT_OFF_FIRST_S * 2.0 ** min(put_off.deferrals - 1, 16))
+    return max(backoff, put_off.due_ms / 1000 - now_s)
 
 
 def attempt_max_s(settings: Settings) -> float:

@@ -26,7 +26,8 @@ Decisions the issue left open:
 - A 410 answer ends the delivery as ``gone`` (not a dead letter: the receiver asked for it) and marks
   the job's webhook gone, so later events of that job are not sent. Other jobs are unaffected. A
   job's deliveries are attempted one at a time (:meth:`WebhookStore.lock_job`), so none is in flight
-  while another's 410 is on its way: after a 410, nothing more is sent for that job.
+  while another's 410 is on its way: after a 410, nothing more is sent for that job. Deliveries not
+  attempted yet go in the order of the job's events.
 - A refused destination (SSRF guard) is not retried: the delivery is dead-lettered at once with the
   reason, and can be replayed once the operator has decided otherwise.
 """
@@ -50,14 +51,22 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Frees a job's delivery lock only for the attempt that holds it.
-UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 WEBHOOK_ID_RE = re.compile(r"^msg_[0-9A-HJKMNP-TV-Z]{26}_\d{1,20}-\d{1,20}$")
 
 
 def job_id_of(webhook_id: str) -> str:
     """The job a (well-formed) webhook-id belongs to: ``msg_<ulid>_<stream id>`` -> ``job_<ulid>``."""
     return "job_" + webhook_id.split("_")[1]
+
+
+@dataclass(frozen=True)
+class PutOff:
+    """An attempt that may not go yet (:meth:`WebhookStore.lock_job`): how often it was put off so
+    far, this time included, and when the earlier delivery it waits for is due (epoch ms; 0 when it
+    waits for an attempt in flight)."""
+
+    deferrals: int
+    due_ms: int
 
 
 @dataclass(frozen=True)
@@ -178,29 +187,27 @@ class WebhookStore:
         self.settings = settings
         self.archive = archive
         self._script = schema.JobsScript(redis, settings, cell)
-        self._unlock = redis.register_script(UNLOCK)
 
     async def get(self, webhook_id: str) -> Delivery | None:
         raw: dict[str, str] = await self.redis.hgetall(schema.delivery_key(webhook_id, cell=self.cell))  # type: ignore[misc]
         return Delivery.from_hash(raw) if raw and "state" in raw else None
 
-    async def lock_job(self, job_id: str, ttl_ms: int) -> str | None:
-        """Take the job's delivery lock for ``ttl_ms`` (it lapses by itself if its holder dies): a
-        token to unlock it with, or None while another delivery of the job holds it."""
+    async def lock_job(self, delivery: Delivery, ttl_ms: int) -> str | PutOff | None:
+        """Take the job's delivery lock for attempt ``delivery.seq`` (for ``ttl_ms``: it lapses by
+        itself if its holder dies): a token to unlock it with; a :class:`PutOff` while another
+        attempt of the job holds it or, for a delivery never attempted, the job's earlier event's
+        delivery was not attempted yet (first attempts take turns in event order); None when that
+        attempt is no longer current. See ``lock_job`` in ``lua/jobs.lua``."""
         token = secrets.token_hex(8)
-        taken = await self.redis.set(schema.webhook_lock_key(job_id, cell=self.cell), token, nx=True, px=ttl_ms)
-        return token if taken else None
+        reply = await self._script("lock_job", delivery.id, delivery.seq, ttl_ms, token)
+        if reply[0] == "locked":
+            return token
+        if reply[0] == "busy":
+            return PutOff(int(reply[1]), int(reply[2]))
+        return None
 
     async def unlock_job(self, job_id: str, token: str) -> None:
-        await self._unlock(keys=[schema.webhook_lock_key(job_id, cell=self.cell)], args=[token])
-
-    async def lock_remaining_s(self, job_id: str) -> float:
-        """Seconds until the job's delivery lock lapses at the latest (0 when it is free)."""
-        return max(0, int(await self.redis.pttl(schema.webhook_lock_key(job_id, cell=self.cell)))) / 1000
-
-    async def put_off(self, delivery: Delivery) -> None:
-        """Count that attempt ``delivery.seq`` was put off (so that it is not taken for an interrupted run)."""
-        await self.redis.hincrby(schema.delivery_key(delivery.id, cell=self.cell), f"deferrals.{delivery.seq}", 1)  # type: ignore[misc]
+        await self._script("unlock_job", job_id, token)
 
     async def webhook_gone(self, job_id: str) -> bool:
         """Whether a receiver answered 410 for this job's webhook (later deliveries are not made)."""

@@ -53,6 +53,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from jobcast.worker.archive import display_url, migrate_now
+from jobcast.worker.connections import redacted
 from jobcast.worker.settings import Settings
 
 from .embedded_redis import RedisNotFound, RedisProcess
@@ -118,7 +119,7 @@ def _run(signals: _Signals, settings: Settings, env: dict[str, str], *, host: st
         if not supervisor.wait_ready(f"{base_url}/readyz"):
             return  # stopped while starting
         api_key = next(iter(settings.tenant_keys), None)
-        redis_urls = env.get("JOBCAST_REDIS_URL") or env["JOBCAST_REDIS_URLS"]
+        redis_urls = [redis.url] if redis is not None else settings.cell_urls
         _print_banner(base_url, api_key, redis_urls, redis_note, archive_note)
         supervisor.wait_for_stop()
 
@@ -228,8 +229,12 @@ def _describe(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _print_banner(base_url: str, api_key: str | None, redis_url: str, redis_note: str, archive_note: str) -> None:
+def _print_banner(
+    base_url: str, api_key: str | None, redis_urls: list[str], redis_note: str, archive_note: str
+) -> None:
+    """What dev prints once ready; the Redis URLs without their passwords (the terminal is a log)."""
     key = api_key or "<none: set JOBCAST_API_KEYS>"
+    redis_url = ", ".join(redacted(url) for url in redis_urls)
     body = '{"type":"sleep","params":{"seconds":3}}'
     print(
         "\n"

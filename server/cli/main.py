@@ -27,11 +27,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from jobcast.worker.connections import redacted
 from jobcast.worker.logs import configure_logging
 from jobcast.worker.settings import ConfigError, Settings
 
@@ -59,15 +59,6 @@ class RedisUnreachable(ConfigError):
             "the Redis your Jobcast server uses, or start one with `jobcast dev` (then run this command in the "
             "same folder, or pass its --data-dir)"
         )
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password (a Redis URL may carry one)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def _keys_settings(data_dir: Path) -> Settings:

@@ -16,7 +16,6 @@ process's own cap (503) needs no Redis.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
@@ -24,25 +23,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from jobcast.worker import schema
-from jobcast.worker.models import TERMINAL, Audience
+from jobcast.worker.models import Audience
 from jobcast.worker.store import Event
 
-from .. import streamids
+from .. import resumes, streamids
 from ..frames import position_frame, retry_frame
 from ..limits import StreamsFull, streams_full_problem
 from ..openapi import refuse_undocumented
 from ..problems import (
-    BadRequest,
     Forbidden,
-    GoneProblem,
     Problem,
     handle_redis_error,
     handle_unexpected,
     problem_response,
 )
 from ..requests import job_id_param, last_event_id, query_bool
-from ..services import Cell, Services, job_not_found, services
+from ..services import Cell, job_not_found, services
 from ..sse import REPLAY_PAGE, Stream
 from ..takeover import can_take_over
 
@@ -54,7 +50,6 @@ NOT_JOBCAST_WEB = Problem(
 )
 TENANT_HINT = "Close some, or follow many jobs over one GET /events stream."
 Endpoint = Callable[[Request], Awaitable["StreamResponse | Response"]]
-TERMINAL_STATUSES = [status.value for status in TERMINAL]
 
 
 class StreamResponse:
@@ -77,7 +72,7 @@ async def job_events(request: Request) -> StreamResponse | Response:
     job_id = job_id_param(request)
     principal = await svc.auth.require(request, "read", job_id=job_id)
     last_id = last_event_id(request)
-    return await open_stream(svc, svc.job_cell(job_id), principal.tenant, "job", job_id, last_id)
+    return await open_stream(svc.job_cell(job_id), principal.tenant, "job", job_id, last_id)
 
 
 async def tenant_events(request: Request) -> StreamResponse | Response:
@@ -88,11 +83,10 @@ async def tenant_events(request: Request) -> StreamResponse | Response:
     last_id = last_event_id(request)
     overview = query_bool(request, "overview")
     cell = svc.tenant_cell(principal.tenant)
-    return await open_stream(svc, cell, principal.tenant, "tenant", principal.tenant, last_id, overview=overview)
+    return await open_stream(cell, principal.tenant, "tenant", principal.tenant, last_id, overview=overview)
 
 
 async def open_stream(
-    svc: Services,
     cell: Cell,
     tenant: str,
     audience: Audience,
@@ -124,30 +118,7 @@ async def open_stream(
     opened = False
     try:
         await cell.hub.ready(tenant)  # confirmed by Redis before the log is read (jobcast.channels)
-        index = cell.index
-        log_key = schema.job_log_key(key, cell=index) if audience == "job" else schema.tenant_log_key(key, cell=index)
-        log_max = svc.settings.job_log_max if audience == "job" else svc.settings.tenant_log_max
-        outcome, tip, entries = await slots.open_script(
-            [
-                log_key,
-                schema.streams_key(tenant, cell=index),
-                schema.job_key(key, cell=index) if audience == "job" else log_key,
-                schema.in_cell(schema.EPOCH, index),
-            ],
-            [
-                audience,
-                tenant,
-                last_id or "",
-                "replay" if audience == "job" else "live",
-                REPLAY_PAGE,
-                int(time.time() * 1000),
-                int(slots.TTL_S * 1000),
-                slots.per_tenant,
-                slot,
-                log_max,
-                *TERMINAL_STATUSES,
-            ],
-        )
+        outcome, tip, entries = await slots.open_log(audience, key, tenant, last_id, page=REPLAY_PAGE, slot=slot)
         if outcome == "over":
             return Response(status_code=204)  # the stream is over; EventSource stops reconnecting
         if outcome == "missing" and audience == "job":
@@ -156,7 +127,7 @@ async def open_stream(
                 opened = isinstance(archived, StreamResponse)  # a 204 lets go of the stream (finally)
                 return archived
         if outcome != "ok":
-            raise _refusal(outcome, audience, key, last_id, tip, slots.per_tenant)
+            raise _refusal(outcome, audience, key, last_id or "", tip, slots.per_tenant)
         opened = True
     finally:
         if not opened:
@@ -207,29 +178,15 @@ def _order(last_id: str) -> streamids.Order:
     return order
 
 
-def _refusal(outcome: str, audience: Audience, key: str, last_id: str | None, tip: str, cap: int) -> Problem:
+def _refusal(outcome: str, audience: Audience, key: str, last_id: str, tip: str, cap: int) -> Problem:
     if outcome == "missing":
         return job_not_found(key)
-    if outcome == "gone":
-        return GoneProblem(
-            f"Events after {last_id} are no longer in the log (it is capped). Reconnect without "
-            "Last-Event-ID, after reloading the current state with GET /jobs."
-        )
-    if outcome == "lost":
-        return GoneProblem(
-            f"Event {last_id} is not in the log: Redis lost it when its primary changed (failover, or a "
-            "restart that lost its last writes), so events you received may have been undone. Reload the "
-            "current state with GET /jobs (or GET /jobs/{id}) and reconnect without Last-Event-ID."
-        )
-    if outcome == "ahead":
-        newest = f"its newest event is {tip}" if tip else "it has no events yet"
-        return BadRequest(
-            f"Last-Event-ID {last_id} is ahead of this stream ({newest}): it is not an id this stream sent. "
-            "Reconnect with the id of the last event you received, or without Last-Event-ID."
-        )
     if outcome == "full":
         return streams_full_problem(StreamsFull("tenant", cap), what="event streams", tenant_hint=TENANT_HINT)
-    raise AssertionError(f"unknown stream opening outcome {outcome!r} ({audience} {key})")
+    problem = resumes.refusal(outcome, last_id, tip, resumes.SSE)
+    if problem is None:
+        raise AssertionError(f"unknown stream opening outcome {outcome!r} ({audience} {key})")
+    return problem
 
 
 # --- raw ASGI dispatch ------------------------------------------------------------------------------

@@ -110,7 +110,14 @@ class ErrorFrame(_Frame):
     ref: str | None
     type: str = Field(description="/problems/<slug>, as in HTTP answers.")
     title: str
-    status: int
+    status: int = Field(
+        description=(
+            "As over HTTP. For a subscribe with last_event_id, as the channel's SSE stream answers its "
+            "Last-Event-ID: 400 when the id is ahead of the channel's newest event (not an id it sent); 410 "
+            "when events after it were trimmed from the log, or when a Redis failover lost it (the detail "
+            "says which): reload the state with GET /jobs and subscribe without last_event_id."
+        )
+    )
     detail: str
     errors: list[dict[str, Any]] | None = None
     job_status: JobStatus | None = Field(default=None, description="On a 409 for cancel: the job's status.")

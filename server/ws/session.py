@@ -27,12 +27,15 @@ from redis.exceptions import RedisError
 from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from jobcast.worker.records import JobRecord
+
+from .. import resumes
 from ..auth import Principal
-from ..problems import BadRequest, Conflict, Forbidden, GoneProblem, Problem, TooManyRequests, Unavailable
-from ..services import Services, job_not_found
+from ..problems import BadRequest, Conflict, Forbidden, Problem, TooManyRequests, Unavailable
+from ..services import Cell, Services, job_not_found
 from . import frames
 from .frames import Cancel, Ping, Subscribe, Unsubscribe
-from .source import Closed, Feed, FellBehind, Gone, check_continuity
+from .source import Closed, Feed, FellBehind, Lost
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +203,7 @@ class Session:
                 )
             cell = self.svc.tenant_cell(tenant)
             feed = Feed(cell.hub, cell.store, "tenant", tenant, tenant, channel, last_id)
-            if last_id is not None:
-                await self._check_resumable(feed, last_id)
+            record = None
         else:
             job_id = channel.removeprefix(frames.JOB_PREFIX)
             if self.principal.kind == "job" and self.principal.job_id != job_id:
@@ -209,13 +211,11 @@ class Session:
             record = await self.svc.load_job(job_id, tenant)
             cell = self.svc.job_cell(job_id)
             feed = Feed(cell.hub, cell.store, "job", job_id, tenant, channel, last_id)
-            if last_id is not None:
-                await self._check_resumable(feed, last_id)
-                if record.terminal and not await cell.store.log_events("job", job_id, after=last_id, count=1):
-                    # Over already (SSE answers 204 here): nothing follows, so no subscription.
-                    await self._send(frames.ok(frame.ref))
-                    await self._send(frames.end(channel))
-                    return
+        if last_id is not None and await self._resumes_over(cell, feed, last_id, record):
+            # Over already (SSE answers 204 here): nothing follows, so no subscription.
+            await self._send(frames.ok(frame.ref))
+            await self._send(frames.end(channel))
+            return
         await feed.open()  # confirmed before the log is read (below and by the pump): nothing is missed
         extra: dict[str, str] = {}
         if last_id is None and feed.audience == "tenant":
@@ -233,14 +233,17 @@ class Session:
             pump.add_done_callback(self._watch)
             self._channels[channel] = (feed, pump)
 
-    async def _check_resumable(self, feed: Feed, last_id: str) -> None:
-        try:
-            await check_continuity(feed.store, feed.audience, feed.key, last_id)
-        except Gone:
-            raise GoneProblem(
-                f"Events after {last_id} are no longer in the log (it is capped). Subscribe without "
-                "last_event_id, after reloading the current state with GET /jobs."
-            ) from None
+    async def _resumes_over(self, cell: Cell, feed: Feed, last_id: str, record: JobRecord | None) -> bool:
+        """Check ``last_id`` against the channel's log as an SSE stream's opening does
+        (:mod:`jobcast.resumes`): a resume that cannot be made raises its problem (410 trimmed or
+        lost, 400 ahead). True: the job is over and nothing follows ``last_id``."""
+        outcome, tip, _ = await cell.stream_slots.open_log(feed.audience, feed.key, feed.tenant, last_id, page=1)
+        problem = resumes.refusal(outcome, last_id, tip, resumes.WS)
+        if problem is not None:
+            raise problem
+        if outcome == "missing" and record is not None:  # archived: its log is kept whole there
+            return record.terminal and not await cell.store.log_events("job", feed.key, after=last_id, count=1)
+        return outcome == "over"
 
     async def _unsubscribe(self, channel: str) -> None:
         entry = self._channels.pop(channel, None)
@@ -269,6 +272,11 @@ class Session:
             self.close(CLOSE_TRY_AGAIN, "too slow: re-subscribe with your last ids")
         except Closed:
             self.close(CLOSE_RESTART, "server restart: re-subscribe with your last ids")
+        except Lost:
+            logger.warning(
+                "ws %s: the last event sent on %s is no longer in the log; closing", self.principal.tenant, feed.channel
+            )
+            self.close(CLOSE_TRY_AGAIN, "events lost: re-subscribe with your last ids (a lost one is refused: resync)")
         except (RedisError, OSError) as exc:
             logger.warning("ws %s: Redis unavailable on %s (%s); closing", self.principal.tenant, feed.channel, exc)
             self.close(CLOSE_TRY_AGAIN, "store unavailable: re-subscribe with your last ids")

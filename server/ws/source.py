@@ -7,7 +7,10 @@ Exactly once, as the SSE streams do it (:mod:`jobcast.sse`): subscribe to the hu
 for Redis to confirm the subscription (so nothing published from then on is missed), read the log
 after the last id and send it, then send what the hub buffered meanwhile and after, dropping every
 event whose id is not greater than the last one sent. When the hub reports a gap (Redis reconnect)
-the log is read again from the last id. A subscriber that fell ``BUFFER_MAX`` events behind is told
+the log is read again from the last id — unless the log no longer has that id (a failover lost it:
+:class:`Lost`, the socket is closed 1013, as an SSE stream ends there). Where a subscription with a
+``last_event_id`` may resume is checked before, by the SSE streams' own check
+(:mod:`jobcast.resumes`). A subscriber that fell ``BUFFER_MAX`` events behind is told
 so (:class:`FellBehind`): the socket is closed with 1013 and the client re-subscribes with its last
 ids, losing nothing.
 
@@ -37,17 +40,6 @@ BUFFER_MAX = 512
 
 def stream_id_key(stream_id: str) -> streamids.Order:
     return streamids.order(stream_id)
-
-
-class Gone(Exception):
-    """Events after the client's last id were trimmed from the (capped) log."""
-
-
-async def check_continuity(store: Store, audience: Audience, key: str, last_id: str) -> None:
-    """Raise :class:`Gone` when events after ``last_id`` may have been trimmed from the log."""
-    floor = await store.log_floor(audience, key)
-    if floor is not None and stream_id_key(last_id) < stream_id_key(floor):
-        raise Gone()
 
 
 class Subscription:
@@ -103,7 +95,8 @@ class Subscription:
         finally:
             self._waiter = None
 
-__all__ = ["Closed", "Feed", "FellBehind", "Gone", "check_continuity"]
+
+__all__ = ["Closed", "Feed", "FellBehind", "Lost"]
 
 #: WebSocket frames of recent hub items, by item (a fan-out encodes each event once).
 _ENCODED: dict[int, tuple[Item, str]] = {}
@@ -118,6 +111,13 @@ class FellBehind(Exception):
 
 class Closed(Exception):
     """The hub is draining (graceful shutdown)."""
+
+
+class Lost(Exception):
+    """After a gap (Redis reconnect) the log no longer holds the last event sent on the channel: a
+    failover lost it (or it was trimmed), so the channel cannot resume past the hole. As an SSE
+    stream ends there (:meth:`jobcast.sse.Stream.resume`), the socket is closed; the client's
+    re-subscription with that id is then told to resync (410)."""
 
 
 def event_frame(channel: str, stream_id: str, event: str, data: str) -> str:
@@ -183,7 +183,7 @@ class Feed:
 
     async def frames(self) -> AsyncIterator[tuple[str, bool]]:
         """(frame, terminal) pairs; a job channel's ends after its terminal event. Raises
-        :class:`FellBehind`, :class:`Closed`, or the store's errors."""
+        :class:`FellBehind`, :class:`Closed`, :class:`Lost`, or the store's errors."""
         sub = self._sub
         assert sub is not None, "open() first"
         async for pair in self._catch_up():
@@ -197,6 +197,8 @@ class Feed:
                 raise FellBehind()
             if sub.resync:
                 sub.reset()
+                if self.last_key >= (0, 0) and not await self.store.log_has(self.audience, self.key, self._after()):
+                    raise Lost()
                 async for pair in self._catch_up():
                     yield pair
                     if pair[1]:
@@ -218,8 +220,11 @@ class Feed:
                 self.last_key = item.key
                 yield item
 
+    def _after(self) -> str:
+        return "-" if self.last_key < (0, 0) else f"{self.last_key[0]}-{self.last_key[1]}"
+
     async def _catch_up(self) -> AsyncIterator[tuple[str, bool]]:
-        after = "-" if self.last_key < (0, 0) else f"{self.last_key[0]}-{self.last_key[1]}"
+        after = self._after()
         while True:
             events = await self.store.log_events(self.audience, self.key, after=after, count=REPLAY_PAGE)
             for event in events:

@@ -32,26 +32,68 @@ local op, now_iso, now_ms, now_ms_s
 local PRIORITY_BOOST = {high = 3e12, normal = 2e12, low = 1e12}
 -- The progress of a job that has not reported any (queued, or a new attempt just started).
 local NO_PROGRESS = '{"percent":0.0,"eta":null}'
+-- ... and of one completed without reporting any.
+local DONE_PROGRESS = '{"percent":100.0,"eta":null}'
 
-local function job_key(id) return K_JOB .. id end
+-- The last job key built (a transition names its job's key several times; a string built is a
+-- string to hash, allocate and collect).
+local last_id, last_key = '', K_JOB
+local function job_key(id)
+  if id ~= last_id then last_id, last_key = id, K_JOB .. id end
+  return last_key
+end
+
+-- The same for a job's log, and for the last tenant's logs, channel and status indexes.
+local last_log_id, last_log = '', K_JOB_LOG
+local function log_key(id)
+  if id ~= last_log_id then last_log_id, last_log = id, K_JOB_LOG .. id end
+  return last_log
+end
+local last_tenant, tenant_log, tenant_channel, status_index = '', K_TENANT_LOG, K_TENANT_CHANNEL, {}
+local function tenant_keys(tenant)
+  if tenant ~= last_tenant then
+    last_tenant, status_index = tenant, {}
+    tenant_log, tenant_channel = K_TENANT_LOG .. tenant, K_TENANT_CHANNEL .. tenant
+  end
+end
+local function status_key(tenant, status)
+  tenant_keys(tenant)
+  local key = status_index[status]
+  if not key then
+    key = K_INDEX .. tenant .. ':status:' .. status
+    status_index[status] = key
+  end
+  return key
+end
 
 local function fields(id, ...)
   return redis.call('HMGET', job_key(id), ...)
 end
 
 -- What a transition needs of the record, read in one HMGET and handed around as a table (absent
--- fields are nil). Ops that need more name it (`...`).
+-- fields are false). Ops that need one more field name it (`more`).
 local RECORD = {'status', 'run', 'tenant', 'type', 'priority', 'attempt', 'max_attempts', 'version', 'progress',
   'webhook', 'webhook_gone', 'cancel', 'error', 'ready_ms', 'started_ms'}
+-- RECORD and one more field, per field: built once per load of the library, not per call.
+local RECORD_AND = {}
 
-local function load(id, ...)
-  local names = {unpack(RECORD)}
-  for _, name in ipairs({...}) do names[#names + 1] = name end
-  local values = redis.call('HMGET', job_key(id), unpack(names))
-  local r = {}
-  for i, name in ipairs(names) do
-    if values[i] then r[name] = values[i] end
+-- (Loops here and below are numeric: each step of an ipairs loop is a call of a C function.)
+local function load(id, more)
+  local names = RECORD
+  if more then
+    names = RECORD_AND[more]
+    if not names then
+      names = {unpack(RECORD)}
+      names[#names + 1] = more
+      RECORD_AND[more] = names
+    end
   end
+  local v = redis.call('HMGET', job_key(id), unpack(names))
+  -- (A constructor sizes the table once; filled field by field, it would grow five times.)
+  local r = {status = v[1], run = v[2], tenant = v[3], type = v[4], priority = v[5], attempt = v[6],
+    max_attempts = v[7], version = v[8], progress = v[9], webhook = v[10], webhook_gone = v[11], cancel = v[12],
+    error = v[13], ready_ms = v[14], started_ms = v[15]}  -- RECORD's order
+  if more then r[more] = v[16] end
   return r
 end
 
@@ -70,28 +112,54 @@ end
 -- event counts once, with one HINCRBY of "t|<from>|<event>|<type>|<priority>" (<from>: the status
 -- left, '-' for a new job; <event>: the event's name without "job.") -- or of "progress" for a
 -- progress event. A transition a histogram observes (pickup: queued -> processing; duration:
--- processing -> terminal) adds "|b<i>", its bucket, and adds the seconds to "<histogram>|<type>|sum".
-local PICKUP_BUCKETS = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
-local DURATION_BUCKETS = {0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600}
+-- processing -> terminal) adds "|b<i>", its bucket, and adds its milliseconds to
+-- "<histogram>|<type>|ms" (an integer HINCRBY: HINCRBYFLOAT parses and formats long doubles, and a
+-- Lua number handed to Redis is formatted with printf; jobstats.py turns them back into seconds).
+-- The buckets' upper bounds, in ms (the seconds of server/metrics.py's, times 1000).
+local PICKUP_BUCKETS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}
+local DURATION_BUCKETS = {100, 500, 1000, 5000, 10000, 30000, 60000, 300000, 900000, 1800000, 3600000}
+local BUCKET_SUFFIX = {'|b1', '|b2', '|b3', '|b4', '|b5', '|b6', '|b7', '|b8', '|b9', '|b10', '|b11', '|b12'}
+-- Events' names without "job.", filled in as they come (a library cannot iterate EVENT as it loads).
+local EVENT_SHORT = {}
 
 local function count_event(r, from, event)
-  local field = 't|' .. (from or '-') .. '|' .. string.sub(event, 5) .. '|' .. r.type .. '|' .. r.priority
+  local short = EVENT_SHORT[event]
+  if not short then
+    short = string.sub(event, 5)
+    EVENT_SHORT[event] = short
+  end
   local histogram, buckets, since
   if from == 'queued' and r.status == 'processing' then
     histogram, buckets, since = 'pickup', PICKUP_BUCKETS, r.ready_ms
   elseif from == 'processing' and TERMINAL[r.status] then
     histogram, buckets, since = 'duration', DURATION_BUCKETS, r.started_ms
   end
+  local suffix = ''
   if since then
-    local seconds = math.max(0, now_ms - tonumber(since)) / 1000
+    local ms = now_ms - since  -- (a string: Lua converts it)
+    if ms < 0 then ms = 0 end
     local i = #buckets + 1
     for b = 1, #buckets do
-      if seconds <= buckets[b] then i = b; break end
+      if ms <= buckets[b] then i = b; break end
     end
-    field = field .. '|b' .. i
-    redis.call('HINCRBYFLOAT', K_STATS, histogram .. '|' .. r.type .. '|sum', seconds)
+    suffix = BUCKET_SUFFIX[i]
+    redis.call('HINCRBY', K_STATS, histogram .. '|' .. r.type .. '|ms', string.format('%d', ms))
   end
-  redis.call('HINCRBY', K_STATS, field, '1')
+  redis.call('HINCRBY', K_STATS, 't|' .. (from or '-') .. '|' .. short .. '|' .. r.type .. '|' .. r.priority .. suffix, '1')
+end
+
+-- Versions as strings, and their history fields, kept once formatted (string.format is a C call,
+-- dearer than a table read); the first thousand, which are most versions jobs reach.
+local VERSION, HISTORY_FIELD = {}, {}
+local function version_after(version)
+  local n = (version or 0) + 1
+  local s, h = VERSION[n], HISTORY_FIELD[n]
+  if not s then
+    s = string.format('%d', n)
+    h = 'h' .. s
+    if n <= 1000 then VERSION[n], HISTORY_FIELD[n] = s, h end
+  end
+  return s, h
 end
 
 local function history_entry(status, attempt)
@@ -175,17 +243,25 @@ local function webhook_enqueue(id, tenant, status, event, job_sid, webhook, prog
   delivery_enqueue(wid, 1, due)
 end
 
+-- A job type as a JSON string: quoted as it is when it needs no escaping (the names job types may
+-- have, worker/types.py), which is cheaper than cjson.
+local function type_json(jtype)
+  if string.find(jtype, '^[%w._-]+$') then return '"' .. jtype .. '"' end
+  return cjson.encode(jtype)
+end
+
 -- Append the event to both logs, ring the doorbell and queue the webhook delivery, if any; the
 -- payload comes from `r`, the record as the transition left it. `extra` is a pre-encoded
 -- ',"key":value' tail.
 local function emit(id, r, event, extra)
-  local data = '{"job_id":"' .. id .. '","type":' .. cjson.encode(r.type) .. ',"status":"' .. r.status
+  local data = '{"job_id":"' .. id .. '","type":' .. type_json(r.type) .. ',"status":"' .. r.status
     .. '","attempt":' .. r.attempt .. ',"progress":' .. r.progress .. ',"at":"' .. now_iso .. '"' .. (extra or '') .. '}'
-  local job_sid = redis.call('XADD', K_JOB_LOG .. id, 'MAXLEN', '~', S_JOB_LOG_MAX, '*',
+  local job_sid = redis.call('XADD', log_key(id), 'MAXLEN', '~', S_JOB_LOG_MAX, '*',
     'event', event, 'data', data)
-  local tenant_sid = redis.call('XADD', K_TENANT_LOG .. r.tenant, 'MAXLEN', '~', S_TENANT_LOG_MAX, '*',
+  tenant_keys(r.tenant)
+  local tenant_sid = redis.call('XADD', tenant_log, 'MAXLEN', '~', S_TENANT_LOG_MAX, '*',
     'event', event, 'job', id, 'data', data)
-  redis.call('PUBLISH', K_TENANT_CHANNEL .. r.tenant,
+  redis.call('PUBLISH', tenant_channel,
     job_sid .. '\n' .. tenant_sid .. '\n' .. r.tenant .. '\n' .. id .. '\n' .. event .. '\n' .. data)
   if r.webhook and r.webhook ~= '' and not r.webhook_gone then
     webhook_enqueue(id, r.tenant, r.status, event, job_sid, r.webhook, r.progress)
@@ -198,17 +274,15 @@ end
 -- status index; the count of queued jobs; the metrics; the event.
 local function transition(id, r, status, event, extra, set)
   local from = r.status
-  local version = tostring(tonumber(r.version or 0) + 1)
+  local version, history_field = version_after(r.version)
   r.status, r.version = status, version
-  local hset = {'status', status, 'updated_at', now_iso, 'version', version,
-    'h' .. version, history_entry(status, r.attempt)}
-  for _, v in ipairs(set) do hset[#hset + 1] = v end
   -- The indexes first, the record after them: a call that fails part-way (an error reply from
   -- Redis ends a script where it stands, writes made so far stay) on a key it did not declare
   -- leaves the record as it was, so the run can be tried again (test_faults).
-  if from then redis.call('ZREM', K_INDEX .. r.tenant .. ':status:' .. from, id) end
-  redis.call('ZADD', K_INDEX .. r.tenant .. ':status:' .. status, '0', id)
-  redis.call('HSET', job_key(id), unpack(hset))
+  if from then redis.call('ZREM', status_key(r.tenant, from), id) end
+  redis.call('ZADD', status_key(r.tenant, status), '0', id)
+  redis.call('HSET', job_key(id), 'status', status, 'updated_at', now_iso, 'version', version,
+    history_field, history_entry(status, r.attempt), unpack(set))
   if from == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '-1') end
   if status == 'queued' then redis.call('INCRBY', K_QUEUED_COUNT, '1') end
   count_event(r, from, event)
@@ -286,17 +360,24 @@ end
 -- its progress keeps the percent and step it reached (100 once completed), and its eta becomes null.
 local function finish(id, r, status, extra, set, drop)
   local from = r.status
-  arq_forget(id, tonumber(r.run), r.tenant, from)
-  local progress = string.gsub(r.progress or NO_PROGRESS, '"eta":"[^"]*"', '"eta":null', 1)
-  if status == 'completed' then progress = string.gsub(progress, '"percent":[^,}]*', '"percent":100.0', 1) end
+  arq_forget(id, r.run, r.tenant, from)
+  local progress = r.progress or NO_PROGRESS
+  if progress == NO_PROGRESS then  -- (the usual case, without pattern matching)
+    if status == 'completed' then progress = DONE_PROGRESS end
+  else
+    progress = string.gsub(progress, '"eta":"[^"]*"', '"eta":null', 1)
+    if status == 'completed' then progress = string.gsub(progress, '"percent":[^,}]*', '"percent":100.0', 1) end
+  end
   r.progress = progress
   set = set or {}
   set[#set + 1] = 'progress'; set[#set + 1] = progress
   set[#set + 1] = 'finished_at'; set[#set + 1] = now_iso
-  local gone = {}
-  if r.cancel then gone[#gone + 1] = 'cancel' end
-  if drop and r[drop] then gone[#gone + 1] = drop end
-  if #gone > 0 then redis.call('HDEL', job_key(id), unpack(gone)) end
+  if drop and not r[drop] then drop = nil end
+  if r.cancel and drop then
+    redis.call('HDEL', job_key(id), 'cancel', drop)
+  elseif r.cancel or drop then
+    redis.call('HDEL', job_key(id), drop or 'cancel')
+  end
   local sid = transition(id, r, status, EVENT[status], extra, set)
   if from == 'processing' then
     redis.call('ZREM', K_RUNNING, id)
@@ -304,7 +385,7 @@ local function finish(id, r, status, extra, set, drop)
   end
   redis.call('ZADD', K_FINISHED, now_ms_s, id)  -- the archiver takes it from here after ARCHIVE_AFTER
   redis.call('EXPIRE', job_key(id), S_RETENTION_S)
-  redis.call('EXPIRE', K_JOB_LOG .. id, S_RETENTION_S)
+  redis.call('EXPIRE', log_key(id), S_RETENTION_S)
   if r.webhook and r.webhook ~= '' then redis.call('EXPIRE', K_JOB_DELIVERIES .. id, S_RETENTION_S) end
   return sid
 end
@@ -323,7 +404,9 @@ local function requeue(id, r, attempt, delay_ms, event, extra, set)
     set[#set + 1] = 'ready_ms'; set[#set + 1] = now_ms
   end
   r.run, r.attempt, r.progress = run, attempt, NO_PROGRESS
-  for _, v in ipairs({'run', run, 'attempt', attempt, 'percent', 0, 'progress', NO_PROGRESS}) do set[#set + 1] = v end
+  local n = #set
+  set[n + 1], set[n + 2], set[n + 3], set[n + 4] = 'run', run, 'attempt', attempt
+  set[n + 5], set[n + 6], set[n + 7], set[n + 8] = 'percent', '0', 'progress', NO_PROGRESS
   transition(id, r, 'queued', event, extra, set)
 end
 
@@ -408,9 +491,11 @@ end
 -- One call: everything above is defined once per load (a Redis Function library, see
 -- worker/schema.py), the op runs here.
 
-local function run(KEYS, ARGV)
-op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
+-- The ops are split in two functions, jobs and deliveries, because Lua allows one function at most
+-- 60 upvalues (the helpers above): run dispatches.
+local run_delivery
 
+local function run_job(KEYS, ARGV)
 if op == 'create' then
   -- id tenant type priority max_attempts params webhook idem_key idem_value idem_ttl
   local id, tenant, jtype, priority = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -492,8 +577,8 @@ elseif op == 'progress' then
   if tonumber(ARGV[6]) < tonumber(r.percent) then return 0 end
   r.progress = ARGV[7]
   redis.call('HSET', job_key(id), 'percent', ARGV[6], 'progress', ARGV[7], 'updated_at', now_iso,
-    'version', tonumber(r.version) + 1)
-  redis.call('HINCRBY', K_STATS, 'progress', 1)
+    'version', (version_after(r.version)))
+  redis.call('HINCRBY', K_STATS, 'progress', '1')
   emit(id, r, EVENT.progress, '')
   return 1
 
@@ -529,7 +614,7 @@ elseif op == 'complete' or op == 'fail' or op == 'cancelled' or op == 'retry' or
     local extra = ',"result_url":"/jobs/' .. id .. '/result"'
     if result ~= '' and #result <= CFG_INLINE_MAX then extra = ',"result":' .. result end
     -- (An earlier attempt's error no longer applies.)
-    finish(id, r, 'completed', extra, {'result', result, 'percent', 100}, 'error')
+    finish(id, r, 'completed', extra, {'result', result, 'percent', '100'}, 'error')
     return {'ok', 'completed'}
   elseif op == 'fail' then
     finish(id, r, 'failed', error_extra(ARGV[6]), {'error', ARGV[6]})
@@ -641,12 +726,16 @@ elseif op == 'evict' then
     out[#out + 1] = verdict
   end
   return out
+end
+return run_delivery(KEYS, ARGV)
+end
 
 ----------------------------------------------------------------------------------------------------
 -- Webhook deliveries. States: pending -> delivered | gone (410) | dead (dead-letter list);
 -- dead -> pending again on a replay (fresh schedule, same webhook-id).
 
-elseif op == 'attempted' then
+run_delivery = function(KEYS, ARGV)
+if op == 'attempted' then
   -- wid seq outcome attempt_json last_error delay_ms next_attempt_iso pause_ms
   --   -> {'ok', state, health} | {'stale', state}
   -- outcome: 'delivered' | 'retry' (queue attempt seq+1 in delay_ms) | 'dead' | 'gone'.
@@ -741,6 +830,38 @@ elseif op == 'admit' then
   redis.call('HSET', key, 'wait_reason', '')
   return {'send'}
 
+elseif op == 'lock_job' then
+  -- wid seq ttl_ms token -> {'locked'} | {'busy', deferrals, due_ms} | {'stale', state}
+  -- A job's deliveries are attempted one at a time, and those never attempted yet in the order of
+  -- the job's events: attempt `seq` of `wid` takes the job's lock (`token`; it lapses after ttl_ms
+  -- if its holder dies) unless another attempt holds it or, when `wid` was never attempted, the
+  -- delivery of the job's previous event was not attempted yet either (each waited for its own
+  -- previous one, so one look back is enough). Busy: the put-off is counted ('deferrals.<seq>': a
+  -- put-off run is not an interrupted one) and due_ms says when that previous delivery is due (0:
+  -- another attempt holds the lock).
+  local wid, seq, ttl_ms, token = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local key = delivery_key(wid)
+  local d = redis.call('HMGET', key, 'state', 'seq', 'job_id', 'attempts')
+  if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
+  local due = 0
+  local turn = true
+  if d[4] == '0' then
+    local list = K_JOB_DELIVERIES .. d[3]
+    local at = redis.call('LPOS', list, wid, 'RANK', -1)
+    if at and at > 0 then
+      local p = redis.call('HMGET', delivery_key(redis.call('LINDEX', list, at - 1)), 'state', 'attempts', 'due_ms')
+      if p[1] == 'pending' and p[2] == '0' then turn = false; due = tonumber(p[3] or 0) end
+    end
+  end
+  if turn and redis.call('SET', K_WEBHOOK_LOCK .. d[3], token, 'NX', 'PX', ttl_ms) then return {'locked'} end
+  return {'busy', redis.call('HINCRBY', key, 'deferrals.' .. seq, 1), due}
+
+elseif op == 'unlock_job' then
+  -- job_id token -> 1 | 0: free the job's delivery lock if `token` still holds it.
+  local lock = K_WEBHOOK_LOCK .. ARGV[4]
+  if redis.call('GET', lock) == ARGV[5] then return redis.call('DEL', lock) end
+  return 0
+
 elseif op == 'enable' then
   -- tenant destination -> 'ok' | 'missing'
   local tenant, dest = ARGV[4], ARGV[5]
@@ -773,4 +894,9 @@ elseif op == 'replay' then
 end
 
 return redis.error_reply('jobs.lua: unknown op ' .. tostring(op))
+end
+
+local function run(KEYS, ARGV)
+  op, now_iso, now_ms, now_ms_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[3]
+  return run_job(KEYS, ARGV)
 end
