@@ -69,6 +69,8 @@ class Run:
     connected: int = 0
     failed: int = 0
     connect_s: float = float("nan")
+    #: The server's CPU-seconds while the streams opened (all its processes; nginx: its workers).
+    open_cpu_s: float = float("nan")
     latencies_ms: list[float] = field(default_factory=list)
     received: int = 0
     expected: int = 0
@@ -222,7 +224,10 @@ def fanout_jobcast(args: argparse.Namespace, streams: int, folder: Path, transpo
         try:
             say(f"{run.server}: opening {streams} streams")
             profiler = harness.Profiler(web.pid, folder / "connect.pyspy") if args.profile else None
+            opening = harness.CpuMeter({f"server{i}": pid for i, pid in enumerate(servers)})
+            opening.start()
             clients.connect(run)
+            run.open_cpu_s = sum(opening.stop().values())
             if profiler is not None:
                 profiler.stop()
                 run.profiles.append(profiler.report(f"Jobcast server while {streams} streams connect"))
@@ -269,7 +274,10 @@ def fanout_nchan(args: argparse.Namespace, streams: int, folder: Path) -> Run:
         clients = Clients(args.clients, port, ["/sub/fanout"] * streams, {}, 200)
         try:
             say(f"nchan: opening {streams} streams")
+            opening = harness.CpuMeter({f"server{i}": pid for i, pid in enumerate(workers)})
+            opening.start()
             clients.connect(run)
+            run.open_cpu_s = sum(opening.stop().values())
             run.kib_per_stream = (settle_rss(workers) - rss_before) / max(run.connected, 1)
             meter = harness.CpuMeter({**{f"server{i}": pid for i, pid in enumerate(workers)}, **clients.pids})
             say(f"nchan: {run.connected} streams open; publishing {FANOUT_EVENTS} events at {FANOUT_RATE:g}/s")
@@ -428,6 +436,7 @@ def summary(run: Run) -> dict[str, float]:
     ordered = sorted(run.latencies_ms)
     return {
         "connect": run.connect_s,
+        "open_us": run.open_cpu_s / max(run.connected, 1) * 1e6,
         "p50": percentile(ordered, 50),
         "p99": percentile(ordered, 99),
         "max": ordered[-1] if ordered else float("nan"),
@@ -442,7 +451,7 @@ def medians(runs: list[Run]) -> dict[str, float]:
     return {key: statistics.median(s[key] for s in sums) for key in sums[0]}
 
 
-HEAD = ["server", "round", "streams", "connect s", "p50 ms", "p99 ms", "max ms", "delivered", "dupes",
+HEAD = ["server", "round", "streams", "connect s", "CPU µs/open", "p50 ms", "p99 ms", "max ms", "delivered", "dupes",
         "KiB/stream", "server CPU s", "client CPU s", "not-ours CPU s"]  # fmt: skip
 
 
@@ -453,6 +462,7 @@ def row(run: Run, round_no: int) -> list[object]:
         round_no,
         f"{run.connected}/{run.streams}",
         f"{s['connect']:.2f}",
+        f"{s['open_us']:.0f}" if s["open_us"] == s["open_us"] else "n/a",
         ms(s["p50"]),
         ms(s["p99"]),
         ms(s["max"]),
@@ -471,6 +481,7 @@ def ratio_row(ours: dict[str, float], ref: dict[str, float], label: str = "Jobca
         "",
         "",
         ratio(ours["connect"], ref["connect"]),
+        ratio(ours["open_us"], ref["open_us"]),
         ratio(ours["p50"], ref["p50"]),
         ratio(ours["p99"], ref["p99"]),
         ratio(ours["max"], ref["max"]),

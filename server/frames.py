@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from sse_starlette.event import ServerSentEvent
+
+#: Event frames kept encoded: streams opened together replay the same events (a reconnect storm on
+#: one job, a burst of clients of one tenant), each encoded once. Bounded: the size of the
+#: largest events times this many.
+FRAME_CACHE = 1024
 
 #: The line separator of every frame (the SSE grammar allows \r\n, \r or \n; one is used throughout).
 SEPARATOR = "\n"
 
 
+@lru_cache(maxsize=FRAME_CACHE)
 def event_frame(event_id: str, event: str, data: str) -> bytes:
     return ServerSentEvent(data, event=event, id=event_id, sep=SEPARATOR).encode()
 
@@ -23,6 +31,7 @@ def position_frame(event_id: str) -> bytes:
     return ServerSentEvent(id=event_id, sep=SEPARATOR).encode()
 
 
+@lru_cache(maxsize=8)
 def retry_frame(retry_ms: int) -> bytes:
     return ServerSentEvent(retry=retry_ms, sep=SEPARATOR).encode()
 

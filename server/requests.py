@@ -85,7 +85,7 @@ def query_wait(request: Request) -> float:
 
 
 def query_bool(request: Request, name: str) -> bool:
-    raw = request.query_params.get(name, "false")
+    raw = request.query_params.get(name, "false") if request.scope.get("query_string") else "false"
     if raw not in ("true", "false"):
         raise BadRequest(f"Query parameter '{name}' must be true or false.")
     return raw == "true"
@@ -143,7 +143,9 @@ def job_id_param(request: Request) -> str:
 
 
 def last_event_id(request: Request) -> str | None:
-    value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    value = request.headers.get("last-event-id")
+    if not value and request.scope.get("query_string"):
+        value = request.query_params.get("last_event_id")
     if value is None or value == "":
         return None
     if not streamids.valid(value):

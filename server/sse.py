@@ -40,12 +40,12 @@ from jobcast.worker.models import Audience
 from jobcast.worker.store import Event, Store
 
 from . import streamids
-from .frames import PING_CHUNK, chunk, event_frame
+from .frames import LAST_CHUNK, PING_CHUNK, chunk, event_frame
 from .hub import TERMINAL, Hub, Item
 from .limits import StreamSlots
 from .overview import MIN_INTERVAL_S, REFRESH_S, OverviewFeed
 from .stream_writing import BACKLOG_MAX, LogUnreadable, Phase, StreamWriting, TooSlow
-from .takeover import Closed, take_over
+from .takeover import Closed, start
 
 logger = logging.getLogger(__name__)
 
@@ -192,16 +192,20 @@ class Stream(StreamWriting):
 
     async def write_events(self, events: list[Event]) -> None:
         """Write events read from the log (one write); ends a job's stream at its terminal event."""
+        body, last = self._frames(events)
+        if body or last:
+            await self._send(body, last=last)
+
+    def _frames(self, events: list[Event]) -> tuple[bytes, bool]:
+        """The frames of ``events`` (the last id moves on), up to a job's terminal event; and
+        whether that ends the stream."""
         parts: list[bytes] = []
-        last = False
         for event in events:
             parts.append(frame(event))
             self.last_key = streamids.order(event.id)
             if self.audience == "job" and event.event in TERMINAL:
-                last = True
-                break
-        if parts or last:
-            await self._send(b"".join(parts), last=last)
+                return b"".join(parts), True
+        return b"".join(parts), False
 
     def _after(self) -> str:
         return "-" if self.last_key == streamids.BEFORE_ALL else streamids.render(self.last_key)
@@ -263,21 +267,24 @@ class Stream(StreamWriting):
         """Start the response (uvicorn writes the head), take the connection over, write the head
         and the replay (``opening()`` hands them over) and hand the stream to the hub. The request's
         task then ends; the stream lives on in the hub and its connection."""
-        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        self.conn = take_over(send, self)
-        if self.conn is None:  # the client is gone already
+        started = await start(send, self, HEADERS)
+        if started is None:  # the client is gone already
             self.let_go()
             return
-        await self._open(*opening())
+        self.conn, http_head = started
+        await self._open(http_head, *opening())
         if self.overview is not None and self.phase is Phase.IDLE:
             # Followed from now on (an end unfollows); the first overview right after the catch-up.
             self.overview.follow(self)
             self.write_overview(await self.overview.frame(self.tenant), asyncio.get_running_loop().time())
 
-    async def _open(self, head: bytes, replay: list[Event], more: bool) -> None:
+    async def _open(self, http_head: bytes, head: bytes, replay: list[Event], more: bool) -> None:
+        """Write the response head (when uvicorn left it to us), the stream's head and the first
+        replay page in one write; then the rest of the log, then what queued meanwhile."""
         async with self.ending_on_failure():
-            await self._send(head)
-            await self.write_events(replay)
+            body, last = self._frames(replay)
+            data = http_head + chunk(head + body)
+            await self._send_chunks(data + LAST_CHUNK if last else data, last=last)
             if more:
                 await self.catch_up()
             await self._flush()

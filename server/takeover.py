@@ -31,7 +31,9 @@ logger = logging.getLogger("jobcast.sse")
 UVICORN_INTERNALS = {
     "RequestResponseCycle.__init__": "the cycle keeps transport, flow, chunked_encoding and disconnected, read here",
     "RequestResponseCycle.send": "a bound method of the cycle (how the app's send leads here); after "
-    "http.response.start with no length it has written the head and chunk-frames the body",
+    "http.response.start with no length it has written the head and chunk-frames the body; unless the "
+    "flow is paused it awaits nothing before writing the head with one cycle.transport.write (start "
+    "captures it there)",
     "RequestResponseCycle.run_asgi": "logs nothing and leaves the transport alone when the app returns "
     "with the cycle marked disconnected (set here: the stream owns the connection from then on)",
     "HttpToolsProtocol.__init__": "per-connection state: config, server_state, app_state, cycle, flow, parser",
@@ -58,6 +60,40 @@ class Owner(Protocol):
 def can_take_over(send: Any) -> bool:
     """Whether ``send`` is uvicorn's (httptools): what :func:`take_over` can take a connection from."""
     return isinstance(getattr(send, "__self__", None), RequestResponseCycle)
+
+
+class _Head:
+    """Stands in for the transport while uvicorn writes a response head: keeps the bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+async def start(send: Any, owner: Owner, headers: list[tuple[bytes, bytes]]) -> tuple[StreamConnection, bytes] | None:
+    """Start a 200 chunked response through uvicorn's ``send`` and take the connection over
+    (:func:`take_over`); the connection, and the response head uvicorn made (status line, its
+    default headers, ``headers``) *unwritten*, for the stream to send in one write with its first
+    chunk. The head is empty when uvicorn wrote it itself (its flow was paused: it awaits then). None
+    as for :func:`take_over`."""
+    message = {"type": "http.response.start", "status": 200, "headers": headers}
+    cycle = getattr(send, "__self__", None)
+    if not isinstance(cycle, RequestResponseCycle) or cycle.flow.write_paused or cycle.disconnected:
+        await send(message)
+        connection = take_over(send, owner)
+        return None if connection is None else (connection, b"")
+    head, transport = _Head(), cycle.transport
+    cycle.transport = head  # type: ignore[assignment]  # nothing is awaited before the head is written
+    try:
+        await send(message)
+    finally:
+        cycle.transport = transport
+    connection = take_over(send, owner)
+    return None if connection is None else (connection, head.data)
 
 
 def take_over(send: Any, owner: Owner) -> StreamConnection | None:

@@ -316,3 +316,29 @@ async def test_the_process_stream_cap_holds_against_concurrent_connects(
                 await context.__aexit__(None, None, None)
     finally:
         await handle.stop()
+
+
+async def test_stream_opens_of_one_loop_turn_go_in_one_pipeline(redis_server: RedisProcess, redis: Redis) -> None:
+    """Concurrent stream opens share one round trip (one connection of the pool), each with its own
+    outcome: the tenant's cap counted in order, even when Redis has forgotten the script."""
+    client = Redis.from_url(redis_server.url, decode_responses=True, client_name="opens")
+    script = schema.StreamOpenScript(client)
+    try:
+        await redis.script_flush()  # every EVALSHA of the pipeline fails NOSCRIPT: each is made again
+        log, slots = schema.tenant_log_key("acme"), schema.streams_key("acme")
+        keys = [log, slots, log, schema.EPOCH]
+
+        def args(slot: str) -> list[str | int]:
+            return ["tenant", "acme", "", "live", 0, 10**13, 60_000, 5, slot, 0]
+
+        outcomes = await asyncio.gather(*(script(keys, args(f"slot{i}")) for i in range(12)))
+        assert sorted(outcome for outcome, _, _ in outcomes) == ["full"] * 7 + ["ok"] * 5
+        assert await redis.zcard(slots) == 5
+        names = [c["name"] for c in await redis.client_list()]
+        assert names.count("opens") == 1, names  # one connection: one pipeline, not one call each
+        # Loaded now: the next batch goes through without a retry, refusals and all.
+        again = await asyncio.gather(*(script(keys, args(f"more{i}")) for i in range(4)))
+        assert [outcome for outcome, _, _ in again] == ["full"] * 4
+        assert [c["name"] for c in await redis.client_list()].count("opens") == 1
+    finally:
+        await client.aclose()

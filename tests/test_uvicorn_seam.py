@@ -100,3 +100,25 @@ async def test_a_stream_leaves_no_task_and_hands_its_connection_back_when_it_end
         assert not any(isinstance(c, StreamConnection) for c in state.connections)
     finally:
         writer.close()
+
+
+async def test_the_response_head_goes_out_with_the_stream_head_and_the_replay(
+    server: ServerHandle, store: Store
+) -> None:
+    """takeover.start keeps the head uvicorn makes (status line, its default headers, ours) and the
+    stream writes it with its retry frame and the first replay page: one write, so the client's
+    first read has all three."""
+    job_id = await new_running_job(store)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        auth = "Authorization: Bearer key-acme\r\n"
+        writer.write(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+        async with asyncio.timeout(20):
+            first = await reader.read(65536)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n"), first
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert b"\r\ntransfer-encoding: chunked" in head.lower() and b"\r\ndate: " in head.lower()
+        assert b"content-type: text/event-stream" in head.lower()
+        assert b"retry: " in body and b"event: job.processing" in body, first
+    finally:
+        writer.close()

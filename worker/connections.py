@@ -25,15 +25,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 from arq.connections import ArqRedis, RedisSettings
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
-from redis.exceptions import RedisError
+from redis.exceptions import DataError, RedisError
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,72 @@ def _host_port(part: str) -> tuple[str, int]:
     return host, int(port) if port else DEFAULT_SENTINEL_PORT
 
 
+#: The redis-py internals :class:`HiredisPacking` relies on, and how (tests/test_connections.py
+#: fingerprints each: an upgrade that changes one fails loudly).
+REDIS_INTERNALS = {
+    "_AsyncHiredisParser.on_connect": "keeps the connection's StreamReader as _stream and a hiredis Reader "
+    "whose gets() answers NOT_ENOUGH_DATA as _reader; sets _connected",
+    "_AsyncHiredisParser.can_read_destructive": "what the quick check replaces: a reply already parsed, "
+    "else a read of the stream under a zero timeout",
+    "AbstractConnection.can_read_destructive": "calls the parser's, turns an OSError into a ConnectionError",
+    "ConnectionPool.ensure_connection": "under the pool's lock, for every connection handed out: True "
+    "(data waiting, or the connection closed) means reconnect",
+}
+
+
+class HiredisPacking:
+    """Commands packed by hiredis (C), not by redis-py's asyncio connection, which packs in Python
+    whether hiredis is installed or not (its parser is hiredis's; its packer is not): a mixin of
+    every connection class of Jobcast's clients (:func:`packed_by_hiredis`).
+
+    It also checks a connection the pool hands out without waiting: redis-py's check reads the
+    socket under a zero timeout, which costs every command a timer, a cancelled read and a turn of
+    the event loop, with the pool's lock held (so concurrent commands take connections one loop turn
+    at a time; redis-py issues #3692, #3842). What that read could find is already in the
+    connection's stream buffer (the transport hands data over as it arrives): bytes waiting, the
+    end of the stream or its error. :data:`REDIS_INTERNALS` lists what this relies on."""
+
+    async def can_read_destructive(self) -> bool:
+        parser: Any = getattr(self, "_parser", None)
+        stream = getattr(parser, "_stream", None)
+        if type(parser) is not _AsyncHiredisParser or not parser._connected or stream is None:
+            return bool(await super().can_read_destructive())  # type: ignore[misc]
+        reader: Any = parser._reader
+        if reader.gets() is not NOT_ENOUGH_DATA:
+            return True  # a reply nobody read
+        return bool(stream._buffer) or stream.at_eof() or stream.exception() is not None
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # As redis-py's: a command name with spaces ("CONFIG GET") goes as several arguments.
+        if isinstance(args[0], str):
+            args = tuple(args[0].encode().split()) + args[1:]
+        elif b" " in args[0]:
+            args = tuple(args[0].split()) + args[1:]
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # redis-py's error for a value it cannot send (None, bool, ...)
+            raise DataError(str(exc)) from None
+
+    def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
+        return [b"".join(self.pack_command(*command)[0] for command in commands)]
+
+
+_packed: dict[type[Any], type[Any]] = {}
+_Client = TypeVar("_Client")
+
+
+def packed_by_hiredis(client: _Client) -> _Client:
+    """``client`` (a redis-py asyncio client, arq's too), its connections now packing commands with
+    hiredis; before it has made any."""
+    pool = client.connection_pool  # type: ignore[attr-defined]
+    base = pool.connection_class
+    if not issubclass(base, HiredisPacking):
+        if base not in _packed:
+            _packed[base] = type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
+        pool.connection_class = _packed[base]
+    return client
+
+
 class _Connection(SentinelManagedConnection):
     """A connection to a Sentinel-managed primary that closes at once: the pool's ``disconnect``
     after a failover then leaves no moment in which another task could write to a half-closed
@@ -161,7 +229,7 @@ def redis_for(url: str) -> Redis:
     """A Redis client for a cell URL, as every Jobcast process uses it."""
     if not is_sentinel_url(url):
         client: Redis = Redis.from_url(url, **CLIENT_OPTIONS)  # type: ignore[arg-type]
-        return client
+        return packed_by_hiredis(client)
     address = parse_sentinel_url(url)
     primary: Redis = _primary_for(address, Redis, **CLIENT_OPTIONS)
     return primary
@@ -181,14 +249,16 @@ def _primary_for(address: SentinelAddress, redis_class: type[Any], **options: An
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(address.sentinels), sentinel_kwargs=dict(SENTINEL_OPTIONS), **options
     )
-    return sentinel.master_for(
-        address.service,
-        redis_class=redis_class,
-        connection_pool_class=_PrimaryPool,
-        connection_class=_Connection,
-        db=address.db,
-        username=address.username,
-        password=address.password,
+    return packed_by_hiredis(
+        sentinel.master_for(
+            address.service,
+            redis_class=redis_class,
+            connection_pool_class=_PrimaryPool,
+            connection_class=_Connection,
+            db=address.db,
+            username=address.username,
+            password=address.password,
+        )
     )
 
 
@@ -230,7 +300,7 @@ async def follow_primary(url: str, clients: Sequence[Redis]) -> None:
     while True:
         host, port = address.sentinels[turn % len(address.sentinels)]
         # No socket timeout: the subscription is quiet until a failover.
-        sentinel = Redis(host=host, port=port, socket_connect_timeout=5, decode_responses=True)
+        sentinel = packed_by_hiredis(Redis(host=host, port=port, socket_connect_timeout=5, decode_responses=True))
         pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe("+switch-master")

@@ -72,6 +72,7 @@ start on one that was not moved.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from importlib import resources
@@ -378,6 +379,11 @@ class Script:
                 raise
             return await self._script(keys=keys, args=args, client=client)
 
+    @property
+    def sha(self) -> str:
+        """The SHA1 of the script as it is sent now (for a pipeline's ``EVALSHA``)."""
+        return str(self._script.sha)
+
     def _fall_back(self, exc: ResponseError) -> bool:
         if self._script is self._declared and "near '#'" in str(exc):
             logger.warning("this Redis does not know script shebangs (Redis < 7): scripts run undeclared")
@@ -399,10 +405,18 @@ class RateLimitScript:
 
 class StreamOpenScript:
     """``lua/streams.lua``: open an event stream in one round trip (checks, the tenant's stream slot,
-    the first page of the log); see the script for its arguments and outcomes."""
+    the first page of the log); see the script for its arguments and outcomes.
+
+    **Batched.** The calls made in the same turn of the event loop (a reconnect storm, a burst of
+    connects) are sent together, as one pipeline of ``EVALSHA`` on one connection: one round trip
+    and one connection taken from the pool for all of them, instead of one each. A call that the
+    pipeline could not run as it was (the script not loaded, a Redis without shebangs) is made again
+    on its own, which loads the script or falls back as :class:`Script` does."""
 
     def __init__(self, redis: Redis) -> None:
+        self._redis = redis
         self._script = Script(redis, _lua("streams.lua"))
+        self._queued: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
 
     async def load(self) -> None:
         """Load the script now (a Redis that restarted has none): otherwise a storm of reconnecting
@@ -410,8 +424,57 @@ class StreamOpenScript:
         await self._script.load()
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> tuple[str, str, list[Any]]:
-        outcome, tip, entries = await self._script(keys=keys, args=args)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((keys, args, future))
+        if len(self._queued) == 1:
+            loop.call_soon(self._send_queued)
+        outcome, tip, entries = await future
         return str(outcome), str(tip), list(entries)
+
+    def _send_queued(self) -> None:
+        calls, self._queued = self._queued, []
+        task = asyncio.get_running_loop().create_task(self._run(calls))
+        _batches.add(task)
+        task.add_done_callback(_batches.discard)
+
+    async def _run(self, calls: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]) -> None:
+        calls = [call for call in calls if not call[2].done()]  # a caller that went away
+        replies: list[Any]
+        try:
+            if len(calls) == 1:
+                keys, args, _ = calls[0]
+                replies = [await self._script(keys=keys, args=args)]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    sha = self._script.sha
+                    for keys, args, _ in calls:
+                        pipe.evalsha(sha, len(keys), *keys, *map(str, args))
+                    replies = await pipe.execute(raise_on_error=False)
+                for i, (keys, args, _) in enumerate(calls):
+                    if isinstance(replies[i], ResponseError):  # NOSCRIPT, or a Redis without shebangs
+                        try:
+                            replies[i] = await self._script(keys=keys, args=args)
+                        except ResponseError as exc:
+                            replies[i] = exc
+        except BaseException as exc:  # the connection failed, or the task is cancelled
+            for _, _, future in calls:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), reply in zip(calls, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+#: The batches of :class:`StreamOpenScript` under way (a task must be referenced while it runs).
+_batches: set[asyncio.Task[None]] = set()
 
 
 class JobsScript:
