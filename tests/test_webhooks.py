@@ -44,7 +44,7 @@ from jobcast.worker.models import Priority
 from jobcast.worker.settings import ConfigError, Settings
 from jobcast.worker.signatures import decode_secret, sign
 from jobcast.worker.store import Store
-from jobcast.worker.webhooks import PutOff, WebhookStore
+from jobcast.worker.webhooks import Delivery, PutOff, WebhookStore
 
 from .conftest import (
     GLOBEX,
@@ -459,20 +459,28 @@ async def test_token_readers_see_the_webhook_url_without_its_path_and_query(
             assert "SECRET" not in orjson.dumps(response).decode() and "s3cret" not in orjson.dumps(response).decode()
 
 
-async def test_nothing_is_sent_to_a_receiver_after_it_answered_410_for_the_job(
+async def _two_pending_deliveries(
     settings: Settings, redis: Redis, receiver: Receiver
-) -> None:
-    """Two deliveries of one job in flight at once: while the first waits for its answer (a 410),
-    the second is put off rather than sent, and once the 410 is recorded it is never sent."""
+) -> tuple[WebhookStore, Delivery, Delivery]:
+    """A cancelled job with no worker: its two deliveries (queued, cancelled), both still pending."""
     store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
     created = await store.create(
         tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
         webhook={"url": receiver.url, "events": ["job.queued", "job.cancelled"]},
     )  # fmt: skip
     assert created.job_id is not None
-    await store.cancel(created.job_id, "acme")  # no worker runs: both deliveries stay pending
+    await store.cancel(created.job_id, "acme")
     first, second = [await webhooks.get(item["id"]) for item in await webhooks.for_job(created.job_id)]
     assert first is not None and second is not None
+    return webhooks, first, second
+
+
+async def test_nothing_is_sent_to_a_receiver_after_it_answered_410_for_the_job(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """Two deliveries of one job in flight at once: while the first waits for its answer (a 410),
+    the second is put off rather than sent, and once the 410 is recorded it is never sent."""
+    webhooks, first, second = await _two_pending_deliveries(settings, redis, receiver)
     release = asyncio.Event()
     receiver.replies = [Reply(410, hold=release)]
     receiver.default = Reply(410)
@@ -500,15 +508,7 @@ async def test_a_job_s_first_attempts_take_turns_in_the_order_of_its_events(
 ) -> None:
     """Deliveries claimed together (a worker that starts behind a job's events): a later event's
     first attempt waits until the earlier event's has been made, so the receiver sees them in order."""
-    store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
-    created = await store.create(
-        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
-        webhook={"url": receiver.url, "events": ["job.queued", "job.cancelled"]},
-    )  # fmt: skip
-    assert created.job_id is not None
-    await store.cancel(created.job_id, "acme")  # no worker runs: both deliveries stay pending
-    first, second = [await webhooks.get(item["id"]) for item in await webhooks.for_job(created.job_id)]
-    assert first is not None and second is not None
+    webhooks, first, second = await _two_pending_deliveries(settings, redis, receiver)
     sender = Sender(settings)
     dispatcher = Dispatcher(webhooks, sender, settings)
     try:
