@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
+from jobcast.worker import schema
 from jobcast.worker.alerts import Alerter
 from jobcast.worker.archive import Archive
 from jobcast.worker.connections import follow_primary
@@ -128,6 +129,9 @@ def create_app(settings: Settings | None = None, *, bind_host: str | None = None
                 # opening, mid Redis call) end before their connections are closed under them: a
                 # connection a cancelled command holds would otherwise be left to the collector.
                 await app.requests_ended(REQUESTS_END_S)
+                # The stream opens batched for those requests (not request tasks) finish before the
+                # Redis clients are closed under them.
+                await schema.settle_batches(REQUESTS_END_S)
                 for cell in cells:
                     await cell.hub.stop()
                 for cell in cells:  # the slots of the streams that just ended, removed from Redis

@@ -197,7 +197,15 @@ class StreamSlots:
         cap = self.per_tenant if slot is not None else 0
         mode = "replay" if audience == "job" else "live"
         args: list[str | int] = [audience, tenant, last_id or "", mode, page, now_ms, ttl_ms, cap, slot or ""]
-        return await self.open_script(keys, [*args, self.log_max[audience], *TERMINAL_STATUSES])
+        try:
+            return await self.open_script(keys, [*args, self.log_max[audience], *TERMINAL_STATUSES])
+        except BaseException:
+            # Cancelled or failed without an outcome: the script may still have taken the slot (its
+            # reply lost, or not waited for). Removed from Redis (a no-op if it was not taken)
+            # rather than left to count against the tenant's cap until it expires.
+            if cap:
+                self._remove_soon(tenant, str(slot))
+            raise
 
     async def acquire(self, tenant: str) -> str:
         """A place for a held long-poll: this process's cap, then the tenant's, taken by the same
@@ -226,7 +234,12 @@ class StreamSlots:
         """:meth:`release`, from a callback that cannot wait: the process's place is free now, the
         tenant's slot is removed from Redis shortly, together with the others let go meanwhile
         (one pipeline for a whole reconnect storm, not a task per stream)."""
-        if self._forget(tenant, slot) and not self._settled:
+        if self._forget(tenant, slot):
+            self._remove_soon(tenant, slot)
+
+    def _remove_soon(self, tenant: str, slot: str) -> None:
+        """Remove the tenant's slot ``slot`` from Redis shortly (idempotent), with the others."""
+        if not self._settled:
             self._leaving.append((tenant, slot))
             if self._remover is None:
                 self._remover = asyncio.get_running_loop().create_task(self._remove_leaving())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from datetime import datetime
 from typing import Any
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.limits import ProcessStreams, StreamSlots
 from jobcast.worker import schema
 from jobcast.worker.settings import ConfigError, parse_rate
 
@@ -340,5 +342,58 @@ async def test_stream_opens_of_one_loop_turn_go_in_one_pipeline(redis_server: Re
         again = await asyncio.gather(*(script(keys, args(f"more{i}")) for i in range(4)))
         assert [outcome for outcome, _, _ in again] == ["full"] * 4
         assert [c["name"] for c in await redis.client_list()].count("opens") == 1
+    finally:
+        await client.aclose()
+
+
+async def _paused_writes(redis: Redis) -> bool:
+    """Whether a client waits on ``CLIENT PAUSE ... WRITE`` (a batch of opens sent, held by Redis)."""
+    return int((await redis.info("clients"))["blocked_clients"]) >= 1
+
+
+async def test_an_open_cancelled_in_flight_gives_its_tenant_slot_back(redis_server: RedisProcess, redis: Redis) -> None:
+    """A stream opener that goes away after its batched open was sent (the script takes the slot
+    anyway) leaves no slot counting against the tenant's cap until it expires."""
+    client = Redis.from_url(redis_server.url, decode_responses=True, client_name="opens")
+    slots = StreamSlots(client, process=ProcessStreams(100), per_tenant=2, log_max={"job": 1000, "tenant": 1000})
+    await slots.open_script.load()
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")  # the scripts write: held
+        try:
+            a = asyncio.create_task(slots.open_log("tenant", "acme", "acme", None, page=0, slot="slotA"))
+            b = asyncio.create_task(slots.open_log("tenant", "acme", "acme", None, page=0, slot="slotB"))
+            await wait_until(lambda: _paused_writes(redis))  # the pipeline of both is in Redis
+            a.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await a
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        assert (await b)[0] == "ok"
+        await schema.settle_batches(10)
+        await slots.settle(10)  # the removals queued meanwhile are done
+        assert await redis.zrange(schema.streams_key("acme"), 0, -1) == ["slotB"]
+        third = await slots.open_log("tenant", "acme", "acme", None, page=0, slot="slotC")
+        assert third[0] == "ok"
+    finally:
+        await client.aclose()
+
+
+async def test_shutdown_waits_for_the_batched_opens_under_way(redis_server: RedisProcess, redis: Redis) -> None:
+    """settle_batches (the app's shutdown, before the Redis clients are closed) lets a batch of
+    opens that Redis holds finish: its caller gets its outcome, nothing is left running."""
+    client = Redis.from_url(redis_server.url, decode_responses=True, client_name="opens")
+    slots = StreamSlots(client, process=ProcessStreams(100), per_tenant=2, log_max={"job": 1000, "tenant": 1000})
+    await slots.open_script.load()
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            opening = asyncio.create_task(slots.open_log("tenant", "acme", "acme", None, page=0, slot="slotA"))
+            await wait_until(lambda: _paused_writes(redis))
+            settling = asyncio.create_task(schema.settle_batches(30))
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        await settling
+        assert not schema._batches
+        assert (await opening)[0] == "ok"
     finally:
         await client.aclose()

@@ -73,6 +73,7 @@ start on one that was not moved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from importlib import resources
@@ -84,7 +85,7 @@ from arq.constants import (
     retry_key_prefix,
 )
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from .clock import now
 from .models import EventName, JobStatus
@@ -455,7 +456,7 @@ class StreamOpenScript:
                     if isinstance(replies[i], ResponseError):  # NOSCRIPT, or a Redis without shebangs
                         try:
                             replies[i] = await self._script(keys=keys, args=args)
-                        except ResponseError as exc:
+                        except Exception as exc:  # this call's outcome; the replies obtained are kept
                             replies[i] = exc
         except BaseException as exc:  # the connection failed, or the task is cancelled
             for _, _, future in calls:
@@ -464,13 +465,43 @@ class StreamOpenScript:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, _, future), reply in zip(calls, replies, strict=True):
+        gone: list[tuple[str, str]] = []  # slots taken for callers that went away meanwhile
+        for (keys, args, future), reply in zip(calls, replies, strict=True):
             if future.done():
-                continue
-            if isinstance(reply, Exception):
+                if _took_slot(args, reply):
+                    gone.append((keys[1], str(args[8])))
+            elif isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+        if gone:
+            # The caller removes its slot too (StreamSlots.open_log), but its removal may have gone
+            # ahead of this batch: this one comes after the script took the slot.
+            with contextlib.suppress(RedisError, OSError):  # it expires by itself otherwise
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, slot in gone:
+                        pipe.zrem(key, slot)
+                    await pipe.execute()
+
+
+def _took_slot(args: list[str | int], reply: Any) -> bool:
+    """Whether a call of ``streams.lua`` took a tenant slot: ``ok``, with a cap (ARGV[8])."""
+    return not isinstance(reply, Exception) and reply[0] in ("ok", b"ok") and int(args[7]) > 0
+
+
+async def settle_batches(timeout: float) -> None:
+    """Before the Redis client is closed: let the batches of :class:`StreamOpenScript` under way
+    finish (within ``timeout`` seconds; cancelled after that, their callers get an error). A batch
+    left running would use the connections of a closed client."""
+    batches = list(_batches)
+    if not batches:
+        return
+    _, pending = await asyncio.wait(batches, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 #: The batches of :class:`StreamOpenScript` under way (a task must be referenced while it runs).
