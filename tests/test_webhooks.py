@@ -557,3 +557,31 @@ async def test_a_put_off_attempt_does_not_count_as_an_interrupted_run(
         await sender.aclose()
     done = await webhooks.get(delivery.id)
     assert done is not None and done.status.value == "delivered", done
+
+
+async def test_delivery_arq_gave_up_on_does_not_hold_back_later_ones(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """Review finding 1: when arq drops a never-attempted delivery's attempt (max tries exceeded),
+    the job's later deliveries no longer wait behind it for good."""
+    store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
+        webhook={"url": receiver.url, "events": ["job.queued", "job.cancelled"]},
+    )  # fmt: skip
+    assert created.job_id is not None
+    await store.cancel(created.job_id, "acme")
+    first, second = [await webhooks.get(item["id"]) for item in await webhooks.for_job(created.job_id)]
+    assert first is not None and second is not None
+    # What arq's finish_failed_job does with an attempt out of tries: its queue entry and payload go.
+    rid = schema.attempt_id(first.id, first.seq)
+    await redis.zrem(schema.WEBHOOK_QUEUE, rid)
+    await redis.delete(arq_job_key_prefix + rid)
+    sender = Sender(settings)
+    try:
+        await Dispatcher(webhooks, sender, settings).attempt(second.id, second.seq)
+    finally:
+        await sender.aclose()
+    assert [r.headers["webhook-id"] for r in receiver.requests] == [second.id]
+    delivered = await webhooks.get(second.id)
+    assert delivered is not None and delivered.status.value == "delivered"

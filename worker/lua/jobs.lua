@@ -896,10 +896,10 @@ elseif op == 'lock_job' then
   -- A job's deliveries are attempted one at a time, and those never attempted yet in the order of
   -- the job's events: attempt `seq` of `wid` takes the job's lock (`token`; it lapses after ttl_ms
   -- if its holder dies) unless another attempt holds it or, when `wid` was never attempted, the
-  -- delivery of the job's previous event was not attempted yet either (each waited for its own
-  -- previous one, so one look back is enough). Busy: the put-off is counted ('deferrals.<seq>': a
-  -- put-off run is not an interrupted one) and due_ms says when that previous delivery is due (0:
-  -- another attempt holds the lock).
+  -- delivery of the job's previous event was not attempted yet either and its attempt is still
+  -- queued (each waited for its own previous one, so one look back is enough). Busy: the put-off is
+  -- counted ('deferrals.<seq>': a put-off run is not an interrupted one) and due_ms says when to
+  -- try again (that previous delivery's due time, or when the held lock lapses).
   local wid, seq, ttl_ms, token = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
   local key = delivery_key(wid)
   local d = redis.call('HMGET', key, 'state', 'seq', 'job_id', 'attempts')
@@ -910,11 +910,19 @@ elseif op == 'lock_job' then
     local list = K_JOB_DELIVERIES .. d[3]
     local at = redis.call('LPOS', list, wid, 'RANK', -1)
     if at and at > 0 then
-      local p = redis.call('HMGET', delivery_key(redis.call('LINDEX', list, at - 1)), 'state', 'attempts', 'due_ms')
-      if p[1] == 'pending' and p[2] == '0' then turn = false; due = tonumber(p[3] or 0) end
+      local pid = redis.call('LINDEX', list, at - 1)
+      local p = redis.call('HMGET', delivery_key(pid), 'state', 'attempts', 'due_ms', 'seq')
+      -- it goes first only while its attempt is still queued (arq may have given up on it)
+      if p[1] == 'pending' and p[2] == '0' and p[4] and redis.call('ZSCORE', K_WEBHOOK_QUEUE, attempt_id(pid, p[4])) then
+        turn = false; due = tonumber(p[3] or 0)
+      end
     end
   end
-  if turn and redis.call('SET', K_WEBHOOK_LOCK .. d[3], token, 'NX', 'PX', ttl_ms) then return {'locked'} end
+  if turn then
+    if redis.call('SET', K_WEBHOOK_LOCK .. d[3], token, 'NX', 'PX', ttl_ms) then return {'locked'} end
+    local left = redis.call('PTTL', K_WEBHOOK_LOCK .. d[3])
+    if left > 0 then due = now_ms + left end  -- wait out the attempt in flight
+  end
   return {'busy', redis.call('HINCRBY', key, 'deferrals.' .. seq, 1), due}
 
 elseif op == 'unlock_job' then
