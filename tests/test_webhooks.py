@@ -564,15 +564,7 @@ async def test_delivery_arq_gave_up_on_does_not_hold_back_later_ones(
 ) -> None:
     """Review finding 1: when arq drops a never-attempted delivery's attempt (max tries exceeded),
     the job's later deliveries no longer wait behind it for good."""
-    store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
-    created = await store.create(
-        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
-        webhook={"url": receiver.url, "events": ["job.queued", "job.cancelled"]},
-    )  # fmt: skip
-    assert created.job_id is not None
-    await store.cancel(created.job_id, "acme")
-    first, second = [await webhooks.get(item["id"]) for item in await webhooks.for_job(created.job_id)]
-    assert first is not None and second is not None
+    webhooks, first, second = await _two_pending_deliveries(settings, redis, receiver)
     # What arq's finish_failed_job does with an attempt out of tries: its queue entry and payload go.
     rid = schema.attempt_id(first.id, first.seq)
     await redis.zrem(schema.WEBHOOK_QUEUE, rid)
