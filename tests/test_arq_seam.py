@@ -9,9 +9,7 @@ then record the new fingerprints here.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import inspect
 import time
 import tomllib
 from pathlib import Path
@@ -26,6 +24,8 @@ from jobcast.worker import schema
 from jobcast.worker.doorbell import ARQ_INTERNALS
 from jobcast.worker.models import Priority
 from jobcast.worker.store import Store
+
+from .seams import assert_internals_unchanged, source_fingerprint
 
 #: sha256 (first 16 hex digits) of the source of each internal, as of arq 0.28.0.
 FINGERPRINTS = {
@@ -43,20 +43,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fingerprint(name: str) -> str:
-    target: object = arq.jobs if name.startswith("arq.jobs.") else arq.worker
-    for part in name.removeprefix("arq.jobs.").split("."):
-        target = getattr(target, part)
-    return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()[:16]  # type: ignore[arg-type]
+    return source_fingerprint(arq.jobs if name.startswith("arq.jobs.") else arq.worker, name.removeprefix("arq.jobs."))
 
 
 def test_every_arq_internal_jobcast_relies_on_is_unchanged() -> None:
-    assert set(FINGERPRINTS) == set(ARQ_INTERNALS), "fingerprint exactly what ARQ_INTERNALS lists"
-    changed = {name: ARQ_INTERNALS[name] for name in FINGERPRINTS if fingerprint(name) != FINGERPRINTS[name]}
-    assert not changed, (
-        f"arq {importlib.metadata.version('arq')} changed internals that worker/doorbell.py relies on; "
-        "re-check each against what Jobcast does with it, then record the new fingerprints:\n"
-        + "\n".join(f"  {name}: {why} (now {fingerprint(name)})" for name, why in changed.items())
-    )
+    assert_internals_unchanged("arq", ARQ_INTERNALS, FINGERPRINTS, fingerprint, "worker/doorbell.py")
 
 
 def test_the_installed_arq_is_the_one_the_seam_was_checked_against() -> None:

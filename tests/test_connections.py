@@ -5,9 +5,6 @@ themselves and against a real Redis."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import importlib.metadata
-import inspect
 
 import pytest
 import redis._parsers.hiredis as hiredis_parser
@@ -19,6 +16,7 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker.connections import REDIS_INTERNALS, HiredisPacking, arq_pool_for, packed_by_hiredis, redis_for
 
 from .conftest import STATE_KEY, ServerHandle, wait_until
+from .seams import assert_internals_unchanged, source_fingerprint
 
 #: sha256 (first 16 hex digits) of the source of each redis-py internal, as of redis 5.3.1.
 FINGERPRINTS = {
@@ -82,21 +80,14 @@ async def test_commands_packed_by_hiredis_mean_what_redis_py_would_send(redis_se
 
 
 def fingerprint(name: str) -> str:
-    module = hiredis_parser if name.startswith("_AsyncHiredisParser") else asyncio_connection
-    target: object = module
-    for part in name.split("."):
-        target = getattr(target, part)
-    return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()[:16]  # type: ignore[arg-type]
+    return source_fingerprint(hiredis_parser if name.startswith("_AsyncHiredisParser") else asyncio_connection, name)
 
 
 def test_every_redis_py_internal_the_quick_check_relies_on_is_unchanged() -> None:
-    assert set(FINGERPRINTS) == set(REDIS_INTERNALS), "fingerprint exactly what REDIS_INTERNALS lists"
-    changed = {name: REDIS_INTERNALS[name] for name in FINGERPRINTS if fingerprint(name) != FINGERPRINTS[name]}
-    assert not changed, (
-        f"redis {importlib.metadata.version('redis')} changed internals that worker/connections.py relies on; "
-        "re-check each against what HiredisPacking.can_read_destructive does with it, then record the new "
-        "fingerprints:\n" + "\n".join(f"  {name}: {why} (now {fingerprint(name)})" for name, why in changed.items())
-    )
+    assert_internals_unchanged(
+        "redis", REDIS_INTERNALS, FINGERPRINTS, fingerprint, "worker/connections.py",
+        "what HiredisPacking.can_read_destructive does with it",
+    )  # fmt: skip
 
 
 async def test_a_pooled_connection_is_checked_without_waiting_and_refused_when_not_clean(

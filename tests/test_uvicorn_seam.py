@@ -10,9 +10,7 @@ takeover.py, then record the new fingerprints here.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.metadata
-import inspect
 import tomllib
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from jobcast.takeover import UVICORN_INTERNALS, StreamConnection
 from jobcast.worker.store import Store
 
 from .conftest import ServerHandle, wait_until
+from .seams import assert_internals_unchanged, source_fingerprint
 from .test_sse import new_running_job
 
 #: sha256 (first 16 hex digits) of the source of each internal, as of uvicorn 0.55.0.
@@ -38,20 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fingerprint(name: str) -> str:
-    target: object = httptools_impl
-    for part in name.split("."):
-        target = getattr(target, part)
-    return hashlib.sha256(inspect.getsource(target).encode()).hexdigest()[:16]  # type: ignore[arg-type]
+    return source_fingerprint(httptools_impl, name)
 
 
 def test_every_uvicorn_internal_jobcast_relies_on_is_unchanged() -> None:
-    assert set(FINGERPRINTS) == set(UVICORN_INTERNALS), "fingerprint exactly what UVICORN_INTERNALS lists"
-    changed = {name: UVICORN_INTERNALS[name] for name in FINGERPRINTS if fingerprint(name) != FINGERPRINTS[name]}
-    assert not changed, (
-        f"uvicorn {importlib.metadata.version('uvicorn')} changed internals that server/takeover.py relies on; "
-        "re-check each against what Jobcast does with it, then record the new fingerprints:\n"
-        + "\n".join(f"  {name}: {why} (now {fingerprint(name)})" for name, why in changed.items())
-    )
+    assert_internals_unchanged("uvicorn", UVICORN_INTERNALS, FINGERPRINTS, fingerprint, "server/takeover.py")
 
 
 def test_the_installed_uvicorn_is_the_one_the_seam_was_checked_against() -> None:
