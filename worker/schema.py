@@ -74,8 +74,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -85,10 +87,11 @@ from arq.constants import (
     retry_key_prefix,
 )
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .clock import now
 from .models import EventName, JobStatus
+from .pipelined import Pipelined
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -363,14 +366,19 @@ class Script:
         self._plain = redis.register_script(body)
         self._script = self._declared
 
-    async def load(self) -> None:
-        """Load the script now (a Redis that restarted has none)."""
-        try:
-            await self._redis.script_load(self._script.script)
-        except ResponseError as exc:
-            if not self._fall_back(exc):
-                raise
-            await self._redis.script_load(self._script.script)
+    async def load(self, send: Callable[..., Awaitable[Any]] | None = None) -> None:
+        """Load the script now (a Redis that restarted has none); ``send`` sends the command (by
+        default the client does, on every primary of a cluster)."""
+        for attempt in range(2):
+            try:
+                if send is None:
+                    await self._redis.script_load(self._script.script)
+                else:
+                    await send("SCRIPT", "LOAD", self._script.script)
+                return
+            except ResponseError as exc:
+                if attempt or not self._fall_back(exc):
+                    raise
 
     async def __call__(self, keys: list[str], args: list[Any], client: Redis | None = None) -> Any:
         try:
@@ -408,104 +416,89 @@ class StreamOpenScript:
     """``lua/streams.lua``: open an event stream in one round trip (checks, the tenant's stream slot,
     the first page of the log); see the script for its arguments and outcomes.
 
-    **Batched.** The calls made in the same turn of the event loop (a reconnect storm, a burst of
-    connects) are sent together, as one pipeline of ``EVALSHA`` on one connection: one round trip
-    and one connection taken from the pool for all of them, instead of one each. A call that the
-    pipeline could not run as it was (the script not loaded, a Redis without shebangs) is made again
-    on its own, which loads the script or falls back as :class:`Script` does."""
+    **In flight together.** Every call goes out at once as an ``EVALSHA`` on one connection kept
+    for the opens (:class:`jobcast.worker.pipelined.Pipelined`), without waiting for the calls
+    before it: a reconnect storm's thousands of opens share round trips and one connection, and an
+    open costs no checkout from the pool. A call that Redis answers ``NOSCRIPT`` (it restarted, or
+    was flushed) waits for one ``SCRIPT LOAD`` shared by all such calls, which also switches to the
+    plain body on a Redis without shebangs (:class:`Script`), and is made once more. When a caller
+    went away before its reply came and the script took a tenant slot for it, the slot is removed."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._script = Script(redis, _lua("streams.lua"))
-        self._queued: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
+        self._line = Pipelined(redis, on_task=_track)
+        self._loading: asyncio.Task[None] | None = None
+        #: Tenant slots taken for callers that went away: removed together, shortly.
+        self._orphans: list[tuple[str, str]] = []
 
     async def load(self) -> None:
         """Load the script now (a Redis that restarted has none): otherwise a storm of reconnecting
-        streams would each pay a failed EVALSHA and a SCRIPT LOAD first."""
+        streams would each pay a failed EVALSHA first."""
         await self._script.load()
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> tuple[str, str, list[Any]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queued.append((keys, args, future))
-        if len(self._queued) == 1:
-            loop.call_soon(self._send_queued)
-        outcome, tip, entries = await future
+        orphaned = functools.partial(self._orphaned, keys[1], str(args[8]), int(args[7]))
+        try:
+            reply = await self._line.call("EVALSHA", self._script.sha, len(keys), *keys, *args, orphaned=orphaned)
+        except NoScriptError:
+            await self._loaded()
+            reply = await self._line.call("EVALSHA", self._script.sha, len(keys), *keys, *args, orphaned=orphaned)
+        outcome, tip, entries = reply
         return str(outcome), str(tip), list(entries)
 
-    def _send_queued(self) -> None:
-        calls, self._queued = self._queued, []
-        task = asyncio.get_running_loop().create_task(self._run(calls))
-        _batches.add(task)
-        task.add_done_callback(_batches.discard)
+    async def _loaded(self) -> None:
+        """One SCRIPT LOAD for every call that found the script missing at about the same time."""
+        if self._loading is None or self._loading.done():
+            # On the opens' own connection: a storm that finds the script gone takes no other.
+            send = self._line.call if self._line.pooled else None
+            self._loading = asyncio.get_running_loop().create_task(self._script.load(send))
+            _track(self._loading)
+        await asyncio.shield(self._loading)
 
-    async def _run(self, calls: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]) -> None:
-        calls = [call for call in calls if not call[2].done()]  # a caller that went away
-        replies: list[Any]
-        try:
-            if len(calls) == 1:
-                keys, args, _ = calls[0]
-                replies = [await self._script(keys=keys, args=args)]
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    sha = self._script.sha
-                    for keys, args, _ in calls:
-                        pipe.evalsha(sha, len(keys), *keys, *map(str, args))
-                    replies = await pipe.execute(raise_on_error=False)
-                for i, (keys, args, _) in enumerate(calls):
-                    if isinstance(replies[i], ResponseError):  # NOSCRIPT, or a Redis without shebangs
-                        try:
-                            replies[i] = await self._script(keys=keys, args=args)
-                        except Exception as exc:  # this call's outcome; the replies obtained are kept
-                            replies[i] = exc
-        except BaseException as exc:  # the connection failed, or the task is cancelled
-            for _, _, future in calls:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        gone: list[tuple[str, str]] = []  # slots taken for callers that went away meanwhile
-        for (keys, args, future), reply in zip(calls, replies, strict=True):
-            if future.done():
-                if _took_slot(args, reply):
-                    gone.append((keys[1], str(args[8])))
-            elif isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-        if gone:
-            # The caller removes its slot too (StreamSlots.open_log), but its removal may have gone
-            # ahead of this batch: this one comes after the script took the slot.
-            with contextlib.suppress(RedisError, OSError):  # it expires by itself otherwise
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, slot in gone:
-                        pipe.zrem(key, slot)
-                    await pipe.execute()
+    def _orphaned(self, key: str, slot: str, cap: int, reply: Any) -> None:
+        """The reply of a call whose caller went away: a slot it took is removed. (The caller
+        removes its slot too, StreamSlots.open_log, but its removal may have gone ahead of the call.)"""
+        if cap > 0 and reply[0] in ("ok", b"ok"):
+            self._orphans.append((key, slot))
+            if len(self._orphans) == 1:
+                _track(asyncio.get_running_loop().create_task(self._remove_orphans()))
+
+    async def _remove_orphans(self) -> None:
+        orphans, self._orphans = self._orphans, []
+        with contextlib.suppress(RedisError, OSError):  # they expire by themselves otherwise
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, slot in orphans:
+                    pipe.zrem(key, slot)
+                await pipe.execute()
 
 
-def _took_slot(args: list[str | int], reply: Any) -> bool:
-    """Whether a call of ``streams.lua`` took a tenant slot: ``ok``, with a cap (ARGV[8])."""
-    return not isinstance(reply, Exception) and reply[0] in ("ok", b"ok") and int(args[7]) > 0
+def _track(task: asyncio.Task[Any]) -> None:
+    """Keep ``task`` (of a :class:`StreamOpenScript`) until it ends: :func:`settle_batches` waits for it."""
+    _batches.add(task)
+    task.add_done_callback(_batches.discard)
 
 
 async def settle_batches(timeout: float) -> None:
-    """Before the Redis client is closed: let the batches of :class:`StreamOpenScript` under way
-    finish (within ``timeout`` seconds; cancelled after that, their callers get an error). A batch
-    left running would use the connections of a closed client."""
-    batches = list(_batches)
-    if not batches:
-        return
-    _, pending = await asyncio.wait(batches, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    for task in pending:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    """Before the Redis client is closed: let the stream opens of :class:`StreamOpenScript` under
+    way finish (the reading of their replies, a script load, the removal of orphaned slots; within
+    ``timeout`` seconds, then cancelled: their callers get an error). A task left running would use
+    the connections of a closed client."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while _batches:  # a task may start another (a reply orphaned: its slot's removal)
+        _, pending = await asyncio.wait(list(_batches), timeout=max(0.0, deadline - loop.time()))
+        if pending:
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            return
 
 
-#: The batches of :class:`StreamOpenScript` under way (a task must be referenced while it runs).
-_batches: set[asyncio.Task[None]] = set()
+#: The tasks of :class:`StreamOpenScript` under way (a task must be referenced while it runs).
+_batches: set[asyncio.Task[Any]] = set()
 
 
 class JobsScript:
