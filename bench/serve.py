@@ -1,8 +1,9 @@
 """The HTTP servers under test, each run as a subprocess by :mod:`bench.harness`.
 
     python -m bench.serve jobcast --port P   what ``jobcast web`` runs: create_app() under uvicorn with
-                                             uvloop and httptools, JobcastServer (drain on SIGTERM);
-                                             but log level warning and no access log
+                                             uvloop and jobcast web's configuration (server_config:
+                                             the guarded httptools protocol), JobcastServer (drain on
+                                             SIGTERM); but log level warning and no access log
     python -m bench.serve jobcast --port P --processes N
                                              N such servers sharing the port (SO_REUSEPORT), as
                                              ``jobcast web --processes N`` runs them; this process
@@ -41,11 +42,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobcast import channels
-from jobcast.app import JobcastServer, create_app, tune_gc_for_streaming
+from jobcast.app import JobcastServer, create_app, server_config, tune_gc_for_streaming
 from jobcast.cli.web import reuse_port_socket
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import redis_client
-from jobcast.ws import UVICORN_WS_OPTIONS
 
 BACKLOG = 4096
 
@@ -121,17 +121,18 @@ def main() -> None:
         channels.LINGER_S = float(linger)
     settings = Settings()
     app = create_app(settings) if args.app == "jobcast" else bare_app(settings)
-    config = uvicorn.Config(
+    # jobcast web's own uvicorn configuration (its guarded httptools protocol, the /ws options),
+    # for the reference app too; only the logging differs (nginx's access log is off as well).
+    config = server_config(
         app,
+        settings,
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",
-        http="httptools",
         log_level="warning",
         access_log=False,
         backlog=BACKLOG,
         timeout_graceful_shutdown=5,
-        **UVICORN_WS_OPTIONS,  # type: ignore[arg-type]  # as `jobcast web` serves /ws
     )
     if args.app == "jobcast":
         sockets = [reuse_port_socket("127.0.0.1", args.port)] if args.shared_port else None
