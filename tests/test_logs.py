@@ -69,3 +69,24 @@ def test_every_log_line_is_redacted(
         root.setLevel(saved[1])
     err = capsys.readouterr().err
     assert err.rstrip("\n").endswith(logged), err
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_tracebacks_are_redacted_too(settings: Settings, capsys: pytest.CaptureFixture[str], log_format: str) -> None:
+    """An exception's message may quote what a client sent (a URL with ?token=, a key): the
+    traceback of a logged exception is redacted like the line itself, in both formats."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(settings.model_copy(update={"log_format": log_format}))
+        try:
+            raise ValueError(f"cannot fetch /jobs/x?token={JOB_TOKEN} with {STORED_KEY}")
+        except ValueError:
+            logging.getLogger("anything.at.all").exception("request failed")
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert "request failed" in err and "ValueError: cannot fetch" in err, err
+    assert JOB_TOKEN not in err and "S" * 43 not in err, err
+    assert "?token=[redacted]" in err and "jck_abcdefghij12_[redacted]" in err, err

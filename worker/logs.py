@@ -54,14 +54,25 @@ def redact(text: str) -> str:
 
 class RedactSecrets(logging.Filter):
     """On the handler, so it covers every logger's lines: uvicorn's access lines carry the whole
-    query string, and ``?token=`` is how EventSource clients authenticate."""
+    query string, and ``?token=`` is how EventSource clients authenticate. A line's traceback is
+    redacted too (an exception's message may quote a URL or a header): it is formatted here, and
+    the formatters write the redacted text (``exc_text``) instead of formatting it again."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         redacted = redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 class JsonFormatter(logging.Formatter):
@@ -75,8 +86,8 @@ class JsonFormatter(logging.Formatter):
         job_id = getattr(record, "job_id", None)
         if job_id:
             line["job_id"] = job_id
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            line["exc"] = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
         return orjson.dumps(line).decode()
 
 
