@@ -11,13 +11,14 @@ its id names (:meth:`Services.job_cell`), which needs no lookup.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
 from jobcast.worker import history, schema
+from jobcast.worker.cells import Placement
 from jobcast.worker.destinations import DestinationStore
 from jobcast.worker.history import JobQuery
 from jobcast.worker.records import JobRecord
@@ -65,14 +66,20 @@ class Services:
     #: Whether GET /metrics answers without JOBCAST_METRICS_TOKEN: in development, or in production
     #: when the server is bound to a private address (jobcast.app.is_private_bind).
     metrics_open: bool = False
+    #: ``settings.placement``, read once (a pydantic private attribute is slow to reach: every
+    #: request asks for it).
+    placement: Placement = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "placement", self.settings.placement)
 
     def tenant_cell(self, tenant: str) -> Cell:
         """The cell ``tenant`` lives in now (its new jobs, its feed, its limits)."""
-        return self.cells[self.settings.placement.tenant_cell(tenant)]
+        return self.cells[self.placement.tenant_cell(tenant)]
 
     def job_cell(self, job_id: str) -> Cell:
         """The cell job ``job_id`` lives in (:meth:`Placement.job_cell`); a 404 when it is no job id."""
-        index = self.settings.placement.job_cell(job_id)
+        index = self.placement.job_cell(job_id)
         if index is None:
             raise job_not_found(job_id)
         return self.cells[index]

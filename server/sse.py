@@ -44,7 +44,7 @@ from .frames import LAST_CHUNK, PING_CHUNK, chunk, event_frame
 from .hub import TERMINAL, Hub, Item
 from .limits import StreamSlots
 from .overview import MIN_INTERVAL_S, REFRESH_S, OverviewFeed
-from .stream_writing import BACKLOG_MAX, LogUnreadable, Phase, StreamWriting, TooSlow
+from .stream_writing import BACKLOG_MAX, WRITING_FAILED, LogUnreadable, Phase, StreamWriting, TooSlow
 from .takeover import Closed, start
 
 logger = logging.getLogger(__name__)
@@ -281,10 +281,12 @@ class Stream(StreamWriting):
     async def _open(self, http_head: bytes, head: bytes, replay: list[Event], more: bool) -> None:
         """Write the response head (when uvicorn left it to us), the stream's head and the first
         replay page in one write; then the rest of the log, then what queued meanwhile."""
-        async with self.ending_on_failure():
+        try:
             body, last = self._frames(replay)
             data = http_head + chunk(head + body)
             await self._send_chunks(data + LAST_CHUNK if last else data, last=last)
             if more:
                 await self.catch_up()
             await self._flush()
+        except WRITING_FAILED as failure:
+            await self.end_on(failure)

@@ -8,9 +8,7 @@ HTTP chunks, the hub's own for a live event. See :mod:`jobcast.sse` for the whol
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from enum import Enum
 
 from jobcast.worker.models import Audience
@@ -39,6 +37,10 @@ class TooSlow(Exception):
 
 class LogUnreadable(Exception):
     """The event log could not be read (Redis)."""
+
+
+#: What ends a stream's writing: :meth:`StreamWriting.end_on` says how.
+WRITING_FAILED = (TooSlow, LogUnreadable, Closed)
 
 
 class StreamWriting:
@@ -107,27 +109,26 @@ class StreamWriting:
     async def _write_later(self, pending: bytes | None, last: bool) -> None:
         """The writer task: finish the stalled write, then the backlog; then back to the hub."""
         try:
-            async with self.ending_on_failure():
-                if pending is not None:
-                    await self._send_chunks(pending, last=last)
-                    if last:
-                        return
-                await self._flush()
+            if pending is not None:
+                await self._send_chunks(pending, last=last)
+                if last:
+                    return
+            await self._flush()
+        except WRITING_FAILED as failure:
+            await self.end_on(failure)
         finally:
             if self.writer is asyncio.current_task():
                 self.writer = None
 
-    @contextlib.asynccontextmanager
-    async def ending_on_failure(self) -> AsyncIterator[None]:
-        """How a stream's writing ends when it fails: a client too slow is cut, a log Redis cannot
-        read ends the stream (the client resumes), a connection already gone just ends it."""
-        try:
-            yield
-        except TooSlow:
+    async def end_on(self, failure: Exception) -> None:
+        """How a stream's writing ends when it fails (one of :data:`WRITING_FAILED`): a client too
+        slow is cut, a log Redis cannot read ends the stream (the client resumes), a connection
+        already gone just ends it. (Not a context manager: every stream open would pay for one.)"""
+        if isinstance(failure, TooSlow):
             self._too_slow()
-        except LogUnreadable:
+        elif isinstance(failure, LogUnreadable):
             await self._end_unreadable()
-        except Closed:
+        else:
             self._end()
 
     async def _send(self, body: bytes, *, last: bool = False) -> None:
