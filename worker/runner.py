@@ -16,7 +16,8 @@ A maintenance loop in every worker promotes due retries onto the queue and reaps
 lease lapsed (their worker died): they are retried, or failed with ``WorkerLost`` after the last
 attempt. A killed worker's job is therefore noticed within lease + sweep (< 30 s with defaults),
 whatever the job type's timeout. A worker never reaps a run it is running itself (a Redis paused
-past the lease lapses every lease; its next heartbeat renews them), and a newer run of a job it
+past the lease lapses every lease; its next heartbeat renews them) — that very run, not any run of
+the job: a stale older run it still runs does not shield the newer one — and a newer run of a job it
 still runs stops the older one (docs/design/redis-layout.md, "A Redis paused past a lease").
 """
 
@@ -289,21 +290,20 @@ class Runner:
         """Promote due retries and reap lost jobs; returns seconds until the next due retry."""
         _, next_due = await self.store.promote()
         now_ms = time.time_ns() // 1_000_000
-        for job_id in await self.store.overdue(now_ms):
-            if job_id in self.running:
+        for lapsed in await self.store.overdue(now_ms):
+            ours = self.running.get(lapsed.job_id)
+            if ours is not None and ours.run == lapsed.run:
                 # Ours, and running: its lease lapsed only because it could not be renewed (Redis
-                # paused or away longer than a lease); the next heartbeat renews it.
+                # paused or away longer than a lease); the next heartbeat renews it. An older run
+                # of the job that still runs here is stale: the lapsed lease is another's.
                 continue
             error = JobError(
                 type="WorkerLost",
                 message="the worker running this attempt stopped renewing its lease (killed, crashed or hung)",
                 retryable=True,
-                attempt=0,
+                attempt=lapsed.attempt,
             )
-            record = await self.store.get(job_id)
-            if record is not None:
-                error = error.model_copy(update={"attempt": record.attempt})
-            await self.store.reap(job_id, error)
+            await self.store.reap(lapsed.job_id, error)
         wait = self.settings.maintenance_s
         if next_due is not None:
             wait = min(wait, max(0.0, (next_due - now_ms) / 1000))
