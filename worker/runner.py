@@ -10,7 +10,8 @@ arq gives us the queue and the concurrency limit; the job's life is ours:
   of cancellations (also pushed on the control channel, so they usually land at once) and of lost
   leases (another worker took over: stop, write nothing),
 - the outcome is recorded: completed, retry with backoff, failed, or cancelled,
-- on worker shutdown past the grace period a running job is handed back (queued, same attempt).
+- on worker shutdown past the grace period a running job is handed back (queued, same attempt),
+  and so are the runs of a claim under way (:meth:`Runner.claim`).
 
 A maintenance loop in every worker promotes due retries onto the queue and reaps jobs whose
 lease lapsed (their worker died): they are retried, or failed with ``WorkerLost`` after the last
@@ -94,17 +95,50 @@ class Runner:
 
     # --- one run ------------------------------------------------------------------------------------
 
-    async def claim(self, run_ids: list[str], limit: int) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+    async def claim(
+        self, run_ids: list[str], limit: int, *, stopping: Callable[[], bool] | None = None
+    ) -> list[tuple[str, Coroutine[Any, Any, None]]]:
         """Start at most ``limit`` of the runs read from the queue (:meth:`Store.claim`, one call):
         what to run, each known by its arq run id. A start that fails leaves the runs queued (or,
-        when only the answer was lost, leased to nobody: the reaper takes them over)."""
+        when only the answer was lost, leased to nobody: the reaper takes them over).
+
+        The worker's shutdown does not lose a claim's runs: cancelled while the call is in flight
+        (arq cancels the poll loop past the grace period, wherever it is), the claim still reads its
+        reply, since Redis may have started the runs, and hands them back (same attempt) before the
+        cancellation goes on; so it does when ``stopping()`` says the worker stopped taking jobs
+        meanwhile. Otherwise they would wait for their lease to lapse and be retried as
+        ``WorkerLost``, an attempt used."""
+        call = asyncio.ensure_future(self.store.claim(run_ids, self._lease_deadline(), limit))
         try:
-            claimed = await self.store.claim(run_ids, self._lease_deadline(), limit)
+            claimed = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await self._hand_back_claim(call, run_ids)
+            raise
         except (RedisError, OSError) as exc:
             jobs = ", ".join(schema.run_of(rid)[0] for rid in run_ids)
             logger.warning("jobs %s: start failed (%s); they stay queued", jobs, exc)
             raise
+        if stopping is not None and stopping():
+            await self._hand_back_claim(call, run_ids)
+            return []
         return [(schema.arq_run_id(c.job_id, c.run, cell=self.store.cell), self.run(c)) for c in claimed]
+
+    async def _hand_back_claim(self, call: asyncio.Future[list[Claimed]], run_ids: list[str]) -> None:
+        """Hand back the runs of a claim the worker will not run, once its reply is in: within a
+        lease (after that the reaper has them anyway)."""
+        try:
+            async with asyncio.timeout(self.lease_ms / 1000):
+                claimed = await call
+                for c in claimed:
+                    await self._durably("hand back", c.job_id, self.store.hand_back, c.job_id, c.run)
+        except (TimeoutError, RedisError, OSError) as exc:
+            jobs = ", ".join(schema.run_of(rid)[0] for rid in run_ids)
+            logger.warning(
+                "jobs %s: the claim under way at the stop was not handed back (%r); the reaper retries them", jobs, exc
+            )
+            return
+        for c in claimed:
+            logger.info("job %s run %s: claimed as the worker stopped; handed back", c.job_id, c.run)
 
     async def run(self, claimed: Claimed) -> None:
         """Run a started run to its outcome. Cancelled (the worker stops past its grace period), it
