@@ -17,9 +17,10 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import doorbell, schema
 from jobcast.worker.main import JobcastWorker
 from jobcast.worker.models import JobStatus, Priority
-from jobcast.worker.runner import LEASE_HEARTBEATS
+from jobcast.worker.runner import LEASE_HEARTBEATS, Runner
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
+from jobcast.worker.types import load_registry
 
 from .conftest import make_settings, running_worker, submit, subscribed, wait_for_status, wait_until
 
@@ -287,3 +288,19 @@ async def test_a_claim_under_way_when_the_worker_stops_hands_its_runs_back(
     events = [f["event"] for _, f in await redis.xrange(schema.job_log_key(job_id))]
     assert events == ["job.queued", "job.processing", "job.queued"]  # handed back, not retried
     assert await redis.zcard(schema.RUNNING) == 0
+
+
+async def test_a_claim_that_returns_after_the_worker_stopped_taking_jobs_hands_its_runs_back(
+    settings: Settings, redis: Redis, store: Store
+) -> None:
+    """The other half of finding 3: a claim whose reply comes once the worker no longer takes jobs
+    (a stop signal, or ``halt``, while it was under way) hands its runs back instead of starting
+    them: arq may cancel a run's task before it ever ran, which would leave the run to the reaper."""
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={"seconds": 0}, priority=Priority.NORMAL, max_attempts=3
+    )
+    assert created.job_id is not None
+    runner = Runner(store, load_registry(settings), settings)
+    assert await runner.claim([schema.arq_run_id(created.job_id, 1)], 1, stopping=lambda: True) == []
+    record = await store.get(created.job_id)
+    assert record is not None and (record.status, record.attempt, record.run) == (JobStatus.QUEUED, 1, 2)
