@@ -615,7 +615,7 @@ async def test_a_delivery_whose_last_try_arq_makes_is_put_off_is_dead_lettered_n
     assert dead.attempts == 0 and receiver.requests == []  # nothing was sent, and no attempt is made up
     [letter] = await webhooks.dead_letters("acme")
     assert (letter["id"], letter["reason"], letter["last_error"]) == (delivery.id, "failed", dead.last_error)
-    assert await webhooks.dead_letter_count("acme") == 1
+    assert await webhooks.dead_letter_count("acme") == 1 and (await webhooks.outcome_counts())["dead"] == 1
     assert await redis.ttl(schema.delivery_key(delivery.id)) > 0  # no longer kept for ever
     assert await redis.zscore(schema.WEBHOOK_QUEUE, rid) is None
     assert await webhooks.replay(delivery.id, "acme")  # and the operator can try it again
