@@ -17,8 +17,8 @@ A maintenance loop in every worker promotes due retries onto the queue and reaps
 lease lapsed (their worker died): they are retried, or failed with ``WorkerLost`` after the last
 attempt. A killed worker's job is therefore noticed within lease + sweep (< 30 s with defaults),
 whatever the job type's timeout. A worker never reaps a run it is running itself (a Redis paused
-past the lease lapses every lease; its next heartbeat renews them) — that very run, not any run of
-the job: a stale older run it still runs does not shield the newer one — and a newer run of a job it
+past the lease lapses every lease; its next heartbeat renews them), and only that run: a stale older
+run of the job it still runs does not keep it from reaping the newer one. A newer run of a job it
 still runs stops the older one (docs/design/redis-layout.md, "A Redis paused past a lease").
 """
 
