@@ -194,7 +194,7 @@ async def _every_op(client: RedisCluster, cell: int) -> dict[str, Any]:
     assert fifth and await store.start(fifth, 1, lease) is not None
     assert await store.hand_back(fifth, 1) == "queued"
     assert await store.start(fifth, 2, 0) is not None  # its lease lapsed at once
-    assert await store.overdue(now()[1]) == [fifth]
+    assert [(lapsed.job_id, lapsed.run) for lapsed in await store.overdue(now()[1])] == [(fifth, 2)]
     assert await store.reap(fifth, ERROR) == "failed"
 
     # Webhook deliveries of the first job: admitted, dead, replayed; its destination re-enabled.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,8 +15,12 @@ from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import doorbell, schema
-from jobcast.worker.runner import LEASE_HEARTBEATS
+from jobcast.worker.main import JobcastWorker
+from jobcast.worker.models import JobStatus, Priority
+from jobcast.worker.runner import LEASE_HEARTBEATS, Runner
 from jobcast.worker.settings import Settings
+from jobcast.worker.store import Store
+from jobcast.worker.types import load_registry
 
 from .conftest import make_settings, running_worker, submit, subscribed, wait_for_status, wait_until
 
@@ -179,3 +185,122 @@ WORKER_PASSWORD = "worker-password-0123456789"
 async def _acl_refusals(redis: Redis) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = await redis.acl_log()
     return entries
+
+
+class ReplyHolder:
+    """A TCP relay in front of redis-server (a fault at the process edge): it passes everything
+    through, but once a command containing ``marker`` has gone to Redis, Redis's replies on that
+    connection are held back until :meth:`release`. So the command has run, and its caller has
+    not read the reply yet."""
+
+    def __init__(self, redis_port: int, marker: bytes) -> None:
+        self.redis_port = redis_port
+        self.marker: bytes | None = marker
+        self._released = asyncio.Event()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    def release(self) -> None:
+        self._released.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[ReplyHolder]:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        try:
+            yield self
+        finally:
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
+            await self._server.wait_closed()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self._writers += [client_writer, redis_writer]
+        hold = False
+
+        async def to_redis() -> None:
+            nonlocal hold
+            while data := await client_reader.read(65536):
+                if self.marker is not None and self.marker in data:
+                    self.marker, hold = None, True  # before Redis can answer it
+                redis_writer.write(data)
+                await redis_writer.drain()
+
+        async def to_client() -> None:
+            while data := await redis_reader.read(65536):
+                if hold:
+                    await self._released.wait()
+                client_writer.write(data)
+                await client_writer.drain()
+
+        try:
+            await asyncio.gather(to_redis(), to_client())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            client_writer.close()
+            redis_writer.close()
+
+
+async def _in_status(store: Store, job_id: str, status: JobStatus) -> bool:
+    record = await store.get(job_id)
+    return record is not None and record.status is status
+
+
+async def _told_to_stop(worker: JobcastWorker) -> bool:
+    task = worker.main_task
+    return task is not None and (task.done() or task.cancelling() > 0)
+
+
+async def test_a_claim_under_way_when_the_worker_stops_hands_its_runs_back(
+    redis_server: RedisProcess, redis: Redis, store: Store
+) -> None:
+    """Review finding 3 (fix-worker): arq stops a worker by cancelling its poll loop wherever it is
+    (at once on SIGTERM when nothing runs, else past the grace period). A claim whose FCALL Redis
+    had run (its runs started) but whose reply was not read yet lost those runs: they waited for
+    their lease to lapse and were retried as WorkerLost, an attempt used. Now the claim's reply is
+    still read and its runs are handed back."""
+    claim = b"\r\n$5\r\nclaim\r\n"  # the claim op's argument, as the worker sends it
+    # A long lease: the worker's own sweep, still running while it stops, must not reap the run
+    # first (that is what happened without the fix: it was retried as WorkerLost, attempt 2).
+    async with (
+        ReplyHolder(redis_server.port, claim).running() as relay,
+        running_worker(make_settings(relay.url, heartbeat_s=60.0)) as worker,
+    ):
+        created = await store.create(
+            tenant="acme", job_type="sleep", params={"seconds": 0}, priority=Priority.NORMAL, max_attempts=3
+        )
+        assert created.job_id is not None
+        job_id = created.job_id
+        await wait_until(lambda: _in_status(store, job_id, JobStatus.PROCESSING))  # claimed; reply held
+        worker.handle_sig_wait_for_completion(signal.SIGTERM)  # nothing runs: arq cancels the poll at once
+        await wait_until(lambda: _told_to_stop(worker))
+        relay.release()
+        await wait_until(lambda: _in_status(store, job_id, JobStatus.QUEUED))
+    record = await store.get(job_id)
+    assert record is not None and (record.attempt, record.run, record.error) == (1, 2, None)
+    events = [f["event"] for _, f in await redis.xrange(schema.job_log_key(job_id))]
+    assert events == ["job.queued", "job.processing", "job.queued"]  # handed back, not retried
+    assert await redis.zcard(schema.RUNNING) == 0
+
+
+async def test_a_claim_that_returns_after_the_worker_stopped_taking_jobs_hands_its_runs_back(
+    settings: Settings, redis: Redis, store: Store
+) -> None:
+    """The other half of finding 3: a claim whose reply comes once the worker no longer takes jobs
+    (a stop signal, or ``halt``, while it was under way) hands its runs back instead of starting
+    them: arq may cancel a run's task before it ever ran, which would leave the run to the reaper."""
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={"seconds": 0}, priority=Priority.NORMAL, max_attempts=3
+    )
+    assert created.job_id is not None
+    runner = Runner(store, load_registry(settings), settings)
+    assert await runner.claim([schema.arq_run_id(created.job_id, 1)], 1, stopping=lambda: True) == []
+    record = await store.get(created.job_id)
+    assert record is not None and (record.status, record.attempt, record.run) == (JobStatus.QUEUED, 1, 2)

@@ -10,6 +10,7 @@ they are certainly still running when Redis resumes, and end when the test says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -25,6 +26,7 @@ from jobcast.worker.models import JobError, JobStatus, Priority
 from jobcast.worker.runner import LEASE_HEARTBEATS, Runner
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
+from jobcast.worker.types import load_registry
 
 from .conftest import make_settings, running_worker, wait_until
 
@@ -170,6 +172,40 @@ async def test_a_new_run_of_a_job_stops_the_stale_run_and_keeps_its_own_lease(
         "job.queued", "job.processing", "job.progress", "job.retrying", "job.processing", "job.progress",
         "job.completed",
     ]  # fmt: skip
+
+
+async def test_a_sweep_reaps_the_lapsed_newer_run_of_a_job_whose_stale_run_it_still_runs(
+    paused_setup: tuple[Settings, Redis, Store], tmp_path: Path
+) -> None:
+    # The other side of the test above: this worker still runs run 1 (stale: another worker retried
+    # the job after a pause and took run 2), and run 2's lease lapsed (that worker died). The lease
+    # is the job's, and now run 2's: this worker's sweep must reap it, not take it for its own run's.
+    # In-process runner, no heartbeat loop: run 1 is not told it is stale before the sweep.
+    settings, redis, store = paused_setup
+    gate = tmp_path / "gate"
+    job_id = await _gated_job(store, gate)
+    runner = Runner(store, load_registry(settings), settings)
+    [(_, first)] = await runner.claim([schema.arq_run_id(job_id, 1)], 1)
+    stale = asyncio.create_task(first)
+    try:
+        await wait_until(lambda: _progressed(redis, job_id))
+        await redis.zadd(schema.RUNNING, {job_id: 0}, xx=True)  # run 1's lease lapsed (a pause)
+        error = JobError(type="WorkerLost", message="lease lapsed", retryable=True, attempt=1)
+        assert await store.reap(job_id, error) == "queued"  # another worker's sweep
+        [second] = await store.claim([schema.arq_run_id(job_id, 2)], 0, 1)  # taken there; that worker died
+        assert (second.run, runner.running[job_id].run) == (2, 1)
+        await runner.maintain_once()
+        record = await store.get(job_id)
+        assert record is not None and (record.status, record.run, record.attempt) == (JobStatus.QUEUED, 3, 3)
+        assert record.error is not None and (record.error["type"], record.error["attempt"]) == ("WorkerLost", 2)
+        await runner.heartbeat_once()  # run 1 learns it is stale and stops, writing nothing
+        await stale
+    finally:
+        stale.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stale
+    record = await store.get(job_id)
+    assert record is not None and (record.status, record.run) == (JobStatus.QUEUED, 3)
 
 
 async def _run_started(store: Store, job_id: str, run: int) -> bool:

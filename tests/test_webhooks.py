@@ -21,6 +21,7 @@ import httpx
 import orjson
 import pytest
 from arq.constants import job_key_prefix as arq_job_key_prefix
+from arq.constants import retry_key_prefix as arq_retry_key_prefix
 from arq.jobs import deserialize_job_raw
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -30,6 +31,7 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import schema
 from jobcast.worker.delivery import (
     MAX_RUNS,
+    MAX_TRIES,
     RETRY_AFTER_MAX_S,
     Answer,
     DeliveryBusy,
@@ -58,6 +60,7 @@ from .conftest import (
     submit,
     wait_for_deliveries,
     wait_for_status,
+    wait_until,
 )
 from .receiver import Received, Receiver, Reply
 
@@ -577,3 +580,42 @@ async def test_delivery_arq_gave_up_on_does_not_hold_back_later_ones(
     assert [r.headers["webhook-id"] for r in receiver.requests] == [second.id]
     delivered = await webhooks.get(second.id)
     assert delivered is not None and delivered.status.value == "delivered"
+
+
+async def _dead(webhooks: WebhookStore, webhook_id: str) -> Delivery | None:
+    delivery = await webhooks.get(webhook_id)
+    return delivery if delivery is not None and delivery.status.value == "dead" else None
+
+
+async def test_a_delivery_whose_last_try_arq_makes_is_put_off_is_dead_lettered_not_left_pending(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """Review finding 1 (fix-worker): arq drops an attempt past its max tries without calling us, so
+    on its last try an attempt that is put off once more dead-letters the delivery (listed, counted,
+    replayable, expiring with the job) instead of leaving it pending for ever."""
+    store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
+    created = await store.create(
+        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
+        webhook={"url": receiver.url, "events": ["job.queued"]},
+    )  # fmt: skip
+    assert created.job_id is not None
+    await store.cancel(created.job_id, "acme")  # finished: only its delivery is left to settle
+    [item] = await webhooks.for_job(created.job_id)
+    delivery = await webhooks.get(item["id"])
+    assert delivery is not None
+    holder = await webhooks.lock_job(delivery, 60_000)  # another attempt of the job is in flight
+    assert isinstance(holder, str)
+    # As though arq had already put this attempt off all but once: its next run is its last try.
+    rid = schema.attempt_id(delivery.id, delivery.seq)
+    await redis.set(arq_retry_key_prefix + rid, MAX_TRIES - 1)
+    async with running_worker(settings):
+        dead = await wait_until(lambda: _dead(webhooks, delivery.id))
+    busy = f"another delivery of job {created.job_id} is in flight or goes first"
+    assert dead.last_error == f"gave up after {MAX_TRIES} tries: {busy}"
+    assert dead.attempts == 0 and receiver.requests == []  # nothing was sent, and no attempt is made up
+    [letter] = await webhooks.dead_letters("acme")
+    assert (letter["id"], letter["reason"], letter["last_error"]) == (delivery.id, "failed", dead.last_error)
+    assert await webhooks.dead_letter_count("acme") == 1 and (await webhooks.outcome_counts())["dead"] == 1
+    assert await redis.ttl(schema.delivery_key(delivery.id)) > 0  # no longer kept for ever
+    assert await redis.zscore(schema.WEBHOOK_QUEUE, rid) is None
+    assert await webhooks.replay(delivery.id, "acme")  # and the operator can try it again

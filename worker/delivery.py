@@ -28,7 +28,10 @@ I/O-bound, so sharing the process (and its Redis pool and doorbell connection) c
 killed mid-attempt leaves it there under arq's in-progress key, which lapses just after the longest
 an attempt can take; then any worker makes the same attempt again, with the same webhook-id. A
 Redis error while reading or recording puts the attempt back (arq ``Retry``); an attempt interrupted
-``MAX_RUNS`` times is dead-lettered (replayable) rather than retried for ever.
+``MAX_RUNS`` times is dead-lettered (replayable) rather than retried for ever. So is one that arq
+would give up on: on its last try (``MAX_TRIES``, put-offs counted) an attempt put off or failing
+on Redis once more is not put back (arq would drop it without calling us, and the delivery would
+stay pending for ever, outside the dead letters) but dead-lettered with why (:meth:`Dispatcher.give_up`).
 
 **Metrics** (``/metrics`` is not built yet) to expose: attempts by outcome
 (:meth:`WebhookStore.outcome_counts`: delivered, retry, dead, gone), dead letters per tenant
@@ -74,6 +77,9 @@ MAX_RUNS = 10
 #: Times an attempt may be put off behind other deliveries of its job (each waits out the one in
 #: flight) before arq gives up on it.
 MAX_DEFERRALS = 1000
+#: arq's ``max_tries`` for an attempt (it counts put-off runs too): its last try dead-letters the
+#: delivery rather than ask for another, which arq would drop without calling us.
+MAX_TRIES = MAX_RUNS + MAX_DEFERRALS
 #: The first wait of a put-off attempt, doubled with each further put-off up to the second.
 PUT_OFF_FIRST_S = 0.05
 PUT_OFF_MAX_S = 2.0
@@ -280,6 +286,25 @@ class Dispatcher:
             f" in {delay:.1f} s" if outcome == "retry" else "",
         )
 
+    async def give_up(self, webhook_id: str, seq: int, error: str) -> None:
+        """Dead-letter the delivery (replayable) because attempt ``seq`` will not be tried again:
+        arq's last try of it could not make it. Nothing was sent, so no attempt is recorded (nor a
+        failure of its destination); ``error`` becomes the delivery's ``last_error``."""
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                delivery = await self.store.get(webhook_id)
+                if delivery is None or delivery.status is not DeliveryStatus.PENDING or delivery.seq != seq:
+                    return
+                if await self.store.record(delivery, "dead", None, error=error) is None:
+                    return
+        except (RedisError, TimeoutError) as exc:
+            logger.error(
+                "delivery %s attempt %s: %s, and it could not be dead-lettered (%r); it stays pending",
+                webhook_id, seq, error, exc,
+            )  # fmt: skip
+            return
+        logger.error("delivery %s (job %s): %s; dead-lettered", webhook_id, delivery.job_id, error)
+
     async def _admitted(self, delivery: Delivery) -> bool:
         """Whether the attempt may go now (its destination's rate, pause, slots and health allow)."""
         verdict = await self.store.admit(delivery, self.slot_s)
@@ -326,18 +351,28 @@ def attempt_max_s(settings: Settings) -> float:
 
 
 async def deliver(ctx: dict[str, Any], webhook_id: str, seq: int) -> None:
-    """The arq function: attempt ``seq`` of delivery ``webhook_id``."""
+    """The arq function: attempt ``seq`` of delivery ``webhook_id``. On arq's last try
+    (:data:`MAX_TRIES`) an attempt that cannot be made dead-letters the delivery instead of asking
+    for another try: arq would drop that try without calling us, and leave the delivery pending for
+    ever (never settled, never in the dead letters)."""
     dispatcher: Dispatcher = ctx["dispatcher"]
+    tries = int(ctx["job_try"])
     try:
-        await dispatcher.attempt(webhook_id, seq, runs=int(ctx["job_try"]))
+        await dispatcher.attempt(webhook_id, seq, runs=tries)
+        return
     except DeliveryBusy as busy:
-        logger.info("delivery %s attempt %s: %s; trying again in %.1f s", webhook_id, seq, busy, busy.retry_in_s)
-        raise Retry(defer=busy.retry_in_s) from busy
+        if tries < MAX_TRIES:
+            logger.info("delivery %s attempt %s: %s; trying again in %.1f s", webhook_id, seq, busy, busy.retry_in_s)
+            raise Retry(defer=busy.retry_in_s) from busy
+        reason = str(busy)
     except (RedisError, TimeoutError) as exc:
-        logger.warning(
-            "delivery %s attempt %s: Redis failed (%r); trying again in %d s", webhook_id, seq, exc, STORE_RETRY_S
-        )
-        raise Retry(defer=STORE_RETRY_S) from exc
+        if tries < MAX_TRIES:
+            logger.warning(
+                "delivery %s attempt %s: Redis failed (%r); trying again in %d s", webhook_id, seq, exc, STORE_RETRY_S
+            )
+            raise Retry(defer=STORE_RETRY_S) from exc
+        reason = f"Redis failed ({exc!r})"
+    await dispatcher.give_up(webhook_id, seq, f"gave up after {tries} tries: {reason}")
 
 
 class DeliveryWorker(DoorbellWorker):
@@ -350,9 +385,8 @@ class DeliveryWorker(DoorbellWorker):
         # Longer than an attempt can take (its two Redis steps are bounded too), so arq never
         # times a delivery out: that would drop its arq job and lose the delivery.
         timeout = attempt_max_s(settings)
-        max_tries = MAX_RUNS + MAX_DEFERRALS  # arq counts put off runs too
         super().__init__(
-            functions=[func(deliver, name=schema.DELIVER_FUNCTION, timeout=timeout, max_tries=max_tries)],
+            functions=[func(deliver, name=schema.DELIVER_FUNCTION, timeout=timeout, max_tries=MAX_TRIES)],
             redis_pool=pool,
             queue_name=schema.in_cell(schema.WEBHOOK_QUEUE, cell),
             max_jobs=settings.webhook_concurrency,

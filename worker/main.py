@@ -97,7 +97,7 @@ class JobcastWorker(DoorbellWorker):
     async def claim(self, run_ids: list[str], free: int) -> list[tuple[str, Coroutine[Any, Any, None]]]:
         """Job runs are started by their claim and run by the runner, not by arq (module docstring)."""
         assert self._runner is not None  # set by _startup, before the first poll
-        return await self._runner.claim(run_ids, free)
+        return await self._runner.claim(run_ids, free, stopping=lambda: not self.allow_pick_jobs)
 
     # --- lifecycle --------------------------------------------------------------------------------
 

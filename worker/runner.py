@@ -10,13 +10,15 @@ arq gives us the queue and the concurrency limit; the job's life is ours:
   of cancellations (also pushed on the control channel, so they usually land at once) and of lost
   leases (another worker took over: stop, write nothing),
 - the outcome is recorded: completed, retry with backoff, failed, or cancelled,
-- on worker shutdown past the grace period a running job is handed back (queued, same attempt).
+- on worker shutdown past the grace period a running job is handed back (queued, same attempt),
+  and so are the runs of a claim under way (:meth:`Runner.claim`).
 
 A maintenance loop in every worker promotes due retries onto the queue and reaps jobs whose
 lease lapsed (their worker died): they are retried, or failed with ``WorkerLost`` after the last
 attempt. A killed worker's job is therefore noticed within lease + sweep (< 30 s with defaults),
 whatever the job type's timeout. A worker never reaps a run it is running itself (a Redis paused
-past the lease lapses every lease; its next heartbeat renews them), and a newer run of a job it
+past the lease lapses every lease; its next heartbeat renews them), and only that run: a stale older
+run of the job it still runs does not keep it from reaping the newer one. A newer run of a job it
 still runs stops the older one (docs/design/redis-layout.md, "A Redis paused past a lease").
 """
 
@@ -93,17 +95,50 @@ class Runner:
 
     # --- one run ------------------------------------------------------------------------------------
 
-    async def claim(self, run_ids: list[str], limit: int) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+    async def claim(
+        self, run_ids: list[str], limit: int, *, stopping: Callable[[], bool] | None = None
+    ) -> list[tuple[str, Coroutine[Any, Any, None]]]:
         """Start at most ``limit`` of the runs read from the queue (:meth:`Store.claim`, one call):
         what to run, each known by its arq run id. A start that fails leaves the runs queued (or,
-        when only the answer was lost, leased to nobody: the reaper takes them over)."""
+        when only the answer was lost, leased to nobody: the reaper takes them over).
+
+        The worker's shutdown does not lose a claim's runs: cancelled while the call is in flight
+        (arq cancels the poll loop past the grace period, wherever it is), the claim still reads its
+        reply, since Redis may have started the runs, and hands them back (same attempt) before the
+        cancellation goes on; so it does when ``stopping()`` says the worker stopped taking jobs
+        meanwhile. Otherwise they would wait for their lease to lapse and be retried as
+        ``WorkerLost``, an attempt used."""
+        call = asyncio.ensure_future(self.store.claim(run_ids, self._lease_deadline(), limit))
         try:
-            claimed = await self.store.claim(run_ids, self._lease_deadline(), limit)
+            claimed = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await self._hand_back_claim(call, run_ids)
+            raise
         except (RedisError, OSError) as exc:
             jobs = ", ".join(schema.run_of(rid)[0] for rid in run_ids)
             logger.warning("jobs %s: start failed (%s); they stay queued", jobs, exc)
             raise
+        if stopping is not None and stopping():
+            await self._hand_back_claim(call, run_ids)
+            return []
         return [(schema.arq_run_id(c.job_id, c.run, cell=self.store.cell), self.run(c)) for c in claimed]
+
+    async def _hand_back_claim(self, call: asyncio.Future[list[Claimed]], run_ids: list[str]) -> None:
+        """Hand back the runs of a claim the worker will not run, once its reply is in: within a
+        lease (after that the reaper has them anyway)."""
+        try:
+            async with asyncio.timeout(self.lease_ms / 1000):
+                claimed = await call
+                for c in claimed:
+                    await self._durably("hand back", c.job_id, self.store.hand_back, c.job_id, c.run)
+        except (TimeoutError, RedisError, OSError) as exc:
+            jobs = ", ".join(schema.run_of(rid)[0] for rid in run_ids)
+            logger.warning(
+                "jobs %s: the claim under way at the stop was not handed back (%r); the reaper retries them", jobs, exc
+            )
+            return
+        for c in claimed:
+            logger.info("job %s run %s: claimed as the worker stopped; handed back", c.job_id, c.run)
 
     async def run(self, claimed: Claimed) -> None:
         """Run a started run to its outcome. Cancelled (the worker stops past its grace period), it
@@ -289,21 +324,20 @@ class Runner:
         """Promote due retries and reap lost jobs; returns seconds until the next due retry."""
         _, next_due = await self.store.promote()
         now_ms = time.time_ns() // 1_000_000
-        for job_id in await self.store.overdue(now_ms):
-            if job_id in self.running:
+        for lapsed in await self.store.overdue(now_ms):
+            ours = self.running.get(lapsed.job_id)
+            if ours is not None and ours.run == lapsed.run:
                 # Ours, and running: its lease lapsed only because it could not be renewed (Redis
-                # paused or away longer than a lease); the next heartbeat renews it.
+                # paused or away longer than a lease); the next heartbeat renews it. An older run
+                # of the job that still runs here is stale: the lapsed lease is another's.
                 continue
             error = JobError(
                 type="WorkerLost",
                 message="the worker running this attempt stopped renewing its lease (killed, crashed or hung)",
                 retryable=True,
-                attempt=0,
+                attempt=lapsed.attempt,
             )
-            record = await self.store.get(job_id)
-            if record is not None:
-                error = error.model_copy(update={"attempt": record.attempt})
-            await self.store.reap(job_id, error)
+            await self.store.reap(lapsed.job_id, error)
         wait = self.settings.maintenance_s
         if next_due is not None:
             wait = min(wait, max(0.0, (next_due - now_ms) / 1000))

@@ -68,6 +68,15 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class Lapsed:
+    """A processing job whose lease lapsed (:meth:`Store.overdue`): the lease is its current run's."""
+
+    job_id: str
+    run: int | None  # None when the record is gone
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Event:
     """One entry of an event log."""
 
@@ -361,12 +370,23 @@ class Store:
         now_ms = time.time_ns() // 1_000_000
         return int(await self.redis.zcount(self._workers, now_ms - int(within_s * 1000), "+inf"))
 
-    async def overdue(self, now_ms: int, limit: int = 100) -> list[str]:
-        """Processing jobs whose lease lapsed."""
+    async def overdue(self, now_ms: int, limit: int = 100) -> list[Lapsed]:
+        """Processing jobs whose lease lapsed, each with the run the lease is of. A lease is kept
+        per job, not per run (``jobcast:running``, renewed only for the job's current run), so the
+        run is read from the record: a worker may still run an older, stale run of the same job."""
         ids: list[str] = await self.redis.zrangebyscore(
             schema.in_cell(schema.RUNNING, self.cell), "-inf", now_ms, start=0, num=limit
         )
-        return ids
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(schema.job_key(job_id, cell=self.cell), ["run", "attempt"])
+            replies = await pipe.execute()
+        return [
+            Lapsed(job_id, int(run) if run else None, int(attempt or 0))
+            for job_id, (run, attempt) in zip(ids, replies, strict=True)
+        ]
 
     async def reap(self, job_id: str, error: JobError) -> str:
         outcome = str(await self._script("reap", job_id, error.model_dump_json(), keys=self._job_keys(job_id)))

@@ -222,17 +222,19 @@ class WebhookStore:
         retry_in_s: float = 0.0,
         next_attempt_at: str = "",
         pause_s: float = 0.0,
+        error: str = "",
     ) -> str | None:
         """Record ``outcome`` (``delivered``, ``retry``, ``dead``, ``gone``) of attempt ``delivery.seq``
         and, for ``retry``, queue the next attempt; ``pause_s`` pauses the whole destination (a
-        receiver's Retry-After). None when that attempt is no longer current."""
+        receiver's Retry-After); ``error``, the last error of an outcome without an attempt. None
+        when that attempt is no longer current."""
         reply = await self._script(
             "attempted",
             delivery.id,
             delivery.seq,
             outcome,
             attempt.to_json() if attempt else "",
-            (attempt.error or f"HTTP {attempt.status_code}") if attempt else "",
+            (attempt.error or f"HTTP {attempt.status_code}") if attempt else error,
             int(retry_in_s * 1000),
             next_attempt_at,
             int(pause_s * 1000),

@@ -800,7 +800,8 @@ if op == 'attempted' then
   -- wid seq outcome attempt_json last_error delay_ms next_attempt_iso pause_ms
   --   -> {'ok', state, health} | {'stale', state}
   -- outcome: 'delivered' | 'retry' (queue attempt seq+1 in delay_ms) | 'dead' | 'gone'.
-  -- An empty attempt_json records the outcome without an attempt (a delivery skipped as gone).
+  -- An empty attempt_json records the outcome without an attempt (a delivery skipped as gone, or
+  -- one dead-lettered because arq gives up on its attempt); last_error may still say why.
   -- pause_ms > 0: the receiver asked (Retry-After) that nothing more be sent to it for that long.
   -- health is 'disabled' when this attempt disabled the destination for the tenant.
   local wid, seq, outcome, attempt = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -826,8 +827,8 @@ if op == 'attempted' then
     redis.call('LTRIM', key .. ':attempts', -CFG_ATTEMPTS_KEPT, -1)
     redis.call('HINCRBY', key, 'attempts', 1)
     redis.call('HINCRBY', key, 'tries', 1)
-    redis.call('HSET', key, 'last_error', ARGV[8])
   end
+  if ARGV[8] ~= '' then redis.call('HSET', key, 'last_error', ARGV[8]) end
   redis.call('HINCRBY', K_WEBHOOK_STATS, outcome, 1)
   redis.call('HSET', key, 'updated_at', now_iso)
   if outcome == 'retry' then
