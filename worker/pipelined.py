@@ -179,4 +179,5 @@ class Pipelined:
     async def _give_back(self, connection: Any) -> None:
         with contextlib.suppress(Exception):
             await connection.disconnect(nowait=True)
-        await self._pool.release(connection)
+        with contextlib.suppress(KeyError):  # a pool reset meanwhile no longer counts it as in use
+            await self._pool.release(connection)
