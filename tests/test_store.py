@@ -314,3 +314,20 @@ async def test_an_accepted_cancel_wins_over_a_retry_or_a_hand_back(redis: Redis,
         assert rec.status is JobStatus.CANCELLED and rec.run == 1
         assert await redis.zscore(schema.ARQ_QUEUE, schema.arq_run_id(job_id, 2)) is None
         check_invariants(rec, await log(redis, job_id))
+
+
+async def test_a_redis_that_lost_the_functions_library_gets_it_again_on_the_next_call(
+    redis: Redis, store: Store
+) -> None:
+    """A Redis restarted without persistence has no functions: the state machine's next call
+    loads its library and runs, whichever connection it goes out on; calls in flight together
+    each get their own outcome."""
+    job_id = await new_job(store)
+    await redis.execute_command("FUNCTION", "FLUSH")
+    assert await store.start(job_id, 1, 10**15) is not None
+    await redis.execute_command("FUNCTION", "FLUSH")
+    others = await asyncio.gather(*(new_job(store) for _ in range(20)))
+    assert len(set(others)) == 20
+    for other in others:
+        assert (await record(store, other)).status is JobStatus.QUEUED
+    assert (await record(store, job_id)).status is JobStatus.PROCESSING

@@ -523,6 +523,8 @@ class JobsScript:
         )
         self._script = Script(redis, body + "\nreturn run(KEYS, ARGV)\n")
         self._functions = True  # until this Redis says it has none
+        #: The calls not made on a given client go out on one kept connection, in flight together.
+        self._line = Pipelined(redis)
 
     async def __call__(
         self,
@@ -552,5 +554,6 @@ class JobsScript:
         return await self._script(keys=declared, args=argv, client=client)
 
     async def _fcall(self, keys: list[str], args: list[Any], client: Redis | None) -> Any:
-        redis = client if client is not None else self._redis
-        return await redis.fcall(self._function, len(keys), *keys, *args)  # type: ignore[arg-type,misc]
+        if client is None:
+            return await self._line.call("FCALL", self._function, len(keys), *keys, *args)
+        return await client.fcall(self._function, len(keys), *keys, *args)  # type: ignore[arg-type,misc]
