@@ -37,6 +37,7 @@ from jobcast.worker.relayout import move_to_cells
 from jobcast.worker.settings import ConfigError, Settings
 from jobcast.worker.store import Store
 
+from .children import spawn
 from .conftest import (
     ROOT,
     SECRET,
@@ -482,7 +483,7 @@ def test_processes_refuse_to_start_on_a_reordered_cell_list(tmp_path: Path) -> N
         swapped = in_order.model_copy(update={"redis_urls": f"{cells[1].url},{cells[0].url}"})
         commands = (["worker"], ["web", "--port", "0"])
         started = [
-            subprocess.Popen(
+            spawn(
                 [sys.executable, "-m", "jobcast", *command],
                 env=process_env(swapped),
                 cwd=ROOT,
