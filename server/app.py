@@ -45,14 +45,21 @@ from .keys import ApiKeys
 from .limits import ProcessStreams, RateLimiter, StreamSlots
 from .openapi import build_openapi, documented_query_params, enforce_documented_query
 from .overview import OverviewFeed
-from .problems import EXCEPTION_HANDLERS
+from .problems import EXCEPTION_HANDLERS, Unavailable, problem_response
 from .routes import events, routes
 from .services import STATE_KEY, Cell, Services
+from .takeover import answer_at_once
 from .tokens import TokenSigner
 from .ws import UVICORN_WS_OPTIONS
 from .ws.registry import Sockets
 
 logger = logging.getLogger(__name__)
+
+#: The answer to a request the server's shutdown cut short.
+SHUT_DOWN = Unavailable(
+    "This server process stopped before it could answer. Send the request again (another process answers).",
+    retry_after=1,
+)
 
 #: At shutdown, how long the requests still running get to end once cancelled, and the removal of
 #: the ended streams' slots from Redis to finish.
@@ -235,6 +242,21 @@ class JobcastApp(Starlette):
         self.requests.add(task)
         try:
             await self._serve(scope, receive, send)
+        except asyncio.CancelledError:
+            # Nothing but the server's shutdown cancels a request's own task (uvicorn once its
+            # graceful-shutdown timeout passed, then requests_ended): not an error of the request,
+            # but one line in the log and a 503 for the client (another process will answer),
+            # instead of uvicorn's error with a traceback and a bare 500.
+            answerable = answer_at_once(send) if scope["type"] == "http" and task.cancelling() else None
+            if answerable is None:  # a WebSocket, or not uvicorn's httptools (a test client): as before
+                raise
+            task.uncancel()
+            logger.warning(
+                "%s %s: cut short by the server's shutdown (its graceful-shutdown timeout passed)",
+                scope["method"], scope["path"],
+            )  # fmt: skip
+            if answerable:
+                await problem_response(SHUT_DOWN)(scope, receive, send)  # written at once: see answer_at_once
         finally:
             self.requests.discard(task)
 
@@ -266,6 +288,16 @@ def tune_gc_for_streaming() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+class CancelsAreWarnings(logging.Filter):
+    """uvicorn's line on the requests its graceful-shutdown timeout cancels, as a WARNING: nothing
+    failed (each request is answered 503 and logged once by JobcastApp), the wait was just longer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith("Cancel %s running task(s)"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class JobcastServer(uvicorn.Server):
     """uvicorn's server, plus: on SIGTERM/SIGINT the app's event streams end at once.
 
@@ -277,6 +309,9 @@ class JobcastServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
         self._app = app
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, CancelsAreWarnings) for f in uvicorn_log.filters):
+            uvicorn_log.addFilter(CancelsAreWarnings())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         drain = getattr(self._app.state, "drain", None)

@@ -317,4 +317,13 @@ def _process_families(hubs: Sequence[Hub], slots: StreamSlots) -> list[Metric]:
     writes.add_metric(["direct"], float(direct))
     writes.add_metric(["deferred"], float(deferred))
     families.append(writes)
+    reconnects = CounterMetricFamily(
+        "jobcast_sse_hub_reconnects",
+        "Times this process's event hub lost its pub/sub connection to the cell's Redis (each attempt "
+        "that failed while Redis was away counts too); every stream then re-read its log.",
+        labels=["cell"],
+    )
+    for cell, hub in enumerate(hubs):
+        reconnects.add_metric([str(cell)], float(hub.reconnects))
+    families.append(reconnects)
     return families

@@ -29,11 +29,12 @@ logger = logging.getLogger("jobcast.sse")
 
 #: The uvicorn internals this module depends on, and how (tests/test_uvicorn_seam.py fingerprints each).
 UVICORN_INTERNALS = {
-    "RequestResponseCycle.__init__": "the cycle keeps transport, flow, chunked_encoding and disconnected, read here",
+    "RequestResponseCycle.__init__": "the cycle keeps transport, flow, chunked_encoding, disconnected and "
+    "response_started, read here",
     "RequestResponseCycle.send": "a bound method of the cycle (how the app's send leads here); after "
     "http.response.start with no length it has written the head and chunk-frames the body; unless the "
     "flow is paused it awaits nothing before writing the head with one cycle.transport.write (start "
-    "captures it there)",
+    "captures it there), nor before writing a body (cancelled_at_shutdown's answer)",
     "RequestResponseCycle.run_asgi": "logs nothing and leaves the transport alone when the app returns "
     "with the cycle marked disconnected (set here: the stream owns the connection from then on)",
     "HttpToolsProtocol.__init__": "per-connection state: config, server_state, app_state, cycle, flow, parser",
@@ -60,6 +61,23 @@ class Owner(Protocol):
 def can_take_over(send: Any) -> bool:
     """Whether ``send`` is uvicorn's (httptools): what :func:`take_over` can take a connection from."""
     return isinstance(getattr(send, "__self__", None), RequestResponseCycle)
+
+
+def answer_at_once(send: Any) -> bool | None:
+    """For a request cancelled by the server's shutdown: whether a whole response can still be
+    written through ``send`` without waiting (uvicorn's cycle, no response started, its flow not
+    paused). If not, the connection is closed here, the cycle marked disconnected so that uvicorn
+    neither logs nor answers for it (False); None when ``send`` is not uvicorn's."""
+    cycle = getattr(send, "__self__", None)
+    if not isinstance(cycle, RequestResponseCycle):
+        return None
+    if cycle.disconnected:
+        return False
+    if not cycle.response_started and not cycle.flow.write_paused:
+        return True
+    cycle.transport.close()
+    cycle.disconnected = True
+    return False
 
 
 class _Head:

@@ -13,7 +13,6 @@ import gc
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -35,6 +34,8 @@ from jobcast.worker.main import JobcastWorker, build_worker
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
 
+from .children import redis_process, spawn, stop_all
+
 ROOT = Path(__file__).resolve().parent.parent
 ACME = {"Authorization": "Bearer key-acme"}
 GLOBEX = {"Authorization": "Bearer key-globex"}
@@ -50,6 +51,14 @@ FAST = {
     "progress_rate": 50.0,
     "shutdown_grace_s": 2,
 }
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A process a test left running (it failed before stopping it) stops with the run (tests/children.py)."""
+    left = stop_all()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if left and reporter is not None:
+        reporter.write_line(f"tests/children.py: stopped {left} process(es) the tests left running", yellow=True)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -88,7 +97,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    proc = RedisProcess(tmp_path_factory.mktemp("redis"))
+    proc = redis_process(tmp_path_factory.mktemp("redis"))
     proc.start()
     yield proc
     proc.stop()
@@ -255,7 +264,7 @@ class JobcastProcess:
     def __init__(self, settings: Settings, log: Path, *command: str, **extra_env: str) -> None:
         self.log_path = log
         self._log = log.open("wb")
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [sys.executable, "-m", "jobcast", *command],
             env=process_env(settings, **extra_env),
             cwd=ROOT,
@@ -314,7 +323,7 @@ class WebProcess(JobcastProcess):
 @contextlib.contextmanager
 def redis_cells(folder: Path, count: int) -> Iterator[list[RedisProcess]]:
     """``count`` redis-servers of their own (cells, by index), each on a free port, stopped after."""
-    cells = [RedisProcess(folder / f"cell-{index}") for index in range(count)]
+    cells = [redis_process(folder / f"cell-{index}") for index in range(count)]
     try:
         for cell in cells:
             cell.start()

@@ -17,7 +17,9 @@ from pathlib import Path
 import redis
 from redis.asyncio import Redis
 
-from jobcast.cli.embedded_redis import RedisProcess, find_redis_server, free_port
+from jobcast.cli.embedded_redis import find_redis_server, free_port
+
+from .children import redis_process, spawn
 
 SERVICE = "cell0"
 
@@ -25,7 +27,7 @@ SERVICE = "cell0"
 class SentinelCell:
     def __init__(self, root: Path, replicas: int = 1) -> None:
         self.root = root
-        self.nodes = [RedisProcess(root / f"node{i}") for i in range(1 + replicas)]
+        self.nodes = [redis_process(root / f"node{i}") for i in range(1 + replicas)]
         self.sentinel_port = free_port()
         self.sentinel: subprocess.Popen[bytes] | None = None
 
@@ -52,7 +54,7 @@ class SentinelCell:
             f"sentinel down-after-milliseconds {SERVICE} 5000\n"
             f"sentinel failover-timeout {SERVICE} 10000\n"
         )
-        self.sentinel = subprocess.Popen(
+        self.sentinel = spawn(
             [find_redis_server(), str(conf), "--sentinel", "--logfile", str(self.root / "sentinel.log")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -37,6 +37,7 @@ from jobcast.worker.relayout import move_to_cells
 from jobcast.worker.settings import ConfigError, Settings
 from jobcast.worker.store import Store
 
+from .children import spawn
 from .conftest import (
     ROOT,
     SECRET,
@@ -411,6 +412,15 @@ async def test_a_cell_down_stops_only_its_tenants(tmp_path: Path) -> None:
             await wait_until(ready, timeout=30)
             assert (await client.post("/jobs", json=body, headers=key_of("acme"))).status_code == 202
 
+            # Cell 1's hub lost its pub/sub connection (and failed to connect while Redis was away).
+            async def cell_1_reconnected() -> dict[str, float] | None:
+                text = (await client.get("/metrics")).text
+                counted = {cell: metric(text, f'jobcast_sse_hub_reconnects_total{{cell="{cell}"}}') for cell in "01"}
+                return counted if counted["1"] >= 1 else None
+
+            counted = await wait_until(cell_1_reconnected, timeout=30)
+            assert counted["0"] == 0, counted
+
 
 async def test_webhooks_are_delivered_dead_lettered_and_replayed_in_each_tenant_s_cell(tmp_path: Path) -> None:
     with redis_cells(tmp_path, 2) as cells:
@@ -473,7 +483,7 @@ def test_processes_refuse_to_start_on_a_reordered_cell_list(tmp_path: Path) -> N
         swapped = in_order.model_copy(update={"redis_urls": f"{cells[1].url},{cells[0].url}"})
         commands = (["worker"], ["web", "--port", "0"])
         started = [
-            subprocess.Popen(
+            spawn(
                 [sys.executable, "-m", "jobcast", *command],
                 env=process_env(swapped),
                 cwd=ROOT,

@@ -35,6 +35,7 @@ from jobcast.worker.clock import now
 from jobcast.worker.models import JobError, JobStatus, Priority
 from jobcast.worker.store import Store
 
+from .children import spawn
 from .conftest import make_settings, wait_until
 
 CLAIM = resources.files("worker").joinpath("lua/claim.lua").read_text()
@@ -74,7 +75,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
                 "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no",
                 "--logfile", str(folder / "redis.log"),
             ]  # fmt: skip
-            processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            processes.append(spawn(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             ports.append(port)
         for port in ports:
             _wait(lambda port=port: _ping(port), f"node {port} to answer")

@@ -27,6 +27,7 @@ from jobcast.worker.main import JobcastWorker
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 
+from .children import spawn_async
 from .conftest import ROOT, ServerHandle, submit, wait_for_status
 from .restartable import RestartableServer
 from .test_sse import new_running_job
@@ -59,7 +60,7 @@ def cli_env(url: str, api_key: str | None = "key-acme") -> dict[str, str]:
 
 
 async def start_jobcast(url: str, *args: str, api_key: str | None = "key-acme") -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    return await spawn_async(
         sys.executable,
         "-m",
         "jobcast",

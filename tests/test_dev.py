@@ -25,8 +25,9 @@ import pytest
 import redis
 
 from jobcast.cli.dev import _print_banner
-from jobcast.cli.embedded_redis import RedisProcess, answering_pid, free_port
+from jobcast.cli.embedded_redis import answering_pid, free_port
 
+from .children import redis_process, spawn
 from .sentinel import SentinelCell
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds child processes in /proc")
@@ -100,7 +101,7 @@ class Dev:
         args = [sys.executable, "-m", "jobcast", "dev", "--port", str(self.port), "--data-dir", str(data_dir)]
         with open(log_path, "wb") as log:
             # Its own process group, as a shell gives a foreground job: see interrupt().
-            self.process = subprocess.Popen(
+            self.process = spawn(
                 args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, process_group=0
             )
 
@@ -373,9 +374,9 @@ def test_dev_archives_into_a_migrated_sqlite_file_in_its_data_dir(
 def test_an_embedded_redis_that_finds_its_port_held_by_another_redis_listens_on_another_port(tmp_path: Path) -> None:
     # What `jobcast dev` does with 6399: another run's Redis holds the port, so ours must neither
     # adopt that Redis (the other run's data, stopped when the other run stops) nor fail.
-    with RedisProcess(tmp_path / "theirs") as theirs:
+    with redis_process(tmp_path / "theirs") as theirs:
         assert theirs.process is not None
-        mine = RedisProcess(tmp_path / "mine", port=theirs.port, fallback=True)
+        mine = redis_process(tmp_path / "mine", port=theirs.port, fallback=True)
         mine.start()
         try:
             assert mine.process is not None
@@ -388,9 +389,9 @@ def test_an_embedded_redis_that_finds_its_port_held_by_another_redis_listens_on_
 
 
 def test_an_embedded_redis_held_to_its_port_refuses_to_adopt_the_redis_found_there(tmp_path: Path) -> None:
-    with RedisProcess(tmp_path / "theirs") as theirs:
+    with redis_process(tmp_path / "theirs") as theirs:
         assert theirs.process is not None
-        mine = RedisProcess(tmp_path / "mine", port=theirs.port)
+        mine = redis_process(tmp_path / "mine", port=theirs.port)
         with pytest.raises(RuntimeError, match=f"port {theirs.port} of 127.0.0.1 is already in use"):
             mine.start()
         assert mine.process is not None and mine.process.poll() is not None  # its own process is gone
@@ -398,7 +399,7 @@ def test_an_embedded_redis_held_to_its_port_refuses_to_adopt_the_redis_found_the
 
 
 def test_an_embedded_redis_restarts_on_the_port_it_was_given(tmp_path: Path) -> None:
-    redis = RedisProcess(tmp_path / "redis", fallback=True)
+    redis = redis_process(tmp_path / "redis", fallback=True)
     redis.start()
     try:
         port = redis.port
@@ -437,7 +438,7 @@ def test_dev_and_keys_run_on_a_sentinel_managed_redis(start_dev: Callable[..., D
 
 @pytest.mark.timeout(90)
 def test_dev_never_prints_the_password_of_its_redis_url(start_dev: Callable[..., Dev], tmp_path: Path) -> None:
-    server = RedisProcess(tmp_path / "redis")
+    server = redis_process(tmp_path / "redis")
     server.start()
     try:
         with redis.Redis(port=server.port) as admin:

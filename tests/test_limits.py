@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.limits import ProcessStreams, StreamSlots
@@ -342,6 +343,65 @@ async def test_stream_opens_of_one_loop_turn_go_in_one_pipeline(redis_server: Re
         again = await asyncio.gather(*(script(keys, args(f"more{i}")) for i in range(4)))
         assert [outcome for outcome, _, _ in again] == ["full"] * 4
         assert [c["name"] for c in await redis.client_list()].count("opens") == 1
+    finally:
+        await client.aclose()
+
+
+def _replay(tenant: str, slot: str = "", cap: int = 0) -> tuple[list[str], list[str | int]]:
+    """The keys and arguments of ``streams.lua`` replaying a tenant's log (page of 100)."""
+    log = schema.tenant_log_key(tenant)
+    keys = [log, schema.streams_key(tenant), log, schema.EPOCH]
+    return keys, ["tenant", tenant, "", "replay", 100, 10**13, 60_000, cap, slot, 1000]
+
+
+async def test_a_batch_after_the_scripts_were_flushed_answers_every_call_as_a_call_of_its_own(
+    redis_server: RedisProcess, redis: Redis
+) -> None:
+    """Every EVALSHA of the pipeline fails NOSCRIPT; each call, made again on its own, gets its own
+    reply (not another call's, not the first error)."""
+    client = Redis.from_url(redis_server.url, decode_responses=True, client_name="opens")
+    script = schema.StreamOpenScript(client)
+    tenants = [f"tenant{i}" for i in range(6)]
+    try:
+        for n, tenant in enumerate(tenants):  # logs of different lengths: every reply differs
+            for i in range(n):
+                await redis.xadd(schema.tenant_log_key(tenant), {"n": str(i)})
+        await script.load()
+        expected = [await script(*_replay(tenant)) for tenant in tenants]  # one at a time: no batch
+        assert [len(entries) for _, _, entries in expected] == list(range(6))
+        await redis.script_flush()
+        batched = await asyncio.gather(*(script(*_replay(tenant)) for tenant in tenants))
+        assert batched == expected
+        assert [c["name"] for c in await redis.client_list()].count("opens") == 1  # it was one pipeline
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("flushed", [False, True], ids=["loaded", "flushed"])
+async def test_a_call_of_a_batch_that_fails_on_its_own_fails_alone(
+    redis_server: RedisProcess, redis: Redis, flushed: bool
+) -> None:
+    """One call of a batch meets a log that is not a stream: the script fails for it in the
+    pipeline, and again when it is made on its own. That call gets the error; the others their
+    replies (the pipeline's, or their own retry's after SCRIPT FLUSH), tenant slots taken."""
+    client = Redis.from_url(redis_server.url, decode_responses=True, client_name="opens")
+    script = schema.StreamOpenScript(client)
+    try:
+        await redis.xadd(schema.tenant_log_key("acme"), {"n": "1"})
+        await redis.set(schema.tenant_log_key("broken"), "not a stream")
+        await script.load()
+        if flushed:
+            await redis.script_flush()
+        calls = [_replay("acme", "slot-a", cap=5), _replay("broken", "slot-b", cap=5), _replay("acme", "slot-c", cap=5)]
+        first, failed, third = await asyncio.gather(*(script(*call) for call in calls), return_exceptions=True)
+        assert isinstance(failed, ResponseError) and "WRONGTYPE" in str(failed), failed
+        for reply in (first, third):
+            assert not isinstance(reply, BaseException), reply
+            outcome, _, entries = reply
+            assert outcome == "ok" and [fields for _, fields in entries] == [["n", "1"]]
+        assert sorted(await redis.zrange(schema.streams_key("acme"), 0, -1)) == ["slot-a", "slot-c"]
+        assert await redis.zcard(schema.streams_key("broken")) == 0
+        assert [c["name"] for c in await redis.client_list()].count("opens") == 1  # it was one pipeline
     finally:
         await client.aclose()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from redis.asyncio import Redis
 from jobcast.worker.logs import configure_logging
 from jobcast.worker.settings import Settings
 
-from .conftest import WebProcess
+from .conftest import ACME, WebProcess, wait_until
 
 JOB_TOKEN = "jc1.eyJzIjoiam9iIiwidCI6ImFjbWUifQ.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
 STORED_KEY = "jck_abcdefghij12_" + "S" * 43
@@ -90,3 +92,46 @@ def test_tracebacks_are_redacted_too(settings: Settings, capsys: pytest.CaptureF
     assert "request failed" in err and "ValueError: cannot fetch" in err, err
     assert JOB_TOKEN not in err and "S" * 43 not in err, err
     assert "?token=[redacted]" in err and "jck_abcdefghij12_[redacted]" in err, err
+
+
+async def _held_by_the_pause(redis: Redis, count: int) -> bool:
+    return int((await redis.info("clients"))["blocked_clients"]) >= count
+
+
+async def test_requests_cancelled_by_a_timed_out_shutdown_are_logged_without_tracebacks(
+    settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    """``jobcast web`` stops while a long-poll and an event stream are still opening (their Redis
+    writes held by ``CLIENT PAUSE``): its graceful shutdown times out and cancels them. Each is told
+    in one line, not an error with a traceback (nothing went wrong but the wait), and answered 503."""
+    web = WebProcess(settings, tmp_path / "web.log")
+    try:
+        await asyncio.to_thread(web.wait_ready)
+        async with httpx.AsyncClient(base_url=web.url, headers=ACME, timeout=60) as c:
+            job = (await c.post("/jobs", json={"type": "sleep"})).json()["id"]
+            await redis.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+            try:
+                held = [
+                    asyncio.create_task(c.get(f"/jobs/{job}", params={"wait": "60"})),
+                    asyncio.create_task(c.get(f"/jobs/{job}/events")),
+                ]
+                await wait_until(lambda: _held_by_the_pause(redis, 2))
+                web.signal(signal.SIGTERM)
+                await asyncio.to_thread(wait_for_text, web, "graceful shutdown exceeded", 60)
+            finally:
+                await redis.execute_command("CLIENT", "UNPAUSE")
+            answers = await asyncio.gather(*held, return_exceptions=True)
+        assert await asyncio.to_thread(web.wait, 30) == -signal.SIGTERM, web.output()
+    finally:
+        web.close()
+    output = web.output()
+    assert "Traceback" not in output and "Exception in ASGI application" not in output, output
+    assert " ERROR " not in output.partition("Shutting down")[2], output
+    assert "WARNING uvicorn.error: Cancel 2 running task(s)" in output, output
+    for path in (f"/jobs/{job}", f"/jobs/{job}/events"):
+        [line] = [line for line in output.splitlines() if f"GET {path}: cut short by the server's shutdown" in line]
+        assert " WARNING " in line, line
+    for answer in answers:  # another process will answer: told so, as a problem
+        assert isinstance(answer, httpx.Response), answer
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+        assert answer.headers["content-type"] == "application/problem+json"

@@ -17,6 +17,7 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import jobstats, schema
 from jobcast.worker.settings import Settings
 
+from .children import redis_process
 from .conftest import (
     ACME,
     ServerHandle,
@@ -158,7 +159,7 @@ async def test_readyz_reports_workers(client: httpx.AsyncClient, settings: Setti
 
 async def test_a_redis_outage_is_survived_and_loses_no_accepted_job(tmp_path: Path, worker_processes: Any) -> None:
     # A Redis of its own, fsync on every write, killed outright (SIGKILL) in the middle.
-    private = RedisProcess(tmp_path / "redis", appendfsync="always")
+    private = redis_process(tmp_path / "redis", appendfsync="always")
     private.start()
     settings = make_settings(private.url)
     server = ServerHandle(settings)

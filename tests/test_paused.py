@@ -28,13 +28,14 @@ from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store, redis_client
 from jobcast.worker.types import load_registry
 
+from .children import redis_process
 from .conftest import make_settings, running_worker, wait_until
 
 
 @pytest.fixture
 async def own_redis(tmp_path: Path) -> AsyncIterator[RedisProcess]:
     """A redis-server of this test's own: it is stopped and continued."""
-    proc = RedisProcess(tmp_path / "redis")
+    proc = redis_process(tmp_path / "redis")
     proc.start()
     try:
         yield proc

@@ -23,6 +23,7 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker.connections import CellUrlError, arq_settings_for, follow_primary, parse_sentinel_url, redis_for
 from jobcast.worker.store import Store
 
+from .children import redis_process
 from .conftest import ACME, ServerHandle, WebProcess, WorkerProcess, make_settings, serving, wait_until
 from .sentinel import SentinelCell
 from .test_sse import new_running_job
@@ -244,7 +245,7 @@ def _ws_channel(url: str) -> str:
 async def a_lost_event(tmp_path: Path) -> AsyncIterator[tuple[RedisProcess, dict[str, str], dict[str, str]]]:
     """A real lost write (:func:`_lose_an_event`): the new primary, and the last ids lost and kept;
     within 60 s, both Redis processes killed at the end."""
-    primary, replica = RedisProcess(tmp_path / "p"), RedisProcess(tmp_path / "r")
+    primary, replica = redis_process(tmp_path / "p"), redis_process(tmp_path / "r")
     primary.start()
     replica.start()
     try:

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -73,12 +74,20 @@ class RedisProcess:
     """One redis-server on 127.0.0.1, with its own data folder; restartable on the same port.
 
     ``port``: the port to listen on (default: a free one). ``fallback``: when ``port`` is taken,
-    listen on a free one instead of failing. Once started, restarts keep the port.
+    listen on a free one instead of failing. Once started, restarts keep the port. ``spawn``: what
+    starts the process, ``subprocess.Popen`` by default (the test suite's makes it die with the run).
     """
 
     def __init__(
-        self, data_dir: Path, *, port: int | None = None, fallback: bool = False, appendfsync: str = "everysec"
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        fallback: bool = False,
+        appendfsync: str = "everysec",
+        spawn: Callable[..., subprocess.Popen[bytes]] | None = None,
     ) -> None:
+        self._spawn = spawn if spawn is not None else subprocess.Popen
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendfsync = appendfsync
@@ -122,7 +131,7 @@ class RedisProcess:
         ]  # fmt: skip
         # A process group of its own: a terminal's Ctrl-C must not stop Redis before the worker
         # has handed its running jobs back (the supervisor stops Redis last).
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0)
+        process = self._spawn(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0)
         self.process = process
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
