@@ -128,3 +128,32 @@ async def test_a_reply_for_a_caller_that_went_away_goes_to_its_orphan_handler(
         assert orphaned == [1]
     finally:
         await client.aclose()
+
+
+async def test_calls_in_flight_when_the_pool_disconnects_fail_and_a_call_right_after_gets_its_own_reply(
+    redis_server: RedisProcess, redis: Redis
+) -> None:
+    """The pool disconnects every connection (as a Sentinel failover makes it) while calls wait on
+    the kept one: their replies are lost, so they fail; a call made at once after gets its own reply
+    on a new connection, never one meant for another."""
+    client = await _client(redis_server, "line")
+    line = Pipelined(client)
+    try:
+        await redis.set("pipelined:k", "before")
+        assert await line.call("PING") in (True, "PONG")
+        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            held = [asyncio.create_task(line.call("INCR", f"pipelined:held{i}")) for i in range(2)]
+            await wait_until(lambda: _blocked(redis))
+            # As the pool's disconnect does it, without waiting for the close: the next call comes
+            # before the task reading the replies learns of it.
+            await line._connection.disconnect(nowait=True)
+            after = asyncio.create_task(line.call("GET", "pipelined:k"))
+            for task in held:
+                with pytest.raises(ConnectionError):
+                    await task
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        assert await after == "before"
+    finally:
+        await client.aclose()

@@ -66,7 +66,9 @@ class Pipelined:
         if self._pool is None:
             return await self._client.execute_command(*args)
         connection = self._connection
-        if connection is None or not self._waiting:
+        if connection is None or not self._waiting or not connection.is_connected:
+            # (Disconnected with calls in flight, by the pool, e.g. after a failover: their replies
+            # are lost, and a write now would reconnect it under them and answer them with ours.)
             connection = await self._ready()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Appended and written in one step (the connection is connected: nothing is awaited before
