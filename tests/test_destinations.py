@@ -186,19 +186,28 @@ async def test_a_job_s_deliveries_keep_their_order_under_the_rate(
         update={"webhook_rates": f"{receiver.origin}=1/0.05", "webhook_destination_concurrency": 1}
     )
     async with running_worker(local):
-        await Store(redis, local).create(
-            tenant="acme",
-            job_type="sleep",
-            params={"seconds": 0.4, "steps": 4},
-            priority=Priority.NORMAL,
-            max_attempts=1,
-            webhook={"url": receiver.url, "events": ["job.queued", "job.processing", "job.progress", "job.completed"]},
-        )
+        await run_a_job_with_every_event_to(Store(redis, local), receiver, "acme")
+    assert_in_event_order(receiver)
 
-        async def completed() -> bool:
-            return any(b'"job.completed"' in r.body for r in receiver.requests)
 
-        await wait_until(completed, timeout=20)
+async def run_a_job_with_every_event_to(store: Store, receiver: Receiver, tenant: str) -> None:
+    """Create a job of 4 progress steps whose webhook wants every event; wait for its job.completed."""
+    await store.create(
+        tenant=tenant,
+        job_type="sleep",
+        params={"seconds": 0.4, "steps": 4},
+        priority=Priority.NORMAL,
+        max_attempts=1,
+        webhook={"url": receiver.url, "events": ["job.queued", "job.processing", "job.progress", "job.completed"]},
+    )
+
+    async def completed() -> bool:
+        return any(b'"job.completed"' in r.body for r in receiver.requests)
+
+    await wait_until(completed, timeout=20)
+
+
+def assert_in_event_order(receiver: Receiver) -> None:
     bodies = [orjson.loads(r.body) for r in receiver.requests]
     kinds = [b["type"] for b in bodies]
     assert kinds[:2] == ["job.queued", "job.processing"] and kinds[-1] == "job.completed"
@@ -446,3 +455,26 @@ async def test_a_delivery_waits_while_its_destination_s_rate_cell_is_down_and_go
             assert [r.headers["webhook-id"] for r in receiver.requests] == [item["id"]]
         finally:
             await redis.aclose()
+
+
+async def test_a_job_s_deliveries_keep_their_order_under_a_rate_kept_by_another_cell(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        settings = two_cells_settings(cells, receiver, "1/0.05").model_copy(
+            update={"webhook_destination_concurrency": 1}
+        )
+        home = rate_home(receiver.origin, 2)
+        cell = 1 - home  # each turn is asked of the other cell
+        redis = [redis_for(c.url) for c in cells]
+        try:
+            async with running_worker(settings, cell=cell):
+                store = Store(redis[cell], settings, cell=cell)
+                await run_a_job_with_every_event_to(store, receiver, ("globex", "acme")[cell])
+            # The turns were taken in the home cell, none in the job's.
+            assert await redis[home].hexists(schema.destination_key(receiver.origin, cell=home), "tat")
+            assert not await redis[cell].hexists(schema.destination_key(receiver.origin, cell=cell), "tat")
+        finally:
+            for client in redis:
+                await client.aclose()
+    assert_in_event_order(receiver)

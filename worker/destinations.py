@@ -10,11 +10,13 @@ deliveries per S seconds, as a burst of up to N that refills evenly — the GCRA
 limit, but *reserving*: a delivery over the rate is not refused, it is queued for the moment its
 turn comes. A first attempt reserves its moment when its event is written, inside the same script
 call, so a job's deliveries leave in the order of its events; retries and replays reserve theirs
-when they fall due. A receiver's 429 or 503 with Retry-After pauses the whole destination until
-then. At most ``JOBCAST_WEBHOOK_DESTINATION_CONCURRENCY`` attempts to one destination are in flight
-at once, across all workers, so a slow receiver holds a few delivery slots, never all of them; the
-deliveries that find it busy wait their turn in a queue of their own (``destination-waiting``) and
-are released one by one as attempts end.
+when they fall due. With several cells one cell keeps a destination's turns for the whole
+deployment (:class:`RateHomes`), and every attempt reserves its turn when it comes up. A
+receiver's 429 or 503 with Retry-After pauses the whole destination until then (with several
+cells, in the cell whose attempt got it). At most ``JOBCAST_WEBHOOK_DESTINATION_CONCURRENCY``
+attempts to one destination are in flight at once, across all workers (of one cell), so a slow
+receiver holds a few delivery slots, never all of them; the deliveries that find it busy wait their
+turn in a queue of their own (``destination-waiting``) and are released one by one as attempts end.
 
 **Health** is kept per tenant and destination (one tenant's failing receiver never disables
 another tenant's deliveries): consecutive failures, since when, the last success. After
