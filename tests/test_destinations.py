@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -429,6 +430,7 @@ async def test_a_delivery_waits_while_its_destination_s_rate_cell_is_down_and_go
         home = rate_home(receiver.origin, 2)
         cell = 1 - home  # the delivery's cell: not the one that keeps the destination's rate
         redis = redis_for(cells[cell].url)
+        caplog.set_level(logging.INFO, logger="jobcast.worker.destinations")
         try:
             store = Store(redis, settings, cell=cell)
             [job_id] = await queue_deliveries(store, receiver.url, 1, tenant=("globex", "acme")[cell])
@@ -444,14 +446,15 @@ async def test_a_delivery_waits_while_its_destination_s_rate_cell_is_down_and_go
                 await wait_until(waiting, timeout=30)
                 assert receiver.requests == []  # never sent without a turn
                 assert (await DestinationStore(redis, settings, cell).wait_counts())["count|rate_home_unreachable"] >= 1
-                assert any(
-                    f"cell {home}, which keeps this destination's rate, did not answer" in r.getMessage()
-                    and job_id in r.getMessage()
-                    for r in caplog.records
-                )
                 cells[home].start()  # the same port
                 await receiver.wait_for(1, timeout=30)
                 await wait_until(lambda: delivered_everywhere([webhooks], [[job_id]]), timeout=30)
+            # One WARNING for the outage (later waits log at DEBUG), naming the job and the cell; one
+            # INFO when the cell answers again.
+            ours = [r for r in caplog.records if r.name == "jobcast.worker.destinations"]
+            [warning] = [r.getMessage() for r in ours if r.levelno == logging.WARNING]
+            assert f"cell {home}, which keeps this destination's rate, did not answer" in warning and job_id in warning
+            assert any(r.getMessage().startswith(f"cell {home} answers again") for r in ours)
             assert [r.headers["webhook-id"] for r in receiver.requests] == [item["id"]]
         finally:
             await redis.aclose()

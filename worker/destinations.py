@@ -75,7 +75,8 @@ class RateHomes:
     the turn itself (no extra round trip); else :meth:`turn` asks the home (op ``reserve``, one round
     trip) and ``admit`` takes the answer. A home that cannot be asked reserves nothing: the attempt
     waits :data:`HOME_RETRY_S` (``wait_reason: rate_home_unreachable``) and asks again, for as long
-    as it takes; it is never sent without a turn, nor dropped."""
+    as it takes; it is never sent without a turn, nor dropped. The first such wait of an outage logs
+    a WARNING (the others, DEBUG: there may be thousands), the home's first answer after it an INFO."""
 
     def __init__(self, settings: Settings, cell: int) -> None:
         self.settings = settings
@@ -84,6 +85,8 @@ class RateHomes:
         #: The other cells' scripts and clients, made when first needed.
         self._scripts: dict[int, schema.JobsScript] = {}
         self._clients: list[Redis] = []
+        #: Cells that did not answer when last asked: how many attempts waited for each since.
+        self._unanswered: dict[int, int] = {}
 
     async def turn(self, delivery: Delivery, timeout_s: float) -> Turn | None:
         """The turn of attempt ``delivery.seq`` as its destination's home reserved it, asking for at
@@ -96,14 +99,21 @@ class RateHomes:
             return None
         try:
             async with asyncio.timeout(timeout_s):
-                return Turn(int(await self._script(home)("reserve", destination)), "rate_limit")
+                due_ms = int(await self._script(home)("reserve", destination))
         except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning(
+            waited = self._unanswered.get(home)
+            self._unanswered[home] = (waited or 0) + 1
+            logger.log(
+                logging.DEBUG if waited else logging.WARNING,
                 "delivery %s (job %s) to %s: not sent, cell %d, which keeps this destination's rate, did not "
-                "answer (%r); it asks again in %g s",
+                "answer (%r); it waits and asks again in %g s",
                 delivery.id, delivery.job_id, destination, home, exc, HOME_RETRY_S,
             )  # fmt: skip
             return Turn(now()[1] + int(HOME_RETRY_S * 1000), "rate_home_unreachable")
+        waited = self._unanswered.pop(home, None)
+        if waited:
+            logger.info("cell %d answers again: turns at its destinations' rates resume (%d waits)", home, waited)
+        return Turn(due_ms, "rate_limit")
 
     def _script(self, home: int) -> schema.JobsScript:
         script = self._scripts.get(home)
