@@ -393,7 +393,7 @@ class DeliveryWorker(DoorbellWorker):
         self.sender = Sender(settings)
         self.homes = RateHomes(settings, cell)
         dispatcher = Dispatcher(WebhookStore(redis, settings, cell=cell), self.sender, settings, homes=self.homes)
-        # Longer than an attempt can take (its two Redis steps are bounded too), so arq never
+        # Longer than an attempt can take (its Redis steps are bounded too), so arq never
         # times a delivery out: that would drop its arq job and lose the delivery.
         timeout = attempt_max_s(settings)
         super().__init__(
