@@ -71,14 +71,14 @@ def _histogram(name: str, doc: str, stats: Counter[str], prefix: str, buckets: t
     return family
 
 
-WAIT_REASONS = ("rate_limit", "retry_after", "destination_busy")
+WAIT_REASONS = ("rate_limit", "retry_after", "destination_busy", "rate_home_unreachable")
 
 
 def _destination_families(waits: Counter[str], disabled: set[str], later: float) -> list[Metric]:
     deferred = CounterMetricFamily(
         "jobcast_webhook_deferrals",
         "Delivery attempts held back, by reason: the destination's rate, a receiver's Retry-After, "
-        "all of the destination's slots busy.",
+        "all of the destination's slots busy, the cell keeping the destination's rate not answering.",
         labels=["reason"],
     )
     waited = CounterMetricFamily(

@@ -109,7 +109,8 @@ class DeliveryResource(BaseModel):
     destination: str | None = Field(description="The URL's scheme://host:port, whose rate and health apply.")
     wait_reason: WaitReason | None = Field(
         description="While pending: why next_attempt_at is later than planned (the destination's rate, "
-        "a receiver's Retry-After, or all its slots busy); null otherwise."
+        "a receiver's Retry-After, all its slots busy, or the cell keeping the destination's rate not "
+        "answering); null otherwise."
     )
     attempts: list[DeliveryAttempt]
 

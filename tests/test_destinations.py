@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -22,18 +24,21 @@ from redis.asyncio import Redis
 
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker import schema
+from jobcast.worker.connections import redis_for
 from jobcast.worker.delivery import DeliveryWorker
-from jobcast.worker.destinations import destination_of
+from jobcast.worker.destinations import DestinationStore, destination_of, rate_home
 from jobcast.worker.models import Priority
 from jobcast.worker.rates import parse_rates
 from jobcast.worker.settings import ConfigError, Settings
 from jobcast.worker.store import Store
+from jobcast.worker.webhooks import WebhookStore
 
 from .conftest import (
     GLOBEX,
     ServerHandle,
     deliveries,
     make_settings,
+    redis_cells,
     running_worker,
     submit,
     wait_for_deliveries,
@@ -60,10 +65,11 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @contextlib.asynccontextmanager
-async def delivering(settings: Settings, redis: Redis) -> AsyncIterator[DeliveryWorker]:
-    """Only the delivery worker (no job runner): the deliveries of jobs created by ``store.create``."""
-    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
-    worker = DeliveryWorker(settings, redis=redis, pool=pool)
+async def delivering(settings: Settings, redis: Redis, cell: int = 0) -> AsyncIterator[DeliveryWorker]:
+    """Only the delivery worker of cell ``cell`` (no job runner): the deliveries of jobs created by
+    ``store.create``."""
+    pool = await create_pool(RedisSettings.from_dsn(settings.cell_urls[cell]))
+    worker = DeliveryWorker(settings, redis=redis, pool=pool, cell=cell)
     task = asyncio.create_task(worker.async_run())
     try:
         yield worker
@@ -181,19 +187,28 @@ async def test_a_job_s_deliveries_keep_their_order_under_the_rate(
         update={"webhook_rates": f"{receiver.origin}=1/0.05", "webhook_destination_concurrency": 1}
     )
     async with running_worker(local):
-        await Store(redis, local).create(
-            tenant="acme",
-            job_type="sleep",
-            params={"seconds": 0.4, "steps": 4},
-            priority=Priority.NORMAL,
-            max_attempts=1,
-            webhook={"url": receiver.url, "events": ["job.queued", "job.processing", "job.progress", "job.completed"]},
-        )
+        await run_a_job_with_every_event_to(Store(redis, local), receiver, "acme")
+    assert_in_event_order(receiver)
 
-        async def completed() -> bool:
-            return any(b'"job.completed"' in r.body for r in receiver.requests)
 
-        await wait_until(completed, timeout=20)
+async def run_a_job_with_every_event_to(store: Store, receiver: Receiver, tenant: str) -> None:
+    """Create a job of 4 progress steps whose webhook wants every event; wait for its job.completed."""
+    await store.create(
+        tenant=tenant,
+        job_type="sleep",
+        params={"seconds": 0.4, "steps": 4},
+        priority=Priority.NORMAL,
+        max_attempts=1,
+        webhook={"url": receiver.url, "events": ["job.queued", "job.processing", "job.progress", "job.completed"]},
+    )
+
+    async def completed() -> bool:
+        return any(b'"job.completed"' in r.body for r in receiver.requests)
+
+    await wait_until(completed, timeout=20)
+
+
+def assert_in_event_order(receiver: Receiver) -> None:
     bodies = [orjson.loads(r.body) for r in receiver.requests]
     kinds = [b["type"] for b in bodies]
     assert kinds[:2] == ["job.queued", "job.processing"] and kinds[-1] == "job.completed"
@@ -353,3 +368,116 @@ async def test_deliveries_to_a_disabled_destination_are_dead_lettered_at_once_no
     letters = (await client.get("/webhooks/dead-letters")).json()["items"]
     assert len(letters) == 5 and {letter["reason"] for letter in letters} == {"disabled"}
     assert receiver.connections == 0
+
+
+# --- rate across cells -----------------------------------------------------------------------------
+
+
+def two_cells_settings(cells: list[RedisProcess], receiver: Receiver, rate: str) -> Settings:
+    """Two cells (globex in cell 0, acme in cell 1), ``rate`` for the receiver."""
+    settings = make_settings(
+        "",
+        redis_urls=",".join(cell.url for cell in cells),
+        cell_placement="globex=0,acme=1",
+        webhook_allow_private=True,
+        webhook_retry_schedule="0.2,0.4,0.6",
+        webhook_timeout_s=5,
+        webhook_rates=f"{receiver.origin}={rate}",
+    )
+    return settings
+
+
+async def delivered_everywhere(stores: list[WebhookStore], job_ids: list[list[str]]) -> bool:
+    """Whether every delivery of the jobs (``job_ids[cell]``) is delivered."""
+    for store, ids in zip(stores, job_ids, strict=True):
+        for job_id in ids:
+            if [d["status"] for d in await store.for_job(job_id)] != ["delivered"]:
+                return False
+    return True
+
+
+async def test_a_destination_s_rate_holds_across_cells_with_none_lost(tmp_path: Path, receiver: Receiver) -> None:
+    burst, per_s, each = 5, 0.5, 30  # 10 a second for the whole deployment; 30 deliveries from each cell
+    interval = per_s / burst
+    with redis_cells(tmp_path, 2) as cells:
+        settings = two_cells_settings(cells, receiver, f"{burst}/{per_s}")
+        redis = [redis_for(cell.url) for cell in cells]
+        try:
+            started = time.monotonic()  # before the first delivery is written (or its turn reserved)
+            job_ids = [
+                await queue_deliveries(Store(client, settings, cell=cell), receiver.url, each, tenant=tenant)
+                for cell, (client, tenant) in enumerate(zip(redis, ("globex", "acme"), strict=True))
+            ]
+            async with delivering(settings, redis[0], cell=0), delivering(settings, redis[1], cell=1):
+                received = await receiver.wait_for(2 * each, timeout=60)
+                stores = [WebhookStore(client, settings, cell=cell) for cell, client in enumerate(redis)]
+                await wait_until(lambda: delivered_everywhere(stores, job_ids), timeout=30)
+        finally:
+            for client in redis:
+                await client.aclose()
+    assert len({r.headers["webhook-id"] for r in received}) == 2 * each  # none lost, none twice
+    # By any moment the receiver saw at most the burst plus one per interval since the start, from
+    # both cells together: a delivery is never sent before its turn (a slow machine only sends later).
+    for k, request in enumerate(sorted(received, key=lambda r: r.at)):
+        assert k < burst + (request.at - started) / interval + 2, (k, request.at - started)
+
+
+async def test_a_delivery_waits_while_its_destination_s_rate_cell_is_down_and_goes_after(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        settings = two_cells_settings(cells, receiver, "5/1")
+        home = rate_home(receiver.origin, 2)
+        cell = 1 - home  # the delivery's cell: not the one that keeps the destination's rate
+        redis = redis_for(cells[cell].url)
+        caplog.set_level(logging.INFO, logger="jobcast.worker.destinations")
+        try:
+            store = Store(redis, settings, cell=cell)
+            [job_id] = await queue_deliveries(store, receiver.url, 1, tenant=("globex", "acme")[cell])
+            webhooks = WebhookStore(redis, settings, cell=cell)
+            [item] = await webhooks.for_job(job_id)
+            cells[home].stop()
+            async with delivering(settings, redis, cell=cell):
+
+                async def waiting() -> bool:
+                    delivery = await webhooks.get(item["id"])
+                    return delivery is not None and delivery.wait_reason == "rate_home_unreachable"
+
+                await wait_until(waiting, timeout=30)
+                assert receiver.requests == []  # never sent without a turn
+                assert (await DestinationStore(redis, settings, cell).wait_counts())["count|rate_home_unreachable"] >= 1
+                cells[home].start()  # the same port
+                await receiver.wait_for(1, timeout=30)
+                await wait_until(lambda: delivered_everywhere([webhooks], [[job_id]]), timeout=30)
+            # One WARNING for the outage (later waits log at DEBUG), naming the job and the cell; one
+            # INFO when the cell answers again.
+            ours = [r for r in caplog.records if r.name == "jobcast.worker.destinations"]
+            [warning] = [r.getMessage() for r in ours if r.levelno == logging.WARNING]
+            assert f"cell {home}, which keeps this destination's rate, did not answer" in warning and job_id in warning
+            assert any(r.getMessage().startswith(f"cell {home} answers again") for r in ours)
+            assert [r.headers["webhook-id"] for r in receiver.requests] == [item["id"]]
+        finally:
+            await redis.aclose()
+
+
+async def test_a_job_s_deliveries_keep_their_order_under_a_rate_kept_by_another_cell(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    with redis_cells(tmp_path, 2) as cells:
+        settings = two_cells_settings(cells, receiver, "1/0.05").model_copy(
+            update={"webhook_destination_concurrency": 1}
+        )
+        home = rate_home(receiver.origin, 2)
+        cell = 1 - home  # each turn is asked of the other cell
+        redis = [redis_for(c.url) for c in cells]
+        try:
+            async with running_worker(settings, cell=cell):
+                store = Store(redis[cell], settings, cell=cell)
+                await run_a_job_with_every_event_to(store, receiver, ("globex", "acme")[cell])
+            # The turns were taken in the home cell, none in the job's.
+            assert await redis[home].hexists(schema.destination_key(receiver.origin, cell=home), "tat")
+            assert not await redis[cell].hexists(schema.destination_key(receiver.origin, cell=cell), "tat")
+        finally:
+            for client in redis:
+                await client.aclose()
+    assert_in_event_order(receiver)

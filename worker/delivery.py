@@ -59,11 +59,12 @@ from redis.exceptions import RedisError
 
 from . import egress, schema
 from .clock import now, rfc3339
+from .destinations import RateHomes
 from .doorbell import IDLE_FALLBACK_S, DoorbellWorker
 from .models import DeliveryStatus
 from .settings import Settings
 from .signatures import sign
-from .webhooks import Attempt, Delivery, PutOff, WebhookStore
+from .webhooks import Attempt, Delivery, PutOff, Turn, WebhookStore
 
 logger = logging.getLogger(__name__)
 
@@ -216,12 +217,15 @@ class Sender:
 class Dispatcher:
     """Makes one attempt of one delivery and records its outcome."""
 
-    def __init__(self, store: WebhookStore, sender: Sender, settings: Settings) -> None:
+    def __init__(
+        self, store: WebhookStore, sender: Sender, settings: Settings, *, homes: RateHomes | None = None
+    ) -> None:
         self.store = store
         self.sender = sender
         self.settings = settings
+        self.homes = homes if homes is not None else RateHomes(settings, store.cell)
         self.delays = settings.webhook_retry_delays
-        #: The longest one attempt can take, its two Redis steps included.
+        #: The longest one attempt can take, its bounded Redis steps included.
         self.attempt_max_s = attempt_max_s(settings)
         #: The longest a destination slot is held: an attempt plus its recording.
         self.slot_s = settings.webhook_timeout_s + 2 * STORE_TIMEOUT_S + 1
@@ -249,6 +253,9 @@ class Dispatcher:
 
     async def _attempt_locked(self, delivery: Delivery, runs: int) -> None:
         webhook_id = delivery.id
+        # With several cells, the turn at the destination's rate may come from another cell (bounded
+        # too). Asked first: a turn wasted on a delivery that then does not go only slows the rate.
+        turn = await self.homes.turn(delivery, STORE_TIMEOUT_S)
         async with asyncio.timeout(STORE_TIMEOUT_S):
             # Checked under the job's lock: a 410 to another delivery of the job is recorded by now.
             if await self.store.webhook_gone(delivery.job_id):
@@ -262,7 +269,7 @@ class Dispatcher:
                 await self.store.record(delivery, "dead", Attempt(now()[0], 0.0, None, error))
                 logger.error("delivery %s (job %s): %s; dead-lettered", webhook_id, delivery.job_id, error)
                 return
-            if not await self._admitted(delivery):
+            if not await self._admitted(delivery, turn):
                 return
         attempt, answer = await self._send(delivery)
         outcome, delay = next_step(answer, delivery.tries + 1, self.delays)
@@ -305,9 +312,10 @@ class Dispatcher:
             return
         logger.error("delivery %s (job %s): %s; dead-lettered", webhook_id, delivery.job_id, error)
 
-    async def _admitted(self, delivery: Delivery) -> bool:
-        """Whether the attempt may go now (its destination's rate, pause, slots and health allow)."""
-        verdict = await self.store.admit(delivery, self.slot_s)
+    async def _admitted(self, delivery: Delivery, turn: Turn | None) -> bool:
+        """Whether the attempt may go now (its destination's rate, pause, slots and health allow);
+        ``turn``: its turn at the rate as the destination's home cell reserved it, if another cell."""
+        verdict = await self.store.admit(delivery, self.slot_s, turn)
         if verdict[0] == "send":
             return True
         if verdict[0] == "wait":
@@ -346,8 +354,10 @@ def put_off_s(put_off: PutOff, now_s: float) -> float:
 
 
 def attempt_max_s(settings: Settings) -> float:
-    """The longest one attempt can take: the request, plus its two bounded Redis steps, plus a second."""
-    return settings.webhook_timeout_s + 2 * STORE_TIMEOUT_S + 1
+    """The longest one attempt can take: the request, plus its two bounded Redis steps (three with
+    several cells: the turn from the destination's home cell), plus a second."""
+    steps = 3 if len(settings.cell_urls) > 1 else 2
+    return settings.webhook_timeout_s + steps * STORE_TIMEOUT_S + 1
 
 
 async def deliver(ctx: dict[str, Any], webhook_id: str, seq: int) -> None:
@@ -381,8 +391,9 @@ class DeliveryWorker(DoorbellWorker):
 
     def __init__(self, settings: Settings, *, redis: Redis, pool: ArqRedis, cell: int = 0) -> None:
         self.sender = Sender(settings)
-        dispatcher = Dispatcher(WebhookStore(redis, settings, cell=cell), self.sender, settings)
-        # Longer than an attempt can take (its two Redis steps are bounded too), so arq never
+        self.homes = RateHomes(settings, cell)
+        dispatcher = Dispatcher(WebhookStore(redis, settings, cell=cell), self.sender, settings, homes=self.homes)
+        # Longer than an attempt can take (its Redis steps are bounded too), so arq never
         # times a delivery out: that would drop its arq job and lose the delivery.
         timeout = attempt_max_s(settings)
         super().__init__(
@@ -409,3 +420,4 @@ class DeliveryWorker(DoorbellWorker):
         """Stop delivering: in-flight attempts get ``grace_s`` seconds, the rest go back on the queue."""
         await self.halt(grace_s)
         await self.sender.aclose()
+        await self.homes.aclose()

@@ -10,11 +10,13 @@ deliveries per S seconds, as a burst of up to N that refills evenly — the GCRA
 limit, but *reserving*: a delivery over the rate is not refused, it is queued for the moment its
 turn comes. A first attempt reserves its moment when its event is written, inside the same script
 call, so a job's deliveries leave in the order of its events; retries and replays reserve theirs
-when they fall due. A receiver's 429 or 503 with Retry-After pauses the whole destination until
-then. At most ``JOBCAST_WEBHOOK_DESTINATION_CONCURRENCY`` attempts to one destination are in flight
-at once, across all workers, so a slow receiver holds a few delivery slots, never all of them; the
-deliveries that find it busy wait their turn in a queue of their own (``destination-waiting``) and
-are released one by one as attempts end.
+when they fall due. With several cells one cell keeps a destination's turns for the whole
+deployment (:class:`RateHomes`), and every attempt reserves its turn when it comes up. A
+receiver's 429 or 503 with Retry-After pauses the whole destination until then (with several
+cells, in the cell whose attempt got it). At most ``JOBCAST_WEBHOOK_DESTINATION_CONCURRENCY``
+attempts to one destination are in flight at once, across all workers (of one cell), so a slow
+receiver holds a few delivery slots, never all of them; the deliveries that find it busy wait their
+turn in a queue of their own (``destination-waiting``) and are released one by one as attempts end.
 
 **Health** is kept per tenant and destination (one tenant's failing receiver never disables
 another tenant's deliveries): consecutive failures, since when, the last success. After
@@ -26,22 +28,106 @@ operator re-enables it (:meth:`DestinationStore.enable`). Health is forgotten af
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from . import schema
+from .cells import jump_hash, tenant_hash
 from .clock import now, rfc3339
+from .connections import redis_for
 from .rates import MAX_DESTINATION_LENGTH, Rate, destination_of
 from .settings import Settings
+from .webhooks import Turn
+
+if TYPE_CHECKING:
+    from .webhooks import Delivery
+
+logger = logging.getLogger(__name__)
+
+#: Seconds an attempt whose destination's home cell could not be asked for a turn waits before it
+#: asks again (it waits: sending without a turn could break the rate).
+HOME_RETRY_S = 5.0
 
 
 def rate_for(settings: Settings, destination: str) -> Rate:
     return settings.webhook_rate_for(destination)
 
 
-__all__ = ["MAX_DESTINATION_LENGTH", "DestinationStore", "Rate", "destination_of", "rate_for"]
+__all__ = ["MAX_DESTINATION_LENGTH", "DestinationStore", "Rate", "RateHomes", "destination_of", "rate_for", "rate_home"]
+
+
+def rate_home(destination: str, cells: int) -> int:
+    """The cell that keeps ``destination``'s turns at its rate: the jump hash of its name over the
+    cells (as a tenant's cell is found), so appending a cell re-homes about one destination in N."""
+    return jump_hash(tenant_hash(destination), cells)
+
+
+class RateHomes:
+    """Turns at destinations' rates for the deliveries of cell ``cell``, when there are several.
+
+    One cell keeps a destination's reservations (its :func:`rate_home`), so the rate holds for the
+    whole deployment, not per cell. When that is this cell, ``admit`` in ``lua/jobs.lua`` reserves
+    the turn itself (no extra round trip); else :meth:`turn` asks the home (op ``reserve``, one round
+    trip) and ``admit`` takes the answer. A home that cannot be asked reserves nothing: the attempt
+    waits :data:`HOME_RETRY_S` (``wait_reason: rate_home_unreachable``) and asks again, for as long
+    as it takes; it is never sent without a turn, nor dropped. The first such wait of an outage logs
+    a WARNING (the others, DEBUG: there may be thousands), the home's first answer after it an INFO."""
+
+    def __init__(self, settings: Settings, cell: int) -> None:
+        self.settings = settings
+        self.cell = cell
+        self.cells = len(settings.cell_urls)
+        #: The other cells' scripts and clients, made when first needed.
+        self._scripts: dict[int, schema.JobsScript] = {}
+        self._clients: list[Redis] = []
+        #: Cells that did not answer when last asked: how many attempts waited for each since.
+        self._unanswered: dict[int, int] = {}
+
+    async def turn(self, delivery: Delivery, timeout_s: float) -> Turn | None:
+        """The turn of attempt ``delivery.seq`` as its destination's home reserved it, asking for at
+        most ``timeout_s``; None when it needs none or this cell is the home (``admit`` reserves it)."""
+        destination = delivery.destination
+        if self.cells == 1 or destination is None or delivery.reserved == delivery.seq:
+            return None
+        home = rate_home(destination, self.cells)
+        if home == self.cell:
+            return None
+        try:
+            async with asyncio.timeout(timeout_s):
+                due_ms = int(await self._script(home)("reserve", destination))
+        except (RedisError, OSError, TimeoutError) as exc:
+            waited = self._unanswered.get(home)
+            self._unanswered[home] = (waited or 0) + 1
+            logger.log(
+                logging.DEBUG if waited else logging.WARNING,
+                "delivery %s (job %s) to %s: not sent, cell %d, which keeps this destination's rate, did not "
+                "answer (%r); it waits and asks again in %g s",
+                delivery.id, delivery.job_id, destination, home, exc, HOME_RETRY_S,
+            )  # fmt: skip
+            return Turn(now()[1] + int(HOME_RETRY_S * 1000), "rate_home_unreachable")
+        waited = self._unanswered.pop(home, None)
+        if waited:
+            logger.info("cell %d answers again: turns at its destinations' rates resume (%d waits)", home, waited)
+        return Turn(due_ms, "rate_limit")
+
+    def _script(self, home: int) -> schema.JobsScript:
+        script = self._scripts.get(home)
+        if script is None:
+            client = redis_for(self.settings.cell_urls[home])
+            self._clients.append(client)
+            script = self._scripts[home] = schema.JobsScript(client, self.settings, home)
+        return script
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+        self._clients.clear()
+        self._scripts.clear()
 
 
 def _iso_of_ms(raw: str | None) -> str | None:

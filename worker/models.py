@@ -156,4 +156,6 @@ DeadLetterReason = Literal["failed", "disabled"]
 #: A webhook destination's state for one tenant.
 DestinationState = Literal["enabled", "disabled"]
 #: Why a pending delivery's next attempt is later than planned.
-WaitReason = Literal["rate_limit", "retry_after", "destination_busy"]
+#: (``rate_home_unreachable``: with several cells, the cell that keeps its destination's rate did not
+#: answer; it asks again shortly.)
+WaitReason = Literal["rate_limit", "retry_after", "destination_busy", "rate_home_unreachable"]

@@ -268,6 +268,8 @@ def tenant_destinations_key(tenant: str, *, cell: int = 0) -> str:
 
 
 def _lua_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return f"'{value}'"
     if isinstance(value, dict):  # keys and values are checked configuration (no quotes in them)
@@ -328,6 +330,8 @@ def _prelude(settings: Settings, cell: int) -> str:
         "CFG_INLINE_MAX": INLINE_MAX,
         "CFG_WEBHOOK_RATE": (rate.interval_ms, rate.tau_ms),
         "CFG_WEBHOOK_RATES": rates,
+        # Several cells: a destination's turns are reserved by its home cell (worker.destinations).
+        "CFG_SHARED_RATES": len(settings.cell_urls) > 1,
         "CFG_DESTINATION_CONCURRENCY": settings.webhook_destination_concurrency,
         "CFG_DISABLE_AFTER_MS": int(settings.webhook_disable_after_s * 1000),
     }

@@ -140,8 +140,8 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=15.0, gt=0, le=300)
     #: Worker: deliveries one worker process makes at once, on their own queue beside the jobs.
     webhook_concurrency: int = Field(default=20, ge=1)
-    #: Webhooks: deliveries to one destination (scheme://host:port), N per S seconds, across all workers;
-    #: the excess waits its turn. Per destination: JOBCAST_WEBHOOK_RATES='https://a.example=10/1,...'.
+    #: Webhooks: deliveries to one destination (scheme://host:port), N per S seconds, across all workers
+    #: and cells (one cell keeps each destination's turns); the excess waits its turn. Per destination: JOBCAST_WEBHOOK_RATES='https://a.example=10/1,...'.
     webhook_rate: str = "50/1"
     webhook_rates: str = ""
     #: Webhooks: attempts in flight to one destination at once, across all workers.

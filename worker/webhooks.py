@@ -70,6 +70,16 @@ class PutOff:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """An attempt's turn at its destination's rate, reserved by the destination's home cell
+    (:class:`jobcast.worker.destinations.RateHomes`): due at ``due_ms`` (epoch ms), ``reason``
+    ``rate_limit``; or ``rate_home_unreachable``: nothing could be reserved, ask again at ``due_ms``."""
+
+    due_ms: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Attempt:
     """One try of a delivery, as recorded and shown in ``GET /jobs/{id}/deliveries``."""
 
@@ -111,6 +121,8 @@ class Delivery:
     wait_reason: str | None = None  # why the next attempt is later than planned: rate_limit, ...
     progress: str | None = None  # JSON of the job's progress, for job.progress deliveries
     dead_reason: str | None = None  # "disabled" when dead-lettered unsent, its destination disabled
+    #: The attempt (seq) whose turn at its destination's rate is reserved already; any other takes one.
+    reserved: int = 0
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Delivery:
@@ -137,6 +149,7 @@ class Delivery:
             wait_reason=h.get("wait_reason") or None,
             progress=h.get("progress"),
             dead_reason=h.get("dead_reason"),
+            reserved=int(h.get("reserved") or 0),
         )
 
     def body(self, public_url: str = "") -> bytes:
@@ -254,11 +267,14 @@ class WebhookStore:
             )
         return str(reply[1])
 
-    async def admit(self, delivery: Delivery, slot_s: float) -> list[str]:
+    async def admit(self, delivery: Delivery, slot_s: float, turn: Turn | None = None) -> list[str]:
         """May attempt ``delivery.seq`` go now (``["send"]``, holding a destination slot for at most
         ``slot_s``)? Else ``["wait", due_ms, reason]`` (queued again for later), ``["disabled",
-        error]`` (dead-lettered unsent) or ``["stale", state]``. See ``admit`` in ``lua/jobs.lua``."""
-        reply = await self._script("admit", delivery.id, delivery.seq, int(slot_s * 1000))
+        error]`` (dead-lettered unsent) or ``["stale", state]``. ``turn``: the attempt's turn at its
+        destination's rate as its home cell reserved it (by default this cell reserves one when the
+        attempt needs one). See ``admit`` in ``lua/jobs.lua``."""
+        extra = (turn.due_ms, turn.reason) if turn is not None else ()
+        reply = await self._script("admit", delivery.id, delivery.seq, int(slot_s * 1000), *extra)
         return [str(part) for part in reply]
 
     async def for_job(self, job_id: str, limit: int = 200) -> list[dict[str, Any]]:

@@ -193,7 +193,10 @@ end
 
 -- Destinations (scheme://host:port, see worker/destinations.py): a rate, kept as GCRA reservations
 -- (K_DESTINATION: 'tat', the theoretical arrival time, in ms), a pause set by a receiver's
--- Retry-After, in-flight slots, and per tenant, health.
+-- Retry-After, in-flight slots, and per tenant, health. With several cells (CFG_SHARED_RATES) a
+-- destination's reservations are kept by one cell only, its home (worker/destinations.py,
+-- RateHomes): a first attempt is not reserved when its event is written but when it comes up, in
+-- 'admit', here when this cell is the home, else by op 'reserve' on the home, ahead of 'admit'.
 local function destination_of(url)
   local scheme, rest = string.match(url, '^(%a[%w+.-]*)://(.*)$')
   scheme = string.lower(scheme)
@@ -240,12 +243,16 @@ local function webhook_enqueue(id, tenant, status, event, job_sid, webhook, prog
   local dest = destination_of(spec.url)
   local due, reason = now_ms, ''
   -- A disabled destination's deliveries are dead-lettered when they come up: at once, not in turn.
-  if redis.call('HGET', health_key(tenant, dest), 'state') ~= 'disabled' then due = reserve(dest, now_ms) end
+  -- With several cells the turn is reserved when the attempt comes up ('admit'; reserved 0).
+  local reserved = 0
+  if not CFG_SHARED_RATES and redis.call('HGET', health_key(tenant, dest), 'state') ~= 'disabled' then
+    due, reserved = reserve(dest, now_ms), 1
+  end
   if due > now_ms then reason = 'rate_limit'; waited(reason, due) end
   redis.call('HSET', delivery_key(wid), 'id', wid, 'tenant', tenant, 'job_id', id, 'event', event,
     'job_status', status, 'url', spec.url, 'timestamp', now_iso, 'created_at', now_iso, 'updated_at', now_iso,
     'state', 'pending', 'seq', 1, 'tries', 0, 'attempts', 0, 'next_attempt_at', now_iso,
-    'destination', dest, 'due_ms', due, 'reserved', 1, 'wait_reason', reason)
+    'destination', dest, 'due_ms', due, 'reserved', reserved, 'wait_reason', reason)
   if event == 'job.progress' then redis.call('HSET', delivery_key(wid), 'progress', progress) end
   redis.call('ZADD', K_TENANT_DESTINATIONS .. tenant, now_ms, dest)
   redis.call('RPUSH', K_JOB_DELIVERIES .. id, wid)
@@ -846,10 +853,14 @@ if op == 'attempted' then
   return {'ok', outcome, health}
 
 elseif op == 'admit' then
-  -- wid seq slot_ms -> {'send'} | {'wait', due_ms, reason} | {'disabled', error} | {'stale', state}
+  -- wid seq slot_ms [turn_ms turn_reason] -> {'send'} | {'wait', due_ms, reason} | {'disabled', error}
+  --   | {'stale', state}
   -- May attempt `seq` of delivery `wid` go now? Not to a destination disabled for the tenant (the
   -- delivery is dead-lettered at once), nor while it is paused, over its rate or out of slots (the
   -- attempt is deferred, never dropped). 'send' holds one of the destination's slots for slot_ms.
+  -- An attempt not reserved yet takes its turn here, unless the destination's home cell reserved it
+  -- (turn_ms, turn_reason 'rate_limit'), or could not be asked: it then waits until turn_ms with
+  -- turn_reason 'rate_home_unreachable' and asks again (nothing was reserved for it).
   local wid, seq, slot_ms = ARGV[4], ARGV[5], tonumber(ARGV[6])
   local key = delivery_key(wid)
   local d = redis.call('HMGET', key, 'state', 'seq', 'tenant', 'destination', 'reserved')
@@ -869,9 +880,11 @@ elseif op == 'admit' then
   end
   local paused = tonumber(redis.call('HGET', K_DESTINATION .. dest, 'paused_until') or 0)
   if paused > now_ms then return defer(wid, seq, paused, 'retry_after', false) end
-  if d[5] ~= seq then  -- a retry or a replay: it takes its turn now
-    local due = reserve(dest, now_ms)
-    if due > now_ms then return defer(wid, seq, due, 'rate_limit', true) end
+  if d[5] ~= seq then  -- a retry or a replay (with several cells, any attempt): it takes its turn now
+    local due, reason = tonumber(ARGV[7]), ARGV[8]
+    if not due then due, reason = reserve(dest, now_ms), 'rate_limit' end
+    local reserved = reason == 'rate_limit'
+    if due > now_ms or not reserved then return defer(wid, seq, math.max(due, now_ms), reason, reserved) end
   end
   local slots = K_DESTINATION_SLOTS .. dest
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)
@@ -925,6 +938,11 @@ elseif op == 'lock_job' then
     if left > 0 then due = now_ms + left end  -- wait out the attempt in flight
   end
   return {'busy', redis.call('HINCRBY', key, 'deferrals.' .. seq, 1), due}
+
+elseif op == 'reserve' then
+  -- destination -> due_ms: the next turn of a destination whose home is this cell, for an attempt
+  -- of another cell (its 'admit' then takes that turn as turn_ms).
+  return reserve(ARGV[4], now_ms)
 
 elseif op == 'unlock_job' then
   -- job_id token -> 1 | 0: free the job's delivery lock if `token` still holds it.
