@@ -47,8 +47,6 @@ from jobcast.cli.web import reuse_port_socket
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import redis_client
 
-BACKLOG = 4096
-
 
 def bare_app(settings: Settings) -> Starlette:
     counter = itertools.count()
@@ -131,7 +129,6 @@ def main() -> None:
         loop="uvloop",
         log_level="warning",
         access_log=False,
-        backlog=BACKLOG,
         timeout_graceful_shutdown=5,
     )
     if args.app == "jobcast":

@@ -192,7 +192,15 @@ def server_config(app: Starlette, settings: Settings, *, host: str, port: int, *
     protocol = guarded_protocol(
         head_timeout_s=settings.http_head_timeout_s, max_head_bytes=settings.http_max_head_bytes
     )
-    return uvicorn.Config(app, host=host, port=port, http=protocol, **{**UVICORN_WS_OPTIONS, **options})
+    options = {"backlog": LISTEN_BACKLOG, **UVICORN_WS_OPTIONS, **options}
+    return uvicorn.Config(app, host=host, port=port, http=protocol, **options)
+
+
+#: The listen queue (uvicorn's default is 2048; the kernel caps it at ``net.core.somaxconn``, 4096 on
+#: current Linux). A reconnect storm or a burst of stream opens that outruns the process fills it;
+#: past it the kernel drops connection attempts, and a request sent on one the server has not yet
+#: accepted may be retransmitted only seconds later (past the head timeout: closed unanswered).
+LISTEN_BACKLOG = 4096
 
 
 def is_private_bind(host: str | None) -> bool:
