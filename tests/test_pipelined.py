@@ -8,7 +8,8 @@ import itertools
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import ConnectionError, DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker.connections import packed_by_hiredis
@@ -88,10 +89,13 @@ async def test_a_connection_lost_with_calls_in_flight_fails_them_and_the_next_ca
         await client.aclose()
 
 
+@pytest.mark.parametrize("hiredis_packed", [True, False])
 async def test_an_idle_connection_the_server_closed_is_replaced_before_the_next_call(
-    redis_server: RedisProcess, redis: Redis
+    redis_server: RedisProcess, redis: Redis, hiredis_packed: bool
 ) -> None:
-    client = await _client(redis_server, "line")
+    """With Jobcast's quick check (hiredis_packed) and with redis-py's own, which raises at the end
+    of the stream instead of answering True."""
+    client = await _client(redis_server, "line", hiredis_packed=hiredis_packed)
     line = Pipelined(client)
     try:
         assert await line.call("PING") in (True, "PONG")
@@ -157,3 +161,128 @@ async def test_calls_in_flight_when_the_pool_disconnects_fail_and_a_call_right_a
         assert await after == "before"
     finally:
         await client.aclose()
+
+
+async def test_a_value_that_cannot_be_sent_fails_its_own_call_only(redis_server: RedisProcess, redis: Redis) -> None:
+    client = await _client(redis_server, "line")
+    line = Pipelined(client)
+    try:
+        results = await asyncio.gather(
+            *(line.call("INCR", f"pipelined:v{i}") for i in range(5)),
+            line.call("SET", "pipelined:none", None),
+            return_exceptions=True,
+        )
+        assert results[:5] == [1] * 5
+        assert isinstance(results[5], DataError)
+        assert await line.call("GET", "pipelined:v0") == "1"
+    finally:
+        await client.aclose()
+
+
+async def test_a_disconnect_during_the_idle_check_sends_nothing_on_the_closed_connection(
+    redis_server: RedisProcess, redis: Redis
+) -> None:
+    """The pool drops the kept connection (nowait, as after a failover) while the callers of an idle
+    spell are checking it: they go on a new connection, each call runs once, and the old connection
+    object is not reconnected under them."""
+    client = await _client(redis_server, "line")
+    line = Pipelined(client)
+    try:
+        assert await line.call("PING") in (True, "PONG")
+        old = line._connection
+        calls = [asyncio.create_task(line.call("INCR", f"pipelined:d{i}")) for i in range(3)]
+        for _ in range(2):
+            await asyncio.sleep(0)  # the callers are in the idle check
+        await old.disconnect(nowait=True)
+        assert await asyncio.gather(*calls) == [1, 1, 1]
+        assert not old.is_connected
+        assert line._connection is not old
+    finally:
+        await client.aclose()
+
+
+async def test_a_write_failing_under_a_socket_timeout_is_a_connection_error(
+    redis_server: RedisProcess, redis: Redis
+) -> None:
+    """With ``socket_timeout`` redis-py writes in a task of its own: a pool disconnect before it ran
+    must reach every caller as a Redis ConnectionError (what callers handle), then calls work again."""
+    client = packed_by_hiredis(Redis.from_url(redis_server.url + "?socket_timeout=5", decode_responses=True))
+    line = Pipelined(client)
+    try:
+        assert await line.call("PING") in (True, "PONG")
+        await redis.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+        calls = [asyncio.create_task(line.call("INCR", f"pipelined:t{i}")) for i in range(5)]
+        await asyncio.sleep(0)
+        await client.connection_pool.disconnect()
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            assert result == 1 or isinstance(result, ConnectionError), repr(result)
+        assert await line.call("PING") in (True, "PONG")
+    finally:
+        await client.aclose()
+
+
+class SilencingRelay:
+    """A TCP relay to Redis whose connections can be made to go silent: what they carry is
+    swallowed, nothing is closed (a host gone without a reset, a NAT that forgot the flow). New
+    connections after that are relayed as usual."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.silent: set[asyncio.StreamWriter] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def silence(self) -> None:
+        self.silent.update(self.writers)
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self.writers.append(client_writer)
+
+        async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                if client_writer not in self.silent:
+                    writer.write(data)
+                    await writer.drain()
+
+        with contextlib.suppress(ConnectionResetError):
+            await asyncio.gather(pump(client_reader, redis_writer), pump(redis_reader, client_writer))
+        for writer in (client_writer, redis_writer):
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+
+
+async def test_a_connection_gone_silent_is_given_up_once_no_reply_came_for_the_stall_time(
+    redis_server: RedisProcess, redis: Redis
+) -> None:
+    """Calls time out on a silent connection (their callers' own deadlines); once nothing has been
+    read for ``stall_s``, the next call gives it up (its waiting calls fail) and runs on a new one."""
+    relay = SilencingRelay(redis_server.port)
+    client = packed_by_hiredis(Redis.from_url(await relay.start(), decode_responses=True))
+    line = Pipelined(client, stall_s=0.5)
+    try:
+        assert await line.call("PING") in (True, "PONG")
+        relay.silence()
+        held = asyncio.create_task(line.call("INCR", "pipelined:silent"))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await line.call("PING")
+        await asyncio.sleep(0.6)  # the fault itself: time passes with no reply
+        async with asyncio.timeout(10):  # bounded: without the stall rule these would wait for ever
+            assert await line.call("SET", "pipelined:after-silence", "1") in (True, "OK")
+            with pytest.raises(RedisTimeoutError):
+                await held
+        assert await redis.get("pipelined:after-silence") == "1"
+        assert line.in_flight == 0
+    finally:
+        await client.aclose()
+        await relay.close()

@@ -16,6 +16,15 @@ and ``disconnect``), so whatever the pool's connection class does (Sentinel's pr
 AUTH, hiredis) holds here too. When the connection fails, every call waiting on it gets the error
 and the next call takes a new connection from the pool (after a Sentinel failover: the new
 primary's). A Redis Cluster client, which has no one pool, sends each call itself.
+
+**Shared fate.** What used to be isolated per pooled connection is shared by the calls in flight
+on this one: an error reply, or a value that cannot be sent, fails its own call only; but a
+connection that fails, or that a caller cancelled in the middle of its write, fails every call
+waiting on it (Redis may have run some of them; the state machine's fences make a repeat
+harmless), and one that goes silent (a dead host, a NAT that dropped it) holds them until
+:attr:`Pipelined.stall_s` has passed without a reply: the next call then gives it up, fails them,
+and goes on a new connection. Head-of-line waiting behind a slow or large reply is what Redis,
+which runs one command at a time, imposes on every connection anyway.
 """
 
 from __future__ import annotations
@@ -23,11 +32,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: What the reader does with the reply of a call whose caller went away (cancelled) meanwhile.
 Orphaned = Callable[[Any], None]
@@ -36,19 +46,34 @@ Orphaned = Callable[[Any], None]
 class Pipelined:
     """Calls on one connection of ``redis``'s pool, written at once and answered in order."""
 
-    def __init__(self, redis: Redis, *, on_task: Callable[[asyncio.Task[Any]], None] | None = None) -> None:
+    #: Seconds without a reply, calls waiting, after which the connection counts as silent (dead).
+    stall_s = 10.0
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        on_task: Callable[[asyncio.Task[Any]], None] | None = None,
+        stall_s: float | None = None,
+    ) -> None:
         #: A cluster client has no one pool (it routes each command itself): it sends the calls.
         self._pool: Any = getattr(redis, "connection_pool", None)
         self._client: Any = redis
         self._connection: Any = None
-        self._connecting: asyncio.Future[Any] | None = None
-        self._checking: asyncio.Task[Any] | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        #: The idle check under way: of which connection, and the task asking.
+        self._checking: tuple[Any, asyncio.Task[Any]] | None = None
         #: The calls written and not yet answered, oldest first: each one's future and what to do
         #: with its reply when its caller has gone.
         self._waiting: deque[tuple[asyncio.Future[Any], Orphaned | None]] = deque()
+        #: Loop time of the last reply read, or of the first call written after none was waiting.
+        self._progress = 0.0
         self._reader: asyncio.Task[None] | None = None
-        #: Told of every reader task started (a shutdown waits for them: jobcast.worker.schema).
+        #: Told of every task started (a shutdown waits for them: jobcast.worker.schema).
         self._on_task = on_task
+        self._tasks: set[asyncio.Task[Any]] = set()
+        if stall_s is not None:
+            self.stall_s = stall_s
 
     @property
     def pooled(self) -> bool:
@@ -65,34 +90,43 @@ class Pipelined:
         ``orphaned`` gets the reply instead when the caller was cancelled before it came."""
         if self._pool is None:
             return await self._client.execute_command(*args)
+        loop = asyncio.get_running_loop()
         connection = self._connection
         if connection is None or not self._waiting or not connection.is_connected:
             # (Disconnected with calls in flight, by the pool, e.g. after a failover: their replies
             # are lost, and a write now would reconnect it under them and answer them with ours.)
             connection = await self._ready()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        elif loop.time() - self._progress > self.stall_s:
+            silent = RedisTimeoutError(f"no reply from Redis in {self.stall_s:g} s: connection given up")
+            self._lost(connection, silent)
+            connection = await self._ready()
+        packed = connection.pack_command(*args)  # a value it cannot send fails this call only
+        future: asyncio.Future[Any] = loop.create_future()
         # Appended and written in one step (the connection is connected: nothing is awaited before
         # the write), so the order of `waiting` is the order of the commands on the connection.
         waiting = self._waiting
+        if not waiting:
+            self._progress = loop.time()
         waiting.append((future, orphaned))
         try:
-            await connection.send_packed_command(connection.pack_command(*args), check_health=False)
+            await connection.send_packed_command(packed, check_health=False)
         except BaseException as exc:  # the write failed or was cancelled: the connection is unusable
             self._lost(connection, exc)
             if not future.done():
                 future.cancel()
             elif not future.cancelled():
-                future.exception()  # retrieved here: it is raised below, as exc
+                future.exception()  # retrieved here: it is raised below
+            if isinstance(exc, Exception) and not isinstance(exc, RedisError):
+                raise ConnectionError(f"writing to Redis failed: {exc!r}") from exc
             raise
         if self._reader is None and self._connection is connection:
-            self._reader = asyncio.get_running_loop().create_task(self._read(connection, waiting))
-            if self._on_task is not None:
-                self._on_task(self._reader)
+            self._reader = self._start(self._read(connection, waiting))
         return await future
 
     async def _ready(self) -> Any:
-        """The connection, checked when nothing is in flight on it (the server may have closed it
-        while it was idle), or a new one from the pool."""
+        """A connected connection, checked when nothing is in flight on it (the server may have
+        closed it while it was idle), or a new one from the pool. Nothing is awaited between its
+        last check and its return."""
         while True:
             connection = self._connection
             if connection is None:
@@ -101,42 +135,55 @@ class Pipelined:
                 self._lost(connection, ConnectionError("the Redis connection was closed"))
             elif self._waiting:
                 return connection
-            elif await self._stale(connection):  # idle, yet data or its end came
+            elif await self._stale(connection):  # idle, yet data or its end came (or the check failed)
                 self._lost(connection, ConnectionError("the Redis connection was closed by the server"))
-            elif connection is self._connection:
+            elif connection is self._connection and connection.is_connected:
                 return connection
 
     async def _stale(self, connection: Any) -> bool:
-        """Whether the idle ``connection`` has something to read (its end, most likely): one caller
-        asks (a connection takes one read at a time), the others wait for its answer."""
-        if self._checking is None:
-            self._checking = asyncio.get_running_loop().create_task(connection.can_read_destructive())
-        checking = self._checking
+        """Whether the idle ``connection`` has something to read (its end, most likely), or cannot
+        be asked: one caller asks (a connection takes one read at a time), the others wait for its
+        answer."""
+        if self._checking is None or self._checking[0] is not connection:
+            task = asyncio.get_running_loop().create_task(connection.can_read_destructive())
+            self._checking = (connection, task)
+            task.add_done_callback(self._checked)
+        checking = self._checking[1]
         try:
             return bool(await asyncio.shield(checking))
-        finally:
-            if self._checking is checking and checking.done():
-                self._checking = None
+        except (RedisError, OSError):  # redis-py's own check raises at the end of the stream
+            return True
+
+    def _checked(self, task: asyncio.Task[Any]) -> None:
+        if self._checking is not None and self._checking[1] is task:
+            self._checking = None
+        if not task.cancelled():
+            task.exception()  # retrieved: each waiter got it (or none waited any more)
 
     async def _connect(self) -> None:
-        """Take a connection from the pool: one caller does, the others wait for it."""
+        """Take a connection from the pool: one caller does, the others wait for it (and, should
+        it be cancelled, try again themselves)."""
         if self._connecting is not None:
             await asyncio.shield(self._connecting)
             return
-        self._connecting = asyncio.get_running_loop().create_future()
+        connecting = self._connecting = asyncio.get_running_loop().create_future()
         try:
             self._connection = await self._pool.get_connection()
+        except asyncio.CancelledError:
+            connecting.set_result(None)  # the others find no connection, and one of them connects
+            raise
         except BaseException as exc:
-            self._connecting.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
-            self._connecting.exception()  # retrieved: each waiter raises it when it awaits
+            connecting.set_exception(exc)
+            connecting.exception()  # retrieved: each waiter raises it when it awaits
             raise
         else:
-            self._connecting.set_result(None)
+            connecting.set_result(None)
         finally:
             self._connecting = None
 
     async def _read(self, connection: Any, waiting: deque[tuple[asyncio.Future[Any], Orphaned | None]]) -> None:
         """Read the replies of ``connection`` while its calls (``waiting``) wait, each to its caller."""
+        loop = asyncio.get_running_loop()
         try:
             while waiting:
                 try:
@@ -145,6 +192,7 @@ class Pipelined:
                     reply = exc
                 if not waiting:  # the connection was given up meanwhile (_lost)
                     break
+                self._progress = loop.time()
                 future, orphaned = waiting.popleft()
                 if not future.done():
                     if isinstance(reply, ResponseError):
@@ -168,15 +216,27 @@ class Pipelined:
             return
         self._connection = None
         self._reader = None  # the one reading it ends by itself; the next connection gets its own
-        error = exc if isinstance(exc, Exception) else ConnectionError("the Redis connection was closed")
+        if isinstance(exc, RedisError):
+            error: Exception = exc
+        elif isinstance(exc, Exception):
+            error = ConnectionError(f"the Redis connection failed: {exc!r}")
+        else:
+            error = ConnectionError("the Redis connection was closed")
         waiting, self._waiting = self._waiting, deque()
         for future, _ in waiting:
             if not future.done():
                 future.set_exception(error)
         waiting.clear()
-        task = asyncio.get_running_loop().create_task(self._give_back(connection))
+        self._start(self._give_back(connection))
+
+    def _start(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of this object's, kept until it ends (and told of: a shutdown waits for it)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         if self._on_task is not None:
             self._on_task(task)
+        return task
 
     async def _give_back(self, connection: Any) -> None:
         with contextlib.suppress(Exception):

@@ -534,7 +534,7 @@ class JobsScript:
         self._script = Script(redis, body + "\nreturn run(KEYS, ARGV)\n")
         self._functions = True  # until this Redis says it has none
         #: The calls not made on a given client go out on one kept connection, in flight together.
-        self._line = Pipelined(redis)
+        self._line = Pipelined(redis, on_task=_track)
 
     async def __call__(
         self,
