@@ -248,8 +248,9 @@ class Dispatcher:
         try:
             await self._attempt_locked(delivery, runs - delivery.deferrals)
         finally:
-            with contextlib.suppress(RedisError, OSError):  # it lapses by itself otherwise
-                await self.store.unlock_job(delivery.job_id, lock)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):  # it lapses by itself otherwise
+                async with asyncio.timeout(STORE_TIMEOUT_S):
+                    await self.store.unlock_job(delivery.job_id, lock)
 
     async def _attempt_locked(self, delivery: Delivery, runs: int) -> None:
         webhook_id = delivery.id
@@ -354,9 +355,10 @@ def put_off_s(put_off: PutOff, now_s: float) -> float:
 
 
 def attempt_max_s(settings: Settings) -> float:
-    """The longest one attempt can take: the request, plus its two bounded Redis steps (three with
-    several cells: the turn from the destination's home cell), plus a second."""
-    steps = 3 if len(settings.cell_urls) > 1 else 2
+    """The longest one attempt can take: the request, plus its bounded Redis steps (the lock, the
+    checks and admission, the record, the unlock; with several cells also the turn from the
+    destination's home cell), plus a second to spare."""
+    steps = 5 if len(settings.cell_urls) > 1 else 4
     return settings.webhook_timeout_s + steps * STORE_TIMEOUT_S + 1
 
 
