@@ -112,6 +112,13 @@ def running(pid: int, started: str) -> bool:
 def stop_all() -> int:
     """Stop every child still running (and its process group); how many there were."""
     left = [(pid, started, group) for pid, started, group in _started if running(pid, started)]
+    for pid, started, group in _started:
+        if group and not running(pid, started):
+            # Its leader is gone but members may be left (a `jobcast dev` killed, its servers not):
+            # a group id is not given to a new process while any member lives, so this reaches
+            # only them, or no one.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
     _started.clear()
     count = len(left)
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -53,6 +53,30 @@ def test_the_end_of_the_run_stops_what_is_left_and_what_it_started() -> None:
     assert run.stdout.strip() == "1 [None, None]", run.stdout + run.stderr
 
 
+#: A run whose child started a grandchild and ended (and was reaped), the grandchild still running
+#: in the child's process group at the run's end (a `jobcast dev` killed, its servers not).
+LEADER_GONE = """
+import subprocess, sys, time
+from tests.children import _start_time, spawn, stop_all
+SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
+child = spawn([sys.executable, "-c", f"import subprocess; print(subprocess.Popen({SLEEP!r}).pid, flush=True)"],
+              stdout=subprocess.PIPE, text=True)
+grandchild = int(child.stdout.readline())
+child.wait()
+started = _start_time(grandchild)
+stop_all()
+deadline = time.monotonic() + 30
+while _start_time(grandchild) == started and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(started is not None, _start_time(grandchild) != started, flush=True)
+"""
+
+
+def test_the_end_of_the_run_stops_the_group_of_a_child_that_ended() -> None:
+    run = subprocess.run([sys.executable, "-c", LEADER_GONE], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "True True", run.stdout + run.stderr
+
+
 async def test_a_child_started_from_another_thread_is_refused() -> None:
     try:
         await asyncio.to_thread(spawn, [sys.executable, "-c", "pass"])
