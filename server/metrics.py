@@ -151,7 +151,8 @@ async def render(stores: Sequence[Store], hubs: Sequence[Hub], slots: StreamSlot
     families.append(cells_up)
     if redis_up:
         live = GaugeMetricFamily(
-            "jobcast_cell_workers_live", f"Workers serving the cell with a heartbeat in the last {WORKER_LIVE_S:g} s.",
+            "jobcast_cell_workers_live",
+            f"Workers serving the cell with a heartbeat in the last {WORKER_LIVE_S:g} s.",
             labels=["cell"],
         )
         for cell, workers in enumerate(figures.workers):
@@ -186,9 +187,18 @@ async def _read_redis(store: Store) -> _Figures:
         pipe.zcount(key(schema.WEBHOOK_QUEUE), f"({time.time_ns() // 1_000_000}", "+inf")
         pipe.zcard(key(schema.FINISHED))
         pipe.zcount(key(schema.FINISHED), "-inf", now()[1] - store.settings.archive_after_s * 1000)
-        stats, webhook_stats, dead_tenants, running, scheduled, waits, disabled, later, finished, due = (
-            await pipe.execute()
-        )
+        (
+            stats,
+            webhook_stats,
+            dead_tenants,
+            running,
+            scheduled,
+            waits,
+            disabled,
+            later,
+            finished,
+            due,
+        ) = await pipe.execute()
     async with redis.pipeline(transaction=False) as pipe:
         for tenant in sorted(dead_tenants):
             pipe.zcard(schema.dead_letters_key(tenant, cell=store.cell))
@@ -289,15 +299,12 @@ def _process_families(hubs: Sequence[Hub], slots: StreamSlots) -> list[Metric]:
         )
     )
     families.append(
-        CounterMetricFamily(
-            "jobcast_sse_slow_consumers_cut", "Streams this process cut off as too slow.", value=slow
-        )
+        CounterMetricFamily("jobcast_sse_slow_consumers_cut", "Streams this process cut off as too slow.", value=slow)
     )
     families.append(
         GaugeMetricFamily(
             "jobcast_sse_tenant_channels",
-            "Tenant event channels this process is subscribed to (tenants it has listeners of, and "
-            "lingering ones).",
+            "Tenant event channels this process is subscribed to (tenants it has listeners of, and lingering ones).",
             value=sum(hub.channels.subscribed for hub in hubs),
         )
     )

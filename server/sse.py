@@ -167,9 +167,7 @@ class Stream(StreamWriting):
         """Send the log after the last id sent, page by page (one write per page)."""
         while self.phase is not Phase.ENDED:
             try:
-                events = await self.store.log_events(
-                    self.audience, self.key, after=self._after(), count=REPLAY_PAGE
-                )
+                events = await self.store.log_events(self.audience, self.key, after=self._after(), count=REPLAY_PAGE)
             except (RedisError, OSError) as exc:
                 raise LogUnreadable(str(exc)) from None
             await self.write_events(events)

@@ -265,9 +265,7 @@ async def assert_each_moved_once(redis: Redis, tiered: Store, archive: Archive, 
         assert await tiered.log_events("job", job_id) == log
 
 
-async def test_listing_pages_across_tiers_while_jobs_move_show_each_job_once(
-    tiered: Store, archiver: Archiver
-) -> None:
+async def test_listing_pages_across_tiers_while_jobs_move_show_each_job_once(tiered: Store, archiver: Archiver) -> None:
     ids = [await finished_job(tiered) for _ in range(17)]
     seen: list[str] = []
     cursor = None
@@ -310,9 +308,7 @@ async def test_filters_apply_alike_in_both_tiers(tiered: Store, archiver: Archiv
     assert await ids(status=JobStatus.QUEUED) == []
 
 
-async def test_retention_deletes_archived_jobs_in_batches(
-    tiered: Store, archive: Archive, archiver: Archiver
-) -> None:
+async def test_retention_deletes_archived_jobs_in_batches(tiered: Store, archive: Archive, archiver: Archiver) -> None:
     ids = [await finished_job(tiered) for _ in range(5)]
     await archiver.move_once()
     assert await archiver.apply_retention() == 0  # finished just now: kept
@@ -403,7 +399,7 @@ async def test_search_text_is_plain_text_whatever_query_syntax_it_holds(tiered: 
         page, _ = await tiered.list_jobs("acme", query=JobQuery(search=text))
         return [r.id for r in page] == [job_id]
 
-    for text in ('b*c(d) OR', "e:f %_", "%_\\\\", "NEAR^", "near^", '\\"b*'):
+    for text in ("b*c(d) OR", "e:f %_", "%_\\\\", "NEAR^", "near^", '\\"b*'):
         assert await found(text), text
     for text in ('" OR "', "%%%", "___", "b c", "NEAR*", "\x0e\u009aJ\U000fa839"):
         assert not await found(text), text

@@ -456,9 +456,7 @@ async def test_webhooks_are_delivered_dead_lettered_and_replayed_in_each_tenant_
                     delivered = await wait_for_deliveries(acme, jobs["acme"], "delivered")
                     assert [d["id"] for d in delivered] == [dead["id"]]
                     # Another tenant's dead letter, or one naming no cell, is not found.
-                    other = await client.post(
-                        f"/webhooks/dead-letters/{dead['id']}/replay", headers=key_of("globex")
-                    )
+                    other = await client.post(f"/webhooks/dead-letters/{dead['id']}/replay", headers=key_of("globex"))
                     assert other.status_code == 404
                     nowhere = dead["id"][:14] + "05" + dead["id"][16:]
                     assert (await acme.post(f"/webhooks/dead-letters/{nowhere}/replay")).status_code == 404

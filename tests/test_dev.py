@@ -101,9 +101,7 @@ class Dev:
         args = [sys.executable, "-m", "jobcast", "dev", "--port", str(self.port), "--data-dir", str(data_dir)]
         with open(log_path, "wb") as log:
             # Its own process group, as a shell gives a foreground job: see interrupt().
-            self.process = spawn(
-                args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, process_group=0
-            )
+            self.process = spawn(args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, process_group=0)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -208,8 +208,10 @@ class Alerter:
         elif not active and state.get("notified") and await self._send(c, "resolved", state):
             state.update(notified=False, fingerprint=None)
             sent = 1
-        if not c.holds and not state.get("notified") and now_ms - state.get("sent_ms", 0) >= (
-            self.settings.alert_window_s * 1000
+        if (
+            not c.holds
+            and not state.get("notified")
+            and now_ms - state.get("sent_ms", 0) >= (self.settings.alert_window_s * 1000)
         ):
             await self.redis.hdel(self._state, c.key)  # type: ignore[misc]
         elif state != before:

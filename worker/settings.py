@@ -60,6 +60,7 @@ DEV_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"jobcast-development-webhook-k
 #: the working directory (beside Redis's dump.rdb). Production sets a PostgreSQL URL.
 DEFAULT_ARCHIVE_URL = "sqlite:///jobcast-archive.sqlite3"
 
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="JOBCAST_", extra="ignore")
 
@@ -220,7 +221,9 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_url(cls, value: str) -> str:
         if value and not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
-            raise ValueError(f"{value[:100]!r} is not an absolute http(s) URL without query, e.g. https://jobs.example.com")
+            raise ValueError(
+                f"{value[:100]!r} is not an absolute http(s) URL without query, e.g. https://jobs.example.com"
+            )
         return value.rstrip("/") if value else value
 
     @model_validator(mode="after")

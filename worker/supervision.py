@@ -46,9 +46,7 @@ def supervise(
     return asyncio.create_task(_supervised(name, run, rerun or run, on_death), name=name)
 
 
-async def _supervised(
-    name: str, run: Loop, rerun: Loop, on_death: Callable[[BaseException], None] | None
-) -> None:
+async def _supervised(name: str, run: Loop, rerun: Loop, on_death: Callable[[BaseException], None] | None) -> None:
     loop = asyncio.get_running_loop()
     delay = RESTART_MIN_S
     current = run

@@ -203,9 +203,7 @@ def match(path: str) -> tuple[Endpoint, dict[str, str]] | None:
     return None
 
 
-async def serve(
-    endpoint: Endpoint, query: frozenset[str], scope: Scope, receive: Receive, send: Send
-) -> None:
+async def serve(endpoint: Endpoint, query: frozenset[str], scope: Scope, receive: Receive, send: Send) -> None:
     """Serve one stream request outside Starlette's stack, with the answers its handlers would give."""
     if not can_take_over(send):
         logger.error("event stream refused: this server is not jobcast web's (see jobcast.takeover)")
