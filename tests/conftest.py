@@ -381,6 +381,17 @@ async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.
         await asyncio.sleep(interval)
 
 
+async def held_by_pause(redis: Redis, count: int = 1) -> bool:
+    """Whether ``count`` commands wait on ``CLIENT PAUSE``: each blocked client's, and those queued
+    behind it on its connection (stream opens and state-machine calls share one pipelined connection:
+    Redis has read the next ones into the client's query buffer; counted as one more)."""
+    held = 0
+    for client in await redis.client_list():
+        if "b" in client["flags"]:
+            held += 1 + (int(client["qbuf"]) > 0)
+    return held >= count
+
+
 async def subscribed(redis: Redis, channel: str) -> bool:
     """Whether some client of Redis listens on ``channel`` (for waiting until a listener is back)."""
     [(_, count)] = await redis.pubsub_numsub(channel)

@@ -24,6 +24,7 @@ from .conftest import (
     ACME,
     GLOBEX,
     ServerHandle,
+    held_by_pause,
     make_settings,
     running_worker,
     serving,
@@ -406,11 +407,6 @@ async def test_a_call_of_a_batch_that_fails_on_its_own_fails_alone(
         await client.aclose()
 
 
-async def _paused_writes(redis: Redis) -> bool:
-    """Whether a client waits on ``CLIENT PAUSE ... WRITE`` (a batch of opens sent, held by Redis)."""
-    return int((await redis.info("clients"))["blocked_clients"]) >= 1
-
-
 async def test_an_open_cancelled_in_flight_gives_its_tenant_slot_back(redis_server: RedisProcess, redis: Redis) -> None:
     """A stream opener that goes away after its batched open was sent (the script takes the slot
     anyway) leaves no slot counting against the tenant's cap until it expires."""
@@ -422,7 +418,7 @@ async def test_an_open_cancelled_in_flight_gives_its_tenant_slot_back(redis_serv
         try:
             a = asyncio.create_task(slots.open_log("tenant", "acme", "acme", None, page=0, slot="slotA"))
             b = asyncio.create_task(slots.open_log("tenant", "acme", "acme", None, page=0, slot="slotB"))
-            await wait_until(lambda: _paused_writes(redis))  # the pipeline of both is in Redis
+            await wait_until(lambda: held_by_pause(redis))  # the pipeline of both is in Redis
             a.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await a
@@ -448,7 +444,7 @@ async def test_shutdown_waits_for_the_batched_opens_under_way(redis_server: Redi
         await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
         try:
             opening = asyncio.create_task(slots.open_log("tenant", "acme", "acme", None, page=0, slot="slotA"))
-            await wait_until(lambda: _paused_writes(redis))
+            await wait_until(lambda: held_by_pause(redis))
             settling = asyncio.create_task(schema.settle_batches(30))
         finally:
             await redis.execute_command("CLIENT", "UNPAUSE")

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from jobcast.worker.logs import configure_logging
 from jobcast.worker.settings import Settings
 
-from .conftest import ACME, WebProcess, wait_until
+from .conftest import ACME, WebProcess, held_by_pause, wait_until
 
 JOB_TOKEN = "jc1.eyJzIjoiam9iIiwidCI6ImFjbWUifQ.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
 STORED_KEY = "jck_abcdefghij12_" + "S" * 43
@@ -94,17 +94,6 @@ def test_tracebacks_are_redacted_too(settings: Settings, capsys: pytest.CaptureF
     assert "?token=[redacted]" in err and "jck_abcdefghij12_[redacted]" in err, err
 
 
-async def _held_by_the_pause(redis: Redis, count: int) -> bool:
-    """Whether ``count`` commands wait on ``CLIENT PAUSE``: each blocked client's, and the commands
-    queued behind it on its connection (a server pipelines its stream opens on one connection:
-    Redis has read the next one into the client's query buffer)."""
-    held = 0
-    for client in await redis.client_list():
-        if "b" in client["flags"]:
-            held += 1 + (int(client["qbuf"]) > 0)
-    return held >= count
-
-
 async def test_requests_cancelled_by_a_timed_out_shutdown_are_logged_without_tracebacks(
     settings: Settings, redis: Redis, tmp_path: Path
 ) -> None:
@@ -122,7 +111,7 @@ async def test_requests_cancelled_by_a_timed_out_shutdown_are_logged_without_tra
                     asyncio.create_task(c.get(f"/jobs/{job}", params={"wait": "60"})),
                     asyncio.create_task(c.get(f"/jobs/{job}/events")),
                 ]
-                await wait_until(lambda: _held_by_the_pause(redis, 2))
+                await wait_until(lambda: held_by_pause(redis, 2))
                 web.signal(signal.SIGTERM)
                 await asyncio.to_thread(wait_for_text, web, "graceful shutdown exceeded", 60)
             finally:

@@ -15,7 +15,7 @@ from jobcast.cli.embedded_redis import RedisProcess
 from jobcast.worker.connections import packed_by_hiredis
 from jobcast.worker.pipelined import Pipelined
 
-from .conftest import wait_until
+from .conftest import held_by_pause, wait_until
 
 
 async def _client(redis_server: RedisProcess, name: str, *, hiredis_packed: bool = True) -> Redis:
@@ -32,10 +32,6 @@ async def _kill(redis: Redis, name: str) -> None:
     for client in await redis.client_list():
         if client["name"] == name:
             await redis.client_kill_filter(_id=client["id"])
-
-
-async def _blocked(redis: Redis) -> bool:
-    return int((await redis.info("clients"))["blocked_clients"]) >= 1
 
 
 @pytest.mark.parametrize("hiredis_packed", [True, False])
@@ -77,7 +73,7 @@ async def test_a_connection_lost_with_calls_in_flight_fails_them_and_the_next_ca
         assert await line.call("PING") in (True, "PONG")
         # Two calls held by Redis (BLPOP on an empty list), then their connection is killed.
         held = [asyncio.create_task(line.call("BLPOP", "pipelined:empty", 30)) for _ in range(2)]
-        await wait_until(lambda: _blocked(redis))
+        await wait_until(lambda: held_by_pause(redis))
         await _kill(redis, "line")
         for task in held:
             with pytest.raises(ConnectionError):
@@ -122,7 +118,7 @@ async def test_a_reply_for_a_caller_that_went_away_goes_to_its_orphan_handler(
         await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
         try:
             call = asyncio.create_task(line.call("INCR", "pipelined:orphan", orphaned=orphaned.append))
-            await wait_until(lambda: _blocked(redis))
+            await wait_until(lambda: held_by_pause(redis))
             call.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await call
@@ -148,7 +144,7 @@ async def test_calls_in_flight_when_the_pool_disconnects_fail_and_a_call_right_a
         await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
         try:
             held = [asyncio.create_task(line.call("INCR", f"pipelined:held{i}")) for i in range(2)]
-            await wait_until(lambda: _blocked(redis))
+            await wait_until(lambda: held_by_pause(redis))
             # As the pool's disconnect does it, without waiting for the close: the next call comes
             # before the task reading the replies learns of it.
             await line._connection.disconnect(nowait=True)
@@ -212,7 +208,7 @@ async def test_a_write_failing_under_a_socket_timeout_is_a_connection_error(
         assert await line.call("PING") in (True, "PONG")
         await redis.execute_command("CLIENT", "PAUSE", 500, "WRITE")
         calls = [asyncio.create_task(line.call("INCR", f"pipelined:t{i}")) for i in range(5)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: the calls are queued, redis-py's write tasks not yet run
         await client.connection_pool.disconnect()
         for result in await asyncio.gather(*calls, return_exceptions=True):
             assert result == 1 or isinstance(result, ConnectionError), repr(result)

@@ -533,10 +533,11 @@ def test_a_put_off_attempt_waits_50_ms_doubling_to_2_s_and_not_before_what_it_wa
     assert put_off_s(PutOff(1, 1_003_500), 1000.0) == 3.5
 
 
-async def test_a_put_off_attempt_does_not_count_as_an_interrupted_run(
+async def _queued_delivery(
     settings: Settings, redis: Redis, receiver: Receiver
-) -> None:
-    """Being put off behind another delivery of the same job, however often, never dead-letters."""
+) -> tuple[Store, WebhookStore, str, Delivery]:
+    """A new job whose webhook takes its ``job.queued`` event: its stores, its id and that one
+    pending delivery."""
     store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
     created = await store.create(
         tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
@@ -546,6 +547,14 @@ async def test_a_put_off_attempt_does_not_count_as_an_interrupted_run(
     [item] = await webhooks.for_job(created.job_id)
     delivery = await webhooks.get(item["id"])
     assert delivery is not None
+    return store, webhooks, created.job_id, delivery
+
+
+async def test_a_put_off_attempt_does_not_count_as_an_interrupted_run(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """Being put off behind another delivery of the same job, however often, never dead-letters."""
+    _, webhooks, job_id, delivery = await _queued_delivery(settings, redis, receiver)
     sender = Sender(settings)
     dispatcher = Dispatcher(webhooks, sender, settings)
     holder = await webhooks.lock_job(delivery, 60_000)
@@ -554,7 +563,7 @@ async def test_a_put_off_attempt_does_not_count_as_an_interrupted_run(
         for run in range(1, MAX_RUNS + 5):
             with pytest.raises(DeliveryBusy):
                 await dispatcher.attempt(delivery.id, delivery.seq, runs=run)
-        await webhooks.unlock_job(created.job_id, holder)
+        await webhooks.unlock_job(job_id, holder)
         await dispatcher.attempt(delivery.id, delivery.seq, runs=MAX_RUNS + 5)
     finally:
         await sender.aclose()
@@ -593,16 +602,8 @@ async def test_a_delivery_whose_last_try_arq_makes_is_put_off_is_dead_lettered_n
     """Review finding 1 (fix-worker): arq drops an attempt past its max tries without calling us, so
     on its last try an attempt that is put off once more dead-letters the delivery (listed, counted,
     replayable, expiring with the job) instead of leaving it pending for ever."""
-    store, webhooks = Store(redis, settings), WebhookStore(redis, settings)
-    created = await store.create(
-        tenant="acme", job_type="sleep", params={}, priority=Priority.NORMAL, max_attempts=1,
-        webhook={"url": receiver.url, "events": ["job.queued"]},
-    )  # fmt: skip
-    assert created.job_id is not None
-    await store.cancel(created.job_id, "acme")  # finished: only its delivery is left to settle
-    [item] = await webhooks.for_job(created.job_id)
-    delivery = await webhooks.get(item["id"])
-    assert delivery is not None
+    store, webhooks, job_id, delivery = await _queued_delivery(settings, redis, receiver)
+    await store.cancel(job_id, "acme")  # finished: only its delivery is left to settle
     holder = await webhooks.lock_job(delivery, 60_000)  # another attempt of the job is in flight
     assert isinstance(holder, str)
     # As though arq had already put this attempt off all but once: its next run is its last try.
@@ -610,7 +611,7 @@ async def test_a_delivery_whose_last_try_arq_makes_is_put_off_is_dead_lettered_n
     await redis.set(arq_retry_key_prefix + rid, MAX_TRIES - 1)
     async with running_worker(settings):
         dead = await wait_until(lambda: _dead(webhooks, delivery.id))
-    busy = f"another delivery of job {created.job_id} is in flight or goes first"
+    busy = f"another delivery of job {job_id} is in flight or goes first"
     assert dead.last_error == f"gave up after {MAX_TRIES} tries: {busy}"
     assert dead.attempts == 0 and receiver.requests == []  # nothing was sent, and no attempt is made up
     [letter] = await webhooks.dead_letters("acme")
