@@ -146,7 +146,7 @@ class StreamSlots:
         #: Shutting down: slots let go of are no longer removed (:meth:`settle`).
         self._settled = False
         #: Opens a stream: takes the tenant's slot in the round trip that reads the log.
-        self.open_script = schema.StreamOpenScript(redis)
+        self.open_script = schema.StreamOpenScript(redis, release=self._remove_soon)
 
     @property
     def open_streams(self) -> int:

@@ -87,7 +87,7 @@ from arq.constants import (
     retry_key_prefix,
 )
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .clock import now
 from .models import EventName, JobStatus
@@ -426,15 +426,15 @@ class StreamOpenScript:
     open costs no checkout from the pool. A call that Redis answers ``NOSCRIPT`` (it restarted, or
     was flushed) waits for one ``SCRIPT LOAD`` shared by all such calls, which also switches to the
     plain body on a Redis without shebangs (:class:`Script`), and is made once more. When a caller
-    went away before its reply came and the script took a tenant slot for it, the slot is removed."""
+    went away before its reply came and the script took a tenant slot for it, ``release(tenant,
+    slot)`` is told (StreamSlots removes it with the slots let go of); without ``release`` the slot
+    expires by itself."""
 
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+    def __init__(self, redis: Redis, *, release: Callable[[str, str], None] | None = None) -> None:
         self._script = Script(redis, _lua("streams.lua"))
         self._line = Pipelined(redis, on_task=_track)
         self._loading: asyncio.Task[None] | None = None
-        #: Tenant slots taken for callers that went away: removed together, shortly.
-        self._orphans: list[tuple[str, str]] = []
+        self._release = release
 
     async def load(self) -> None:
         """Load the script now (a Redis that restarted has none): otherwise a storm of reconnecting
@@ -442,7 +442,7 @@ class StreamOpenScript:
         await self._script.load()
 
     async def __call__(self, keys: list[str], args: list[str | int]) -> tuple[str, str, list[Any]]:
-        orphaned = functools.partial(self._orphaned, keys[1], str(args[8]), int(args[7]))
+        orphaned = functools.partial(self._orphaned, str(args[1]), str(args[8]), int(args[7]))
         try:
             reply = await self._line.call("EVALSHA", self._script.sha, len(keys), *keys, *args, orphaned=orphaned)
         except NoScriptError:
@@ -460,21 +460,11 @@ class StreamOpenScript:
             _track(self._loading)
         await asyncio.shield(self._loading)
 
-    def _orphaned(self, key: str, slot: str, cap: int, reply: Any) -> None:
-        """The reply of a call whose caller went away: a slot it took is removed. (The caller
+    def _orphaned(self, tenant: str, slot: str, cap: int, reply: Any) -> None:
+        """The reply of a call whose caller went away: a slot it took is released. (The caller
         removes its slot too, StreamSlots.open_log, but its removal may have gone ahead of the call.)"""
-        if cap > 0 and reply[0] in ("ok", b"ok"):
-            self._orphans.append((key, slot))
-            if len(self._orphans) == 1:
-                _track(asyncio.get_running_loop().create_task(self._remove_orphans()))
-
-    async def _remove_orphans(self) -> None:
-        orphans, self._orphans = self._orphans, []
-        with contextlib.suppress(RedisError, OSError):  # they expire by themselves otherwise
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, slot in orphans:
-                    pipe.zrem(key, slot)
-                await pipe.execute()
+        if self._release is not None and cap > 0 and reply[0] in ("ok", b"ok"):
+            self._release(tenant, slot)
 
 
 def _track(task: asyncio.Task[Any]) -> None:
