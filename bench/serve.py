@@ -20,6 +20,8 @@ experiments, read from the environment by this file only (the product has no suc
                                       ``gc: gen2 942 ms``; the benchmarks sum these up
     BENCH_LINGER_S=0                  how long a tenant channel stays subscribed after its last
                                       listener left (jobcast.channels.LINGER_S)
+    BENCH_CPROFILE=out.pstats         cProfile the server between SIGUSR1 (start) and SIGUSR2 (stop,
+                                      write the stats to the file): one phase of a benchmark
 """
 
 from __future__ import annotations
@@ -84,6 +86,23 @@ def log_slow_collections(threshold_s: float = 0.005) -> None:
     gc.callbacks.append(callback)
 
 
+def profile_on_signals(out: str) -> None:
+    """cProfile from SIGUSR1 to SIGUSR2, then the stats written to ``out`` (BENCH_CPROFILE)."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+
+    def start(signum: int, frame: object) -> None:
+        profiler.enable()
+
+    def stop(signum: int, frame: object) -> None:
+        profiler.disable()
+        profiler.dump_stats(out)
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
 def supervise(port: int, processes: int) -> None:
     command = [sys.executable, "-m", "bench.serve", "jobcast", "--port", str(port), "--shared-port"]
     children = [subprocess.Popen(command) for _ in range(processes)]
@@ -115,6 +134,8 @@ def main() -> None:
         gc.set_threshold(*(int(v) for v in threshold.split(",")))
     if os.environ.get("BENCH_GC_LOG"):
         log_slow_collections()
+    if out := os.environ.get("BENCH_CPROFILE"):
+        profile_on_signals(out)
     if (linger := os.environ.get("BENCH_LINGER_S")) is not None:
         channels.LINGER_S = float(linger)
     settings = Settings()

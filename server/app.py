@@ -45,21 +45,15 @@ from .keys import ApiKeys
 from .limits import ProcessStreams, RateLimiter, StreamSlots
 from .openapi import build_openapi, documented_query_params, enforce_documented_query
 from .overview import OverviewFeed
-from .problems import EXCEPTION_HANDLERS, Unavailable, problem_response
+from .problems import EXCEPTION_HANDLERS, SHUT_DOWN, problem_response
 from .routes import events, routes
 from .services import STATE_KEY, Cell, Services
-from .takeover import answer_at_once
+from .takeover import answer_at_once, front_protocol
 from .tokens import TokenSigner
 from .ws import UVICORN_WS_OPTIONS
 from .ws.registry import Sockets
 
 logger = logging.getLogger(__name__)
-
-#: The answer to a request the server's shutdown cut short.
-SHUT_DOWN = Unavailable(
-    "This server process stopped before it could answer. Send the request again (another process answers).",
-    retry_after=1,
-)
 
 #: At shutdown, how long the requests still running get to end once cancelled, and the removal of
 #: the ended streams' slots from Redis to finish.
@@ -189,9 +183,15 @@ def server_config(app: Starlette, settings: Settings, *, host: str, port: int, *
     """uvicorn's configuration for a Jobcast server: request heads bounded in time and size
     (:mod:`jobcast.http_guard`), the WebSocket options of ``/ws`` (:data:`jobcast.ws.UVICORN_WS_OPTIONS`);
     ``options`` are further ``uvicorn.Config`` arguments."""
-    protocol = guarded_protocol(
-        head_timeout_s=settings.http_head_timeout_s, max_head_bytes=settings.http_max_head_bytes
-    )
+    timeout, size = settings.http_head_timeout_s, settings.http_max_head_bytes
+    protocol: type[asyncio.Protocol] = guarded_protocol(head_timeout_s=timeout, max_head_bytes=size)
+    if isinstance(app, JobcastApp):  # stream opens served before uvicorn's protocol (jobcast.takeover)
+        protocol = front_protocol(
+            events.FrontStreams(app),
+            protocol,  # type: ignore[arg-type]
+            head_timeout_s=timeout,
+            max_head_bytes=size,
+        )
     options = {"backlog": LISTEN_BACKLOG, **UVICORN_WS_OPTIONS, **options}
     return uvicorn.Config(app, host=host, port=port, http=protocol, **options)
 

@@ -61,6 +61,22 @@ def guarded_protocol(*, head_timeout_s: float, max_head_bytes: int) -> type[Guar
     )
 
 
+def problem_bytes(problem: Problem, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """``problem`` as a whole HTTP/1.1 response that closes the connection, below the application:
+    uvicorn's default headers (``server_state.default_headers``), the problem's own, its body."""
+    body = orjson.dumps(problem.body())
+    head = [f"HTTP/1.1 {problem.status} {problem.title}".encode()]
+    head += [name + b": " + value for name, value in default_headers]
+    head += [name.lower().encode("latin-1") + b": " + value.encode("latin-1") 
+             for name, value in problem.headers.items()]  # fmt: skip
+    head += [
+        b"content-type: " + PROBLEM_JSON.encode(),
+        b"content-length: " + str(len(body)).encode(),
+        b"connection: close",
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     head_timeout_s = 30.0
     max_head_bytes = 64 * 1024
@@ -148,15 +164,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _send_problem(self, problem: Problem) -> None:
         """Answer ``problem`` and close: the rest of what this connection sent cannot be trusted."""
-        body = orjson.dumps(problem.body())
-        head = [f"HTTP/1.1 {problem.status} {problem.title}".encode()]
-        head += [name + b": " + value for name, value in self.server_state.default_headers]
-        head += [
-            b"content-type: " + PROBLEM_JSON.encode(),
-            b"content-length: " + str(len(body)).encode(),
-            b"connection: close",
-        ]
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.write(problem_bytes(problem, self.server_state.default_headers))
         self.transport.close()
 
     def _peer(self) -> str:

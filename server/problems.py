@@ -196,6 +196,13 @@ class Unavailable(Problem):
         self.headers.setdefault("Retry-After", str(retry_after))
 
 
+#: The answer to a request the server's shutdown cut short.
+SHUT_DOWN = Unavailable(
+    "This server process stopped before it could answer. Send the request again (another process answers).",
+    retry_after=1,
+)
+
+
 def problem_response(problem: Problem) -> Response:
     return Response(
         orjson.dumps(problem.body()),

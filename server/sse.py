@@ -45,7 +45,7 @@ from .hub import TERMINAL, Hub, Item
 from .limits import StreamSlots
 from .overview import MIN_INTERVAL_S, REFRESH_S, OverviewFeed
 from .stream_writing import BACKLOG_MAX, WRITING_FAILED, LogUnreadable, Phase, StreamWriting, TooSlow
-from .takeover import Closed, start
+from .takeover import Closed, StreamConnection, start
 
 logger = logging.getLogger(__name__)
 
@@ -266,10 +266,18 @@ class Stream(StreamWriting):
         and the replay (``opening()`` hands them over) and hand the stream to the hub. The request's
         task then ends; the stream lives on in the hub and its connection."""
         started = await start(send, self, HEADERS)
-        if started is None:  # the client is gone already
+        if started is None:  # the client is gone already (or a request came behind meanwhile)
             self.let_go()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})  # (a no-op if gone)
             return
-        self.conn, http_head = started
+        await self.adopt(*started, opening)
+
+    async def adopt(
+        self, connection: StreamConnection, http_head: bytes, opening: Callable[[], tuple[bytes, list[Event], bool]]
+    ) -> None:
+        """The stream's connection from now on: write the response head (when not written yet), the
+        head and the replay, then live in the hub."""
+        self.conn = connection
         await self._open(http_head, *opening())
         if self.overview is not None and self.phase is Phase.IDLE:
             # Followed from now on (an end unfollows); the first overview right after the catch-up.

@@ -381,6 +381,17 @@ async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.
         await asyncio.sleep(interval)
 
 
+async def read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
+    """What a raw connection receives until ``marker`` (within 20 s; it must not close before)."""
+    data = b""
+    async with asyncio.timeout(20):
+        while marker not in data:
+            more = await reader.read(65536)
+            assert more, f"connection closed before {marker!r}; got {data!r}"
+            data += more
+    return data
+
+
 async def held_by_pause(redis: Redis, count: int = 1) -> bool:
     """Whether ``count`` commands wait on ``CLIENT PAUSE``: each blocked client's, and those queued
     behind it on its connection (stream opens and state-machine calls share one pipelined connection:

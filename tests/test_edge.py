@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from jobcast import http_guard
 from jobcast.cli.embedded_redis import RedisProcess
+from jobcast.takeover import FrontProtocol
 from jobcast.worker.settings import Settings
 
 from .conftest import ACME, ServerHandle, make_settings, wait_until
@@ -146,7 +147,10 @@ async def test_requests_the_http_parser_refuses_get_a_problem_json_400(
 
 
 async def test_the_guard_is_what_uvicorn_serves_with(server: ServerHandle) -> None:
-    """The guard extends uvicorn's httptools protocol (jobcast.http_guard): if an upgrade of uvicorn
-    moved what it hooks into, this says so before the behaviour tests above fail."""
-    assert issubclass(server.server.config.http_protocol_class, http_guard.GuardedHttpToolsProtocol)
+    """The guard extends uvicorn's httptools protocol (jobcast.http_guard), to which the front
+    protocol (jobcast.takeover) hands every request but a stream open: if an upgrade of uvicorn moved
+    what it hooks into, this says so before the behaviour tests above fail."""
+    front = server.server.config.http_protocol_class
+    assert issubclass(front, FrontProtocol)
+    assert issubclass(front.uvicorn_protocol, http_guard.GuardedHttpToolsProtocol)
     http_guard.check_uvicorn_hooks()

@@ -47,6 +47,34 @@ async def test_tokens_in_urls_are_redacted_in_the_access_log(settings: Settings,
         assert secret not in output, output
 
 
+async def test_a_stream_opened_by_the_front_protocol_has_uvicorns_access_line(
+    settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    """A stream open served before uvicorn (jobcast.takeover.FrontProtocol) is logged as uvicorn logs
+    a request: its client (from X-Forwarded-For, the proxy being trusted), its path with the token
+    redacted, its status."""
+    web = WebProcess(settings, tmp_path / "web.log")
+    try:
+        await asyncio.to_thread(web.wait_ready)
+        async with httpx.AsyncClient(base_url=web.url, headers=ACME) as c:
+            token = (await c.post("/tokens")).json()["token"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+        try:
+            writer.write(
+                f"GET /events?token={token} HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n".encode()
+            )
+            async with asyncio.timeout(20):
+                head = await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.close()
+        output = await asyncio.to_thread(wait_for_text, web, "/events?token=")
+    finally:
+        web.close()
+    assert head.startswith(b"HTTP/1.1 200 OK"), head
+    assert '203.0.113.9:0 - "GET /events?token=[redacted] HTTP/1.1" 200' in output, output
+    assert token.split(".")[2] not in output, output
+
+
 @pytest.mark.parametrize(
     ("message", "args", "logged"),
     [

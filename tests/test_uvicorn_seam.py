@@ -15,11 +15,12 @@ import tomllib
 from pathlib import Path
 
 import uvicorn.protocols.http.httptools_impl as httptools_impl
+import uvicorn.server
 
 from jobcast.takeover import UVICORN_INTERNALS, StreamConnection
 from jobcast.worker.store import Store
 
-from .conftest import ServerHandle, wait_until
+from .conftest import ServerHandle, read_until, wait_until
 from .seams import assert_internals_unchanged, source_fingerprint
 from .test_sse import new_running_job
 
@@ -32,12 +33,19 @@ FINGERPRINTS = {
     "HttpToolsProtocol.connection_made": "6efb565ff3d36b91",
     "HttpToolsProtocol.on_response_complete": "64e254f28e389e76",
     "HttpToolsProtocol.shutdown": "d7351fa33f00d430",
+    "Server.startup": "2aa1d70a244bfcf2",
+    "Server.shutdown": "5d01b8b1f116a786",
+    "ServerState.__init__": "8daf3a9b4e4e4245",
+    "HttpToolsProtocol.data_received": "010a7ae59a5d3b1a",
+    "HttpToolsProtocol.on_header": "1e86ebb6cea0458c",
+    "HttpToolsProtocol.on_headers_complete": "1ea8589acfad92d8",
 }
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def fingerprint(name: str) -> str:
-    return source_fingerprint(httptools_impl, name)
+    root = uvicorn.server if name.startswith(("Server.", "ServerState.")) else httptools_impl
+    return source_fingerprint(root, name)
 
 
 def test_every_uvicorn_internal_jobcast_relies_on_is_unchanged() -> None:
@@ -51,16 +59,6 @@ def test_the_installed_uvicorn_is_the_one_the_seam_was_checked_against() -> None
     assert importlib.metadata.version("uvicorn").startswith("0.55.")
 
 
-async def _read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
-    data = b""
-    async with asyncio.timeout(20):
-        while marker not in data:
-            more = await reader.read(65536)
-            assert more, f"connection closed before {marker!r}; got {data!r}"
-            data += more
-    return data
-
-
 async def test_a_stream_leaves_no_task_and_hands_its_connection_back_when_it_ends(
     server: ServerHandle, store: Store
 ) -> None:
@@ -71,7 +69,7 @@ async def test_a_stream_leaves_no_task_and_hands_its_connection_back_when_it_end
     auth = "Authorization: Bearer key-acme\r\n"
     try:
         writer.write(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
-        head = await _read_until(reader, b"event: job.processing")
+        head = await read_until(reader, b"event: job.processing")
         assert b"transfer-encoding: chunked" in head.lower()
         state = server.server.server_state
 
@@ -81,11 +79,11 @@ async def test_a_stream_leaves_no_task_and_hands_its_connection_back_when_it_end
         await wait_until(idle)
         await store.progress(job_id, 1, 50, None, None)
         await store.complete(job_id, 1, "1")
-        tail = await _read_until(reader, b"0\r\n\r\n")
+        tail = await read_until(reader, b"0\r\n\r\n")
         assert b"event: job.progress" in tail and b"event: job.completed" in tail
         # The same connection answers another request: uvicorn has it back.
         writer.write(f"GET /jobs/{job_id} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
-        answer = await _read_until(reader, b"\r\n\r\n")
+        answer = await read_until(reader, b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 ")
         assert not any(isinstance(c, StreamConnection) for c in state.connections)
     finally:

@@ -15,13 +15,15 @@ process's own cap (503) needs no Redis.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from jobcast.worker.models import Audience
 from jobcast.worker.store import Event
@@ -31,6 +33,8 @@ from ..frames import position_frame, retry_frame
 from ..limits import StreamsFull, streams_full_problem
 from ..openapi import refuse_undocumented
 from ..problems import (
+    SHUT_DOWN,
+    BadRequest,
     Forbidden,
     Problem,
     handle_redis_error,
@@ -39,14 +43,19 @@ from ..problems import (
 )
 from ..requests import job_id_param, last_event_id, query_bool
 from ..services import Cell, job_not_found, services
-from ..sse import REPLAY_PAGE, Stream
-from ..takeover import can_take_over
+from ..sse import HEADERS, REPLAY_PAGE, Stream
+from ..takeover import StreamConnection, can_take_over, pipelined_behind
 
 logger = logging.getLogger(__name__)
 #: A stream needs jobcast web's HTTP protocol (uvicorn's httptools one, taken over: jobcast.takeover).
 NOT_JOBCAST_WEB = Problem(
     "Event streams are served by `jobcast web` (uvicorn with httptools, as jobcast.app.server_config "
     "configures it); this server runs the application otherwise. Start it with `jobcast web`."
+)
+PIPELINED = BadRequest(
+    "Another request was sent behind this event stream on the same connection before the stream "
+    "began (HTTP/1.1 pipelining). A stream holds its connection until it ends: open it on a "
+    "connection of its own, or wait for its response head before sending more."
 )
 TENANT_HINT = "Close some, or follow many jobs over one GET /events stream."
 Endpoint = Callable[[Request], Awaitable["StreamResponse | Response"]]
@@ -65,6 +74,15 @@ class StreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.stream.serve(send, self.take)
+
+    # --- as jobcast.takeover.Opened: opened by the front protocol ---------------------------------
+
+    @property
+    def owner(self) -> Stream:
+        return self.stream
+
+    async def serve_on(self, connection: StreamConnection, http_head: bytes) -> None:
+        await self.stream.adopt(connection, http_head, self.take)
 
 
 async def job_events(request: Request) -> StreamResponse | Response:
@@ -203,6 +221,48 @@ def match(path: str) -> tuple[Endpoint, dict[str, str]] | None:
     return None
 
 
+class FrontStreams:
+    """The stream routes as jobcast.takeover's front protocol opens them (:class:`jobcast.takeover.Opener`):
+    the same endpoints, with a scope the protocol made; any answer but an opened stream is left to
+    uvicorn's protocol, which asks the application again (so errors are answered in one place)."""
+
+    headers = HEADERS
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.requests: set[asyncio.Task[Any]] = app.requests
+
+    def wants(self, path: str) -> bool:
+        return match(path) is not None
+
+    async def open(self, scope: dict[str, Any]) -> StreamResponse | None:
+        matched = match(scope["path"])
+        if matched is None:
+            return None
+        endpoint, params = matched
+        scope["app"] = self.app
+        scope["path_params"] = params
+        query = self.app.stream_query[("GET", "/events" if not params else "/jobs/{job_id}/events")]
+        request = Request(scope, _no_body)
+        try:
+            refuse_undocumented(request, query)
+            answer = await endpoint(request)
+        except Exception:  # answered (and logged) when uvicorn's path asks again
+            return None
+        return answer if isinstance(answer, StreamResponse) else None
+
+    def cut_short(self, scope: dict[str, Any]) -> Problem:
+        logger.warning(
+            "%s %s: cut short by the server's shutdown (its graceful-shutdown timeout passed)",
+            scope["method"], scope["path"],
+        )  # fmt: skip
+        return SHUT_DOWN
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
 async def serve(endpoint: Endpoint, query: frozenset[str], scope: Scope, receive: Receive, send: Send) -> None:
     """Serve one stream request outside Starlette's stack, with the answers its handlers would give."""
     if not can_take_over(send):
@@ -210,6 +270,9 @@ async def serve(endpoint: Endpoint, query: frozenset[str], scope: Scope, receive
         await problem_response(NOT_JOBCAST_WEB)(scope, receive, send)
         return
     response = await _answer(endpoint, query, scope, receive)
+    if isinstance(response, StreamResponse) and pipelined_behind(send):
+        response.stream.let_go()
+        response = problem_response(PIPELINED)
     await response(scope, receive, send)
 
 

@@ -1,0 +1,171 @@
+"""The front protocol (server/takeover.py, ``FrontProtocol``): the first request of every connection
+is read by Jobcast, which opens event streams itself and hands every other request to uvicorn's
+protocol with the bytes read so far. Over raw sockets: what a client sees must not depend on which
+of the two served it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from jobcast.services import STATE_KEY
+from jobcast.takeover import FrontProtocol, StreamConnection
+from jobcast.worker import schema
+from jobcast.worker.store import Store
+
+from .conftest import ServerHandle, held_by_pause, read_until, wait_until
+from .test_sse import new_running_job
+
+AUTH = "Authorization: Bearer key-acme\r\n"
+
+
+def stream_request(job_id: str, extra: str = "") -> bytes:
+    return f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n{AUTH}{extra}\r\n".encode()
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def header_lines(head: bytes) -> list[bytes]:
+    """The response's header lines, without the date (it changes each second)."""
+    lines = head.split(b"\r\n\r\n")[0].split(b"\r\n")
+    return sorted(line.lower() for line in lines if not line.lower().startswith(b"date:"))
+
+
+async def test_a_stream_opened_by_the_front_looks_like_one_uvicorn_served(server: ServerHandle, store: Store) -> None:
+    """A fresh connection's stream is opened without a uvicorn protocol; one asked for on a
+    connection uvicorn already serves (after another request) goes through uvicorn and its
+    take-over. The client gets the same status line, headers and first frames from both."""
+    job_id = await new_running_job(store)
+    state = server.server.server_state
+    assert issubclass(server.server.config.http_protocol_class, FrontProtocol)
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HEALTH)
+        await read_until(reader, b"\r\n\r\n")
+        writer.write(stream_request(job_id))
+        through_uvicorn = await read_until(reader, b"event: job.processing")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    async def one_connection() -> bool:
+        return len(state.connections) == 0
+
+    await wait_until(one_connection)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(stream_request(job_id))
+        through_front = await read_until(reader, b"event: job.processing")
+
+        async def taken_over() -> bool:
+            return any(isinstance(c, StreamConnection) for c in state.connections) and not state.tasks
+
+        await wait_until(taken_over)
+        assert not any(isinstance(c, HttpToolsProtocol) for c in state.connections), state.connections
+    finally:
+        writer.close()
+    assert through_front.startswith(b"HTTP/1.1 200 OK\r\n"), through_front
+    assert header_lines(through_front) == header_lines(through_uvicorn)
+    assert through_front.partition(b"\r\n\r\n")[2] == through_uvicorn.partition(b"\r\n\r\n")[2]
+
+
+async def test_a_request_pipelined_behind_a_stream_is_answered_after_it(server: ServerHandle, store: Store) -> None:
+    """Two requests in one write, the first a stream (of a job that is over: it ends at its
+    terminal event): the front hands both to uvicorn, which answers them in order."""
+    job_id = await new_running_job(store)
+    await store.complete(job_id, 1, "1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(stream_request(job_id) + HEALTH)
+        data = await read_until(reader, b'"status":"ok"')
+    finally:
+        writer.close()
+    stream, _, rest = data.partition(b"0\r\n\r\n")
+    assert stream.startswith(b"HTTP/1.1 200 OK\r\n") and b"event: job.completed" in stream, data
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), data
+
+
+async def test_what_a_client_sends_while_its_stream_opens_is_answered_after_the_stream(
+    server: ServerHandle, store: Store
+) -> None:
+    job_id = await new_running_job(store)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(stream_request(job_id))
+        writer.write(HEALTH)  # the next request, before the stream has answered
+        await read_until(reader, b"event: job.processing")
+        await store.complete(job_id, 1, "1")
+        data = await read_until(reader, b'"status":"ok"')
+    finally:
+        writer.close()
+    _, _, rest = data.partition(b"0\r\n\r\n")
+    assert b"event: job.completed" in data and rest.startswith(b"HTTP/1.1 200 OK\r\n"), data
+
+
+async def test_a_refused_stream_is_uvicorns_answer_and_the_connection_stays_usable(
+    server: ServerHandle, store: Store
+) -> None:
+    """Any answer but an opened stream (here a 401, then a 404) is given by uvicorn's path, as
+    before; the connection is kept alive for the next request."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        unauthorized = await read_until(reader, b"}")
+        writer.write(stream_request("job_01JDXXXXXXXXXXXXXXXXXXXXXX"))
+        missing = await read_until(reader, b"}")
+    finally:
+        writer.close()
+    assert unauthorized.startswith(b"HTTP/1.1 401 "), unauthorized
+    assert b"application/problem+json" in unauthorized and b"connection: close" not in unauthorized.lower()
+    assert missing.startswith(b"HTTP/1.1 404 "), missing
+
+
+async def test_a_client_gone_while_its_stream_opens_frees_its_places(
+    server: ServerHandle, store: Store, redis: Redis
+) -> None:
+    """The open waits for Redis (held by CLIENT PAUSE) while the client goes away: once Redis
+    answers, the stream lets go of the process's place and of the tenant's slot."""
+    job_id = await new_running_job(store)
+    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(stream_request(job_id))
+        await wait_until(lambda: held_by_pause(redis, 1))
+        assert slots.open_streams == 1
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+
+    async def let_go() -> bool:
+        return slots.open_streams == 0 and await redis.zcard(schema.streams_key("acme")) == 0
+
+    await wait_until(let_go)
+    assert not any(isinstance(c, StreamConnection) for c in server.server.server_state.connections)
+
+
+async def test_a_stream_pipelined_on_a_connection_uvicorn_serves_is_refused_and_the_rest_answered(
+    server: ServerHandle, store: Store
+) -> None:
+    """On a connection uvicorn already serves, a stream request with another request behind it in
+    the same write cannot take its connection over: it is answered 400 (why, and what to do), and
+    the request behind it is answered after it."""
+    job_id = await new_running_job(store)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HEALTH)
+        await read_until(reader, b'"status":"ok"')
+        writer.write(stream_request(job_id) + HEALTH)
+        data = await read_until(reader, b'"status":"ok"')
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    assert b"pipelining" in data and b"application/problem+json" in data
+    assert data.count(b"HTTP/1.1 200 OK") == 1, data
+    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    assert slots.open_streams == 0
