@@ -90,13 +90,26 @@ async def test_a_request_pipelined_behind_a_stream_is_answered_after_it(server: 
 
 
 async def test_what_a_client_sends_while_its_stream_opens_is_answered_after_the_stream(
-    server: ServerHandle, store: Store
+    server: ServerHandle, store: Store, redis: Redis
 ) -> None:
+    """The next request arrives while the open waits for Redis (held by CLIENT PAUSE): it is kept,
+    unread, and answered once the stream has ended."""
     job_id = await new_running_job(store)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        writer.write(stream_request(job_id))
-        writer.write(HEALTH)  # the next request, before the stream has answered
+        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            writer.write(stream_request(job_id))
+            await wait_until(lambda: held_by_pause(redis, 1))
+            writer.write(HEALTH)  # the next request, while the stream opens
+            [front] = [c for c in server.server.server_state.connections if isinstance(c, FrontProtocol)]
+
+            async def read_meanwhile() -> bool:
+                return front.received.endswith(HEALTH) and front.head_length < len(front.received)
+
+            await wait_until(read_meanwhile)
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
         await read_until(reader, b"event: job.processing")
         await store.complete(job_id, 1, "1")
         data = await read_until(reader, b'"status":"ok"')
