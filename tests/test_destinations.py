@@ -149,6 +149,27 @@ def test_rate_overrides_are_parsed_and_checked(redis_server: RedisProcess) -> No
 # --- rate ------------------------------------------------------------------------------------------
 
 
+async def test_an_attempt_handed_out_before_its_reserved_turn_waits_for_it(
+    settings: Settings, store: Store, redis: Redis, receiver: Receiver
+) -> None:
+    """The queue hands attempts out by the millisecond it rounds to, which can be before the turn the
+    destination's rate reserved: admitted then, it waits out the rest instead of leaving early."""
+    local = settings.model_copy(update={"webhook_rates": f"{receiver.origin}=1/10"})  # one per 10 s
+    first, second = await queue_deliveries(Store(redis, local), receiver.url, 2)
+    webhooks = WebhookStore(redis, local)
+    [early] = await webhooks.for_job(second)
+    delivery = await webhooks.get(early["id"])
+    assert delivery is not None and early["wait_reason"] == "rate_limit"
+    verdict = await webhooks.admit(delivery, 30.0)  # as if its attempt came up now, 10 s early
+    assert verdict[0] == "wait" and verdict[2] == "rate_limit", verdict
+    assert int(verdict[1]) > int(time.time() * 1000) + 5_000, verdict  # still its reserved turn
+    [again] = await webhooks.for_job(second)
+    assert again["status"] == "pending" and again["wait_reason"] == "rate_limit"
+    [sent] = await webhooks.for_job(first)
+    delivery = await webhooks.get(sent["id"])
+    assert delivery is not None and (await webhooks.admit(delivery, 30.0))[0] == "send"
+
+
 async def test_a_burst_of_500_is_spread_at_the_rate_with_none_lost(
     settings: Settings, store: Store, redis: Redis, receiver: Receiver, client: httpx.AsyncClient
 ) -> None:

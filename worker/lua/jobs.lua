@@ -863,7 +863,7 @@ elseif op == 'admit' then
   -- turn_reason 'rate_home_unreachable' and asks again (nothing was reserved for it).
   local wid, seq, slot_ms = ARGV[4], ARGV[5], tonumber(ARGV[6])
   local key = delivery_key(wid)
-  local d = redis.call('HMGET', key, 'state', 'seq', 'tenant', 'destination', 'reserved')
+  local d = redis.call('HMGET', key, 'state', 'seq', 'tenant', 'destination', 'reserved', 'due_ms')
   if d[1] ~= 'pending' or d[2] ~= seq then return {'stale', d[1] or 'missing'} end
   local tenant, dest = d[3], d[4]
   if not dest then return {'send'} end  -- queued by a version without destinations
@@ -885,6 +885,10 @@ elseif op == 'admit' then
     if not due then due, reason = reserve(dest, now_ms), 'rate_limit' end
     local reserved = reason == 'rate_limit'
     if due > now_ms or not reserved then return defer(wid, seq, math.max(due, now_ms), reason, reserved) end
+  elseif tonumber(d[6] or 0) > now_ms then
+    -- Its reserved turn has not come yet: the queue hands attempts out to the millisecond it rounds
+    -- to, which may be before the turn; it waits out the rest, never leaving early.
+    return defer(wid, seq, tonumber(d[6]), 'rate_limit', true)
   end
   local slots = K_DESTINATION_SLOTS .. dest
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now_ms)
