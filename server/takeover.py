@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any, Protocol
 
 import httptools
@@ -319,6 +320,8 @@ class Opener(Protocol):
 
 #: The front protocol's states.
 _HEAD, _MATCHED, _READY, _OPENING, _DONE = range(5)
+#: What the parser skips before a request line: empty lines (CR and LF bytes).
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 #: Headers that give a request a body (or ask for a 100 Continue): such a GET is uvicorn's to answer.
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 
@@ -358,6 +361,8 @@ class FrontProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser: Any = None
         self.state = _HEAD
+        #: Whether the request line has begun (the parser skips empty lines before it).
+        self.begun = False
         self.received = b""
         self.head_length = 0
         self.url = b""
@@ -385,7 +390,12 @@ class FrontProtocol(asyncio.Protocol):
             return
         # The parser reads up to the end of the head: a stream request has no body, so what follows
         # is the client's next request, kept unread for the protocol that serves it after the stream.
-        end = self.received.find(b"\r\n\r\n", max(0, start - 3))
+        # Empty lines before the request line (which the parser skips, RFC 9112 §2.2) end no head.
+        if self.begun:
+            end = self.received.find(b"\r\n\r\n", max(0, start - 3))
+        else:
+            blank = _EMPTY_LINES.match(self.received, start)
+            end = self.received.find(b"\r\n\r\n", blank.end() if blank else start)
         self.head_length = len(self.received) if end < 0 else end + 4
         try:
             self.parser.feed_data(data if end < 0 else data[: self.head_length - start])
@@ -423,6 +433,7 @@ class FrontProtocol(asyncio.Protocol):
     # --- the parser's callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.begun = True
         if self.state != _HEAD:
             self.state = _DONE  # a second (pipelined) request: all of it is uvicorn's
 
