@@ -370,6 +370,8 @@ class FrontProtocol(asyncio.Protocol):
         self.scope: dict[str, Any] = {}
         self.paused = False
         self.keep_alive = True
+        #: uvicorn's shutdown asked this connection to end after its response.
+        self.stopping = False
         self.timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------
@@ -427,6 +429,7 @@ class FrontProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         if self.state == _OPENING:
             self.keep_alive = False  # the stream, draining, ends at once and closes the connection
+            self.stopping = True  # a refusal, answered by uvicorn's protocol, closes it too
         else:
             self.transport.close()
 
@@ -585,6 +588,8 @@ class FrontProtocol(asyncio.Protocol):
         data, self.received = self.received, b""
         transport.resume_reading()
         http.data_received(data)
+        if self.stopping:  # as uvicorn's shutdown would have told it: close after this response
+            http.shutdown()
 
     def _head_timed_out(self) -> None:
         self.timer = None

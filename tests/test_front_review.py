@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+from redis.asyncio import Redis
+
+from jobcast.takeover import FrontProtocol
 from jobcast.worker.store import Store
 
-from .conftest import ServerHandle
+from .conftest import ServerHandle, held_by_pause, read_until, wait_until
 from .test_front import HEALTH, stream_request
 from .test_sse import new_running_job
 
@@ -31,3 +34,34 @@ async def test_empty_lines_before_the_first_request_are_ignored_as_uvicorn_does(
         finally:
             writer.close()
         assert head.startswith(b"HTTP/1.1 200 OK\r\n"), (sent, head)
+
+
+async def test_a_stream_refused_while_the_server_shuts_down_closes_its_connection(
+    server: ServerHandle, store: Store, redis: Redis
+) -> None:
+    """uvicorn's shutdown asks every connection to end after its current response: a refusal (here
+    a 404) of an open that was in flight when the shutdown began is answered with
+    ``connection: close`` and the connection closed, as uvicorn does for the requests it serves; not
+    kept alive for more requests while the server waits for its connections."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            writer.write(stream_request("job_01JDXXXXXXXXXXXXXXXXXXXXXX"))
+            await wait_until(lambda: held_by_pause(redis, 1))
+            [front] = [c for c in server.server.server_state.connections if isinstance(c, FrontProtocol)]
+            server.server.should_exit = True
+
+            async def told_to_end() -> bool:
+                return not front.keep_alive
+
+            await wait_until(told_to_end)
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        answer = await read_until(reader, b"}")
+        assert answer.startswith(b"HTTP/1.1 404 "), answer
+        assert b"connection: close" in answer.lower(), answer
+        async with asyncio.timeout(2):
+            assert await reader.read() == b""  # closed after the answer
+    finally:
+        writer.close()
