@@ -4,10 +4,14 @@ as the first of a connection, and server shutdowns, where the front must behave 
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
 from redis.asyncio import Redis
 
+from jobcast.services import STATE_KEY
 from jobcast.takeover import FrontProtocol
+from jobcast.worker import schema
 from jobcast.worker.store import Store
 
 from .conftest import ServerHandle, held_by_pause, read_until, wait_until
@@ -65,3 +69,75 @@ async def test_a_stream_refused_while_the_server_shuts_down_closes_its_connectio
             assert await reader.read() == b""  # closed after the answer
     finally:
         writer.close()
+
+
+async def test_a_stream_opened_while_the_server_shuts_down_ends_at_once_and_frees_its_places(
+    server: ServerHandle, store: Store, redis: Redis
+) -> None:
+    """SIGTERM (drain, then uvicorn's shutdown) while an open waits for Redis: once Redis answers,
+    the stream is answered and ended at once (its last chunk, the connection closed), its places
+    freed, and the server's shutdown completes."""
+    job_id = await new_running_job(store)
+    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            writer.write(stream_request(job_id))
+            await wait_until(lambda: held_by_pause(redis, 1))
+            [front] = [c for c in server.server.server_state.connections if isinstance(c, FrontProtocol)]
+            server.app.state.drain()
+            server.server.should_exit = True
+
+            async def told_to_end() -> bool:
+                return not front.keep_alive
+
+            await wait_until(told_to_end)
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # to the close
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    assert answer.endswith(b"0\r\n\r\n"), answer
+    assert server.task is not None
+    async with asyncio.timeout(5):
+        await asyncio.shield(server.task)
+    assert slots.open_streams == 0
+    assert await redis.zcard(schema.streams_key("acme")) == 0
+
+
+async def test_an_open_cut_short_by_the_graceful_timeout_is_answered_503_with_one_warning(
+    server: ServerHandle, store: Store, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An open still waiting for Redis when the graceful-shutdown timeout (5 s here) passes is
+    cancelled: answered 503 (Retry-After), one WARNING line, no ERROR and no traceback."""
+    job_id = await new_running_job(store)
+    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            writer.write(stream_request(job_id))
+            await wait_until(lambda: held_by_pause(redis, 1))
+            server.app.state.drain()
+            server.server.should_exit = True
+            async with asyncio.timeout(15):
+                answer = await reader.read()
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert b"retry-after: 1" in answer.lower(), answer
+    assert server.task is not None
+    async with asyncio.timeout(10):
+        await asyncio.shield(server.task)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
+    cut = [r for r in caplog.records if "cut short" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].levelno == logging.WARNING, [r.getMessage() for r in caplog.records]
+    assert slots.open_streams == 0
+    assert await redis.zcard(schema.streams_key("acme")) == 0
