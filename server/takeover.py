@@ -505,7 +505,7 @@ class FrontProtocol(asyncio.Protocol):
         try:
             opened = await self.opener.open(self.scope)
         except asyncio.CancelledError:
-            self._cut_short()
+            await self._cut_short()
             raise
         transport = self.transport
         if transport.is_closing():  # the client went away meanwhile (or the server closed it)
@@ -531,12 +531,14 @@ class FrontProtocol(asyncio.Protocol):
             logger.exception("Exception in the event stream of %s", self.scope["path"])
             connection.close()
 
-    def _cut_short(self) -> None:
-        """The server's shutdown cancelled the open: answer it 503 (and close), as the app does."""
+    async def _cut_short(self) -> None:
+        """The server's shutdown cancelled the open: answer it 503 (and close) with its access
+        line, as the app and uvicorn do."""
         self.state = _DONE
         if self.transport.is_closing():
             return
         problem = self.opener.cut_short(self.scope)
+        await self._log_access(problem.status)  # (awaits nothing: the task's cancellation is not met again)
         self.transport.write(problem_bytes(problem, self.server_state.default_headers))
         self.transport.close()
 

@@ -112,10 +112,12 @@ async def test_an_open_cut_short_by_the_graceful_timeout_is_answered_503_with_on
     server: ServerHandle, store: Store, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An open still waiting for Redis when the graceful-shutdown timeout (5 s here) passes is
-    cancelled: answered 503 (Retry-After), one WARNING line, no ERROR and no traceback."""
+    cancelled: answered 503 (Retry-After), one WARNING line, no ERROR and no traceback; and, as
+    uvicorn's path logs the 503 it writes, its access line."""
     job_id = await new_running_job(store)
     slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="uvicorn.access")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
@@ -141,3 +143,7 @@ async def test_an_open_cut_short_by_the_graceful_timeout_is_answered_503_with_on
     assert len(cut) == 1 and cut[0].levelno == logging.WARNING, [r.getMessage() for r in caplog.records]
     assert slots.open_streams == 0
     assert await redis.zcard(schema.streams_key("acme")) == 0
+    access = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert access == [f'127.0.0.1:{writer.get_extra_info("sockname")[1]} - "GET /jobs/{job_id}/events HTTP/1.1" 503'], (
+        access
+    )
