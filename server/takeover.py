@@ -28,7 +28,7 @@ import httptools
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from .http_guard import problem_bytes
+from .http_guard import GuardedHttpToolsProtocol, problem_bytes
 from .problems import Problem
 
 logger = logging.getLogger("jobcast.sse")
@@ -90,13 +90,15 @@ def can_take_over(send: Any) -> bool:
 
 def pipelined_behind(send: Any) -> bool:
     """Whether uvicorn has read another request of the same connection behind the one ``send``
-    answers (HTTP/1.1 pipelining): its protocol is then that request's, and the connection cannot
-    be taken over for a stream."""
+    answers (HTTP/1.1 pipelining), or the start of one (its parser holds what it read, which a
+    take-over would lose): the connection cannot be taken over for a stream."""
     cycle = getattr(send, "__self__", None)
     if not isinstance(cycle, RequestResponseCycle):
         return False
     http = cycle.transport.get_protocol()
-    return isinstance(http, HttpToolsProtocol) and http.cycle is not cycle
+    if not isinstance(http, HttpToolsProtocol):
+        return False
+    return http.cycle is not cycle or (isinstance(http, GuardedHttpToolsProtocol) and http.reading_head)
 
 
 def answer_at_once(send: Any) -> bool | None:

@@ -15,7 +15,7 @@ from jobcast.worker import schema
 from jobcast.worker.store import Store
 
 from .conftest import ServerHandle, held_by_pause, read_until, wait_until
-from .test_front import HEALTH, stream_request
+from .test_front import HEALTH, header_lines, stream_request
 from .test_sse import new_running_job
 
 
@@ -147,3 +147,57 @@ async def test_an_open_cut_short_by_the_graceful_timeout_is_answered_503_with_on
     assert access == [f'127.0.0.1:{writer.get_extra_info("sockname")[1]} - "GET /jobs/{job_id}/events HTTP/1.1" 503'], (
         access
     )
+
+
+async def test_a_stream_asked_with_connection_close_has_the_same_head_on_both_paths(
+    server: ServerHandle, store: Store
+) -> None:
+    """``Connection: close`` (any case): the front's head is uvicorn's (``connection: close``)."""
+    job_id = await new_running_job(store)
+    heads = []
+    for first in (b"", HEALTH):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            if first:
+                writer.write(first)
+                await read_until(reader, b'"status":"ok"')
+            writer.write(stream_request(job_id, "Connection: Close\r\n"))
+            heads.append(await read_until(reader, b"event: job.processing"))
+        finally:
+            writer.close()
+    assert heads[0].startswith(b"HTTP/1.1 200 OK\r\n"), heads
+    assert header_lines(heads[0]) == header_lines(heads[1]), heads
+    assert b"connection: close" in heads[0], heads
+
+
+async def test_a_request_begun_behind_a_stream_on_a_connection_uvicorn_serves_loses_no_bytes(
+    server: ServerHandle, store: Store, redis: Redis
+) -> None:
+    """On a connection uvicorn already serves, the start of the next request arrives while the
+    stream opens (held by CLIENT PAUSE): uvicorn's parser has read it. The stream must not take the
+    connection over (the bytes read would be lost with uvicorn's parser): it is refused 400 as a
+    pipelined one, and the next request, completed afterwards, is answered."""
+    job_id = await new_running_job(store)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HEALTH)
+        await read_until(reader, b'"status":"ok"')
+        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            writer.write(stream_request(job_id))
+            await wait_until(lambda: held_by_pause(redis, 1))
+            writer.write(HEALTH[:20])
+            await writer.drain()
+            await asyncio.sleep(0.2)  # read by uvicorn's protocol
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        first = await read_until(reader, b"\r\n\r\n")
+        writer.write(HEALTH[20:])
+        await store.complete(job_id, 1, "1")
+        data = first + await read_until(reader, b'"status":"ok"')
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    assert b"pipelining" in data, data
+    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    assert slots.open_streams == 0
