@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from jobcast.services import STATE_KEY
-from jobcast.takeover import FrontProtocol
+from jobcast.takeover import FrontProtocol, StreamConnection, front_protocol
 from jobcast.worker import schema
 from jobcast.worker.store import Store
 
@@ -201,3 +203,117 @@ async def test_a_request_begun_behind_a_stream_on_a_connection_uvicorn_serves_lo
     assert b"pipelining" in data, data
     slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
     assert slots.open_streams == 0
+
+
+# --- every read boundary, on the protocol itself (a socket would coalesce the reads) --------------
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: Any = None
+        self.closing = False
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("192.0.2.1", 5), "sockname": ("127.0.0.1", 80)}.get(name, default)
+
+
+class _Uvicorn:
+    """Stands in for uvicorn's protocol: keeps what it is given."""
+
+    def __init__(self, config: Any, server_state: Any, app_state: Any) -> None:
+        self.data = b""
+
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Owner:
+    def let_go(self) -> None:
+        pass
+
+    def shut_down(self) -> None:
+        pass
+
+
+class _Opened:
+    owner = _Owner()
+
+    async def serve_on(self, connection: StreamConnection, http_head: bytes) -> None:
+        pass
+
+
+class _Opener:
+    def __init__(self, answer: _Opened | None) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.requests: set[asyncio.Task[Any]] = set()
+        self.scopes: list[dict[str, Any]] = []
+        self.answer = answer
+
+    def wants(self, path: str) -> bool:
+        return path == "/events"
+
+    async def open(self, scope: dict[str, Any]) -> _Opened | None:
+        self.scopes.append(scope)
+        return self.answer
+
+
+async def _fed(parts: list[bytes], answer: _Opened | None) -> tuple[Any, _Opener]:
+    config = SimpleNamespace(loaded=True, limit_concurrency=None, root_path="", proxy_headers=False)
+    state = SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
+    opener = _Opener(answer)
+    protocol = front_protocol(opener, _Uvicorn, head_timeout_s=30, max_head_bytes=65536)(config, state, {})  # type: ignore[arg-type]
+    transport = _Transport()
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    for part in parts:
+        transport.protocol.data_received(part)
+        await asyncio.sleep(0)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    protocol._stop_timer()
+    return transport.protocol, opener
+
+
+STREAM = b"GET /events?token=a%20b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k \r\n\r\n"
+
+
+@pytest.mark.parametrize("blank", [b"", b"\r\n", b"\r\n\r\n"])
+async def test_a_stream_request_split_at_every_byte_is_read_whole(blank: bytes) -> None:
+    """The stream request (with empty lines before it, and the next request behind it) in two reads
+    split at every byte, and byte by byte: the open gets the same scope, a refused open hands every
+    byte to uvicorn, an opened one keeps the next request for after the stream."""
+    sent = blank + STREAM + HEALTH
+    splits = [[sent[:i], sent[i:]] for i in range(1, len(sent))] + [[sent[i : i + 1] for i in range(len(sent))]]
+    for parts in splits:
+        refused, opener = await _fed(parts, None)
+        assert isinstance(refused, _Uvicorn) and refused.data == sent, parts
+        [scope] = opener.scopes
+        assert (scope["path"], scope["query_string"]) == ("/events", b"token=a%20b"), parts
+        assert scope["headers"] == [(b"host", b"x"), (b"authorization", b"Bearer k")], parts
+        opened, _ = await _fed(parts, _Opened())
+        assert isinstance(opened, StreamConnection) and opened._held == HEALTH, parts
