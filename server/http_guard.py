@@ -167,5 +167,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(problem_bytes(problem, self.server_state.default_headers))
         self.transport.close()
 
+    @property
+    def reading_head(self) -> bool:
+        """Whether a request head has begun and is not complete yet (its bytes are in the parser)."""
+        return self._reading_head
+
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown peer"

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any, Protocol
 
 import httptools
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from .http_guard import problem_bytes
+from .http_guard import GuardedHttpToolsProtocol, problem_bytes
 from .problems import Problem
 
 logger = logging.getLogger("jobcast.sse")
@@ -89,13 +90,15 @@ def can_take_over(send: Any) -> bool:
 
 def pipelined_behind(send: Any) -> bool:
     """Whether uvicorn has read another request of the same connection behind the one ``send``
-    answers (HTTP/1.1 pipelining): its protocol is then that request's, and the connection cannot
-    be taken over for a stream."""
+    answers (HTTP/1.1 pipelining), or the start of one (its parser holds what it read, which a
+    take-over would lose): the connection cannot be taken over for a stream."""
     cycle = getattr(send, "__self__", None)
     if not isinstance(cycle, RequestResponseCycle):
         return False
     http = cycle.transport.get_protocol()
-    return isinstance(http, HttpToolsProtocol) and http.cycle is not cycle
+    if not isinstance(http, HttpToolsProtocol):
+        return False
+    return http.cycle is not cycle or (isinstance(http, GuardedHttpToolsProtocol) and http.reading_head)
 
 
 def answer_at_once(send: Any) -> bool | None:
@@ -319,6 +322,8 @@ class Opener(Protocol):
 
 #: The front protocol's states.
 _HEAD, _MATCHED, _READY, _OPENING, _DONE = range(5)
+#: What the parser skips before a request line: empty lines (CR and LF bytes).
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 #: Headers that give a request a body (or ask for a 100 Continue): such a GET is uvicorn's to answer.
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 
@@ -358,6 +363,8 @@ class FrontProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser: Any = None
         self.state = _HEAD
+        #: Whether the request line has begun (the parser skips empty lines before it).
+        self.begun = False
         self.received = b""
         self.head_length = 0
         self.url = b""
@@ -365,6 +372,8 @@ class FrontProtocol(asyncio.Protocol):
         self.scope: dict[str, Any] = {}
         self.paused = False
         self.keep_alive = True
+        #: uvicorn's shutdown asked this connection to end after its response.
+        self.stopping = False
         self.timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------
@@ -385,7 +394,12 @@ class FrontProtocol(asyncio.Protocol):
             return
         # The parser reads up to the end of the head: a stream request has no body, so what follows
         # is the client's next request, kept unread for the protocol that serves it after the stream.
-        end = self.received.find(b"\r\n\r\n", max(0, start - 3))
+        # Empty lines before the request line (which the parser skips, RFC 9112 §2.2) end no head.
+        if self.begun:
+            end = self.received.find(b"\r\n\r\n", max(0, start - 3))
+        else:
+            blank = _EMPTY_LINES.match(self.received, start)
+            end = self.received.find(b"\r\n\r\n", blank.end() if blank else start)
         self.head_length = len(self.received) if end < 0 else end + 4
         try:
             self.parser.feed_data(data if end < 0 else data[: self.head_length - start])
@@ -417,12 +431,14 @@ class FrontProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         if self.state == _OPENING:
             self.keep_alive = False  # the stream, draining, ends at once and closes the connection
+            self.stopping = True  # a refusal, answered by uvicorn's protocol, closes it too
         else:
             self.transport.close()
 
     # --- the parser's callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.begun = True
         if self.state != _HEAD:
             self.state = _DONE  # a second (pipelined) request: all of it is uvicorn's
 
@@ -491,7 +507,7 @@ class FrontProtocol(asyncio.Protocol):
         try:
             opened = await self.opener.open(self.scope)
         except asyncio.CancelledError:
-            self._cut_short()
+            await self._cut_short()
             raise
         transport = self.transport
         if transport.is_closing():  # the client went away meanwhile (or the server closed it)
@@ -517,12 +533,14 @@ class FrontProtocol(asyncio.Protocol):
             logger.exception("Exception in the event stream of %s", self.scope["path"])
             connection.close()
 
-    def _cut_short(self) -> None:
-        """The server's shutdown cancelled the open: answer it 503 (and close), as the app does."""
+    async def _cut_short(self) -> None:
+        """The server's shutdown cancelled the open: answer it 503 (and close) with its access
+        line, as the app and uvicorn do."""
         self.state = _DONE
         if self.transport.is_closing():
             return
         problem = self.opener.cut_short(self.scope)
+        await self._log_access(problem.status)  # (awaits nothing: the task's cancellation is not met again)
         self.transport.write(problem_bytes(problem, self.server_state.default_headers))
         self.transport.close()
 
@@ -574,6 +592,8 @@ class FrontProtocol(asyncio.Protocol):
         data, self.received = self.received, b""
         transport.resume_reading()
         http.data_received(data)
+        if self.stopping:  # as uvicorn's shutdown would have told it: close after this response
+            http.shutdown()
 
     def _head_timed_out(self) -> None:
         self.timer = None
