@@ -128,6 +128,9 @@ class Figures:
     #: While submitting, per process: (share of the time on a CPU, share of the time runnable but waiting for one)
     cpu: dict[str, tuple[float, float]] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)  # the machine's 1-minute load average, every 5 s
+    #: Connections the kernel could not queue for accepting (machine-wide), from the clients' start
+    #: until every stream was read: a web server falling seconds behind its connects (see BENCHMARKS.md §8).
+    listen_overflows: int = 0
 
 
 async def calibrate(c: httpx.AsyncClient, settings: Settings, tmp_path: Path, count: int) -> float:
@@ -194,6 +197,7 @@ async def hold(size: Size, settings: Settings, redis: Redis, redis_pid: int, tmp
             for process in clients:
                 process.start()
             pids |= {f"client-{n}": process.pid for n, process in enumerate(clients) if process.pid is not None}
+            overflows = listen_overflows()
             began, before = time.monotonic(), {name: scheduled_s(pid) for name, pid in pids.items()}
             submitted = [await _sampling(receive, pids, figures) for receive, _ in reports]
             for name, pid in pids.items():
@@ -204,6 +208,7 @@ async def hold(size: Size, settings: Settings, redis: Redis, redis_pid: int, tmp
             assert not [f for s in submitted for f in s["failures"]], submitted
             async with asyncio.timeout(job_s * 3 + 300):
                 read = [await asyncio.to_thread(receive.recv) for receive, _ in reports]
+            figures.listen_overflows = listen_overflows() - overflows
             await _check_against_the_logs(redis, read, figures)
             open_by_second: dict[int, int] = {}
             for r in read:
@@ -248,7 +253,9 @@ async def _check_against_the_logs(redis: Redis, read: list[dict[str, Any]], figu
                 pipe.xrange(schema.job_log_key(job_id))
             logs = await pipe.execute()
         for job_id, entries in zip(batch, logs, strict=True):
-            assert streams[job_id] == [sid for sid, _ in entries], (job_id, streams[job_id], heads.get(job_id))
+            assert streams[job_id] == [sid for sid, _ in entries], (
+                job_id, streams[job_id], heads.get(job_id), f"listen-queue overflows: {figures.listen_overflows}"
+            )  # fmt: skip
             assert last_event[job_id] in TERMINAL, (job_id, last_event[job_id])
             figures.streams_checked += 1
     for r in read:
@@ -272,10 +279,19 @@ def report(size: Size, figures: Figures) -> dict[str, float]:
         + ", ".join(f"{m}: {v:.0f}" for m, v in per_minute.items())
         + "; RSS MiB (first, last): "
         + ", ".join(f"{n}: {s[0] // 1024}, {s[-1] // 1024}" for n, s in figures.memory.items() if s)
-        + "; "
+        + f"; listen-queue overflows {figures.listen_overflows}; "
         + scheduling(figures)
     )
     return {str(m): v for m, v in per_minute.items()}
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (all sockets)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[0::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=True))["ListenOverflows"])
+    return 0
 
 
 def scheduling(figures: Figures) -> str:
