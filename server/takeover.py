@@ -387,7 +387,7 @@ class FrontProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         start = len(self.received)
         self.received += data
-        if self.state is not _HEAD:
+        if self.state != _HEAD:
             # Sent while the stream opens: kept for later (at most a head's worth read meanwhile).
             if self.state == _OPENING and len(self.received) - self.head_length > self.max_head_bytes:
                 self.transport.pause_reading()
