@@ -6,6 +6,9 @@ of the two served it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -26,6 +29,29 @@ def stream_request(job_id: str, extra: str = "") -> bytes:
 
 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@contextlib.asynccontextmanager
+async def held_open(redis: Redis, writer: asyncio.StreamWriter, request: bytes) -> AsyncIterator[None]:
+    """``request`` written while Redis holds the commands (CLIENT PAUSE WRITE): inside, its stream's
+    open waits for Redis; Redis answers again on leaving."""
+    await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+    try:
+        writer.write(request)
+        await wait_until(lambda: held_by_pause(redis, 1))
+        yield
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+
+
+def the_connection(server: ServerHandle, kind: type[Any]) -> Any:
+    """The server's one open connection, served by a protocol of ``kind``."""
+    [connection] = [c for c in server.server.server_state.connections if isinstance(c, kind)]
+    return connection
+
+
+def stream_slots(server: ServerHandle) -> Any:
+    return server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
 
 
 def header_lines(head: bytes) -> list[bytes]:
@@ -97,19 +123,14 @@ async def test_what_a_client_sends_while_its_stream_opens_is_answered_after_the_
     job_id = await new_running_job(store)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        try:
-            writer.write(stream_request(job_id))
-            await wait_until(lambda: held_by_pause(redis, 1))
+        async with held_open(redis, writer, stream_request(job_id)):
             writer.write(HEALTH)  # the next request, while the stream opens
-            [front] = [c for c in server.server.server_state.connections if isinstance(c, FrontProtocol)]
+            front = the_connection(server, FrontProtocol)
 
             async def read_meanwhile() -> bool:
                 return front.received.endswith(HEALTH) and front.head_length < len(front.received)
 
             await wait_until(read_meanwhile)
-        finally:
-            await redis.execute_command("CLIENT", "UNPAUSE")
         await read_until(reader, b"event: job.processing")
         await store.complete(job_id, 1, "1")
         data = await read_until(reader, b'"status":"ok"')
@@ -143,17 +164,12 @@ async def test_a_client_gone_while_its_stream_opens_frees_its_places(
     """The open waits for Redis (held by CLIENT PAUSE) while the client goes away: once Redis
     answers, the stream lets go of the process's place and of the tenant's slot."""
     job_id = await new_running_job(store)
-    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
-    await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(stream_request(job_id))
-        await wait_until(lambda: held_by_pause(redis, 1))
+    slots = stream_slots(server)
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    async with held_open(redis, writer, stream_request(job_id)):
         assert slots.open_streams == 1
         writer.close()
         await writer.wait_closed()
-    finally:
-        await redis.execute_command("CLIENT", "UNPAUSE")
 
     async def let_go() -> bool:
         return slots.open_streams == 0 and await redis.zcard(schema.streams_key("acme")) == 0
@@ -180,5 +196,5 @@ async def test_a_stream_pipelined_on_a_connection_uvicorn_serves_is_refused_and_
     assert data.startswith(b"HTTP/1.1 400 "), data
     assert b"pipelining" in data and b"application/problem+json" in data
     assert data.count(b"HTTP/1.1 200 OK") == 1, data
-    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    slots = stream_slots(server)
     assert slots.open_streams == 0

@@ -12,14 +12,27 @@ import pytest
 from redis.asyncio import Redis
 
 from jobcast.http_guard import GuardedHttpToolsProtocol
-from jobcast.services import STATE_KEY
 from jobcast.takeover import FrontProtocol, StreamConnection, front_protocol
 from jobcast.worker import schema
 from jobcast.worker.store import Store
 
-from .conftest import ServerHandle, held_by_pause, read_until, wait_until
-from .test_front import HEALTH, header_lines, stream_request
+from .conftest import ServerHandle, read_until, wait_until
+from .test_front import HEALTH, header_lines, held_open, stream_request, stream_slots, the_connection
 from .test_sse import new_running_job
+
+
+async def shutting_down(server: ServerHandle, *, drain: bool) -> None:
+    """Start the server's shutdown (after draining its streams, as SIGTERM does, when ``drain``) and
+    wait until it has told the connection's front protocol, whose open is in flight, to end."""
+    front = the_connection(server, FrontProtocol)
+    if drain:
+        server.app.state.drain()
+    server.server.should_exit = True
+
+    async def told_to_end() -> bool:
+        return not front.keep_alive
+
+    await wait_until(told_to_end)
 
 
 async def test_empty_lines_before_the_first_request_are_ignored_as_uvicorn_does(
@@ -51,19 +64,8 @@ async def test_a_stream_refused_while_the_server_shuts_down_closes_its_connectio
     kept alive for more requests while the server waits for its connections."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        try:
-            writer.write(stream_request("job_01JDXXXXXXXXXXXXXXXXXXXXXX"))
-            await wait_until(lambda: held_by_pause(redis, 1))
-            [front] = [c for c in server.server.server_state.connections if isinstance(c, FrontProtocol)]
-            server.server.should_exit = True
-
-            async def told_to_end() -> bool:
-                return not front.keep_alive
-
-            await wait_until(told_to_end)
-        finally:
-            await redis.execute_command("CLIENT", "UNPAUSE")
+        async with held_open(redis, writer, stream_request("job_01JDXXXXXXXXXXXXXXXXXXXXXX")):
+            await shutting_down(server, drain=False)
         answer = await read_until(reader, b"}")
         assert answer.startswith(b"HTTP/1.1 404 "), answer
         assert b"connection: close" in answer.lower(), answer
@@ -80,23 +82,11 @@ async def test_a_stream_opened_while_the_server_shuts_down_ends_at_once_and_free
     the stream is answered and ended at once (its last chunk, the connection closed), its places
     freed, and the server's shutdown completes."""
     job_id = await new_running_job(store)
-    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    slots = stream_slots(server)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        try:
-            writer.write(stream_request(job_id))
-            await wait_until(lambda: held_by_pause(redis, 1))
-            [front] = [c for c in server.server.server_state.connections if isinstance(c, FrontProtocol)]
-            server.app.state.drain()
-            server.server.should_exit = True
-
-            async def told_to_end() -> bool:
-                return not front.keep_alive
-
-            await wait_until(told_to_end)
-        finally:
-            await redis.execute_command("CLIENT", "UNPAUSE")
+        async with held_open(redis, writer, stream_request(job_id)):
+            await shutting_down(server, drain=True)
         async with asyncio.timeout(20):
             answer = await reader.read()  # to the close
     finally:
@@ -117,21 +107,16 @@ async def test_an_open_cut_short_by_the_graceful_timeout_is_answered_503_with_on
     cancelled: answered 503 (Retry-After), one WARNING line, no ERROR and no traceback; and, as
     uvicorn's path logs the 503 it writes, its access line."""
     job_id = await new_running_job(store)
-    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    slots = stream_slots(server)
     caplog.set_level(logging.INFO)
     caplog.set_level(logging.INFO, logger="uvicorn.access")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        try:
-            writer.write(stream_request(job_id))
-            await wait_until(lambda: held_by_pause(redis, 1))
+        async with held_open(redis, writer, stream_request(job_id)):
             server.app.state.drain()
             server.server.should_exit = True
             async with asyncio.timeout(60):  # (a hang guard: the graceful timeout is 5 s)
                 answer = await reader.read()
-        finally:
-            await redis.execute_command("CLIENT", "UNPAUSE")
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 503 "), answer
@@ -184,19 +169,14 @@ async def test_a_request_begun_behind_a_stream_on_a_connection_uvicorn_serves_lo
     try:
         writer.write(HEALTH)
         await read_until(reader, b'"status":"ok"')
-        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        try:
-            writer.write(stream_request(job_id))
-            await wait_until(lambda: held_by_pause(redis, 1))
+        async with held_open(redis, writer, stream_request(job_id)):
             writer.write(HEALTH[:20])
-            [http] = [c for c in server.server.server_state.connections if isinstance(c, GuardedHttpToolsProtocol)]
+            http = the_connection(server, GuardedHttpToolsProtocol)
 
             async def read_by_uvicorn() -> bool:
-                return http.reading_head
+                return bool(http.reading_head)
 
             await wait_until(read_by_uvicorn)
-        finally:
-            await redis.execute_command("CLIENT", "UNPAUSE")
         first = await read_until(reader, b"\r\n\r\n")
         writer.write(HEALTH[20:])
         await store.complete(job_id, 1, "1")
@@ -205,7 +185,7 @@ async def test_a_request_begun_behind_a_stream_on_a_connection_uvicorn_serves_lo
         writer.close()
     assert data.startswith(b"HTTP/1.1 400 "), data
     assert b"pipelining" in data, data
-    slots = server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
+    slots = stream_slots(server)
     assert slots.open_streams == 0
 
 
