@@ -45,7 +45,7 @@ from .keys import ApiKeys
 from .limits import ProcessStreams, RateLimiter, StreamSlots
 from .openapi import build_openapi, documented_query_params, enforce_documented_query
 from .overview import OverviewFeed
-from .problems import EXCEPTION_HANDLERS, SHUT_DOWN, problem_response
+from .problems import EXCEPTION_HANDLERS, cut_short, problem_response
 from .routes import events, routes
 from .services import STATE_KEY, Cell, Services
 from .takeover import answer_at_once, front_protocol
@@ -259,12 +259,9 @@ class JobcastApp(Starlette):
             if answerable is None:  # a WebSocket, or not uvicorn's httptools (a test client): as before
                 raise
             task.uncancel()
-            logger.warning(
-                "%s %s: cut short by the server's shutdown (its graceful-shutdown timeout passed)",
-                scope["method"], scope["path"],
-            )  # fmt: skip
+            answer = cut_short(scope["method"], scope["path"])
             if answerable:
-                await problem_response(SHUT_DOWN)(scope, receive, send)  # written at once: see answer_at_once
+                await problem_response(answer)(scope, receive, send)  # written at once: see answer_at_once
         finally:
             self.requests.discard(task)
 

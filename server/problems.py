@@ -203,6 +203,13 @@ SHUT_DOWN = Unavailable(
 )
 
 
+def cut_short(method: str, path: str) -> Problem:
+    """The answer to a request the server's shutdown cancelled (its graceful-shutdown timeout
+    passed), after one WARNING line: nothing failed but the wait."""
+    logger.warning("%s %s: cut short by the server's shutdown (its graceful-shutdown timeout passed)", method, path)
+    return SHUT_DOWN
+
+
 def problem_response(problem: Problem) -> Response:
     return Response(
         orjson.dumps(problem.body()),

@@ -33,10 +33,10 @@ from ..frames import position_frame, retry_frame
 from ..limits import StreamsFull, streams_full_problem
 from ..openapi import refuse_undocumented
 from ..problems import (
-    SHUT_DOWN,
     BadRequest,
     Forbidden,
     Problem,
+    cut_short,
     handle_redis_error,
     handle_unexpected,
     problem_response,
@@ -252,11 +252,7 @@ class FrontStreams:
         return answer if isinstance(answer, StreamResponse) else None
 
     def cut_short(self, scope: dict[str, Any]) -> Problem:
-        logger.warning(
-            "%s %s: cut short by the server's shutdown (its graceful-shutdown timeout passed)",
-            scope["method"], scope["path"],
-        )  # fmt: skip
-        return SHUT_DOWN
+        return cut_short(scope["method"], scope["path"])
 
 
 async def _no_body() -> Message:
