@@ -206,8 +206,13 @@ def wait_http(port: int, proc: Proc | None = None, path: str = "/healthz", timeo
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def rss_kib(pid: int) -> int:
