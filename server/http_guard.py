@@ -18,6 +18,13 @@ megabytes. :class:`GuardedHttpToolsProtocol` adds, per connection:
   lengths, not HTTP) is answered with the same ``/problems/bad-request`` body as the application's,
   instead of uvicorn's ``text/plain``.
 
+It also writes a response's head and body together (:class:`HeadWithBody`): uvicorn writes the head
+of a response when the application starts it, and the body in a second write. Every write to a
+socket is a system call and, on loopback or a busy host, a wake-up of the reader; a JSON answer of a
+few hundred bytes then costs two of each. The head of a response with a ``Content-Length`` and a
+body to come is held until the body is written (in the same step of the application's task for a
+Starlette ``Response``), at the latest until the loop's next turn.
+
 This reaches into uvicorn's internals (the protocol's parser callbacks), so it stays in this one
 module, :func:`check_uvicorn_hooks` fails loudly at start-up when an upgrade moved them, and
 tests/test_edge.py checks the behaviour over raw sockets.
@@ -30,7 +37,7 @@ import logging
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .problems import PROBLEM_JSON, BadRequest, HeaderTooLarge, Problem
 
@@ -125,6 +132,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._end_head()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:  # (a cycle of this request: always)
+            cycle.transport = HeadWithBody(self.transport, cycle)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -174,3 +184,64 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown peer"
+
+
+class HeadWithBody:
+    """The transport as one request's response cycle writes to it (``cycle.transport``): the head of
+    a response with a ``Content-Length`` and a body to come is held, and written with the body's
+    first write (or at the loop's next turn, or when the transport is closed, whichever comes
+    first). Everything else goes straight to the transport. :func:`transport_of` unwraps it."""
+
+    __slots__ = ("_cycle", "_held", "_wrote_head", "transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self.transport = transport
+        self._cycle = cycle
+        self._held = b""
+        self._wrote_head = False
+
+    def write(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        elif not self._wrote_head and self._cycle.response_started:
+            # The response's head: uvicorn has read its Content-Length (or chosen chunked) before.
+            self._wrote_head = True
+            cycle = self._cycle
+            if (
+                cycle.chunked_encoding is False
+                and cycle.expected_content_length > 0
+                and cycle.scope["method"] != "HEAD"
+                and not self.transport.is_closing()
+            ):
+                self._held = data
+                asyncio.get_running_loop().call_soon(self._flush)
+                return
+        self.transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held:
+            data, self._held = self._held, b""
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.transport.get_protocol()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def transport_of(cycle: RequestResponseCycle) -> asyncio.Transport:
+    """The connection's transport of a response cycle (not what it writes through)."""
+    transport = cycle.transport
+    return transport.transport if isinstance(transport, HeadWithBody) else transport

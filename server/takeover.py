@@ -13,7 +13,8 @@ uvicorn protocol (keep-alive, as if uvicorn had completed the response); a clien
 ends the stream through :meth:`StreamConnection.connection_lost`.
 
 uvicorn offers no public hook for this (ASGI has no way to hand a connection over), so what it relies
-on inside uvicorn is listed in :data:`UVICORN_INTERNALS`, used here and nowhere else, and
+on inside uvicorn is listed in :data:`UVICORN_INTERNALS`, used here and in :mod:`jobcast.http_guard`
+(its protocol class) and nowhere else, and
 ``tests/test_uvicorn_seam.py`` fingerprints each one: an upgrade that changes one fails loudly.
 """
 
@@ -28,7 +29,7 @@ import httptools
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from .http_guard import GuardedHttpToolsProtocol, problem_bytes
+from .http_guard import GuardedHttpToolsProtocol, problem_bytes, transport_of
 from .problems import Problem
 
 logger = logging.getLogger("jobcast.sse")
@@ -46,7 +47,10 @@ UVICORN_INTERNALS = {
     "RequestResponseCycle.send": "a bound method of the cycle (how the app's send leads here); after "
     "http.response.start with no length it has written the head and chunk-frames the body; unless the "
     "flow is paused it awaits nothing before writing the head with one cycle.transport.write (start "
-    "captures it there), nor before writing a body (cancelled_at_shutdown's answer)",
+    "captures it there), nor before writing a body (cancelled_at_shutdown's answer); it sets "
+    "response_started, chunked_encoding and expected_content_length before that head write, and writes "
+    "nothing else through cycle.transport from then until the body (jobcast.http_guard.HeadWithBody "
+    "holds a Content-Length response's head for its body)",
     "RequestResponseCycle.run_asgi": "logs nothing and leaves the transport alone when the app returns "
     "with the cycle marked disconnected (set here: the stream owns the connection from then on)",
     "HttpToolsProtocol.__init__": "per-connection state: config, server_state, app_state, cycle, flow, parser",
@@ -65,7 +69,8 @@ UVICORN_INTERNALS = {
     "HttpToolsProtocol.on_header": "how uvicorn reads header names and values (lower-cased names, trailing "
     "whitespace stripped), which the front protocol does the same way",
     "HttpToolsProtocol.on_headers_complete": "how uvicorn makes a request's scope (path, raw_path, query_string, "
-    "keep-alive), which the front protocol makes the same way for a stream open",
+    "keep-alive), which the front protocol makes the same way for a stream open; it makes the request's "
+    "cycle (self.cycle) with the protocol's transport as cycle.transport, which jobcast.http_guard wraps",
 }
 
 
@@ -158,7 +163,7 @@ def take_over(send: Any, owner: Owner) -> StreamConnection | None:
     cycle = getattr(send, "__self__", None)
     if not isinstance(cycle, RequestResponseCycle) or not cycle.chunked_encoding or cycle.disconnected:
         return None
-    transport = cycle.transport
+    transport = transport_of(cycle)
     http = transport.get_protocol()
     if not isinstance(http, HttpToolsProtocol) or http.cycle is not cycle or transport.is_closing():
         return None
