@@ -9,8 +9,9 @@ line, default headers, ``transfer-encoding: chunked``), :func:`take_over` swaps 
 protocol for a :class:`StreamConnection`: the stream writes pre-framed chunks straight to the
 transport (the hub encodes one chunk per event, shared by every stream), the request's task ends,
 and uvicorn's objects are freed. When the stream ends normally, the connection goes back to a new
-uvicorn protocol (keep-alive, as if uvicorn had completed the response); a client that goes away
-ends the stream through :meth:`StreamConnection.connection_lost`.
+protocol of the kind it came from (the front protocol's below, or uvicorn's; kept alive, as if it had
+completed the response); a client that goes away ends the stream through
+:meth:`StreamConnection.connection_lost`.
 
 uvicorn offers no public hook for this (ASGI has no way to hand a connection over), so what it relies
 on inside uvicorn is listed in :data:`UVICORN_INTERNALS`, used here and in :mod:`jobcast.http_guard`
@@ -37,8 +38,9 @@ logger = logging.getLogger("jobcast.sse")
 guard_logger = logging.getLogger("jobcast.http_guard")
 #: uvicorn's access log, which the front protocol writes for the streams it opens.
 access_logger = logging.getLogger("uvicorn.access")
-#: How a stream's connection goes back to uvicorn: its protocol class, config, server state, app state.
-HttpBack = tuple[type[HttpToolsProtocol], Any, Any, dict[str, Any]]
+#: How a stream's connection goes back to HTTP when the stream ends: the protocol class it came from
+#: (uvicorn's, or the front protocol's), config, server state, app state.
+HttpBack = tuple["type[HttpToolsProtocol] | type[FrontProtocol]", Any, Any, dict[str, Any]]
 
 #: The uvicorn internals this module depends on, and how (tests/test_uvicorn_seam.py fingerprints each).
 UVICORN_INTERNALS = {
@@ -226,8 +228,10 @@ class StreamConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def finish(self, *, keep_alive: bool) -> None:
-        """The response is complete (its last chunk written): hand the connection back to uvicorn
-        for the client's next request, or close it (``keep_alive`` False, or the server stops)."""
+        """The response is complete (its last chunk written): hand the connection back for the
+        client's next request, or close it (``keep_alive`` False, or the server stops). It goes back
+        to the protocol it came from: the front protocol (so a stream asked for next on it is opened
+        there too), or uvicorn's, as if either had just completed a response (kept alive)."""
         if self.closed:
             return
         self._release()
@@ -239,7 +243,12 @@ class StreamConnection(asyncio.Protocol):
         server_state.connections.discard(self)
         self.transport.set_protocol(http)
         http.connection_made(self.transport)
-        http.on_response_complete()
+        if isinstance(http, FrontProtocol):
+            http.kept_alive()
+            if self.paused:
+                http.pause_writing()
+        else:
+            http.on_response_complete()
         if self._held:
             self.transport.resume_reading()
             http.data_received(self._held)
@@ -379,6 +388,8 @@ class FrontProtocol(asyncio.Protocol):
         self.keep_alive = True
         #: uvicorn's shutdown asked this connection to end after its response.
         self.stopping = False
+        #: Kept alive after a response, and nothing of the next request read yet (:meth:`kept_alive`).
+        self.idle = False
         self.timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------
@@ -389,7 +400,19 @@ class FrontProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.timer = asyncio.get_running_loop().call_later(self.head_timeout_s, self._head_timed_out)
 
+    def kept_alive(self) -> None:
+        """The connection comes back after a response (a stream that ended): until the client's
+        next request begins, uvicorn's keep-alive timeout closes it when idle; the head deadline
+        runs from that request's first byte (as :mod:`jobcast.http_guard` times it)."""
+        self._stop_timer()
+        self.idle = True
+        self.timer = asyncio.get_running_loop().call_later(self.config.timeout_keep_alive, self._idle_timed_out)
+
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            self.idle = False
+            self._stop_timer()
+            self.timer = asyncio.get_running_loop().call_later(self.head_timeout_s, self._head_timed_out)
         start = len(self.received)
         self.received += data
         if self.state != _HEAD:
@@ -524,7 +547,7 @@ class FrontProtocol(asyncio.Protocol):
             self._hand_over()
             return
         self.state = _DONE
-        back = (self.uvicorn_protocol, self.config, self.server_state, self.app_state)
+        back = (type(self), self.config, self.server_state, self.app_state)
         connection = StreamConnection(transport, opened.owner, back, paused=self.paused, keep_alive=self.keep_alive)
         transport.set_protocol(connection)
         self.server_state.connections.discard(self)
@@ -610,6 +633,11 @@ class FrontProtocol(asyncio.Protocol):
                 self.head_timeout_s,
             )
             self.transport.close()
+
+    def _idle_timed_out(self) -> None:
+        self.timer = None
+        if self.idle and not self.transport.is_closing():
+            self.transport.close()  # (uvicorn's keep-alive timeout logs nothing either)
 
     def _stop_timer(self) -> None:
         if self.timer is not None:

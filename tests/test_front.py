@@ -198,3 +198,86 @@ async def test_a_stream_pipelined_on_a_connection_uvicorn_serves_is_refused_and_
     assert data.count(b"HTTP/1.1 200 OK") == 1, data
     slots = stream_slots(server)
     assert slots.open_streams == 0
+
+
+async def test_a_connection_whose_stream_ended_goes_back_to_the_front(server: ServerHandle, store: Store) -> None:
+    """A job's stream ends at its terminal event and its connection is kept alive: it goes back to
+    the front protocol, so the next stream asked for on it is opened there too (no uvicorn protocol
+    on the way), and any other request is still uvicorn's."""
+    finished = await new_running_job(store)
+    await store.complete(finished, 1, "1")
+    running = await new_running_job(store)
+    state = server.server.server_state
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(stream_request(finished))
+        await read_until(reader, b"0\r\n\r\n")
+
+        async def back_at_the_front() -> bool:
+            return any(isinstance(c, FrontProtocol) for c in state.connections)
+
+        await wait_until(back_at_the_front)
+        front = the_connection(server, FrontProtocol)
+        assert front.idle and not any(isinstance(c, HttpToolsProtocol) for c in state.connections)
+        writer.write(stream_request(running))
+        second = await read_until(reader, b"event: job.processing")
+
+        async def taken_over() -> bool:
+            return any(isinstance(c, StreamConnection) for c in state.connections) and not state.tasks
+
+        await wait_until(taken_over)
+        assert not any(isinstance(c, HttpToolsProtocol) for c in state.connections), state.connections
+        assert second.startswith(b"HTTP/1.1 200 OK\r\n"), second
+    finally:
+        writer.close()
+    # And a request that is not a stream, after a stream, is answered by uvicorn on the same connection.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(stream_request(finished))
+        await read_until(reader, b"0\r\n\r\n")
+        writer.write(HEALTH)
+        health = await read_until(reader, b'"status":"ok"')
+    finally:
+        writer.close()
+    assert health.startswith(b"HTTP/1.1 200 OK\r\n"), health
+
+
+async def test_a_kept_alive_connection_back_at_the_front_is_closed_when_idle_and_times_a_new_head(
+    server: ServerHandle, store: Store
+) -> None:
+    """Back at the front after a stream, an idle connection is closed at uvicorn's keep-alive
+    timeout (it was before, by uvicorn's protocol); once the next request begins, its head is timed
+    by the head deadline instead."""
+    finished = await new_running_job(store)
+    await store.complete(finished, 1, "1")
+    server.server.config.timeout_keep_alive = 0.2
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(stream_request(finished))
+        await read_until(reader, b"0\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(1), 20) == b""  # closed by the server
+    finally:
+        writer.close()
+
+    server.server.config.timeout_keep_alive = 600  # (longer than the head deadline, 30 s: told apart below)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(stream_request(finished))
+        await read_until(reader, b"0\r\n\r\n")
+
+        async def back_at_the_front() -> bool:
+            return any(isinstance(c, FrontProtocol) for c in server.server.server_state.connections)
+
+        await wait_until(back_at_the_front)
+        front = the_connection(server, FrontProtocol)
+        assert front.timer is not None and front.timer.when() > asyncio.get_running_loop().time() + 300
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # a head begun
+
+        async def head_begun() -> bool:
+            return not front.idle
+
+        await wait_until(head_begun)
+        deadline = asyncio.get_running_loop().time() + front.head_timeout_s
+        assert front.timer is not None and deadline - 60 < front.timer.when() <= deadline
+    finally:
+        writer.close()
