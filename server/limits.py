@@ -127,6 +127,10 @@ class StreamSlots:
 
     TTL_S = 60.0
     REFRESH_S = 20.0
+    #: How long the slots let go of gather before one pipeline removes them from Redis: streams end
+    #: hundreds a second under load (a job's stream at its terminal event), and a removal each is a
+    #: round trip each. A slot let go of counts against its tenant's cap this much longer.
+    REMOVE_AFTER_S = 0.1
 
     def __init__(
         self,
@@ -240,8 +244,8 @@ class StreamSlots:
 
     def release_soon(self, tenant: str, slot: str) -> None:
         """:meth:`release`, from a callback that cannot wait: the process's place is free now, the
-        tenant's slot is removed from Redis shortly, together with the others let go meanwhile
-        (one pipeline for a whole reconnect storm, not a task per stream)."""
+        tenant's slot is removed from Redis within ``REMOVE_AFTER_S``, together with the others let
+        go meanwhile (one pipeline for a whole reconnect storm, not a task per stream)."""
         if self._forget(tenant, slot):
             self._remove_soon(tenant, slot)
 
@@ -278,6 +282,7 @@ class StreamSlots:
 
     async def _remove_leaving(self) -> None:
         try:
+            await asyncio.sleep(self.REMOVE_AFTER_S)  # the others let go of meanwhile go in the same pipeline
             while self._leaving:
                 leaving, self._leaving = self._leaving, []
                 with contextlib.suppress(RedisError, OSError):  # they expire by themselves otherwise
