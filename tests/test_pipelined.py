@@ -64,6 +64,26 @@ async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(
         await client.aclose()
 
 
+async def _reads_processed(redis: Redis) -> int:
+    return int((await redis.info("stats"))["total_reads_processed"])
+
+
+async def test_the_calls_of_one_loop_turn_go_out_in_one_write(redis_server: RedisProcess, redis: Redis) -> None:
+    """100 calls made in one turn of the loop reach Redis in one write: Redis reads them at once
+    (its count of reads rises by a few, for the calls and for this test's own INFO, not by 100)."""
+    client = await _client(redis_server, "line")
+    line = Pipelined(client)
+    try:
+        assert await line.call("PING") in (True, "PONG")  # connected: the calls below need no set-up
+        before = await _reads_processed(redis)
+        calls = [asyncio.ensure_future(line.call("INCRBY", "pipelined:one-write", 1)) for _ in range(100)]
+        assert sorted(await asyncio.gather(*calls)) == list(range(1, 101))
+        reads = await _reads_processed(redis) - before
+        assert reads <= 4, f"Redis read the 100 calls in {reads - 1} reads"
+    finally:
+        await client.aclose()
+
+
 async def test_a_connection_lost_with_calls_in_flight_fails_them_and_the_next_call_reconnects(
     redis_server: RedisProcess, redis: Redis
 ) -> None:

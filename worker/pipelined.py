@@ -8,7 +8,8 @@ event stream is one such command, and a reconnect storm makes thousands of them 
 moment it is made, without waiting for the replies of the calls before it (Redis answers the
 commands of a connection in order); one task reads the replies while calls wait and hands each to
 its caller. Concurrent calls thus share round trips the way a pipeline does, without being
-gathered first.
+gathered first. The calls made in one turn of the event loop go out in one write, at the end of
+that turn: one system call (and one read and wake-up of Redis) for a burst of calls, not one each.
 
 It uses redis-py's public connection API only (``ConnectionPool.get_connection`` and ``release``,
 ``Connection.pack_command``, ``send_packed_command``, ``can_read_destructive``, ``read_response``
@@ -63,9 +64,11 @@ class Pipelined:
         self._connecting: asyncio.Future[None] | None = None
         #: The idle check under way: of which connection, and the task asking.
         self._checking: tuple[Any, asyncio.Task[Any]] | None = None
-        #: The calls written and not yet answered, oldest first: each one's future and what to do
+        #: The calls made and not yet answered, oldest first: each one's future and what to do
         #: with its reply when its caller has gone.
         self._waiting: deque[tuple[asyncio.Future[Any], Orphaned | None]] = deque()
+        #: The packed calls of this loop turn, not written yet (:meth:`_flush` writes them at its end).
+        self._outbox: list[bytes] = []
         #: Loop time of the last reply read, or of the first call written after none was waiting.
         self._progress = 0.0
         self._reader: asyncio.Task[None] | None = None
@@ -102,26 +105,40 @@ class Pipelined:
             connection = await self._ready()
         packed = connection.pack_command(*args)  # a value it cannot send fails this call only
         future: asyncio.Future[Any] = loop.create_future()
-        # Appended and written in one step (the connection is connected: nothing is awaited before
-        # the write), so the order of `waiting` is the order of the commands on the connection.
+        # Appended to `waiting` and to the outbox in one step, so the order of `waiting` is the
+        # order of the commands on the connection.
         waiting = self._waiting
         if not waiting:
             self._progress = loop.time()
         waiting.append((future, orphaned))
-        try:
-            await connection.send_packed_command(packed, check_health=False)
-        except BaseException as exc:  # the write failed or was cancelled: the connection is unusable
-            self._lost(connection, exc)
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved here: it is raised below
-            if isinstance(exc, Exception) and not isinstance(exc, RedisError):
-                raise ConnectionError(f"writing to Redis failed: {exc!r}") from exc
-            raise
-        if self._reader is None and self._connection is connection:
+        if not self._outbox:
+            loop.call_soon(self._flush, connection)
+        self._outbox += packed
+        if self._reader is None:
             self._reader = self._start(self._read(connection, waiting))
         return await future
+
+    def _flush(self, connection: Any) -> None:
+        """Write the calls of the loop turn that ended (one write, in a task: redis-py's write is a
+        coroutine); a connection given up meanwhile has failed them already."""
+        if self._connection is not connection:
+            return  # given up (_lost emptied the outbox); what is in it now is the next one's
+        outbox, self._outbox = self._outbox, []
+        if outbox:
+            self._start(self._write(connection, outbox))
+
+    async def _write(self, connection: Any, outbox: list[bytes]) -> None:
+        if not connection.is_connected:  # (disconnected by the pool meanwhile: redis-py would reconnect it)
+            self._lost(connection, ConnectionError("the Redis connection was closed"))
+            return
+        try:
+            await connection.send_packed_command(outbox, check_health=False)
+        except BaseException as exc:  # the write failed or was cancelled: the connection is unusable
+            if isinstance(exc, Exception) and not isinstance(exc, RedisError):
+                exc = ConnectionError(f"writing to Redis failed: {exc!r}")
+            self._lost(connection, exc)
+            if not isinstance(exc, Exception):
+                raise
 
     async def _ready(self) -> Any:
         """A connected connection, checked when nothing is in flight on it (the server may have
@@ -223,6 +240,7 @@ class Pipelined:
         else:
             error = ConnectionError("the Redis connection was closed")
         waiting, self._waiting = self._waiting, deque()
+        self._outbox = []  # not written: their calls fail with the rest
         for future, _ in waiting:
             if not future.done():
                 future.set_exception(error)
