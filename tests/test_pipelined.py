@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import select
 
 import pytest
+import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -126,6 +128,73 @@ async def test_an_idle_connection_the_server_closed_is_replaced_before_the_next_
 
 async def _gone(redis: Redis, name: str) -> bool:
     return await _connections(redis, name) == 0
+
+
+@pytest.mark.parametrize("hiredis_packed", [True, False])
+def test_an_idle_check_that_runs_after_calls_went_out_leaves_the_connection_to_them(
+    redis_server: RedisProcess, hiredis_packed: bool
+) -> None:
+    """Under uvloop, the worker's loop, which reads a socket into its stream between two loop turns.
+    An idle check answers; before its callers wake and write, a late caller asks for a new one,
+    which runs after their calls went out and finds a reply in the stream. That is not a connection
+    the server closed: the calls still waiting (one held by BLPOP) are not failed for it, and the
+    late call goes on the same connection behind them."""
+    uvloop.run(_idle_check_behind_calls(redis_server, hiredis_packed))
+
+
+async def _idle_check_behind_calls(redis_server: RedisProcess, hiredis_packed: bool) -> None:
+    loop = asyncio.get_running_loop()
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+    client = await _client(redis_server, "line", hiredis_packed=hiredis_packed)
+    line = Pipelined(client)
+    try:
+        await redis.delete("pipelined:answered", "pipelined:late", "pipelined:empty")
+        assert await line.call("PING") in (True, "PONG")
+        kept = line._connection
+        late_turn = loop.create_future()
+
+        async def late() -> int:
+            await late_turn
+            return int(await line.call("INCR", "pipelined:late"))
+
+        def ahead_of_the_check() -> None:
+            # Queued ahead of the check's task every turn, so it runs in the turn after the check
+            # answered and wakes the late caller ahead of the check's callers.
+            if line._checking is not None and line._checking[1].done():
+                late_turn.set_result(None)
+            else:
+                loop.call_soon(ahead_of_the_check)
+
+        def behind_the_callers() -> None:
+            # Queued behind the callers every turn: once their calls are written, the first reply is
+            # waited for on the socket itself, so uvloop reads it before the late caller's check runs.
+            if not line.in_flight:
+                loop.call_soon(behind_the_callers)
+                return
+            socket = kept._writer.transport.get_extra_info("socket")
+            assert select.select([socket.fileno()], [], [], 10)[0], "no reply from Redis in 10 s"
+
+        late_call = asyncio.create_task(late())
+        loop.call_soon(ahead_of_the_check)
+        answered = asyncio.create_task(line.call("INCR", "pipelined:answered"))
+        held = asyncio.create_task(line.call("BLPOP", "pipelined:empty", 30))
+        loop.call_soon(behind_the_callers)
+        async with asyncio.timeout(20):
+            assert await answered == 1
+
+            async def held_or_failed() -> bool:
+                return held.done() or await held_by_pause(redis)
+
+            await wait_until(held_or_failed)
+            assert not held.done(), f"the held call failed: {held.exception()!r}"
+            await redis.lpush("pipelined:empty", "x")
+            assert await held == ["pipelined:empty", "x"]
+            assert await late_call == 1
+        assert line._connection is kept
+        assert await _connections(redis, "line") == 1
+    finally:
+        await client.aclose()
+        await redis.aclose()
 
 
 async def test_a_reply_for_a_caller_that_went_away_goes_to_its_orphan_handler(

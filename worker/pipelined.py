@@ -162,7 +162,7 @@ class Pipelined:
         be asked: one caller asks (a connection takes one read at a time), the others wait for its
         answer."""
         if self._checking is None or self._checking[0] is not connection:
-            task = asyncio.get_running_loop().create_task(connection.can_read_destructive())
+            task = asyncio.get_running_loop().create_task(self._probe(connection))
             self._checking = (connection, task)
             task.add_done_callback(self._checked)
         checking = self._checking[1]
@@ -170,6 +170,18 @@ class Pipelined:
             return bool(await asyncio.shield(checking))
         except (RedisError, OSError):  # redis-py's own check raises at the end of the stream
             return True
+
+    async def _probe(self, connection: Any) -> bool:
+        """The idle check itself, run a loop turn after it is asked for. One asked for between the
+        end of the check before it and the waking of that check's callers (``_checking`` is cleared
+        first) runs after those callers wrote their calls: what it finds in the connection's stream
+        then are their replies (uvloop reads a socket into its stream before the next turn's tasks
+        run), not an end of the connection. So a connection with calls in flight is not checked (an
+        end of it reaches the reader of those calls); and no call is written while a check reads,
+        as every other caller waits for its answer."""
+        if self._waiting:
+            return False
+        return bool(await connection.can_read_destructive())
 
     def _checked(self, task: asyncio.Task[Any]) -> None:
         if self._checking is not None and self._checking[1] is task:
