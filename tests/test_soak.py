@@ -205,6 +205,11 @@ async def hold(size: Size, settings: Settings, redis: Redis, redis_pid: int, tmp
                 figures.cpu[name] = ((after[0] - before[name][0]) / wall, (after[1] - before[name][1]) / wall)
             figures.jobs = sum(s["jobs"] for s in submitted)
             figures.achieved = sum(s["achieved"] for s in submitted)
+            # Printed now (-s): a check below that fails still leaves what the machine did on record.
+            print(
+                f"\nsubmitted {figures.jobs} jobs at {figures.achieved:.0f} jobs/s (target {figures.rate:.0f}, one "
+                f"worker's max {figures.max_jobs_per_s:.0f}); {scheduling(figures)}"
+            )
             assert not [f for s in submitted for f in s["failures"]], submitted
             async with asyncio.timeout(job_s * 3 + 300):
                 read = [await asyncio.to_thread(receive.recv) for receive, _ in reports]
