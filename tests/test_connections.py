@@ -130,3 +130,32 @@ async def test_a_pooled_connection_is_checked_without_waiting_and_refused_when_n
     finally:
         await client.aclose()
         await other.aclose()
+
+
+async def test_bytes_waiting_on_a_connection_are_told_without_reading_them(redis_server: RedisProcess) -> None:
+    """``has_buffered_data``: what the hub asks before it looks for more of a burst (a read that finds
+    nothing costs a timer, a cancelled read and a loop turn). It reads nothing: the messages are all
+    still there for the reads after it."""
+    client = redis_for(redis_server.url)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe("buffered")
+        assert (await pubsub.get_message(timeout=5) or {}).get("type") == "subscribe"
+        connection = pubsub.connection
+        assert not connection.has_buffered_data()
+        async with client.pipeline(transaction=False) as pipe:  # one write: Redis answers both in one
+            pipe.publish("buffered", "one").publish("buffered", "two")
+            await pipe.execute()
+
+        async def arrived() -> bool:
+            return bool(connection.has_buffered_data())
+
+        await wait_until(arrived)
+        assert connection.has_buffered_data()  # asked twice: nothing was read
+        assert (await pubsub.get_message(timeout=0) or {}).get("data") == "one"
+        assert connection.has_buffered_data()  # the second, left in hiredis's reader
+        assert (await pubsub.get_message(timeout=0) or {}).get("data") == "two"
+        assert not connection.has_buffered_data()
+    finally:
+        await pubsub.aclose()
+        await client.aclose()

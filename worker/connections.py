@@ -129,7 +129,8 @@ def _host_port(part: str) -> tuple[str, int]:
 #: fingerprints each: an upgrade that changes one fails loudly).
 REDIS_INTERNALS = {
     "_AsyncHiredisParser.on_connect": "keeps the connection's StreamReader as _stream and a hiredis Reader "
-    "whose gets() answers NOT_ENOUGH_DATA as _reader; sets _connected",
+    "whose gets() answers NOT_ENOUGH_DATA (and has_data() whether bytes are left in it) as _reader; sets "
+    "_connected",
     "_AsyncHiredisParser.can_read_destructive": "what the quick check replaces: a reply already parsed, "
     "else a read of the stream under a zero timeout",
     "AbstractConnection.can_read_destructive": "calls the parser's, turns an OSError into a ConnectionError",
@@ -159,6 +160,17 @@ class HiredisPacking:
         if reader.gets() is not NOT_ENOUGH_DATA:
             return True  # a reply nobody read
         return bool(stream._buffer) or stream.at_eof() or stream.exception() is not None
+
+    def has_buffered_data(self) -> bool:
+        """Whether bytes have arrived that nobody has read yet (in the connection's stream, or left
+        in hiredis's reader after the last reply): a read now finds them without waiting. Not
+        destructive. True when this cannot be told (another parser): then a read must find out."""
+        parser: Any = getattr(self, "_parser", None)
+        stream = getattr(parser, "_stream", None)
+        if type(parser) is not _AsyncHiredisParser or stream is None:
+            return True
+        reader: Any = parser._reader
+        return bool(stream._buffer) or bool(reader.has_data())
 
     def pack_command(self, *args: Any) -> list[bytes]:
         # As redis-py's: a command name with spaces ("CONFIG GET") goes as several arguments.
