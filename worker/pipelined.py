@@ -19,10 +19,11 @@ and the next call takes a new connection from the pool (after a Sentinel failove
 primary's). A Redis Cluster client, which has no one pool, sends each call itself.
 
 **Shared fate.** What used to be isolated per pooled connection is shared by the calls in flight
-on this one: an error reply, or a value that cannot be sent, fails its own call only; but a
-connection that fails, or that a caller cancelled in the middle of its write, fails every call
-waiting on it (Redis may have run some of them; the state machine's fences make a repeat
-harmless), and one that goes silent (a dead host, a NAT that dropped it) holds them until
+on this one: an error reply, or a value that cannot be sent, fails its own call only (and a caller
+cancelled before its reply came leaves its call to run, its reply to ``orphaned``); but a
+connection that fails, or whose write fails or is cancelled (the write is this object's task, not a
+caller's), fails every call waiting on it (Redis may have run some of them; the state machine's
+fences make a repeat harmless), and one that goes silent (a dead host, a NAT that dropped it) holds them until
 :attr:`Pipelined.stall_s` has passed without a reply: the next call then gives it up, fails them,
 and goes on a new connection. Head-of-line waiting behind a slow or large reply is what Redis,
 which runs one command at a time, imposes on every connection anyway.
