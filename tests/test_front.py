@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -50,6 +50,16 @@ def the_connection(server: ServerHandle, kind: type[Any]) -> Any:
     return connection
 
 
+def served_by(state: Any, kind: type[Any]) -> Callable[[], Awaitable[bool]]:
+    """For wait_until: a connection of the server (``state``, uvicorn's server state) is served by a
+    protocol of ``kind``, and no request or open is under way."""
+
+    async def served() -> bool:
+        return any(isinstance(c, kind) for c in state.connections) and not state.tasks
+
+    return served
+
+
 def stream_slots(server: ServerHandle) -> Any:
     return server.server.lifespan.state[STATE_KEY].cells[0].stream_slots
 
@@ -87,10 +97,7 @@ async def test_a_stream_opened_by_the_front_looks_like_one_uvicorn_served(server
         writer.write(stream_request(job_id))
         through_front = await read_until(reader, b"event: job.processing")
 
-        async def taken_over() -> bool:
-            return any(isinstance(c, StreamConnection) for c in state.connections) and not state.tasks
-
-        await wait_until(taken_over)
+        await wait_until(served_by(state, StreamConnection))
         assert not any(isinstance(c, HttpToolsProtocol) for c in state.connections), state.connections
     finally:
         writer.close()
@@ -213,19 +220,13 @@ async def test_a_connection_whose_stream_ended_goes_back_to_the_front(server: Se
         writer.write(stream_request(finished))
         await read_until(reader, b"0\r\n\r\n")
 
-        async def back_at_the_front() -> bool:
-            return any(isinstance(c, FrontProtocol) for c in state.connections)
-
-        await wait_until(back_at_the_front)
+        await wait_until(served_by(state, FrontProtocol))
         front = the_connection(server, FrontProtocol)
         assert front.idle and not any(isinstance(c, HttpToolsProtocol) for c in state.connections)
         writer.write(stream_request(running))
         second = await read_until(reader, b"event: job.processing")
 
-        async def taken_over() -> bool:
-            return any(isinstance(c, StreamConnection) for c in state.connections) and not state.tasks
-
-        await wait_until(taken_over)
+        await wait_until(served_by(state, StreamConnection))
         assert not any(isinstance(c, HttpToolsProtocol) for c in state.connections), state.connections
         assert second.startswith(b"HTTP/1.1 200 OK\r\n"), second
     finally:
@@ -265,10 +266,7 @@ async def test_a_kept_alive_connection_back_at_the_front_is_closed_when_idle_and
         writer.write(stream_request(finished))
         await read_until(reader, b"0\r\n\r\n")
 
-        async def back_at_the_front() -> bool:
-            return any(isinstance(c, FrontProtocol) for c in server.server.server_state.connections)
-
-        await wait_until(back_at_the_front)
+        await wait_until(served_by(server.server.server_state, FrontProtocol))
         front = the_connection(server, FrontProtocol)
         assert front.timer is not None and front.timer.when() > asyncio.get_running_loop().time() + 300
         writer.write(b"GET /healthz HTTP/1.1\r\n")  # a head begun

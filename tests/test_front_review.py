@@ -19,6 +19,7 @@ from jobcast.worker.store import Store
 from .conftest import ServerHandle, read_until, wait_until
 from .test_front import HEALTH, header_lines, held_open, stream_request, stream_slots, the_connection
 from .test_sse import new_running_job
+from .transports import Recorder
 
 
 async def shutting_down(server: ServerHandle, *, drain: bool) -> None:
@@ -192,37 +193,6 @@ async def test_a_request_begun_behind_a_stream_on_a_connection_uvicorn_serves_lo
 # --- every read boundary, on the protocol itself (a socket would coalesce the reads) --------------
 
 
-class _Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.protocol: Any = None
-        self.closing = False
-
-    def set_protocol(self, protocol: Any) -> None:
-        self.protocol = protocol
-
-    def get_protocol(self) -> Any:
-        return self.protocol
-
-    def write(self, data: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closing = True
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("192.0.2.1", 5), "sockname": ("127.0.0.1", 80)}.get(name, default)
-
-
 class _Uvicorn:
     """Stands in for uvicorn's protocol: keeps what it is given."""
 
@@ -271,7 +241,7 @@ async def _fed(parts: list[bytes], answer: _Opened | None) -> tuple[Any, _Opener
     state = SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
     opener = _Opener(answer)
     protocol = front_protocol(opener, _Uvicorn, head_timeout_s=30, max_head_bytes=65536)(config, state, {})  # type: ignore[arg-type]
-    transport = _Transport()
+    transport = Recorder()
     transport.set_protocol(protocol)
     protocol.connection_made(transport)
     for part in parts:

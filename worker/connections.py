@@ -152,11 +152,10 @@ class HiredisPacking:
     end of the stream or its error. :data:`REDIS_INTERNALS` lists what this relies on."""
 
     async def can_read_destructive(self) -> bool:
-        parser: Any = getattr(self, "_parser", None)
-        stream = getattr(parser, "_stream", None)
-        if type(parser) is not _AsyncHiredisParser or not parser._connected or stream is None:
+        hiredis_parts = self._hiredis_parts()
+        if hiredis_parts is None:
             return bool(await super().can_read_destructive())  # type: ignore[misc]
-        reader: Any = parser._reader
+        reader, stream = hiredis_parts
         if reader.gets() is not NOT_ENOUGH_DATA:
             return True  # a reply nobody read
         return bool(stream._buffer) or stream.at_eof() or stream.exception() is not None
@@ -164,13 +163,21 @@ class HiredisPacking:
     def has_buffered_data(self) -> bool:
         """Whether bytes have arrived that nobody has read yet (in the connection's stream, or left
         in hiredis's reader after the last reply): a read now finds them without waiting. Not
-        destructive. True when this cannot be told (another parser): then a read must find out."""
+        destructive. True when this cannot be told (another parser, not connected): then a read
+        must find out."""
+        hiredis_parts = self._hiredis_parts()
+        if hiredis_parts is None:
+            return True
+        reader, stream = hiredis_parts
+        return bool(stream._buffer) or bool(reader.has_data())
+
+    def _hiredis_parts(self) -> tuple[Any, Any] | None:
+        """The connected hiredis parser's reader and the connection's stream (None otherwise)."""
         parser: Any = getattr(self, "_parser", None)
         stream = getattr(parser, "_stream", None)
-        if type(parser) is not _AsyncHiredisParser or stream is None:
-            return True
-        reader: Any = parser._reader
-        return bool(stream._buffer) or bool(reader.has_data())
+        if type(parser) is not _AsyncHiredisParser or not parser._connected or stream is None:
+            return None
+        return parser._reader, stream
 
     def pack_command(self, *args: Any) -> list[bytes]:
         # As redis-py's: a command name with spaces ("CONFIG GET") goes as several arguments.
