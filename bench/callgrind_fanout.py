@@ -80,7 +80,7 @@ def main() -> None:
                 "web", command[command.index(sys.executable) :], harness.jobcast_env(redis_server.url, **extra)
             )
             harness.wait_http(port, web)
-            procs.jobcast_worker(redis_server.url, JOBCAST_WORKER_CONCURRENCY=str(2 * args.at_once))
+            worker = procs.jobcast_worker(redis_server.url, JOBCAST_WORKER_CONCURRENCY=str(2 * args.at_once))
             asyncio.run(jobs_followed(port, args.at_once, args.at_once))  # the worker is up, the server warm
             if args.cprofile:
                 os.kill(web.pid, signal.SIGUSR1)
@@ -89,14 +89,35 @@ def main() -> None:
                 time.sleep(1)
                 print(f"jobs {args.jobs}, events read {events}; the server's profile in {args.cprofile}")
                 return
+            assert redis_server.process is not None
+            others = {"worker": worker.pid, "redis": redis_server.process.pid}
             for _ in range(args.cpu):
                 before = harness.cpu_times(web.pid)
+                others_before = {name: harness.cpu_seconds(pid) for name, pid in others.items()}
+                commands_before = asyncio.run(_command_stats(settings))
                 events = asyncio.run(jobs_followed(port, args.jobs, args.at_once))
                 user, system = (after - first for after, first in zip(harness.cpu_times(web.pid), before, strict=True))
                 per_job = [seconds / args.jobs * 1e6 for seconds in (user + system, user, system)]
                 print(
                     f"jobs {args.jobs}, events read {events}; server CPU {user + system:.2f} s, "
                     "per job {:,.0f} µs (user {:,.0f}, system {:,.0f})".format(*per_job)
+                )
+                print(
+                    "  per job elsewhere: "
+                    + ", ".join(
+                        f"{name} {(harness.cpu_seconds(pid) - others_before[name]) / args.jobs * 1e6:,.0f} µs"
+                        for name, pid in others.items()
+                    )
+                )
+                commands = asyncio.run(_command_stats(settings))
+                spent = {
+                    name: (calls - commands_before.get(name, (0, 0))[0], usec - commands_before.get(name, (0, 0))[1])
+                    for name, (calls, usec) in commands.items()
+                }
+                top = sorted(spent.items(), key=lambda item: -item[1][1])[:12]
+                print(
+                    "  Redis per job (calls, µs in the command): "
+                    + ", ".join(f"{name} {calls / args.jobs:.2f}/{usec / args.jobs:.1f}" for name, (calls, usec) in top)
                 )
             return
         web = procs.start("web", command, harness.jobcast_env(redis_server.url))
@@ -158,6 +179,16 @@ def main() -> None:
     print(f"streams {run.connected}, events {args.events}, delivered {delivered}, duplicates {run.duplicates}")
     print(f"server instructions while events flowed: {total:,}; per delivered event: {total / max(delivered, 1):,.0f}")
     print(f"dumps in {folder}")
+
+
+async def _command_stats(settings: Settings) -> dict[str, tuple[int, int]]:
+    """Redis's ``INFO commandstats``: per command, its calls and the microseconds spent in it."""
+    redis = redis_client(settings)
+    try:
+        info = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    return {name.removeprefix("cmdstat_"): (stat["calls"], stat["usec"]) for name, stat in info.items()}
 
 
 def _instructions(folder: Path) -> int:

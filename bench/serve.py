@@ -44,8 +44,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobcast import channels
-from jobcast.app import JobcastServer, create_app, server_config, tune_gc_for_streaming
+from jobcast.app import JobcastServer, create_app, server_config
 from jobcast.cli.web import reuse_port_socket
+from jobcast.worker import collector
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import redis_client
 
@@ -129,7 +130,7 @@ def main() -> None:
         return
 
     if args.app == "jobcast":
-        tune_gc_for_streaming()  # as `jobcast web` does
+        collector.tune()  # as `jobcast web` does
     if threshold := os.environ.get("BENCH_GC_THRESHOLD"):  # to experiment with other thresholds
         gc.set_threshold(*(int(v) for v in threshold.split(",")))
     if os.environ.get("BENCH_GC_LOG"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
@@ -276,21 +275,6 @@ class JobcastApp(Starlette):
                 await events.serve(endpoint, self.stream_query[("GET", template)], scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
-
-
-GC_THRESHOLDS = (50_000, 20, 100)
-
-
-def tune_gc_for_streaming() -> None:
-    """Fewer, not longer, garbage-collection pauses in a server holding thousands of streams.
-
-    Each open stream is ~100 long-lived objects the cyclic collector tracks, and every full
-    collection walks them all with the process stopped: 0.7 s at 10k streams (BENCHMARKS.md). So:
-    freeze what start-up made, and run the young generation rarely enough that full collections
-    become rare too. Pauses, not a few MB, are what a streaming server cannot afford.
-    """
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class CancelsAreWarnings(logging.Filter):

@@ -223,6 +223,10 @@ def run(report: Connection, host: str, port: int, authorization: str, rate: floa
     what every stream carried once the last one ended."""
     import uvloop
 
+    from jobcast.worker import collector
+
+    collector.tune()  # as the servers do: this process keeps every stream's ids, the collector would walk them
+
     async def main() -> None:
         client = Client(host, port, authorization, rate, seconds, body)
         report.send(await client.submit_all())

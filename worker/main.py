@@ -38,7 +38,7 @@ from arq.worker import func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import schema
+from . import collector, schema
 from .archive import Archive
 from .archiver import Archiver
 from .connections import arq_pool_for, arq_settings_for, follow_primary
@@ -226,6 +226,7 @@ def run(settings: Settings) -> None:
     workers = [build_worker(settings, cell=cell, handle_signals=False) for cell in settings.served_cells]
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _stop_all, workers, signum)
+    collector.tune()
     try:
         loop.run_until_complete(_run_all(workers))
     finally:

@@ -24,6 +24,7 @@ import sys
 import time
 from types import FrameType
 
+from jobcast.worker import collector
 from jobcast.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 
 def serve(settings: Settings, host: str, port: int, *, shared_port: bool) -> None:
     """Run one server process (on a socket it shares with its siblings when ``shared_port``)."""
-    from ..app import JobcastServer, create_app, server_config, tune_gc_for_streaming
+    from ..app import JobcastServer, create_app, server_config
 
     app = create_app(settings, bind_host=host)
     config = server_config(
@@ -60,7 +61,7 @@ def serve(settings: Settings, host: str, port: int, *, shared_port: bool) -> Non
         timeout_graceful_shutdown=10,
         log_config=None,  # our handlers (worker.logs), so JOBCAST_LOG_FORMAT applies to uvicorn's lines too
     )
-    tune_gc_for_streaming()
+    collector.tune()
     server = JobcastServer(config, app)
     if shared_port:
         server.run(sockets=[reuse_port_socket(host, port)])
