@@ -12,6 +12,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -36,6 +37,7 @@ from jobcast.worker.types import load_registry
 from jobcast.worker.webhooks import WebhookStore
 
 from . import dashboard
+from .acceptor import StandbyAcceptor
 from .asyncapi import render as render_asyncapi
 from .auth import Authenticator
 from .http_guard import guarded_protocol
@@ -298,9 +300,35 @@ class JobcastServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
         self._app = app
+        self.acceptors: list[StandbyAcceptor] = []
         uvicorn_log = logging.getLogger("uvicorn.error")
         if not any(isinstance(f, CancelsAreWarnings) for f in uvicorn_log.filters):
             uvicorn_log.addFilter(CancelsAreWarnings())
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started or self.config.ssl is not None or self.config.uds is not None:
+            return
+        # A thread per listening socket that accepts for the loop when it falls behind
+        # (jobcast.acceptor), making each connection's protocol as uvicorn's startup() does.
+        factory = functools.partial(  # (uvicorn's protocols' signature, which its type does not say)
+            self.config.http_protocol_class,  # type: ignore[call-arg]
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+        loop = asyncio.get_running_loop()
+        for server in self.servers:
+            for sock in server.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    acceptor = StandbyAcceptor(loop, sock.fileno(), factory)
+                    acceptor.start()
+                    self.acceptors.append(acceptor)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for acceptor in self.acceptors:  # first: the listening sockets close with uvicorn's servers
+            acceptor.stop()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         drain = getattr(self._app.state, "drain", None)

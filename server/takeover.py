@@ -61,7 +61,8 @@ UVICORN_INTERNALS = {
     "HttpToolsProtocol.shutdown": "called on every member of server_state.connections at shutdown",
     # The front protocol (FrontProtocol): in uvicorn's place for the first request of a connection.
     "Server.startup": "makes each connection's protocol as config.http_protocol_class(config=, server_state=, "
-    "app_state=), the signature FrontProtocol takes",
+    "app_state=), the signature FrontProtocol takes (and jobcast.app.JobcastServer's standby acceptors make "
+    "them the same way, with self.lifespan.state), and leaves its listening servers in self.servers",
     "Server.shutdown": "calls shutdown() on each member of server_state.connections, waits for the "
     "connections and server_state.tasks to end, then cancels the tasks left (an open in flight is one)",
     "ServerState.__init__": "connections, tasks and default_headers (uvicorn's date and server headers, "
