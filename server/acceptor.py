@@ -47,7 +47,7 @@ GRACE_S = 0.25
 #: queue faster than any grace).
 FULL_SHARE = 0.25
 #: How often the thread looks again while connections are waiting.
-POLL_S = 0.01
+POLL_S = 0.05
 #: At most one log line about taking over per this many seconds.
 LOG_EVERY_S = 60.0
 
