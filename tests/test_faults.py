@@ -76,7 +76,12 @@ async def test_sigterm_lets_running_jobs_finish_and_takes_no_new_ones(
 ) -> None:
     proc = worker_processes()
     running = await submit(client, params={"seconds": 0.8, "steps": 2})
-    await wait_for_status(client, running["id"], "processing", timeout=20)
+    # Running, not only started: "processing" is written by the claim in Redis, and a worker that
+    # stops before the claim's reply reaches it hands the run back unrun (Runner.claim). The job's
+    # first progress report comes from the running job itself.
+    job = await wait_for_status(client, running["id"], "processing", timeout=20)
+    while job["status"] == "processing" and job["progress"]["percent"] == 0:
+        job = (await client.get(f"/jobs/{running['id']}", params={"wait": "5"})).json()
     proc.signal(signal.SIGTERM)
     await wait_until(lambda: _said(proc, "taking no new jobs"))
     late = await submit(client, params={"seconds": 0})
