@@ -213,7 +213,10 @@ def test_dev_runs_jobs_and_ctrl_c_stops_every_process(start_dev: Callable[..., D
     assert dev.interrupt() == 0, dev.output()
     assert [child for child in children if child.alive()] == []
     assert not accepts_connections(dev.port)
-    assert not accepts_connections(redis_port)
+    # The dev's Redis no longer answers on its port. Another run's may, at once (jobcast dev prefers
+    # 6399, and with two suites at once the other one's dev takes it as soon as it is free).
+    (redis,) = [child for child in children if role(child) == "redis"]
+    assert answering_pid(redis_port) != redis.pid
 
 
 @pytest.mark.timeout(90)
