@@ -78,7 +78,8 @@ class StandbyAcceptor:
         self._sock.setblocking(False)
         self._factory = protocol_factory
         self._wake_r, self._wake_w = os.pipe()
-        self._stopping = False
+        self._stopping = False  # (set by stop(), or by the thread when the loop is gone)
+        self._stopped = False
         #: When the sign of life asked of the loop was asked (None: answered).
         self._asked_at: float | None = None
         self._serving: set[asyncio.Task[object]] = set()
@@ -92,10 +93,11 @@ class StandbyAcceptor:
 
     def stop(self) -> None:
         """Stop the thread and let go of the listening socket (call on the loop; idempotent).
-        Connections it accepted and handed over are served as every other."""
-        if self._stopping:
+        Connections it handed over that the loop has not yet connected are closed, as uvicorn's own
+        queue is at shutdown; those connected already are served (and drained) as every other."""
+        if self._stopped:
             return
-        self._stopping = True
+        self._stopped = self._stopping = True
         os.write(self._wake_w, b"x")
         self._thread.join()
         self._sock.close()
