@@ -8,7 +8,7 @@ import asyncio
 import socket
 import time
 
-from jobcast.acceptor import accept_queue
+from jobcast.acceptor import accept_queue, accept_waiting
 from jobcast.worker.settings import Settings
 
 from .conftest import ServerHandle
@@ -28,6 +28,27 @@ def test_the_accept_queue_is_read_from_the_kernel() -> None:
             assert accept_queue(listener) == (7, 100)
             listener.accept()[0].close()
             assert accept_queue(listener) == (6, 100)
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_waiting_connections_are_taken_up_to_a_limit() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(100)
+        listener.setblocking(False)
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
+        try:
+            first, error = accept_waiting(listener, 3)
+            assert (len(first), error) == (3, None)
+            rest, error = accept_waiting(listener, 100)
+            assert (len(rest), error) == (2, None)
+            assert accept_waiting(listener, 100) == ([], None)
+            peers = {c.getpeername() for c in first + rest}
+            assert peers == {c.getsockname() for c in clients}
+            for connection in first + rest:
+                connection.close()
         finally:
             for client in clients:
                 client.close()
