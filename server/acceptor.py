@@ -49,7 +49,7 @@ GRACE_S = 0.25
 #: queue faster than any grace).
 FULL_SHARE = 0.25
 #: How often the thread looks again while connections are waiting.
-POLL_S = 0.05
+POLL_S = 0.01
 #: The most connections taken in one go (one hand-over to the loop).
 TAKE_MOST = 4096
 #: At most one log line about taking over per this many seconds.
