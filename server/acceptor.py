@@ -75,7 +75,8 @@ _ACCEPT_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 def accept_waiting(listener: socket.socket, most: int) -> tuple[list[socket.socket], OSError | None]:
     """The connections waiting on non-blocking ``listener``, at most ``most``, accepted without letting
-    go of the GIL in between (non-blocking sockets); and the error that stopped it, if not "none left"."""
+    go of the GIL in between, as non-blocking sockets (here, in the acceptor's thread: not on the loop
+    that is behind); and the error that stopped it, if not "none left"."""
     taken: list[socket.socket] = []
     fd = listener.fileno()
     while len(taken) < most:
@@ -87,7 +88,8 @@ def accept_waiting(listener: socket.socket, most: int) -> tuple[list[socket.sock
             if code in (errno.EINTR, errno.ECONNABORTED):
                 continue
             return taken, OSError(code, os.strerror(code))
-        taken.append(socket.socket(fileno=connection))
+        taken.append(accepted := socket.socket(fileno=connection))
+        accepted.setblocking(False)  # (the descriptor is, SOCK_NONBLOCK; the socket object must know it)
     return taken, None
 
 
@@ -208,7 +210,6 @@ class StandbyAcceptor:
                 self.taken,
             )
         for connection in taken:
-            connection.setblocking(False)
             task = self._loop.create_task(self._connect(connection))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)

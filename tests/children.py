@@ -89,6 +89,12 @@ async def spawn_async(program: str, *args: str, **options: Any) -> asyncio.subpr
     return process
 
 
+def child_pids(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (Linux: its main thread's), in the order they were started."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
 def redis_process(data_dir: Path, **options: Any) -> RedisProcess:
     """A :class:`RedisProcess` (``options`` as its own) whose redis-server dies with the test run."""
     return RedisProcess(data_dir, spawn=spawn, **options)

@@ -45,6 +45,7 @@ def test_waiting_connections_are_taken_up_to_a_limit() -> None:
             rest, error = accept_waiting(listener, 100)
             assert (len(rest), error) == (2, None)
             assert accept_waiting(listener, 100) == ([], None)
+            assert [c.getblocking() for c in first + rest] == [False] * 5
             peers = {c.getpeername() for c in first + rest}
             assert peers == {c.getsockname() for c in clients}
             for connection in first + rest:

@@ -55,6 +55,7 @@ from jobcast.worker import schema
 from jobcast.worker.settings import Settings
 
 from . import soak_client
+from .children import child_pids
 from .conftest import ACME, WebProcess, WorkerProcess
 
 GROWTH_LIMIT = 1.25
@@ -100,12 +101,11 @@ def server_pids(web: WebProcess) -> dict[str, int]:
     runs several: the supervisor that starts them does no serving."""
     if WEB_PROCESSES == 1:
         return {"web": web.process.pid}
-    children = f"/proc/{web.process.pid}/task/{web.process.pid}/children"
     deadline = time.monotonic() + 60
-    while len(pids := Path(children).read_text().split()) < WEB_PROCESSES:
+    while len(pids := child_pids(web.process.pid)) < WEB_PROCESSES:
         assert time.monotonic() < deadline, f"jobcast web started {pids}, not {WEB_PROCESSES} server processes"
         time.sleep(0.1)
-    return {f"web-{n}": int(pid) for n, pid in enumerate(pids)}
+    return {f"web-{n}": pid for n, pid in enumerate(pids)}
 
 
 def rss_kib(pid: int) -> int:

@@ -25,6 +25,7 @@ from jobcast.worker.models import Priority
 from jobcast.worker.settings import Settings
 from jobcast.worker.store import Store
 
+from .children import child_pids
 from .conftest import ACME, GLOBEX, ServerHandle, WebProcess, hub_of, make_settings, wait_until
 
 Seen = list[tuple[str, str, dict[str, Any]]]
@@ -710,11 +711,6 @@ async def _serving_both(servers: list[int], port: int) -> bool:
     return all(_established(pid, port) > 0 for pid in servers)
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(child) for child in f.read().split()]
-
-
 async def test_jobcast_web_runs_processes_that_share_the_port_and_drains_them_all_on_sigterm(
     settings: Settings, store: Store, redis: Redis, tmp_path: Any
 ) -> None:
@@ -722,7 +718,7 @@ async def test_jobcast_web_runs_processes_that_share_the_port_and_drains_them_al
     backup = ServerHandle(settings)
     try:
         await asyncio.to_thread(web.wait_ready)
-        servers = _children(web.process.pid)
+        servers = child_pids(web.process.pid)
         assert len(servers) == 2
         # The port answers as soon as one of them listens: wait for both, or every stream may go to
         # the first.
